@@ -1,0 +1,1 @@
+"""Engine library: model families, loading, dataset, training loop, saving."""

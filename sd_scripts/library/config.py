@@ -1,0 +1,146 @@
+"""TrainConfig: every engine setting, under kohya-ss/sd-scripts' argument names.
+
+This is the engine's single description of a training run. ``sd_scripts/train_network.py``
+builds its command line from these fields; ``main.py`` maps the friendly ArgStore onto it.
+Fields carry their help text in ``metadata["help"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainConfig", "config_fields"]
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with help text (and optional ``choices``) in its metadata."""
+    meta = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    pretrained_model_name_or_path: str | None = _f(None, "base model: .safetensors/.ckpt file or diffusers folder")
+    v2: bool | None = _f(None, "base model is SD2.x (detected from the checkpoint when not given)")
+    v_parameterization: bool | None = _f(None, "v-prediction model (SD2 768-v); detected from a .yaml or diffusers config when not given")
+    model_family: str | None = _f(None, "force a model family (sd1, sd2); detected when not given")
+    vae: str | None = _f(None, "VAE to use instead of the model's: .safetensors/.ckpt/.pt file or diffusers folder")
+    tokenizer_cache_dir: str | None = _f(None, "folder holding a CLIP tokenizer, for offline use")
+
+    # --- dataset ---
+    train_data_dir: str | None = _f(None, "folder holding <repeats>_<class tokens> subfolders of images")
+    reg_data_dir: str | None = _f(None, "folder of regularization <repeats>_<class> subfolders")
+    dataset_config: str | None = _f(None, "dataset TOML in kohya's schema (instead of train_data_dir)")
+    caption_extension: str = _f(".txt", "extension of caption files")
+    resolution: str = _f("512", "training resolution: W or W,H")
+    enable_bucket: bool = _f(True, "aspect-ratio buckets")
+    min_bucket_reso: int = _f(256, "smallest bucket side")
+    max_bucket_reso: int = _f(1024, "largest bucket side")
+    bucket_reso_steps: int = _f(64, "bucket sides are multiples of this")
+    bucket_no_upscale: bool = _f(False, "never upscale images into buckets")
+    shuffle_caption: bool = _f(False, "shuffle comma-separated tags")
+    keep_tokens: int = _f(0, "keep the first N tags in place when shuffling")
+    caption_dropout_rate: float = _f(0.0, "probability of training a sample with an empty caption")
+    caption_dropout_every_n_epochs: int = _f(0, "drop all captions every N epochs")
+    caption_tag_dropout_rate: float = _f(0.0, "probability of dropping each tag")
+    token_warmup_min: int = _f(1, "tags used at the start of token warm-up")
+    token_warmup_step: float = _f(0, "steps (or fraction of max steps if < 1) until all tags are used")
+    weighted_captions: bool = _f(False, "(tag:1.2) weighting in captions")
+    flip_aug: bool = _f(False, "random horizontal flips")
+    color_aug: bool = _f(False, "random hue/gamma changes (not with cache_latents)")
+    random_crop: bool = _f(False, "random crop instead of centre crop (not with cache_latents)")
+    cache_latents: bool = _f(False, "encode images once before training")
+    cache_latents_to_disk: bool = _f(False, "keep the latent cache in .npz files next to the images' cache folder")
+    vae_batch_size: int = _f(1, "images per VAE batch when caching latents")
+    prior_loss_weight: float = _f(1.0, "loss weight of regularization images")
+    train_batch_size: int = _f(1, "images per batch")
+    max_data_loader_n_workers: int = _f(0, "data loader worker processes")
+    persistent_data_loader_workers: bool = _f(False, "keep data loader workers between epochs")
+
+    # --- output ---
+    output_dir: str | None = _f(None, "folder for the LoRA files")
+    output_name: str | None = _f(None, "file name of the LoRA, without extension")
+    save_model_as: str = _f("safetensors", "file format", choices=["safetensors", "ckpt", "pt"])
+    save_precision: str | None = _f(None, "dtype of saved tensors", choices=["float", "fp16", "bf16"])
+    save_every_n_epochs: int | None = _f(None, "save a LoRA every N epochs")
+    save_every_n_steps: int | None = _f(None, "save a LoRA every N steps")
+    save_n_epoch_ratio: int | None = _f(None, "save about N LoRAs over the run")
+    save_last_n_epochs: int | None = _f(None, "keep only the last N per-epoch LoRAs")
+    save_last_n_steps: int | None = _f(None, "keep only the LoRAs of the last N steps")
+    save_state: bool = _f(False, "also save the training state for resume")
+    save_last_n_epochs_state: int | None = _f(None, "keep only the last N per-epoch states")
+    resume: str | None = _f(None, "training state folder to resume from")
+    no_metadata: bool = _f(False, "write only the minimum metadata")
+    training_comment: str | None = _f(None, "comment stored in the LoRA's metadata")
+
+    # --- training ---
+    max_train_steps: int = _f(1600, "training steps")
+    max_train_epochs: int | None = _f(None, "training epochs (overrides max_train_steps)")
+    seed: int | None = _f(None, "random seed; the same seed gives the same LoRA")
+    gradient_checkpointing: bool = _f(False, "trade speed for memory")
+    gradient_accumulation_steps: int = _f(1, "batches per optimizer step")
+    mixed_precision: str = _f("no", "mixed precision", choices=["no", "fp16", "bf16"])
+    full_fp16: bool = _f(False, "LoRA weights in fp16 too")
+    full_bf16: bool = _f(False, "LoRA weights in bf16 too")
+    clip_skip: int | None = _f(None, "use the output of the N-th last text encoder layer")
+    max_token_length: int | None = _f(None, "caption tokens", choices=[None, 75, 150, 225])
+    xformers: bool = _f(False, "xformers attention (needs the xformers package)")
+    sdpa: bool = _f(True, "PyTorch scaled-dot-product attention")
+    mem_eff_attn: bool = _f(False, "memory-efficient attention (uses SDPA here)")
+    noise_offset: float | None = _f(None, "noise offset (0.05-0.1 helps very dark/bright images)")
+    multires_noise_iterations: int | None = _f(None, "multi-resolution (pyramid) noise iterations")
+    multires_noise_discount: float = _f(0.3, "multi-resolution noise discount")
+    min_snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5 is typical)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    lowram: bool = _f(False, "load models straight to the GPU")
+    logging_dir: str | None = _f(None, "TensorBoard log folder")
+    log_prefix: str | None = _f(None, "prefix of the log run name")
+    log_with: str | None = _f(None, "tensorboard, wandb or all")
+
+    # --- optimizer and scheduler ---
+    optimizer_type: str = _f("AdamW", "optimizer name or package.module.Class")
+    optimizer_args: list = _f([], "optimizer arguments as key=value")
+    learning_rate: float = _f(1e-4, "learning rate")
+    unet_lr: float | None = _f(None, "UNet learning rate (default: learning_rate)")
+    text_encoder_lr: float | None = _f(None, "text encoder learning rate (default: learning_rate)")
+    lr_scheduler: str = _f("constant", "learning-rate schedule")
+    lr_warmup_steps: float | str = _f(0, "warm-up steps, a ratio < 1, or N%")
+    lr_scheduler_num_cycles: int = _f(1, "restarts of cosine_with_restarts")
+    lr_scheduler_power: float = _f(1.0, "power of the polynomial schedule")
+    lr_scheduler_type: str | None = _f(None, "custom scheduler class")
+    lr_scheduler_args: list = _f([], "custom scheduler arguments as key=value")
+    use_8bit_adam: bool = _f(False, "deprecated: optimizer_type AdamW8bit")
+    use_lion_optimizer: bool = _f(False, "deprecated: optimizer_type Lion")
+
+    # --- network ---
+    network_module: str = _f("networks.lora", "network module (networks.lora or lycoris.kohya)")
+    network_dim: int | None = _f(None, "LoRA rank (default 4)")
+    network_alpha: float = _f(1.0, "LoRA alpha (scale = alpha / rank)")
+    network_dropout: float | None = _f(None, "dropout on the LoRA's rank activations")
+    network_args: list = _f([], "network arguments as key=value (conv_dim=8 conv_alpha=1 ...)")
+    network_weights: str | None = _f(None, "LoRA file to continue from")
+    dim_from_weights: bool = _f(False, "take rank and alpha from network_weights")
+    network_train_unet_only: bool = _f(False, "train only the UNet part")
+    network_train_text_encoder_only: bool = _f(False, "train only the text encoder part")
+
+    # --- sampling ---
+    sample_prompts: str | None = _f(None, "file of sample prompts (kohya syntax)")
+    sample_sampler: str = _f("ddim", "sampler for sample images")
+    sample_every_n_steps: int | None = _f(None, "sample every N steps")
+    sample_every_n_epochs: int | None = _f(None, "sample every N epochs")
+    sample_at_first: bool = _f(False, "sample before training starts")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))

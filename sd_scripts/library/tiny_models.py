@@ -1,0 +1,165 @@
+"""Tiny SD-shaped models built in code, for tests, the quick start and benchmarks.
+
+They have the real module structure of SD1/SD2 (so LoRA names, loaders and converters are
+exercised for real) with a few hundred thousand random weights. Nothing is downloaded.
+The tokenizer is a byte-level CLIP BPE built from a generated vocabulary: every text
+tokenizes, common words get their own token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["TINY_WORDS", "build_tiny_components", "save_tiny_diffusers", "write_tiny_tokenizer"]
+
+TINY_WORDS = (
+    "a photo of sks person dog cat red green blue white black painting style portrait woman man "
+    "girl boy anime tree house sky sun water smile hat shirt dress hair eyes long short the and with in"
+).split()
+
+# CLIP's byte-to-unicode table (the standard GPT-2/CLIP reversible mapping).
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write a tiny CLIP tokenizer (vocab.json, merges.txt, configs) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in TINY_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        # merge left to right: ((a b) c) ...
+        current = symbols[0]
+        for sym in symbols[1:]:
+            merge = f"{current} {sym}"
+            merged = current + sym
+            if merge not in merges:
+                merges.append(merge)
+            if merged not in vocab:
+                vocab.append(merged)
+            current = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            }
+        ),
+        encoding="utf-8",
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
+        encoding="utf-8",
+    )
+    return folder
+
+
+def tokenizer_vocab_size(folder: str | os.PathLike) -> int:
+    return len(json.loads((Path(folder) / "vocab.json").read_text(encoding="utf-8")))
+
+
+def build_tiny_components(family: str = "sd1", seed: int = 0, tokenizer_dir: str | os.PathLike | None = None,
+                          v_prediction: bool = False):
+    """Return ``dict(unet, vae, text_encoder, tokenizer, scheduler)`` for ``family`` 'sd1' or 'sd2'.
+
+    SD1: CLIP with quick_gelu, UNet with 1x1-conv proj_in/out and a fixed head count.
+    SD2: CLIP with gelu, UNet with linear projections and per-block head counts; with
+    ``v_prediction`` the scheduler predicts v.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"unknown tiny family {family!r}")
+    sd2 = family == "sd2"
+    torch.manual_seed(seed)
+    hidden = 64  # one 64-wide attention head, as the single-file loader infers heads from width
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="tiny_tok_")
+        write_tiny_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer(vocab=str(Path(tokenizer_dir) / "vocab.json"),
+                              merges=str(Path(tokenizer_dir) / "merges.txt"),
+                              pad_token="<|endoftext|>" if not sd2 else "!", model_max_length=77)
+    te_config = CLIPTextConfig(
+        vocab_size=tokenizer_vocab_size(tokenizer_dir),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=3,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(te_config)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, steps_offset=1, set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_tiny_diffusers(folder: str | os.PathLike, family: str = "sd1", seed: int = 0, v_prediction: bool = False) -> Path:
+    """Write a tiny model as a diffusers folder (StableDiffusionPipeline layout)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer"
+    write_tiny_tokenizer(tok_dir)
+    parts = build_tiny_components(family, seed=seed, tokenizer_dir=tok_dir, v_prediction=v_prediction)
+    pipe = StableDiffusionPipeline(
+        unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,1 @@
+"""LoRA networks, key names and the tensor math of the LoRA tools."""

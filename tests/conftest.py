@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny SD models built in code (no downloads), one torch thread."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_diffusers(tmp_path_factory) -> Path:
+    """A tiny SD1-shaped model as a diffusers folder."""
+    from sd_scripts.library.tiny_models import save_tiny_diffusers
+
+    return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sd1") / "model", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_diffusers(tmp_path_factory) -> Path:
+    """A tiny SD2-shaped v-prediction model as a diffusers folder."""
+    from sd_scripts.library.tiny_models import save_tiny_diffusers
+
+    return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sd2") / "model", "sd2", v_prediction=True)
