@@ -1,0 +1,85 @@
+"""How the engine reports to its caller.
+
+The engine never prints. It calls optional methods on a callbacks object; any method the
+object lacks is skipped. :class:`ConsoleCallbacks` is the terminal front end: a tqdm bar
+with loss, it/s and ETA, plus one line per message and saved file.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["TrainCallbacks", "ConsoleCallbacks", "CallbackDispatcher"]
+
+
+class TrainCallbacks:
+    """Base class listing every callback; all are optional no-ops."""
+
+    def on_message(self, text: str) -> None: ...
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None: ...
+
+    def on_save(self, path: str) -> None: ...
+
+    def on_sample(self, paths: list[str]) -> None: ...
+
+    def on_end(self, result: Any) -> None: ...
+
+
+class CallbackDispatcher:
+    """Calls a method on the user's callbacks object only if it defines it."""
+
+    def __init__(self, target: Any | None):
+        self._target = target
+
+    def __getattr__(self, name: str):
+        method = getattr(self._target, name, None) if self._target is not None else None
+        if method is None:
+            return lambda *args, **kwargs: None
+        return method
+
+
+class ConsoleCallbacks(TrainCallbacks):
+    """tqdm progress bar on stderr; messages and saved files as plain lines."""
+
+    def __init__(self, stream=None, disable_bar: bool = False):
+        self._stream = stream or sys.stderr
+        self._bar = None
+        self._disable = disable_bar
+
+    def _write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            print(text, file=self._stream, flush=True)
+
+    def on_message(self, text: str) -> None:
+        self._write(text)
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        lines = [f"  {k}: {v}" for k, v in info.items()]
+        self._write("training:\n" + "\n".join(lines))
+        self._bar = tqdm(total=info.get("max_train_steps"), desc="steps", unit="step", file=self._stream,
+                         dynamic_ncols=True, disable=self._disable, smoothing=0.1)
+
+    def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch, refresh=False)
+
+    def on_save(self, path: str) -> None:
+        self._write(f"saved {path}")
+
+    def on_sample(self, paths: list[str]) -> None:
+        for p in paths:
+            self._write(f"sample {p}")
+
+    def on_end(self, result: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

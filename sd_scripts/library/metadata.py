@@ -1,0 +1,113 @@
+"""kohya's ``ss_*`` training metadata for LoRA files.
+
+All values are strings, as kohya writes them (``str(v)``: "True", "None", "0.0001").
+``no_metadata`` keeps only the minimum set that UIs need to recognise the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any
+
+__all__ = ["MINIMUM_KEYS", "build_training_metadata", "finish_metadata"]
+
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+
+
+def _s(value: Any) -> str:
+    return str(value)
+
+
+def build_training_metadata(config, *, family, v_parameterization: bool, dataset, network_dim, network_alpha,
+                            network_args: dict, optimizer_name: str, num_batches_per_epoch: int,
+                            num_train_epochs: int, max_train_steps: int, lr_warmup_steps: int,
+                            num_processes: int, model_hashes: dict[str, str]) -> dict[str, str]:
+    """Everything known at the start of training; :func:`finish_metadata` adds the per-save keys."""
+    md: dict[str, Any] = {
+        "ss_session_id": random.SystemRandom().randint(0, 2**32),
+        "ss_training_started_at": time.time(),
+        "ss_output_name": config.output_name,
+        "ss_learning_rate": config.learning_rate,
+        "ss_text_encoder_lr": config.text_encoder_lr,
+        "ss_unet_lr": config.unet_lr,
+        "ss_num_train_images": dataset.num_train_images,
+        "ss_num_reg_images": dataset.num_reg_images,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_num_epochs": num_train_epochs,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_max_train_steps": max_train_steps,
+        "ss_lr_warmup_steps": lr_warmup_steps,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_network_module": config.network_module,
+        "ss_network_dim": network_dim,
+        "ss_network_alpha": network_alpha,
+        "ss_network_dropout": config.network_dropout,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": config.full_fp16,
+        "ss_v2": family.ss_v2,
+        "ss_base_model_version": family.base_model_version(v_parameterization),
+        "ss_clip_skip": config.clip_skip,
+        "ss_max_token_length": config.max_token_length,
+        "ss_cache_latents": config.cache_latents,
+        "ss_seed": config.seed,
+        "ss_lowram": config.lowram,
+        "ss_noise_offset": config.noise_offset,
+        "ss_multires_noise_iterations": config.multires_noise_iterations,
+        "ss_multires_noise_discount": config.multires_noise_discount,
+        "ss_training_comment": config.training_comment,
+        "ss_sd_scripts_commit_hash": "(unknown)",
+        "ss_optimizer": optimizer_name,
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_caption_dropout_rate": config.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": config.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": config.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": config.prior_loss_weight,
+        "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_batch_size_per_device": config.train_batch_size,
+        "ss_total_batch_size": config.train_batch_size * num_processes * config.gradient_accumulation_steps,
+        "ss_resolution": _resolution_tuple(config.resolution),
+        "ss_color_aug": config.color_aug,
+        "ss_flip_aug": config.flip_aug,
+        "ss_random_crop": config.random_crop,
+        "ss_shuffle_caption": config.shuffle_caption,
+        "ss_enable_bucket": config.enable_bucket,
+        "ss_bucket_no_upscale": config.bucket_no_upscale,
+        "ss_min_bucket_reso": config.min_bucket_reso,
+        "ss_max_bucket_reso": config.max_bucket_reso,
+        "ss_keep_tokens": config.keep_tokens,
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs),
+        "ss_reg_dataset_dirs": json.dumps(getattr(dataset, "reg_dataset_dirs", {}) or {}),
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency),
+        "ss_bucket_info": json.dumps(dataset.bucket_info),
+    }
+    if network_args:
+        md["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
+    model_path = config.pretrained_model_name_or_path
+    if model_path:
+        md["ss_sd_model_name"] = os.path.basename(os.path.normpath(model_path))
+        md.update({k: v for k, v in model_hashes.items() if k.startswith("ss_")})
+    if config.vae:
+        md["ss_vae_name"] = os.path.basename(os.path.normpath(config.vae))
+    metadata = {k: _s(v) for k, v in md.items()}
+    if config.no_metadata:
+        metadata = {k: v for k, v in metadata.items() if k in MINIMUM_KEYS}
+    return metadata
+
+
+def finish_metadata(metadata: dict[str, str], *, step: int, epoch: int, no_metadata: bool) -> dict[str, str]:
+    out = dict(metadata)
+    if not no_metadata:
+        out["ss_training_finished_at"] = str(time.time())
+        out["ss_steps"] = str(step)
+        out["ss_epoch"] = str(epoch)
+    return out
+
+
+def _resolution_tuple(resolution: str) -> tuple[int, int]:
+    parts = [int(p) for p in str(resolution).split(",")]
+    return (parts[0], parts[-1])

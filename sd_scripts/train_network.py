@@ -1,0 +1,105 @@
+"""kohya-compatible command line for the engine: ``python -m sd_scripts.train_network --flag value ...``.
+
+Every flag is a field of :class:`sd_scripts.library.config.TrainConfig` under kohya's name.
+Booleans are ``--flag`` (on) and ``--no-flag`` (off); list settings take several values.
+``--config_file x.toml`` reads the same names from a TOML file (command line wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sd_scripts.library.config import TrainConfig, config_fields  # noqa: E402
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+
+def _base_type(tp) -> type:
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotation strings of TrainConfig (from __future__ annotations)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _resolved_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in config_fields()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a kohya-compatible LoRA.")
+    parser.add_argument("--config_file", help="TOML file with settings (command line wins)")
+    types = _resolved_types()
+    for f in config_fields():
+        tp = types[f.name]
+        base = _base_type(tp)
+        help_text = f.metadata.get("help", "")
+        if base is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif base is list or typing.get_origin(tp) is list:
+            parser.add_argument(f"--{f.name}", nargs="*", default=None, help=help_text)
+        else:
+            conv = {int: int, float: float}.get(base, str)
+            if f.name == "lr_warmup_steps":
+                conv = str
+            parser.add_argument(f"--{f.name}", type=conv, default=None, help=help_text)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    from sd_scripts.library.errors import ConfigError
+
+    args = build_parser().parse_args(argv)
+    values: dict = {}
+    if args.config_file:
+        import toml
+
+        try:
+            values.update(toml.load(args.config_file))
+        except (OSError, toml.TomlDecodeError) as e:
+            raise ConfigError(f"config_file: cannot read {args.config_file}: {e}") from None
+        names = {f.name for f in config_fields()}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"config_file: unknown settings {', '.join(unknown)}")
+    for f in config_fields():
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    if "lr_warmup_steps" in values and isinstance(values["lr_warmup_steps"], str):
+        text = values["lr_warmup_steps"].strip()
+        if not text.endswith("%"):
+            try:
+                number = float(text)
+            except ValueError:
+                raise ConfigError(f"lr_warmup_steps: {text!r} is not a number of steps, a ratio below 1 or N%") from None
+            values["lr_warmup_steps"] = int(number) if number >= 1 else number
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sd_scripts.cli_common import run_cli
+
+    def _run() -> int:
+        from sd_scripts.library.callbacks import ConsoleCallbacks
+        from sd_scripts.library.train_loop import train
+
+        config = config_from_args(argv)
+        result = train(config, ConsoleCallbacks())
+        print(f"LoRA written: {result.output_path}")
+        return 0
+
+    return run_cli(_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
