@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in config_fields():
         tp = types[f.name]
         base = _base_type(tp)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         if base is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif base is list or typing.get_origin(tp) is list:
