@@ -144,7 +144,7 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, tokenizer_dir: str
     )
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, steps_offset=1, set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon",
+        clip_sample=False, steps_offset=1, prediction_type="v_prediction" if v_prediction else "epsilon",
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
