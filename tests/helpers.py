@@ -1,0 +1,61 @@
+"""Small builders shared by tests: datasets of generated images, tiny training configs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "white": (240, 240, 240)}
+
+
+def make_dataset(root: Path, folder: str = "5_sks shape", count: int = 4, size=(64, 64), captions: bool = True) -> Path:
+    """``root/<folder>/`` with ``count`` PNG images (and .txt captions); returns ``root``."""
+    from PIL import Image, ImageDraw
+
+    sub = Path(root) / folder
+    sub.mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    for i in range(count):
+        name = names[i % len(names)]
+        im = Image.new("RGB", size, (20 + 10 * i, 20, 30))
+        d = ImageDraw.Draw(im)
+        d.ellipse([size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4], fill=COLORS[name])
+        im.save(sub / f"img{i:02d}.png")
+        if captions:
+            (sub / f"img{i:02d}.txt").write_text(f"sks shape, {name}, circle", encoding="utf-8")
+    return Path(root)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Content hash of every file under ``root`` (to prove a dataset was not modified)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def tiny_config(model: Path, data: Path, out: Path, **overrides):
+    from sd_scripts.library.config import TrainConfig
+
+    values = dict(
+        pretrained_model_name_or_path=str(model),
+        train_data_dir=str(data),
+        output_dir=str(out),
+        output_name="tiny",
+        resolution="64",
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        bucket_reso_steps=64,
+        train_batch_size=2,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        network_dim=4,
+        network_alpha=2.0,
+        seed=42,
+        optimizer_type="AdamW",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
