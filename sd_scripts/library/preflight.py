@@ -104,7 +104,7 @@ def _cuda_available() -> bool:
         return False
 
 
-def preflight(config) -> Plan:
+def preflight(config, model_given: bool = False) -> Plan:
     """Check everything that can be checked before the model loads; raise UserErrors on any problem."""
     from .dataset_layout import scan_dataset
     from .model_loading import detect_family
@@ -118,7 +118,9 @@ def preflight(config) -> Plan:
         errors.extend(e.errors)
     except UserError as e:
         errors.append(e)
-    if not config.pretrained_model_name_or_path:
+    if model_given:
+        pass
+    elif not config.pretrained_model_name_or_path:
         errors.append(ConfigError("pretrained_model_name_or_path: not set; give a .safetensors/.ckpt file or a diffusers folder"))
     else:
         try:

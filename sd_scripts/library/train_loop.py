@@ -52,22 +52,28 @@ def _weight_dtype(mixed_precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def train(config, callbacks: Any = None) -> TrainResult:
-    """Train a LoRA as ``config`` says; raise UserError subclasses for user mistakes."""
+def train(config, callbacks: Any = None, *, model: Any = None) -> TrainResult:
+    """Train a LoRA as ``config`` says; raise UserError subclasses for user mistakes.
+
+    ``model`` (a ``LoadedModel``) skips loading ``pretrained_model_name_or_path``; benchmarks use it
+    to train a model built in memory.
+    """
     from .preflight import preflight
 
     cb = CallbackDispatcher(callbacks)
-    plan = preflight(config)
+    plan = preflight(config, model_given=model is not None)
     for w in plan.warnings:
         cb.on_message(f"warning: {w}")
-    return _Trainer(config, plan, cb).run()
+    return _Trainer(config, plan, cb, model).run()
 
 
 class _Trainer:
-    def __init__(self, config, plan, cb):
+    def __init__(self, config, plan, cb, model=None):
         self.config = config
         self.plan = plan
         self.cb = cb
+        self.preloaded_model = model
+        self._prompt_cache: dict = {}
         self.result = TrainResult(output_path=None, warnings=list(plan.warnings))
 
     # ----------------------------------------------------------------- setup
@@ -94,7 +100,7 @@ class _Trainer:
         device = accelerator.device
         self.weight_dtype = weight_dtype = _weight_dtype(config.mixed_precision) if device.type == "cuda" else torch.float32
 
-        model = load_model(config)
+        model = self.preloaded_model if self.preloaded_model is not None else load_model(config)
         self.model = model
         family = model.family
         self.family = family
@@ -361,9 +367,7 @@ class _Trainer:
             else:
                 latents = self._encode_images(batch["images"])
             latents = (latents * self.family.latent_scale).to(self.weight_dtype)
-        with torch.set_grad_enabled(self.train_te), self.accelerator.autocast():
-            cond = self.family.encode_prompts(self.model, batch["captions"], config.clip_skip, config.max_token_length,
-                                              config.weighted_captions)
+        cond = self._encode_prompts(batch["captions"])
         noise = sample_noise(latents, config.noise_offset, config.multires_noise_iterations, config.multires_noise_discount)
         timesteps = sample_timesteps(latents.shape[0], device)
         noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
@@ -374,6 +378,28 @@ class _Trainer:
         if config.min_snr_gamma:
             loss = loss * min_snr_weights(snr_of(self.alphas_cumprod, timesteps), config.min_snr_gamma, self.v_param)
         return loss.mean()
+
+    def _encode_prompts(self, captions: list[str]):
+        """Text conditioning; with a frozen text encoder, each caption is encoded once and reused."""
+        import torch
+
+        config = self.config
+        if self.train_te:
+            with self.accelerator.autocast():
+                return self.family.encode_prompts(self.model, captions, config.clip_skip, config.max_token_length,
+                                                  config.weighted_captions)
+        # Conditioning tensors are batch-first, so rows can be cached per caption and stacked.
+        missing = list(dict.fromkeys(c for c in captions if c not in self._prompt_cache))
+        if missing:
+            with torch.no_grad(), self.accelerator.autocast():
+                cond = self.family.encode_prompts(self.model, missing, config.clip_skip, config.max_token_length,
+                                                  config.weighted_captions)
+            for i, caption in enumerate(missing):
+                if len(self._prompt_cache) >= 1024:
+                    self._prompt_cache.pop(next(iter(self._prompt_cache)))
+                self._prompt_cache[caption] = {k: v[i : i + 1] for k, v in cond.items()}
+        rows = [self._prompt_cache[c] for c in captions]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def _all_reduce_grads(self):
         for p in self.trainable_params:
