@@ -449,14 +449,24 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                    dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                    train_unet: bool = True, train_text_encoder: bool = True,
                    te_prefixes: Sequence[str] = (lora_keys.PREFIX_TE,), multiplier: float = 1.0,
-                   module_dims: Mapping[str, tuple[int, float]] | None = None) -> LoRANetwork:
+                   module_dims: Mapping[str, tuple[int, float]] | None = None,
+                   weights_sd: Mapping[str, torch.Tensor] | None = None) -> LoRANetwork:
     """Build kohya's LoRA network (not yet applied: call :meth:`LoRANetwork.apply_to`).
 
     ``network_dim`` None means 4, ``network_alpha`` None means 1.0, ``conv_alpha`` None means 1.0
     when ``conv_dim`` is set; an alpha of 0 means alpha = dim. ``module_dims``
     (``{kohya name: (rank, alpha)}``, see :func:`dims_from_state_dict`) builds exactly the modules of
     a file, with its ranks (``dim_from_weights``); a module the model lacks raises ConfigError
-    naming ``network_weights``."""
+    naming ``network_weights``. ``weights_sd`` (a kohya state dict) does the same with the file's
+    ranks and also loads its weights."""
+    if weights_sd is not None:
+        network = create_network(unet, text_encoders, network_dim=network_dim, network_alpha=network_alpha,
+                                 conv_dim=conv_dim, conv_alpha=conv_alpha, dropout=dropout, rank_dropout=rank_dropout,
+                                 module_dropout=module_dropout, train_unet=train_unet,
+                                 train_text_encoder=train_text_encoder, te_prefixes=te_prefixes, multiplier=multiplier,
+                                 module_dims=dims_from_state_dict(weights_sd))
+        network.load_kohya_state_dict(weights_sd, strict=False)
+        return network
     network_dim = 4 if network_dim is None else _check_int("network_dim", network_dim, 1, "network_dim")
     network_alpha = 1.0 if network_alpha is None else _check_float("network_alpha", network_alpha, "network_alpha")
     if conv_dim is not None:
@@ -537,6 +547,4 @@ def dims_from_state_dict(state_dict: Mapping[str, torch.Tensor], setting: str = 
 def create_network_from_weights(unet: nn.Module | None, text_encoders: Any, state_dict: Mapping[str, torch.Tensor],
                                 **kwargs: Any) -> LoRANetwork:
     """A network with exactly the modules and ranks of ``state_dict``, its weights loaded."""
-    network = create_network(unet, text_encoders, module_dims=dims_from_state_dict(state_dict), **kwargs)
-    network.load_kohya_state_dict(state_dict, strict=False)
-    return network
+    return create_network(unet, text_encoders, weights_sd=state_dict, **kwargs)
