@@ -410,18 +410,27 @@ def _adafactor_rules(kwargs: dict, config, warnings: list[str]) -> bool:
     return bool(kwargs["relative_step"])
 
 
-def _lr_free_warnings(display: str, lrs: list[float], warnings: list[str]) -> None:
-    lrs = [float(x) for x in lrs if x is not None]
+# these raise RuntimeError in step() when param groups have different non-zero lrs
+_ONE_LR_ONLY = frozenset({"dadaptation", "dadaptadampreprint", "dadaptadam", "dadaptlion", "dadaptsgd", "prodigy"})
+
+
+def _lr_free_rules(display: str, lrs: list, warnings: list[str]) -> None:
+    """Rules for learning-rate-free optimizers (DAdapt*, Prodigy): lr near 1, one lr for all groups."""
+    lrs = [float(x) for x in lrs if x is not None and float(x) != 0.0]  # lr 0 switches a part off
     if not lrs:
         return
-    if min(lrs) <= 0.1:
-        warnings.append(f"optimizer_type {display} finds its own step size; set learning_rate (and unet_lr / text_encoder_lr) around 1.0, not {min(lrs):g}")
     distinct = sorted(set(lrs))
     if len(distinct) > 1:
-        warnings.append(
-            f"optimizer_type {display} adapts one step size for all parameter groups; their learning rates differ "
-            f"({', '.join(f'{x:g}' for x in distinct)}), which only scales them against each other - set unet_lr and text_encoder_lr equal unless you mean that"
-        )
+        shown = ", ".join(f"{x:g}" for x in distinct)
+        if display.lower() in _ONE_LR_ONLY:
+            raise ConfigError(
+                f"text_encoder_lr: optimizer_type {display} needs one learning rate for all parts, but unet_lr / text_encoder_lr / "
+                f"learning_rate give {shown}; set them equal (about 1.0) or leave unet_lr and text_encoder_lr unset",
+                "text_encoder_lr",
+            )
+        warnings.append(f"optimizer_type {display} uses the first parameter group's learning rate for all groups; the others ({shown}) are ignored")
+    if min(lrs) <= 0.1:
+        warnings.append(f"optimizer_type {display} finds its own step size; set learning_rate (and unet_lr / text_encoder_lr) around 1.0, not {min(lrs):g}")
 
 
 def _config_lrs(config) -> list[float]:
@@ -431,8 +440,7 @@ def _config_lrs(config) -> list[float]:
         lrs.append(getattr(config, "unet_lr", None) if getattr(config, "unet_lr", None) is not None else lr)
     if not getattr(config, "network_train_unet_only", False):
         lrs.append(getattr(config, "text_encoder_lr", None) if getattr(config, "text_encoder_lr", None) is not None else lr)
-    # an lr of 0 switches a part off; it does not count
-    return [x for x in lrs if x is not None and float(x) != 0.0]
+    return lrs
 
 
 def _add_decouple(kwargs: dict, display: str, cls) -> None:
@@ -486,7 +494,10 @@ def check_optimizer_settings(config) -> list[str]:
         if resolved.display == "AdaFactor":
             relative_step = _adafactor_rules(kwargs, config, warnings)
         if is_lr_free(resolved.display):
-            _lr_free_warnings(resolved.display, _config_lrs(config), warnings)
+            try:
+                _lr_free_rules(resolved.display, _config_lrs(config), warnings)
+            except ConfigError as e:
+                errors.append(e)
     try:
         warnings.extend(check_scheduler_settings(config, resolved.display if resolved else None, adafactor_relative_step=relative_step))
     except UserErrors as e:
@@ -578,7 +589,7 @@ def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> 
             for g in groups:
                 g.pop("lr", None)
     if is_lr_free(resolved.display):
-        _lr_free_warnings(resolved.display, [g.get("lr", lr) for g in groups if g.get("lr", lr) != 0], found)
+        _lr_free_rules(resolved.display, [g.get("lr", lr) for g in groups], found)
 
     call_kwargs = dict(kwargs, **fixed)
     if lr is not None or resolved.display == "AdaFactor":
