@@ -1,0 +1,95 @@
+"""Small synthetic LoRA / LyCORIS state dicts for the LoRA tool tests (no model needed)."""
+
+from __future__ import annotations
+
+import torch
+
+LIN = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+LIN2 = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"
+PROJ = "lora_unet_down_blocks_0_attentions_0_proj_in"
+CONV3 = "lora_unet_down_blocks_0_resnets_0_conv1"
+CONV3B = "lora_unet_up_blocks_1_resnets_0_conv2"
+SHORTCUT = "lora_unet_up_blocks_1_resnets_0_conv_shortcut"
+TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def lora(name, out, inn, r, kernel=None, alpha=None, tucker=False, g=None, scale=0.1):
+    g = g or gen()
+    sd = {}
+    if kernel is None:
+        sd[f"{name}.lora_down.weight"] = torch.randn(r, inn, generator=g) * scale
+        sd[f"{name}.lora_up.weight"] = torch.randn(out, r, generator=g) * scale
+    elif tucker:
+        sd[f"{name}.lora_down.weight"] = torch.randn(r, inn, 1, 1, generator=g) * scale
+        sd[f"{name}.lora_mid.weight"] = torch.randn(r, r, kernel, kernel, generator=g) * scale
+        sd[f"{name}.lora_up.weight"] = torch.randn(out, r, 1, 1, generator=g) * scale
+    else:
+        sd[f"{name}.lora_down.weight"] = torch.randn(r, inn, kernel, kernel, generator=g) * scale
+        sd[f"{name}.lora_up.weight"] = torch.randn(out, r, 1, 1, generator=g) * scale
+    sd[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else r))
+    return sd
+
+
+def loha(name, out, inn, r, kernel=None, alpha=None, tucker=False, g=None, scale=0.3):
+    g = g or gen()
+    n = inn * (kernel or 1) ** 2
+    sd = {}
+    if tucker:
+        for i in (1, 2):
+            sd[f"{name}.hada_w{i}_a"] = torch.randn(r, out, generator=g) * scale
+            sd[f"{name}.hada_w{i}_b"] = torch.randn(r, inn, generator=g) * scale
+            sd[f"{name}.hada_t{i}"] = torch.randn(r, r, kernel, kernel, generator=g) * scale
+    else:
+        for i in (1, 2):
+            sd[f"{name}.hada_w{i}_a"] = torch.randn(out, r, generator=g) * scale
+            sd[f"{name}.hada_w{i}_b"] = torch.randn(r, n, generator=g) * scale
+    sd[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else r))
+    return sd
+
+
+def lokr(name, out_l, out_k, in_m, in_n, r, kernel=None, alpha=None, w1_decomposed=False, w2_decomposed=True,
+         tucker=False, g=None, scale=0.3):
+    g = g or gen()
+    sd = {}
+    if w1_decomposed:
+        sd[f"{name}.lokr_w1_a"] = torch.randn(out_l, r, generator=g) * scale
+        sd[f"{name}.lokr_w1_b"] = torch.randn(r, in_m, generator=g) * scale
+    else:
+        sd[f"{name}.lokr_w1"] = torch.randn(out_l, in_m, generator=g) * scale
+    if not w2_decomposed:
+        shape = (out_k, in_n) + ((kernel, kernel) if kernel else ())
+        sd[f"{name}.lokr_w2"] = torch.randn(*shape, generator=g) * scale
+    elif tucker:
+        sd[f"{name}.lokr_t2"] = torch.randn(r, r, kernel, kernel, generator=g) * scale
+        sd[f"{name}.lokr_w2_a"] = torch.randn(r, out_k, generator=g) * scale
+        sd[f"{name}.lokr_w2_b"] = torch.randn(r, in_n, generator=g) * scale
+    else:
+        sd[f"{name}.lokr_w2_a"] = torch.randn(out_k, r, generator=g) * scale
+        sd[f"{name}.lokr_w2_b"] = torch.randn(r, in_n * (kernel or 1) ** 2, generator=g) * scale
+    sd[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else r))
+    return sd
+
+
+def mixed_lora(seed=0, r=8, conv_r=4, alpha=4.0, conv_alpha=2.0, tucker=False):
+    """A LoCon with linear, 1x1 conv, 3x3 conv (optionally Tucker) and text-encoder modules."""
+    g = gen(seed)
+    sd = {}
+    sd.update(lora(LIN, 64, 48, r, alpha=alpha, g=g))
+    sd.update(lora(LIN2, 32, 96, r, alpha=alpha, g=g))
+    sd.update(lora(PROJ, 32, 32, r, kernel=1, alpha=alpha, g=g))
+    sd.update(lora(CONV3, 32, 16, conv_r, kernel=3, alpha=conv_alpha, tucker=tucker, g=g))
+    sd.update(lora(TE, 64, 64, r, alpha=alpha, g=g))
+    return sd
+
+
+def low_rank_matrix(out, n, rank, g=None, decay=0.7):
+    """A random matrix with a known, decaying spectrum."""
+    g = g or gen()
+    u, _ = torch.linalg.qr(torch.randn(out, rank, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
+    s = torch.tensor([decay ** i for i in range(rank)], dtype=torch.float64)
+    return ((u * s) @ v.T).float(), s.float()
