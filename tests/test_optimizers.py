@@ -547,3 +547,54 @@ def test_scheduler_warnings():
     assert any("longer than the training" in w for w in warns)
     warns = check_optimizer_settings(cfg(lr_scheduler="piecewise_constant", lr_warmup_steps=3, lr_scheduler_args=['step_rules="1:5,0.1"']))
     assert any("ignored" in w for w in warns)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule-free optimizers (package faked when absent)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_schedulefree(monkeypatch):
+    import importlib.machinery
+    import types
+
+    if has("schedulefree"):
+        return
+    module = types.ModuleType("schedulefree")
+    module.__spec__ = importlib.machinery.ModuleSpec("schedulefree", None)
+
+    class AdamWScheduleFree(torch.optim.AdamW):
+        def __init__(self, params, lr=0.0025, warmup_steps=0, **kw):
+            super().__init__(params, lr=lr, **kw)
+            self.mode = None
+
+        def train(self):
+            self.mode = "train"
+
+        def eval(self):
+            self.mode = "eval"
+
+    AdamWScheduleFree.__module__ = "schedulefree.adamw_schedulefree"
+    module.AdamWScheduleFree = AdamWScheduleFree
+    monkeypatch.setitem(sys.modules, "schedulefree", module)
+
+
+def test_schedule_free_gets_constant_schedule(fake_schedulefree):
+    from sd_scripts.library.optimizers import is_schedule_free
+
+    params, groups = two_groups()
+    config = cfg(optimizer_type="AdamWScheduleFree", optimizer_args=["warmup_steps=5"], lr_scheduler="cosine", lr_warmup_steps=3)
+    warns = check_optimizer_settings(config)
+    assert any("needs no schedule" in w for w in warns)
+    opt, ss = build_optimizer(config, groups)
+    assert is_schedule_free(opt) and ss.startswith("schedulefree.") and "warmup_steps=5" in ss
+    if hasattr(opt, "mode"):
+        assert opt.mode == "train"  # put in train mode, as kohya does
+    warns = []
+    sched = build_lr_scheduler(config, opt, 10, warnings=warns)
+    assert any("needs no schedule" in w for w in warns)
+    for _ in range(3):
+        take_steps(opt, params, 1)
+        sched.step()
+    assert sched.get_last_lr() == [1e-2, 5e-3]

@@ -28,6 +28,10 @@ Names (case-insensitive) follow kohya-ss/sd-scripts HEAD (``train_util.get_optim
   ``DAdaptAdan``, ``DAdaptAdanIP``. Where the class takes ``decouple`` (DAdaptAdam, DAdaptAdamPreprint) we pass
   ``decouple=True`` unless ``optimizer_args`` says otherwise (AdamW-style weight decay; this project's choice,
   kohya passes the library default False);
+  Learning-rate-free optimizers (DAdapt*, Prodigy) warn when an lr is <= 0.1 (use about 1.0). DAdaptAdam,
+  DAdaptation/DAdaptAdamPreprint, DAdaptLion, DAdaptSGD and Prodigy fail inside ``step()`` when parameter groups
+  have different non-zero lrs, so that is a ``ConfigError`` (setting ``text_encoder_lr``) here, before training;
+  DAdaptAdaGrad/DAdaptAdan/DAdaptAdanIP use the first group's lr, which is a warning;
 * ``Prodigy`` (prodigyopt); ``AdaFactor`` (``transformers.optimization.Adafactor``, kohya's relative_step rules);
 * ``RAdamScheduleFree``, ``AdamWScheduleFree``, ``SGDScheduleFree`` (schedulefree package, if installed);
 * any ``torch.optim`` class name (``Adam``, ``RAdam``, ``NAdam``...; case-insensitive), or ``package.module.Class``.
