@@ -12,12 +12,23 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["TINY_WORDS", "build_tiny_components", "save_tiny_diffusers", "write_tiny_tokenizer"]
+__all__ = [
+    "TINY_WORDS",
+    "build_tiny_components",
+    "save_tiny_diffusers",
+    "save_tiny_single_file",
+    "tiny_tokenizer_cache_dir",
+    "write_tiny_tokenizer",
+]
 
 TINY_WORDS = (
     "a photo of sks person dog cat red green blue white black painting style portrait woman man "
     "girl boy anime tree house sky sun water smile hat shirt dress hair eyes long short the and with in"
 ).split()
+
+TINY_PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}
+TOKENIZER_CACHE_NAMES = {"sd1": "openai_clip-vit-large-patch14", "sd2": "stabilityai_stable-diffusion-2"}
+
 
 # CLIP's byte-to-unicode table (the standard GPT-2/CLIP reversible mapping).
 def _bytes_to_unicode() -> dict[int, str]:
@@ -32,8 +43,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
-    """Write a tiny CLIP tokenizer (vocab.json, merges.txt, configs) into ``folder``."""
+def write_tiny_tokenizer(folder: str | os.PathLike, pad_token: str = "<|endoftext|>") -> Path:
+    """Write a tiny CLIP tokenizer (vocab.json, merges.txt, configs) into ``folder``.
+
+    ``pad_token`` "<|endoftext|>" as SD1's tokenizer; SD2's pads with "!" (id 0).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
@@ -62,14 +76,14 @@ def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
                 "bos_token": "<|startoftext|>",
                 "eos_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
+                "pad_token": pad_token,
                 "do_lower_case": True,
             }
         ),
         encoding="utf-8",
     )
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}),
         encoding="utf-8",
     )
     return folder
@@ -155,7 +169,7 @@ def save_tiny_diffusers(folder: str | os.PathLike, family: str = "sd1", seed: in
 
     folder = Path(folder)
     tok_dir = folder / "tokenizer"
-    write_tiny_tokenizer(tok_dir)
+    write_tiny_tokenizer(tok_dir, pad_token=TINY_PAD_TOKENS[family])
     parts = build_tiny_components(family, seed=seed, tokenizer_dir=tok_dir, v_prediction=v_prediction)
     pipe = StableDiffusionPipeline(
         unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
@@ -163,3 +177,46 @@ def save_tiny_diffusers(folder: str | os.PathLike, family: str = "sd1", seed: in
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+
+
+def tiny_tokenizer_cache_dir(checkpoint_path: str | os.PathLike) -> Path:
+    """The ``tokenizer_cache_dir`` written by ``save_tiny_single_file`` next to ``checkpoint_path``."""
+    return Path(checkpoint_path).parent / "tokenizer_cache"
+
+
+def save_tiny_single_file(path: str | os.PathLike, family: str = "sd1", seed: int = 0, v_prediction: bool = False,
+                          fmt: str = "safetensors") -> Path:
+    """Write a tiny model as an LDM single-file checkpoint plus its sibling ``<stem>.yaml``.
+
+    Also writes a tokenizer in kohya's ``tokenizer_cache_dir`` layout: ``tiny_tokenizer_cache_dir(path)`` /
+    ``openai_clip-vit-large-patch14`` (sd1) or ``stabilityai_stable-diffusion-2`` (sd2; pad "!" as in SD2).
+    ``fmt`` "safetensors" or "ckpt" (a ``{"state_dict": ...}`` pickle of tensors only). The weights equal
+    ``build_tiny_components(family, seed)``'s; SD2's OpenCLIP text encoder gets the extra last block that loaders drop.
+    Returns the checkpoint path.
+    """
+    import torch
+    import yaml
+
+    from .ldm_convert import ldm_config_from_diffusers, models_to_ldm
+
+    if fmt not in ("safetensors", "ckpt"):
+        raise ValueError(f"fmt must be 'safetensors' or 'ckpt', not {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok_dir = tiny_tokenizer_cache_dir(path) / TOKENIZER_CACHE_NAMES[family]
+    write_tiny_tokenizer(tok_dir, pad_token=TINY_PAD_TOKENS[family])
+    parts = build_tiny_components(family, seed=seed, tokenizer_dir=tok_dir, v_prediction=v_prediction)
+    parts["tokenizer"].save_pretrained(str(tok_dir))
+    kind = "openclip" if family == "sd2" else "clip"
+    state = models_to_ldm(parts["unet"], parts["vae"], parts["text_encoder"], kind)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, str(path))
+    ldm_config = ldm_config_from_diffusers(parts["unet"].config, parts["vae"].config, kind, v_prediction)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(ldm_config, sort_keys=False), encoding="utf-8")
+    return path
