@@ -58,3 +58,19 @@ def tiny_sd2_diffusers(tmp_path_factory) -> Path:
     from sd_scripts.library.tiny_models import save_tiny_diffusers
 
     return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sd2") / "model", "sd2", v_prediction=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_single_file(tmp_path_factory) -> Path:
+    """A tiny SD1-shaped model as model.safetensors + model.yaml; tokenizer in tiny_tokenizer_cache_dir(path)."""
+    from sd_scripts.library.tiny_models import save_tiny_single_file
+
+    return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sd1_sf") / "model.safetensors", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_single_file(tmp_path_factory) -> Path:
+    """A tiny SD2-shaped v-prediction model as model.safetensors + model.yaml (parameterization v)."""
+    from sd_scripts.library.tiny_models import save_tiny_single_file
+
+    return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sd2_sf") / "model.safetensors", "sd2", v_prediction=True)
