@@ -18,7 +18,7 @@ from sd_scripts.library.config import TrainConfig
 from sd_scripts.library.dataset import TrainDataset, color_aug, hsv_to_rgb, rgb_to_hsv
 from sd_scripts.library.dataset_layout import parse_resolution, scan_dataset
 from sd_scripts.library.errors import ConfigError, DatasetError, UserError
-from sd_scripts.library.images import is_image_file, load_image, probe_image, ImageProblem
+from sd_scripts.library.images import ImageProblem, bomb_warnings_as_errors, is_image_file, load_image, probe_image
 
 # --------------------------------------------------------------------------- helpers
 
@@ -427,7 +427,7 @@ def test_decompression_bomb_is_skipped(data, monkeypatch):
     plan = scan_dataset(cfg(train_data_dir=str(data)))
     skipped = {os.path.basename(p): reason for p, reason in plan.skipped}
     assert "decompression-bomb" in skipped["big.png"]
-    with pytest.raises(ImageProblem):
+    with bomb_warnings_as_errors(), pytest.raises(ImageProblem):
         probe_image(str(data / "2_cat" / "big.png"))
 
 
@@ -739,3 +739,27 @@ def test_disk_cache_inside_dataset_is_refused(data):
     with pytest.raises(ConfigError) as e:
         scan_dataset(config)
     one_line_error(e, "cache_latents_to_disk", "output_dir")
+
+
+def _first(batch):
+    return batch[0]
+
+
+def test_dataloader_workers_follow_epochs(data):
+    import pickle
+
+    config = cfg(train_data_dir=str(data), train_batch_size=2, shuffle_caption=True, flip_aug=True)
+    ds = TrainDataset(scan_dataset(config), config, 11)
+    expected = {}
+    for epoch in (1, 2):
+        ds.set_epoch(epoch)
+        expected[epoch] = [(ds[i]["image_paths"], ds[i]["captions"], ds[i]["flipped"]) for i in range(len(ds))]
+    assert expected[1] != expected[2]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, collate_fn=_first, num_workers=1,
+                                         persistent_workers=True)
+    for epoch in (1, 2):
+        ds.set_epoch(epoch)
+        got = [(b["image_paths"], b["captions"], b["flipped"]) for b in loader]
+        assert got == expected[epoch]
+    copy = pickle.loads(pickle.dumps(ds))  # an ordinary pickle freezes epoch and step
+    assert copy.epoch == 2 and len(copy) == len(ds)

@@ -11,14 +11,15 @@
   same epoch always gives the same batch, in any process and in any order of access.
 
 Iterate it in index order (``DataLoader(ds, batch_size=1, shuffle=False, collate_fn=lambda b: b[0])``);
-the shuffling is done here.
+the shuffling is done here. The epoch and step live in a small shared-memory array, so DataLoader
+worker processes (persistent ones too) follow ``set_epoch``/``set_step`` of the main process.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import multiprocessing
 import random
+from multiprocessing.context import get_spawning_popen
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -108,9 +109,9 @@ class TrainDataset:
         self.config = config
         self.seed = int(seed) if seed is not None else 0
         self.prior_loss_weight = float(getattr(config, "prior_loss_weight", 1.0))
-        self.epoch = 1
-        self.step = 0
-        self.max_train_steps = int(getattr(config, "max_train_steps", 0) or 0)
+        # [epoch, step, max_train_steps], shared with DataLoader worker processes
+        self._shared = multiprocessing.RawArray("q", [1, 0, int(getattr(config, "max_train_steps", 0) or 0)])
+        self._built_epoch = 0
         self._latents: dict[int, Any] | None = None
         self._latents_flipped: dict[int, Any] = {}
 
@@ -148,19 +149,41 @@ class TrainDataset:
             rng.shuffle(batches)
         return batches
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # an ordinary pickle/copy, not a worker process start: freeze
+            state["_shared"] = list(self._shared)
+        return state
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
+    @property
+    def step(self) -> int:
+        return int(self._shared[1])
+
+    @property
+    def max_train_steps(self) -> int:
+        return int(self._shared[2])
+
+    def _build_epoch(self, epoch: int) -> None:
+        self._batches = self._make_batches(random.Random(f"lets-dataset/{self.seed}/epoch/{epoch}"))
+        self._built_epoch = epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` (1-based): shuffle bucket contents and batch order from seed and epoch."""
         epoch = int(epoch)
         if epoch < 1:
             raise ValueError(f"epochs are 1-based, got {epoch}")
-        self.epoch = epoch
-        self._batches = self._make_batches(random.Random(f"lets-dataset/{self.seed}/epoch/{epoch}"))
+        self._shared[0] = epoch
+        self._build_epoch(epoch)
 
     def set_step(self, step: int, max_steps: int | None = None) -> None:
         """The current optimizer step (for token warm-up) and the run's length."""
-        self.step = int(step)
+        self._shared[1] = int(step)
         if max_steps is not None:
-            self.max_train_steps = int(max_steps)
+            self._shared[2] = int(max_steps)
 
     # ----------------------------------------------------------------- metadata
 
@@ -270,17 +293,22 @@ class TrainDataset:
 
     # ----------------------------------------------------------------- batches
 
-    def batch_rng(self, index: int) -> random.Random:
-        return random.Random(f"lets-dataset/{self.seed}/batch/{self.epoch}/{index}")
+    def batch_rng(self, index: int, epoch: int | None = None) -> random.Random:
+        """The generator of batch ``index`` of ``epoch`` (default: the current epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        return random.Random(f"lets-dataset/{self.seed}/batch/{epoch}/{index}")
 
     def __getitem__(self, index: int) -> dict:
         import torch
 
+        epoch, step, max_steps = self.epoch, self.step, self.max_train_steps
+        if self._built_epoch != epoch:  # a worker process after the main process changed epoch
+            self._build_epoch(epoch)
         if index < 0:
             index += len(self._batches)
         if not 0 <= index < len(self._batches):
             raise IndexError(index)
-        rng = self.batch_rng(index)
+        rng = self.batch_rng(index, epoch)
         captions, paths, flips, weights, multipliers = [], [], [], [], []
         original_hw, crop_tl, target_hw = [], [], []
         arrays: list[np.ndarray] = []
@@ -290,7 +318,7 @@ class TrainDataset:
             record = item.record
             subset = self.plan.subsets[record.subset]
             captions.append(
-                process_caption(record.caption, subset.captions, rng, self.epoch, self.step, self.max_train_steps)
+                process_caption(record.caption, subset.captions, rng, epoch, step, max_steps)
             )
             flip = bool(subset.flip_aug and rng.random() < 0.5)
             if self._latents is not None:

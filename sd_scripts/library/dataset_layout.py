@@ -29,7 +29,15 @@ from typing import Any, Callable
 from .buckets import BucketManager, snap_bucket_range
 from .captions import CaptionSettings, count_tags
 from .errors import ConfigError, DatasetError
-from .images import IMAGE_EXTENSIONS, RESIZE_INTERPOLATIONS, ImageProblem, is_hidden_name, is_image_file, probe_image
+from .images import (
+    IMAGE_EXTENSIONS,
+    RESIZE_INTERPOLATIONS,
+    ImageProblem,
+    bomb_warnings_as_errors,
+    is_hidden_name,
+    is_image_file,
+    probe_image,
+)
 
 __all__ = [
     "SubsetSpec",
@@ -764,7 +772,8 @@ def _scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[st
     return pending
 
 
-def _probe_all(paths: list[str]) -> dict[str, tuple[int, int] | str]:
+def _probe_all(paths: list[str], progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[int, int] | str]:
+    """Probe every image once (in a thread pool): its size, or the reason it cannot be used."""
     unique = list(dict.fromkeys(paths))
 
     def one(path: str) -> tuple[int, int] | str:
@@ -775,11 +784,24 @@ def _probe_all(paths: list[str]) -> dict[str, tuple[int, int] | str]:
         except OSError as e:
             return f"cannot be read ({e.strerror or e})"
 
+    results: dict[str, tuple[int, int] | str] = {}
     workers = max(1, min(8, (os.cpu_count() or 1), len(unique)))
-    if workers == 1:
-        return {p: one(p) for p in unique}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(unique, pool.map(one, unique)))
+    with bomb_warnings_as_errors():
+        if workers == 1:
+            outcomes = map(one, unique)
+            pool = None
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            outcomes = pool.map(one, unique)
+        try:
+            for i, (path, outcome) in enumerate(zip(unique, outcomes), 1):
+                results[path] = outcome
+                if progress is not None:
+                    progress(i, len(unique))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+    return results
 
 
 def _unique_key(table: dict, key: str) -> str:
@@ -795,8 +817,7 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
     """Check the dataset settings and folders and return the :class:`DatasetPlan`.
 
     Raises ``ConfigError`` / ``DatasetError`` (one line naming the setting and the fix).
-    ``progress(done, total)`` is not called per image (the scan runs in a thread pool); it is
-    called once when the images have been checked, so callers may show a count.
+    ``progress(done, total)`` is called as each image has been checked.
     """
     check_dataset_settings(config)
     warnings: list[str] = []
@@ -892,9 +913,7 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
     pending: list[_PendingImage] = []
     for i, sub in enumerate(subsets):
         pending.extend(_scan_subset(sub, i, subset_setting[i], warnings))
-    probed = _probe_all([p.path for p in pending])
-    if progress is not None:
-        progress(len(probed), len(probed))
+    probed = _probe_all([p.path for p in pending], progress)
 
     skipped: list[tuple[str, str]] = []
     skipped_seen: set[tuple[str, str]] = set()
@@ -974,7 +993,7 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
             used = _balance_reg(reg_records, spec.num_train_images)
             if len(used) < len(reg_records):
                 warnings.append(
-                    f"reg_data_dir: {len(reg_records) - len(used)} of {len(reg_records)} regularization images are not used "
+                    f"{len(reg_records) - len(used)} of {len(reg_records)} regularization images are not used "
                     f"(there are more than training images x repeats)"
                 )
             images.extend(used)

@@ -13,6 +13,7 @@ Nothing here writes files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import warnings
@@ -28,6 +29,7 @@ __all__ = [
     "is_hidden_name",
     "list_images",
     "probe_image",
+    "bomb_warnings_as_errors",
     "load_image",
     "to_rgb",
     "resize_image",
@@ -65,6 +67,18 @@ def list_images(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in sorted(names)]
 
 
+@contextlib.contextmanager
+def bomb_warnings_as_errors():
+    """Turn Pillow's DecompressionBombWarning into an exception (caught as :class:`ImageProblem`).
+
+    ``warnings.catch_warnings`` changes process-wide state, so enter this in one thread only
+    (around a thread pool that probes images), not inside each worker thread.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def _pixel_limit() -> int | None:
     return Image.MAX_IMAGE_PIXELS
 
@@ -87,23 +101,23 @@ def _exif_orientation(img: Image.Image) -> int:
 def probe_image(path: str) -> tuple[int, int]:
     """Check that ``path`` decodes fully; return ``(width, height)`` after EXIF orientation.
 
-    Raises :class:`ImageProblem` for empty, truncated, undecodable or too large files.
+    Raises :class:`ImageProblem` for empty, truncated, undecodable or too large files (more pixels
+    than ``PIL.Image.MAX_IMAGE_PIXELS``). Call it inside :func:`bomb_warnings_as_errors` to keep
+    Pillow's DecompressionBombWarning from being printed (the image is refused either way).
     """
     try:
         if os.path.getsize(path) == 0:
             raise ImageProblem("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                _check_pixels(width, height)
-                fmt = img.format
-                img.verify()  # structure / checksums (PNG CRCs, ...)
-            with Image.open(path) as img:
-                orientation = _exif_orientation(img)
-                if fmt == "JPEG":
-                    img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-                img.load()  # decodes all data: truncated files fail here
+        with Image.open(path) as img:
+            width, height = img.size
+            _check_pixels(width, height)
+            fmt = img.format
+            img.verify()  # structure / checksums (PNG CRCs, ...)
+        with Image.open(path) as img:
+            orientation = _exif_orientation(img)
+            if fmt == "JPEG":
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()  # decodes all data: truncated files fail here
     except ImageProblem:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -170,13 +184,11 @@ def load_image(path: str) -> Image.Image:
     Raises :class:`ImageProblem` when the file cannot be decoded.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                _check_pixels(*img.size)
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return to_rgb(img)
+        with Image.open(path) as img:
+            _check_pixels(*img.size)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return to_rgb(img)
     except ImageProblem:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
