@@ -1,0 +1,375 @@
+"""ArgStore: every training setting of LoRA Easy Training Scripts, with its default.
+
+This file is the one place settings are declared. The command-line flags of ``main.py``, the checks
+on JSON files, the wizard's defaults and the settings table in the README are all generated from it.
+
+Editing it is a supported way to configure a run, as in the 2023 tool: change a default below
+(``net_dim: int = setting(32, ...)`` -> ``setting(64, ...)``) and run ``python main.py``. A JSON file
+loaded with ``--load_json_path`` overrides these defaults key by key, and command-line flags override
+both. Paths may be written as plain strings; on Windows use raw strings (``r"C:\\models\\sd15.safetensors"``).
+
+``None`` means "not set": the engine then uses its own behaviour for that setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from frontend.fields import SettingInfo, setting, settings_info
+
+__all__ = ["ArgStore", "GROUPS", "OPTIMIZERS", "SCHEDULERS", "SAMPLERS"]
+
+# Headings for -h and the README, in display order.
+PATHS = "Paths"
+JSON_QUEUE = "JSON files and queue"
+MODEL = "Base model"
+NETWORK = "Network (LoRA, LoCon, LyCORIS)"
+OPTIMIZER = "Optimizer and learning rates"
+SCHEDULER = "Learning-rate schedule"
+LENGTH = "Training length and batches"
+RESOLUTION = "Resolution and buckets"
+CAPTIONS = "Captions and tags"
+AUGMENT = "Augmentation and latent cache"
+PRECISION = "Precision and speed"
+NOISE = "Noise and loss"
+SAVING = "Saving"
+SAMPLES = "Sample images during training"
+LOGGING = "Logging"
+HUB = "Hugging Face upload"
+DEPRECATED = "Deprecated (still read from old files)"
+
+GROUPS = [PATHS, JSON_QUEUE, MODEL, NETWORK, OPTIMIZER, SCHEDULER, LENGTH, RESOLUTION, CAPTIONS, AUGMENT,
+          PRECISION, NOISE, SAVING, SAMPLES, LOGGING, HUB, DEPRECATED]
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit",
+              "DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD", "DAdaptAdan", "Prodigy",
+              "AdaFactor")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "adafactor")
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+            "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+
+
+@dataclass
+class ArgStore:
+    # ------------------------------------------------------------------ paths and files
+    base_model: str | None = setting(
+        None, "base checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face model id",
+        group=PATHS, required=True, path="model")
+    img_folder: str | None = setting(
+        None, "folder holding the <repeats>_<name> image folders (the parent, not the 10_name folder itself)",
+        group=PATHS, required=True, path="dir")
+    output_folder: str | None = setting(
+        None, "folder the LoRA files are written to (created if missing)", group=PATHS, required=True,
+        path="out_dir")
+    save_json_folder: str | None = setting(
+        None, "save this run's settings as config-<time>[-<save_json_name>].json in this folder",
+        group=JSON_QUEUE, path="out_dir", cli_names=("--save_json_path",), session=True)
+    save_json_name: str | None = setting(
+        None, "text appended to the saved JSON file's name", group=JSON_QUEUE, session=True)
+    load_json_path: str | None = setting(
+        None, "JSON file to load (ours, the 2023 tool's, or a kohya_ss GUI file); overrides these defaults",
+        group=JSON_QUEUE, path="file", session=True)
+    multi_run_folder: str | None = setting(
+        None, "queue: train every *.json file in this folder, one after another",
+        group=JSON_QUEUE, path="dir", cli_names=("--multi_run_path",), session=True)
+    reg_img_folder: str | None = setting(
+        None, "folder of regularization <repeats>_<class> image folders", group=PATHS, path="dir")
+    sample_prompts: str | None = setting(
+        None, "text file of sample prompts, one per line (kohya options --n --w --h --d --l --s)",
+        group=SAMPLES, path="file")
+    change_output_name: str | None = setting(
+        None, "file name of the LoRA without extension (default: last)", group=PATHS)
+    json_load_skip_list: list[str] | None = setting(
+        None, "settings a loaded JSON file must not change, e.g. base_model, img_folder, output_folder",
+        group=JSON_QUEUE)
+    training_comment: str | None = setting(
+        None, "comment stored in the LoRA's metadata (ss_training_comment)", group=SAVING)
+    save_json_only: bool = setting(
+        False, "save the JSON file and stop without training (to prepare a queue)", group=JSON_QUEUE,
+        session=True)
+    tag_occurrence_txt_file: bool = setting(
+        True, "write <output name>.txt beside the LoRA listing every caption tag with its count",
+        group=CAPTIONS)
+    sort_tag_occurrence_alphabetically: bool = setting(
+        False, "sort the tag list alphabetically instead of by count", group=CAPTIONS)
+
+    # ------------------------------------------------------------------ optimizer
+    optimizer_type: str = setting(
+        "AdamW8bit", "optimizer (8-bit ones need a CUDA GPU: without one AdamW8bit falls back to AdamW)",
+        group=OPTIMIZER, required=True, choices=OPTIMIZERS, open_choices=True)
+    optimizer_args: dict[str, Any] | None = setting(
+        {"weight_decay": "0.1", "betas": "0.9,0.99"},
+        "optimizer arguments as key/value pairs (on the command line: key=value ...)", group=OPTIMIZER)
+
+    # ------------------------------------------------------------------ scheduler
+    scheduler: str = setting(
+        "cosine", "how the learning rate changes during training", group=SCHEDULER, required=True,
+        choices=SCHEDULERS)
+    cosine_restarts: int | None = setting(
+        1, "number of restarts for cosine_with_restarts", group=SCHEDULER)
+    scheduler_power: float | None = setting(
+        1, "power of the polynomial schedule (above 1 decays faster)", group=SCHEDULER)
+    lr_scheduler_type: str | None = setting(
+        None, "custom scheduler class as package.module.Class", group=SCHEDULER)
+    lr_scheduler_args: dict[str, Any] | None = setting(
+        None, "arguments of the custom scheduler as key/value pairs", group=SCHEDULER)
+
+    # ------------------------------------------------------------------ learning rates
+    learning_rate: float = setting(
+        1e-4, "base learning rate (near 1.0 for DAdaptation and Prodigy)", group=OPTIMIZER, required=True)
+    unet_lr: float | None = setting(
+        None, "learning rate of the UNet part (default: learning_rate)", group=OPTIMIZER)
+    text_encoder_lr: float | None = setting(
+        None, "learning rate of the text encoder part (default: learning_rate)", group=OPTIMIZER)
+    warmup_lr_ratio: float | None = setting(
+        None, "share of all training steps spent warming the learning rate up, e.g. 0.05", group=SCHEDULER)
+    unet_only: bool = setting(
+        False, "train only the UNet part of the LoRA", group=NETWORK)
+
+    # ------------------------------------------------------------------ core
+    net_dim: int = setting(
+        32, "network dim (rank): how much the LoRA can hold; bigger files, more room for noise",
+        group=NETWORK, required=True)
+    alpha: float = setting(
+        16, "network alpha: the LoRA is scaled by alpha / net_dim", group=NETWORK, required=True)
+    train_resolution: int = setting(
+        512, "training resolution (width; also height unless height_resolution is set)", group=RESOLUTION,
+        required=True)
+    height_resolution: int | None = setting(
+        None, "training height, for a non-square resolution", group=RESOLUTION)
+    batch_size: int = setting(
+        1, "images per training step", group=LENGTH, required=True)
+    clip_skip: int = setting(
+        2, "use the output of the N-th last text encoder layer (2 for anime models, 1 for realistic)",
+        group=MODEL, required=True)
+    test_seed: int | None = setting(
+        23, "random seed; the same seed and settings give the same LoRA (None picks one)", group=LENGTH,
+        required=False)
+    mixed_precision: str = setting(
+        "fp16", "training precision (without a CUDA GPU fp16 falls back to no)", group=PRECISION,
+        required=True, choices=("no", "fp16", "bf16"), aliases={"none": "no", "fp32": "no", "float": "no"})
+    save_precision: str = setting(
+        "fp16", "precision of the saved LoRA file", group=SAVING, required=True,
+        choices=("float", "fp16", "bf16"), aliases={"fp32": "float", "no": "float", "none": "float"})
+
+    # ------------------------------------------------------------------ network
+    lyco: bool = setting(
+        False, "train a LyCORIS network (LoCon, LoHa, LoKr, IA3, ...) through lycoris.kohya; set algo in "
+        "network_args", group=NETWORK)
+    network_args: dict[str, Any] | None = setting(
+        None, "network arguments, e.g. algo=lora conv_dim=8 conv_alpha=1 (LyCORIS) or conv_dim/conv_alpha "
+        "(kohya LoCon), block weights, unit (DyLoRA)", group=NETWORK)
+
+    # ------------------------------------------------------------------ steps
+    num_epochs: int = setting(
+        1, "training epochs (ignored when max_steps is set)", group=LENGTH, required=True)
+    save_every_n_epochs: int | None = setting(
+        None, "also save a LoRA every N epochs", group=SAVING)
+    save_n_epoch_ratio: int | None = setting(
+        None, "save about N LoRAs spread over the run", group=SAVING)
+    save_last_n_epochs: int | None = setting(
+        None, "keep only the last N per-epoch LoRAs", group=SAVING)
+    max_steps: int | None = setting(
+        None, "training steps; overrides num_epochs", group=LENGTH)
+
+    # ------------------------------------------------------------------ samples
+    sample_sampler: str | None = setting(
+        None, "sampler for the sample images (default ddim)", group=SAMPLES, choices=SAMPLERS)
+    sample_every_n_steps: int | None = setting(
+        None, "make sample images every N steps", group=SAMPLES)
+    sample_every_n_epochs: int | None = setting(
+        None, "make sample images every N epochs", group=SAMPLES)
+
+    # ------------------------------------------------------------------ buckets
+    buckets: bool = setting(
+        True, "aspect-ratio buckets, so images need not be cropped square", group=RESOLUTION)
+    min_bucket_resolution: int = setting(
+        320, "smallest bucket side in pixels", group=RESOLUTION, required=True)
+    max_bucket_resolution: int = setting(
+        960, "largest bucket side in pixels", group=RESOLUTION, required=True)
+    bucket_reso_steps: int | None = setting(
+        None, "bucket sides are multiples of this (default 64)", group=RESOLUTION)
+    bucket_no_upscale: bool = setting(
+        False, "never upscale small images into a bigger bucket", group=RESOLUTION)
+
+    # ------------------------------------------------------------------ tags
+    shuffle_captions: bool = setting(
+        False, "shuffle the comma-separated tags of each caption", group=CAPTIONS)
+    keep_tokens: int | None = setting(
+        None, "keep the first N tags in place when shuffling", group=CAPTIONS)
+    token_warmup_step: float | None = setting(
+        None, "steps until all tags are used (a value below 1 is a share of all steps)", group=CAPTIONS)
+    token_warmup_min: int | None = setting(
+        None, "tags used at the start of token warm-up", group=CAPTIONS)
+    weighted_captions: bool = setting(
+        False, "read (tag:1.2) weights in captions", group=CAPTIONS)
+
+    # ------------------------------------------------------------------ other
+    xformers: bool = setting(
+        True, "xformers attention (needs xformers and a CUDA GPU; otherwise PyTorch SDPA is used)",
+        group=PRECISION)
+    cache_latents: bool = setting(
+        True, "encode every image once before training (faster; not with random_crop or color_aug)",
+        group=AUGMENT)
+    cache_latents_to_disk: bool = setting(
+        False, "keep the latent cache on disk between runs", group=AUGMENT)
+    random_crop: bool = setting(
+        False, "random crops instead of centre crops (needs cache_latents false)", group=AUGMENT)
+    flip_aug: bool = setting(
+        False, "random horizontal flips (avoid for asymmetric subjects)", group=AUGMENT)
+    v2: bool = setting(
+        False, "the base model is SD 2.x (false: detected from the checkpoint)", group=MODEL)
+    v_parameterization: bool = setting(
+        False, "the base model predicts v (SD 2.x 768-v; false: detected from the checkpoint)", group=MODEL)
+    gradient_checkpointing: bool = setting(
+        False, "save memory at the cost of speed", group=PRECISION)
+    gradient_acc_steps: int | None = setting(
+        None, "batches accumulated per optimizer step (default 1)", group=LENGTH)
+    noise_offset: float | None = setting(
+        None, "noise offset, helps very dark or bright images (0.1 is common)", group=NOISE)
+    mem_eff_attn: bool = setting(
+        False, "memory-efficient attention", group=PRECISION)
+    min_snr_gamma: float | None = setting(
+        None, "min-SNR loss weighting; 5 is common", group=NOISE)
+
+    # ------------------------------------------------------------------ Hugging Face
+    huggingface_repo_id: str | None = setting(
+        None, "after training, upload the LoRA to this Hugging Face repository (user/name)", group=HUB)
+    huggingface_repo_type: str | None = setting(
+        None, "repository type (default model)", group=HUB, choices=("model", "dataset", "space"))
+    huggingface_path_in_repo: str | None = setting(
+        None, "folder inside the repository for the upload", group=HUB)
+    huggingface_token: str | None = setting(
+        None, "Hugging Face access token (default: the saved login)", group=HUB)
+    huggingface_repo_visibility: str | None = setting(
+        None, "visibility of a repository created for the upload (default private)", group=HUB,
+        choices=("public", "private"))
+    save_state_to_huggingface: bool = setting(
+        False, "also upload the saved training state folders", group=HUB)
+    resume_from_huggingface: bool = setting(
+        False, "not supported: download the state folder and set resume to it", group=HUB)
+    async_upload: bool = setting(
+        False, "upload in the background while a queue goes on to its next job", group=HUB)
+
+    # ------------------------------------------------------------------ rarely needed
+    lora_model_for_resume: str | None = setting(
+        None, "LoRA file whose weights training continues from", group=NETWORK, path="file")
+    save_state: bool = setting(
+        False, "also save the training state so a run can be resumed exactly", group=SAVING)
+    resume: str | None = setting(
+        None, "training state folder to resume from", group=SAVING, path="dir")
+    text_only: bool = setting(
+        False, "train only the text encoder part of the LoRA", group=NETWORK)
+    vae: str | None = setting(
+        None, "VAE to use instead of the model's (.safetensors, .ckpt, .pt or a diffusers folder)",
+        group=MODEL, path="file_or_dir")
+    log_dir: str | None = setting(
+        None, "folder for TensorBoard logs", group=LOGGING, path="out_dir")
+    log_prefix: str | None = setting(
+        None, "prefix of the log run's name", group=LOGGING)
+    tokenizer_cache_dir: str | None = setting(
+        None, "folder holding a CLIP tokenizer, for training offline", group=MODEL, path="out_dir")
+    dataset_config: str | None = setting(
+        None, "dataset TOML in kohya's format, used instead of img_folder", group=PATHS, path="file")
+    lowram: bool = setting(
+        False, "load the model straight into GPU memory (little system RAM)", group=PRECISION)
+    no_meta: bool = setting(
+        False, "write only minimal metadata into the LoRA", group=SAVING)
+    color_aug: bool = setting(
+        False, "random colour shifts (needs cache_latents false)", group=AUGMENT)
+    use_8bit_adam: bool = setting(
+        False, "old switch for 8-bit Adam", group=DEPRECATED, deprecated="optimizer_type AdamW8bit")
+    use_lion: bool = setting(
+        False, "old switch for the Lion optimizer", group=DEPRECATED, deprecated="optimizer_type Lion")
+    caption_dropout_rate: float | None = setting(
+        None, "chance of training an image with an empty caption", group=CAPTIONS)
+    caption_dropout_every_n_epochs: int | None = setting(
+        None, "drop every caption in every N-th epoch", group=CAPTIONS)
+    caption_tag_dropout_rate: float | None = setting(
+        None, "chance of dropping each tag (keep_tokens are never dropped)", group=CAPTIONS)
+    prior_loss_weight: float = setting(
+        1, "loss weight of regularization images", group=NOISE, required=True)
+    max_grad_norm: float = setting(
+        1, "gradient clipping norm (0 turns it off)", group=OPTIMIZER, required=True)
+    save_as: str = setting(
+        "safetensors", "file format of the LoRA", group=SAVING, required=True,
+        choices=("safetensors", "ckpt", "pt"),
+        aliases={".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt"})
+    caption_extension: str = setting(
+        ".txt", "extension of the caption files", group=CAPTIONS, required=True)
+    max_clip_token_length: int = setting(
+        150, "caption tokens read per image", group=CAPTIONS, required=True, choices=(75, 150, 225))
+    save_last_n_epochs_state: int | None = setting(
+        None, "keep only the last N per-epoch training states", group=SAVING)
+    num_workers: int = setting(
+        1, "data loader worker processes (0 loads in the training process)", group=PRECISION, required=True)
+    persistent_workers: bool = setting(
+        True, "keep data loader workers alive between epochs", group=PRECISION)
+    face_crop_aug_range: str | None = setting(
+        None, "face-centred crop range as 'min,max'; not supported by this engine", group=AUGMENT)
+    network_module: str = setting(
+        "sd_scripts.networks.lora", "network module (lyco and DyLoRA's unit pick it for you)",
+        group=NETWORK, required=True)
+    locon_dim: int | None = setting(
+        None, "old LoCon conv dim", group=DEPRECATED, deprecated="network_args conv_dim")
+    locon_alpha: float | None = setting(
+        None, "old LoCon conv alpha", group=DEPRECATED, deprecated="network_args conv_alpha")
+    locon: bool = setting(
+        False, "old switch for LoCon training", group=DEPRECATED,
+        deprecated="network_args conv_dim/conv_alpha (kohya LoCon)")
+
+    # ------------------------------------------------------------------ added 2023-05
+    dim_from_weights: bool = setting(
+        False, "take net_dim and alpha from lora_model_for_resume", group=NETWORK)
+    multires_noise_iterations: int | None = setting(
+        None, "multi-resolution (pyramid) noise iterations, 6-10 is common", group=NOISE)
+    multires_noise_discount: float = setting(
+        0.3, "multi-resolution noise discount", group=NOISE, required=True)
+    log_with: str | None = setting(
+        None, "logger: tensorboard, wandb or all", group=LOGGING, choices=("tensorboard", "wandb", "all"))
+    log_tracker_name: str | None = setting(
+        None, "project name for the logger", group=LOGGING)
+    wandb_api_key: str | None = setting(
+        None, "Weights & Biases API key (default: the saved login)", group=LOGGING)
+
+    # ------------------------------------------------------------------ newer kohya settings
+    network_dropout: float | None = setting(
+        None, "dropout on the LoRA's rank activations, e.g. 0.1", group=NETWORK)
+    save_every_n_steps: int | None = setting(
+        None, "also save a LoRA every N steps", group=SAVING)
+    sample_at_first: bool = setting(
+        False, "make sample images before training starts", group=SAMPLES)
+    vae_batch_size: int | None = setting(
+        None, "images per VAE batch when caching latents (default 1)", group=AUGMENT)
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def settings(cls) -> list[SettingInfo]:
+        """Every setting with its type, default, help, group and choices, in file order."""
+        return settings_info(cls)
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [info.name for info in settings_info(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict saved in JSON files (ArgStore names, file order)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def convert_args_to_dict(self) -> dict[str, Any]:
+        """The 2023 tool's name for :meth:`to_dict`, kept for old scripts."""
+        return self.to_dict()
+
+    def replace(self, **changes: Any) -> "ArgStore":
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return value

@@ -1,0 +1,266 @@
+"""From ArgsList defaults, a JSON file and the command line to one checked ArgStore.
+
+Precedence is per setting: the command line beats the JSON file, which beats ``ArgsList.py``.
+A value of 0, False or "" given at a higher level wins like any other value. Deprecated 2023
+settings are translated inside each source before the sources are merged, so a modern setting
+given at a higher level always wins over an old one given lower down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sd_scripts.library.errors import ConfigError, UserError, UserErrors
+
+from .fields import SettingInfo
+from .json_io import LoadedSettings, load_settings_file
+
+__all__ = ["Resolved", "resolve_settings", "merge_job", "migrate_deprecated", "resolve_paths", "validate_store",
+           "looks_like_hub_id"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BAD_NAME_CHARS = set('/\\:*?"<>|')
+
+
+@dataclass
+class Resolved:
+    store: Any
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    loaded: LoadedSettings | None = None
+
+
+def _store_cls():
+    from ArgsList import ArgStore
+
+    return ArgStore
+
+
+def _infos() -> dict[str, SettingInfo]:
+    return {info.name: info for info in _store_cls().settings()}
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``runwayml/stable-diffusion-v1-5``: an owner/name that is not a local path."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def migrate_deprecated(values: dict[str, Any], lower: Any, source: str) -> list[str]:
+    """Replace old settings in ``values`` (one source) by their successors; return notes.
+
+    ``lower`` is the store built from the sources below this one, used when an old setting
+    needs a value the source itself does not give (LoCon's dim defaults to net_dim).
+    """
+    notes: list[str] = []
+    use_8bit = values.pop("use_8bit_adam", False)
+    use_lion = values.pop("use_lion", False)
+    if use_8bit and use_lion:
+        raise ConfigError(f"{source}: use_8bit_adam and use_lion are both true; remove both and set "
+                          "optimizer_type (AdamW8bit or Lion)", setting="optimizer_type")
+    if use_8bit or use_lion:
+        name = "AdamW8bit" if use_8bit else "Lion"
+        old = "use_8bit_adam" if use_8bit else "use_lion"
+        values["optimizer_type"] = name
+        notes.append(f"{source}: {old} is deprecated; using optimizer_type {name}")
+
+    locon = values.pop("locon", False)
+    locon_dim = values.pop("locon_dim", None)
+    locon_alpha = values.pop("locon_alpha", None)
+    if locon or locon_dim is not None:
+        args = dict(values.get("network_args") or lower.network_args or {})
+        conv_dim = locon_dim if locon_dim is not None else values.get("net_dim", lower.net_dim)
+        args.setdefault("conv_dim", str(conv_dim))
+        if locon_alpha is not None:
+            args.setdefault("conv_alpha", _number_text(locon_alpha))
+        values["network_args"] = args
+        shown = " ".join(f"{k}={args[k]}" for k in ("conv_dim", "conv_alpha") if k in args)
+        notes.append(f"{source}: locon/locon_dim/locon_alpha are deprecated; using network_args {shown} (kohya LoCon)")
+    elif locon_alpha is not None:
+        notes.append(f"{source}: locon_alpha has no effect without locon or locon_dim; ignored")
+    return notes
+
+
+def _number_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def resolve_paths(values: dict[str, Any], infos: dict[str, SettingInfo], also_look_in: str | None = None) -> None:
+    """Make the relative paths in ``values`` absolute, in place.
+
+    Paths are relative to the current folder. For inputs read from a JSON file, a path that does not
+    exist there but does exist beside the JSON file is taken from beside the file.
+    """
+    cwd = os.getcwd()
+    for name, value in list(values.items()):
+        info = infos.get(name)
+        if info is None or not info.is_path or not isinstance(value, str) or not value.strip():
+            continue
+        text = os.path.expanduser(value.strip())
+        if os.path.isabs(text):
+            values[name] = os.path.normpath(text)
+            continue
+        candidates = [cwd]
+        if also_look_in and info.path != "out_dir":
+            candidates.append(also_look_in)
+        found = next((os.path.join(base, text) for base in candidates if os.path.exists(os.path.join(base, text))), None)
+        if found is None and info.path == "model" and looks_like_hub_id(text):
+            values[name] = text
+            continue
+        values[name] = os.path.normpath(os.path.abspath(found or os.path.join(cwd, text)))
+
+
+def _defaults_as_values(store: Any) -> dict[str, Any]:
+    return store.to_dict()
+
+
+def resolve_settings(
+    cli_values: dict[str, Any] | None = None,
+    defaults: Any = None,
+    *,
+    apply_skip_list: bool = True,
+) -> Resolved:
+    """Merge defaults < JSON file < command line, key by key; raise UserError(s) on bad input."""
+    store_cls = _store_cls()
+    infos = _infos()
+    cli_values = dict(cli_values or {})
+    notes: list[str] = []
+    warnings: list[str] = []
+
+    base_values = _defaults_as_values(defaults if defaults is not None else store_cls())
+    notes += migrate_deprecated(base_values, store_cls(), "ArgsList.py")
+    resolve_paths(base_values, infos)
+    store = store_cls(**base_values)
+
+    json_path = cli_values.get("load_json_path", store.load_json_path)
+    loaded = None
+    if json_path:
+        json_path = os.path.abspath(os.path.expanduser(json_path))
+        loaded = load_settings_file(json_path, store_cls)
+        values = dict(loaded.values)
+        skip = set(loaded.skip_list)
+        if apply_skip_list:
+            skip |= set(cli_values.get("json_load_skip_list") or store.json_load_skip_list or [])
+        unknown = sorted(skip - set(infos))
+        if unknown:
+            raise ConfigError(f"json_load_skip_list: unknown setting(s) {', '.join(unknown)}; use ArgStore names "
+                              "such as base_model, img_folder, output_folder", setting="json_load_skip_list")
+        for name in list(values):
+            if name in skip or infos[name].session:
+                values.pop(name)
+        notes += loaded.notes
+        notes += migrate_deprecated(values, store, os.path.basename(json_path))
+        resolve_paths(values, infos, also_look_in=os.path.dirname(json_path))
+        if loaded.warning():
+            warnings.append(loaded.warning())
+        store = store.replace(**values)
+        store = store.replace(load_json_path=json_path)
+
+    cli = dict(cli_values)
+    notes += migrate_deprecated(cli, store, "command line")
+    resolve_paths(cli, infos)
+    store = store.replace(**cli)
+    return Resolved(store=store, notes=notes, warnings=warnings, loaded=loaded)
+
+
+def merge_job(job_path: str, cli_values: dict[str, Any], defaults: Any = None) -> Resolved:
+    """Settings of one queue job: defaults < the job's JSON (all of it) < command line."""
+    values = dict(cli_values)
+    values["load_json_path"] = job_path
+    values.pop("multi_run_folder", None)
+    resolved = resolve_settings(values, defaults, apply_skip_list=False)
+    resolved.store = resolved.store.replace(multi_run_folder=None, save_json_folder=None, save_json_only=False)
+    return resolved
+
+
+# --------------------------------------------------------------------------- checks
+def _check_path(info: SettingInfo, value: str) -> str | None:
+    if info.path == "file" and not os.path.isfile(value):
+        return "not found" if not os.path.exists(value) else "is a folder, expected a file"
+    if info.path == "dir" and not os.path.isdir(value):
+        return "folder not found" if not os.path.exists(value) else "is a file, expected a folder"
+    if info.path == "file_or_dir" and not os.path.exists(value):
+        return "not found"
+    if info.path == "model" and not os.path.exists(value) and not looks_like_hub_id(value):
+        return "not found (give a .safetensors/.ckpt file, a diffusers folder or a Hugging Face id)"
+    if info.path == "out_dir" and os.path.exists(value) and not os.path.isdir(value):
+        return "is a file, expected a folder"
+    return None
+
+
+def validate_store(store: Any, *, for_training: bool = True) -> None:
+    """Check required settings, paths, ranges and combinations; raise UserErrors listing all problems."""
+    errors: list[UserError] = []
+
+    def bad(name: str, text: str) -> None:
+        errors.append(ConfigError(f"{name}: {text}", setting=name))
+
+    skip_paths = {"load_json_path", "multi_run_folder"}
+    for info in store.settings():
+        value = getattr(store, info.name)
+        if info.required and value is None:
+            if info.name == "img_folder" and store.dataset_config:
+                continue
+            bad(info.name, f"required; set it in ArgsList.py, in a JSON file or with --{info.name}")
+            continue
+        if info.is_path and isinstance(value, str) and info.name not in skip_paths:
+            problem = _check_path(info, value)
+            if problem:
+                bad(info.name, f"{problem}: {value}")
+
+    def at_least(name: str, minimum: float, optional: bool = True) -> None:
+        value = getattr(store, name)
+        if value is None and optional:
+            return
+        if value is not None and value < minimum:
+            bad(name, f"must be {minimum:g} or more, got {value:g}")
+
+    for name in ("net_dim", "batch_size", "num_epochs", "train_resolution", "min_bucket_resolution",
+                 "max_bucket_resolution", "clip_skip"):
+        at_least(name, 1, optional=False)
+    for name in ("max_steps", "height_resolution", "gradient_acc_steps", "bucket_reso_steps", "cosine_restarts",
+                 "save_every_n_epochs", "save_n_epoch_ratio", "save_last_n_epochs", "save_every_n_steps",
+                 "sample_every_n_steps", "sample_every_n_epochs", "save_last_n_epochs_state", "vae_batch_size",
+                 "token_warmup_min"):
+        at_least(name, 1)
+    for name in ("learning_rate", "unet_lr", "text_encoder_lr", "num_workers", "keep_tokens", "noise_offset",
+                 "prior_loss_weight", "max_grad_norm", "caption_dropout_every_n_epochs", "token_warmup_step",
+                 "multires_noise_iterations"):
+        at_least(name, 0)
+    if store.alpha is not None and store.alpha <= 0:
+        bad("alpha", f"must be above 0, got {store.alpha:g}")
+    if store.min_snr_gamma is not None and store.min_snr_gamma <= 0:
+        bad("min_snr_gamma", f"must be above 0 (leave it unset to turn it off), got {store.min_snr_gamma:g}")
+    if store.warmup_lr_ratio is not None and not 0 <= store.warmup_lr_ratio < 1:
+        bad("warmup_lr_ratio", f"must be a share of the steps from 0 to below 1 (0.05 = 5%), got {store.warmup_lr_ratio:g}")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout"):
+        value = getattr(store, name)
+        if value is not None and not 0 <= value <= 1:
+            bad(name, f"must be between 0 and 1, got {value:g}")
+    if store.min_bucket_resolution > store.max_bucket_resolution:
+        bad("min_bucket_resolution", f"{store.min_bucket_resolution} is above max_bucket_resolution "
+            f"{store.max_bucket_resolution}")
+    if store.unet_only and store.text_only:
+        bad("unet_only", "cannot be combined with text_only; pick one")
+    if store.cache_latents and (store.random_crop or store.color_aug):
+        which = "random_crop" if store.random_crop else "color_aug"
+        bad(which, "needs cache_latents false (the cached latents cannot be re-cropped or re-coloured)")
+    if (store.sample_every_n_steps or store.sample_every_n_epochs or store.sample_at_first) and not store.sample_prompts:
+        bad("sample_prompts", "sample images are asked for (sample_every_n_*/sample_at_first) but no prompt file is set")
+    for name in ("change_output_name", "save_json_name"):
+        value = getattr(store, name)
+        if value and (_BAD_NAME_CHARS & set(value)):
+            bad(name, f"{value!r} contains characters not allowed in file names")
+    if store.resume_from_huggingface:
+        bad("resume_from_huggingface", "not supported; download the state folder and set resume to it")
+    if for_training:
+        from .settings_map import unsupported_settings
+
+        for name, text in unsupported_settings(store):
+            bad(name, text)
+    if errors:
+        raise UserErrors(errors)
