@@ -290,6 +290,13 @@ def test_toml_errors(tmp_path, data, body, needles):
     assert snapshot(data) == before
 
 
+def test_toml_subset_color_aug_with_cache_latents(tmp_path, data):
+    toml = write_toml(tmp_path / "c.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir='{data / '2_cat'}'\ncolor_aug=true\n")
+    with pytest.raises(ConfigError) as e:
+        scan_dataset(cfg(dataset_config=str(toml), cache_latents=True))
+    one_line_error(e, "cache_latents", "color_aug", "2_cat")
+
+
 def test_toml_missing_image_dir_folder(tmp_path):
     toml = write_toml(tmp_path / "x.toml", "[[datasets]]\n[[datasets.subsets]]\nimage_dir='nope'\n")
     with pytest.raises(DatasetError) as e:
@@ -763,3 +770,22 @@ def test_dataloader_workers_follow_epochs(data):
         assert got == expected[epoch]
     copy = pickle.loads(pickle.dumps(ds))  # an ordinary pickle freezes epoch and step
     assert copy.epoch == 2 and len(copy) == len(ds)
+
+
+def test_json_dataset_config_and_duplicate_dirs(tmp_path, data):
+    import json
+
+    cat = str(data / "2_cat")
+    doc = {
+        "datasets": [
+            {"resolution": 128, "subsets": [{"image_dir": cat, "num_repeats": 2}, {"image_dir": cat}]},
+            {"resolution": 192, "max_bucket_reso": 320, "subsets": [{"image_dir": cat}]},
+        ]
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    plan = scan_dataset(cfg(dataset_config=str(path)))
+    assert len(plan.subsets) == 2  # the repeat inside dataset 1 is ignored
+    assert any("appears twice" in w for w in plan.warnings)
+    assert plan.dataset_dirs == {"2_cat": {"n_repeats": 2, "img_count": 1}, "2_cat (2)": {"n_repeats": 1, "img_count": 1}}
+    assert plan.num_train_images == 3

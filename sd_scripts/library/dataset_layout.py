@@ -909,6 +909,16 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
                 subsets.append(_subset_spec(lookup, path, 0, repeats, tokens, True))
                 subset_setting.append("reg_data_dir")
 
+    if getattr(config, "cache_latents", False) or getattr(config, "cache_latents_to_disk", False):
+        for i, sub in enumerate(subsets):
+            for key in ("color_aug", "random_crop"):
+                if getattr(sub, key):
+                    raise ConfigError(
+                        f"cache_latents and {key} (set for '{sub.name}' in {subset_setting[i]}) cannot be used together: "
+                        f"cached latents cannot change every step; turn off {key} or cache_latents",
+                        "cache_latents",
+                    )
+
     # captions, then decode every image once
     pending: list[_PendingImage] = []
     for i, sub in enumerate(subsets):
