@@ -4,6 +4,8 @@
 
 * every image is placed in a bucket (kohya's rules, :mod:`.buckets`) once per repeat; a batch
   never mixes buckets (nor datasets of a ``dataset_config``); ``len()`` is batches per epoch;
+  without ``enable_bucket`` every image is resized to cover ``resolution`` and cropped to it
+  (kohya would instead require images of exactly that size);
 * ``set_epoch(e)`` (1-based) shuffles the contents of every bucket and the order of the batches
   from ``seed`` and ``e`` alone, so a run and its resume see the same order;
 * ``__getitem__(i)`` draws its random choices (caption dropout/shuffle, flips, random crops,
