@@ -354,9 +354,27 @@ def _tokenizer_from_folder(folder: Path, setting: str):
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise _fail(setting, f"the tokenizer in {folder} cannot be read ({type(e).__name__}); fix or remove it")
+    # transformers 5 builds an empty tokenizer from a folder without vocabulary files instead of failing
+    if len(tokenizer) < 10 or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise _fail(setting, f"{folder} holds no usable CLIP tokenizer (vocab.json + merges.txt or tokenizer.json); "
+                             "fix or remove it")
+    return tokenizer
+
+
+def _hub_tokenizer_folder(source, local_only: bool) -> Path | None:
+    """The tokenizer folder of ``source`` in the Hugging Face cache (downloaded first unless ``local_only``)."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    patterns = [prefix + n for n in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                                     "special_tokens_map.json")]
+    snapshot = Path(snapshot_download(source.repo_id, allow_patterns=patterns, cache_dir=_hf_cache_dir(),
+                                      local_files_only=local_only))
+    folder = snapshot / source.subfolder if source.subfolder else snapshot
+    return folder if _has_tokenizer_files(folder) else None
 
 
 def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.PathLike | None = None, index: int = 0):
@@ -372,24 +390,25 @@ def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.Path
         for candidate in (base, base / source.cache_name, base / source.cache_name / "tokenizer"):
             if _has_tokenizer_files(candidate):
                 return _tokenizer_from_folder(candidate, "tokenizer_cache_dir")
-    from transformers import CLIPTokenizer
-
-    hub_kwargs = {"subfolder": source.subfolder} if source.subfolder else {}
     try:
-        return CLIPTokenizer.from_pretrained(source.repo_id, local_files_only=True, cache_dir=_hf_cache_dir(),
-                                             **hub_kwargs)
+        folder = _hub_tokenizer_folder(source, local_only=True)
     except Exception:  # noqa: BLE001 - not in the cache
-        pass
+        folder = None
+    if folder is not None:
+        return _tokenizer_from_folder(folder, "tokenizer_cache_dir")
     hint = (f"set tokenizer_cache_dir to a folder holding the {source.repo_id} tokenizer "
             f"(the folder itself or <dir>/{source.cache_name})")
     if _offline():
         raise ModelLoadError(f"tokenizer_cache_dir: no {family.name} CLIP tokenizer found offline; {hint}",
                              "tokenizer_cache_dir")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source.repo_id, cache_dir=_hf_cache_dir(), **hub_kwargs)
+        folder = _hub_tokenizer_folder(source, local_only=False)
+        if folder is None:
+            raise FileNotFoundError(source.repo_id)
     except Exception as e:  # noqa: BLE001 - network problems
         raise ModelLoadError(f"tokenizer_cache_dir: the {family.name} CLIP tokenizer could not be downloaded "
                              f"({type(e).__name__}); {hint}", "tokenizer_cache_dir")
+    tokenizer = _tokenizer_from_folder(folder, "tokenizer_cache_dir")
     if cache_dir:
         try:
             tokenizer.save_pretrained(str(Path(os.path.expanduser(str(cache_dir))) / source.cache_name))
