@@ -252,7 +252,7 @@ class ArgStore:
     resume_from_huggingface: bool = setting(
         False, "not supported: download the state folder and set resume to it", group=HUB)
     async_upload: bool = setting(
-        False, "upload in the background while a queue goes on to its next job", group=HUB)
+        False, "kept so 2023 files load; the upload runs when training has finished", group=HUB)
 
     # ------------------------------------------------------------------ rarely needed
     lora_model_for_resume: str | None = setting(

@@ -1,6 +1,7 @@
 """Settings JSON files: load ours, the 2023 tool's and kohya_ss GUI files; save ours.
 
-Our files and the 2023 tool's are the same format: the flat ArgStore dict. kohya_ss GUI files are
+Our files and the 2023 tool's are the same format: the flat ArgStore dict (keys starting with
+``_comment`` or ``//`` are notes for readers and are skipped). kohya_ss GUI files are
 recognised by their keys and go through :mod:`frontend.kohya_ss_import`. Loading never stops at
 the first problem: every value of the wrong type is reported (one line each, naming the key and
 the type expected), and keys with no use here are listed together in one warning.
@@ -130,6 +131,8 @@ def load_settings_file(path: str, store_cls: type | None = None) -> LoadedSettin
                 loaded.notes.append(f"{name}: {key} is read as {target}")
         elif key in LEFTOVER_2023_KEYS and not value:
             continue
+        elif key.startswith(("_comment", "//")):
+            continue  # a note for people reading the file
         else:
             loaded.ignored.append(key)
     values, errors = coerce_file_values(raw, infos, name)

@@ -1,7 +1,7 @@
 """The tag occurrence list: ``<output name>.txt`` beside the LoRA, one ``[count] tag`` per line.
 
 The counts are the ones the engine stores in the LoRA's ``ss_tag_frequency`` metadata (per dataset
-folder), added up over all folders. Ties keep the order in which tags were first seen; the
+folder, tags in lower case), added up over all folders. Ties keep the order in which tags were first seen; the
 alphabetical order compares tags without regard to case.
 """
 
@@ -26,7 +26,7 @@ def _split_tags(text: str) -> list[str]:
 
 
 def read_caption_tags(img_folder: str, caption_extension: str = ".txt") -> dict[str, dict[str, int]]:
-    """Count caption tags per ``<repeats>_<name>`` folder (UTF-8, split on commas, stripped).
+    """Count caption tags per ``<repeats>_<name>`` folder (UTF-8, split on commas, stripped, lower case).
 
     Used when the engine's dataset scan is not available; it reads folders and files in name order.
     """
@@ -42,7 +42,7 @@ def read_caption_tags(img_folder: str, caption_extension: str = ".txt") -> dict[
             if name.startswith(".") or not name.lower().endswith(extension) or not os.path.isfile(path):
                 continue
             with open(path, encoding="utf-8-sig", errors="replace") as handle:
-                for tag in _split_tags(handle.read()):
+                for tag in _split_tags(handle.read().lower()):
                     counts[tag] = counts.get(tag, 0) + 1
         result[entry] = counts
     return result

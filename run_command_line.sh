@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Train with the settings in ArgsList.py, a JSON file or flags: ./run_command_line.sh [--setting value ...]
+# Works from any folder and from paths with spaces. Uses .venv (made by install.sh) unless
+# LETS_PYTHON names another Python.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${LETS_PYTHON:-$here/.venv/bin/python}"
+if [ ! -x "$py" ] && ! command -v "$py" >/dev/null 2>&1; then
+    echo "No Python environment at $here/.venv: run install.sh first (or set LETS_PYTHON)." >&2
+    exit 1
+fi
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" "$here/main.py" "$@"
