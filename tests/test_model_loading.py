@@ -207,6 +207,16 @@ def test_v_from_modelspec_metadata_without_yaml(tmp_path, tiny_sd2_single_file):
     assert fam.name == "sd2" and info["yaml"] is None and info["v_parameterization"] is True
 
 
+def test_sd2_without_yaml_warns_about_v(tmp_path, tiny_sd2_single_file):
+    path = tmp_path / "sd2.safetensors"
+    shutil.copy(tiny_sd2_single_file, path)
+    fam, info = detect_family(_cfg(path, tokenizer_cache_dir=str(tmp_path)))
+    assert fam.name == "sd2" and info["v_parameterization"] is False and info["v_source"] == "default"
+    assert len(info["warnings"]) == 1 and "v_parameterization" in info["warnings"][0]
+    _, info = detect_family(_cfg(path, v_parameterization=True))
+    assert info["warnings"] == []
+
+
 def test_tiny_checkpoint_without_yaml_needs_one(tmp_path, tiny_sd1_single_file):
     path = tmp_path / "noyaml.safetensors"
     shutil.copy(tiny_sd1_single_file, path)
@@ -231,6 +241,8 @@ def test_missing_and_unusable_paths(tmp_path):
     cases.append(_cfg(tmp_path / "model.gguf"))
     (tmp_path / "broken.safetensors").write_bytes(b"\x05\x00")
     cases.append(_cfg(tmp_path / "broken.safetensors"))
+    (tmp_path / "junk.ckpt").write_bytes(b"not a pickle" * 10)
+    cases.append(_cfg(tmp_path / "junk.ckpt"))
     for cfg in cases:
         with pytest.raises(ModelLoadError) as e:
             load_model(cfg)
@@ -511,8 +523,9 @@ def _meta_sd15():
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(sd1.diffusers_unet_config())
         vae = AutoencoderKL.from_config(sd1.diffusers_vae_config())
-        te = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-                                          pad_token_id=49407, vocab_size=49408))
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, hidden_act="quick_gelu", bos_token_id=49406,
+                                          eos_token_id=49407, pad_token_id=49407, vocab_size=49408))
     return unet, vae, te
 
 
@@ -605,3 +618,45 @@ def test_text_encoder_key_maps(sd2_model, tiny_sd2_single_file, sd1_model, tiny_
             if name in mapping:
                 assert torch.equal(param, ldm1[mapping[name]]), name
         assert set(mapping) == {n for n in module.state_dict() if not n.endswith("position_ids")}
+
+
+def test_full_size_builtin_configs_on_meta_device():
+    """A yaml-less full-size checkpoint: built-in LDM configs, old-style CLIP keys, SD2's 24th block dropped."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import sd_scripts.library.model_loading as ml
+    from sd_scripts.library.ldm_convert import models_to_ldm
+
+    unet, vae, te = _meta_sd15()
+    ldm = models_to_ldm(unet, vae, te, "clip")
+    ldm = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in ldm.items()}
+    ldm["cond_stage_model.transformer.embeddings.position_ids"] = torch.zeros(1, 77, dtype=torch.long, device="meta")
+    sd1 = get_family("sd1")
+    shapes = {k: tuple(v.shape) for k, v in ldm.items()}
+    assert ml._family_of_single_file("sd15.safetensors", shapes) is sd1
+    loaded = ml._unet_from_ldm(ldm, sd1.builtin_ldm_config(False), "sd15", "fix", torch.float32)
+    assert (loaded.config.sample_size, loaded.config.attention_head_dim, loaded.config.cross_attention_dim) == (64, 8, 768)
+    assert loaded.config.use_linear_projection is False
+    te1 = ml._text_encoder_from_ldm(sd1, ldm, None, "sd15", torch.float32)
+    assert (te1.config.num_hidden_layers, te1.config.num_attention_heads, te1.config.hidden_act) == (12, 12, "quick_gelu")
+
+    sd2 = get_family("sd2")
+    with init_empty_weights():
+        unet2 = UNet2DConditionModel.from_config(sd2.diffusers_unet_config(True))
+        vae2 = AutoencoderKL.from_config(sd2.diffusers_vae_config(True))
+        te2 = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                           num_attention_heads=16, hidden_act="gelu", vocab_size=49408,
+                                           bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+    ldm2 = models_to_ldm(unet2, vae2, te2, "openclip")
+    assert infer_diffusers_model_type(ldm2) == "v2"
+    shapes = {k: tuple(v.shape) for k, v in ldm2.items()}
+    assert ml._family_of_single_file("sd21.safetensors", shapes) is sd2
+    loaded = ml._unet_from_ldm(ldm2, sd2.builtin_ldm_config(True), "sd21", "fix", torch.float32)
+    assert loaded.config.sample_size == 96 and list(loaded.config.attention_head_dim) == [5, 10, 20, 20]
+    assert loaded.config.use_linear_projection is True and loaded.config.cross_attention_dim == 1024
+    te_loaded = ml._text_encoder_from_ldm(sd2, ldm2, None, "sd21", torch.float32)
+    assert (te_loaded.config.num_hidden_layers, te_loaded.config.num_attention_heads) == (23, 16)
+    assert te_loaded.config.hidden_act == "gelu"

@@ -93,14 +93,14 @@ def _read_safetensors_header(path: str, setting: str) -> tuple[dict, dict]:
     return {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}, metadata
 
 
-def _unsafe_globals(path: str) -> str:
+def _unsafe_globals(path: str) -> list[str]:
+    """The code a pickle would import (empty when it cannot be listed: then the file is just unreadable)."""
     try:
         from torch.serialization import get_unsafe_globals_in_checkpoint
 
-        names = get_unsafe_globals_in_checkpoint(path)
-        return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+        return list(get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 - only used to word the message
-        return "non-tensor objects"
+        return []
 
 
 def _torch_load(path: str, setting: str) -> Any:
@@ -109,6 +109,10 @@ def _torch_load(path: str, setting: str) -> Any:
 
     import torch
 
+    def unreadable(e: Exception) -> ModelLoadError:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return _fail(setting, f"{path} is not a readable checkpoint ({first}); check the file or download it again")
+
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -116,12 +120,15 @@ def _torch_load(path: str, setting: str) -> Any:
             if "mmap" not in str(e):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise _fail(setting, f"{path} was refused: loading it would run code stored in the pickle "
-                             f"({_unsafe_globals(path)}); use a .safetensors version of the model")
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path)
+        if not names:
+            raise unreadable(ValueError("not a PyTorch checkpoint"))
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        raise _fail(setting, f"{path} was refused: loading it would run code stored in the pickle ({shown}); "
+                             "use a .safetensors version of the model")
     except (OSError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(setting, f"{path} is not a readable checkpoint ({first}); check the file or download it again")
+        raise unreadable(e)
 
 
 def _unwrap_state_dict(obj: Any, path: str, setting: str) -> dict:
@@ -309,7 +316,8 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
 
     Reads a safetensors header, a sibling ``<stem>.yaml`` or a diffusers folder's configs (a ``.ckpt`` has to be
     unpickled). ``info``: ``kind`` ('single_file' | 'diffusers'), ``path``, ``format``, ``yaml`` (path or None),
-    ``v_parameterization`` (resolved: the setting, else what the files say, else False), ``v_source``.
+    ``v_parameterization`` (resolved: the setting, else what the files say, else False), ``v_source``, ``family``
+    and ``warnings`` (one-line notes for the user, e.g. an SD2 model whose prediction type cannot be told).
     Raises ModelLoadError / ConfigError with one line naming the setting.
     """
     kind, path = _model_location(config)
@@ -340,6 +348,11 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
     else:
         info["v_parameterization"], info["v_source"] = False, "default"
     info["family"] = family.name
+    info["warnings"] = []
+    if info["v_source"] == "default" and family.v_resolution != family.default_resolution:
+        info["warnings"].append(
+            f"{SETTING}: cannot tell whether this {family.name} model predicts v (768-v models do); "
+            "set v_parameterization true for a 768-v model, or put its .yaml next to it")
     return family, info
 
 

@@ -21,10 +21,13 @@ __all__ = [
     "check_clip_skip",
     "check_max_token_length",
     "chunk_ids",
+    "count_prompt_tokens",
     "encode_tokens",
     "final_layer_norm",
     "merge_chunk_states",
+    "num_text_layers",
     "parse_prompt_attention",
+    "text_tower",
     "tokenize_prompts",
     "tokenize_weighted",
 ]
