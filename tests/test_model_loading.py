@@ -236,6 +236,7 @@ def test_missing_and_unusable_paths(tmp_path):
         _cfg(tmp_path / "nope.safetensors"),
         _cfg(tmp_path),  # a folder that is not a diffusers model
         _cfg("someone/not-cached-model"),  # a hub id, offline and not cached
+        _cfg("models/typo.safetensors"),  # a relative file path, not a hub id
     ]
     (tmp_path / "model.gguf").write_bytes(b"xx")
     cases.append(_cfg(tmp_path / "model.gguf"))

@@ -3,7 +3,8 @@
 The training loop, metadata writer and sampler only call the interface (``latent_scale``, ``encode_prompts``,
 ``predict``, ``build_pipeline``, ``base_model_version`` ...), never branch on a family's name; loading and detection
 read each family's facts (text encoder kind, LDM key prefix, tokenizer sources, built-in configs). Adding a family
-(SDXL next) means one more subclass registered with ``register_family``.
+(SDXL next) means one more subclass registered with ``register_family`` (SDXL also needs a loading path for its two
+text encoders in ``model_loading``), and no change to the training loop.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ def _model_location(config) -> tuple[str, str]:
             return "diffusers", os.path.realpath(path)
         raise _fail(SETTING, f"{path} is a folder but not a diffusers model (no model_index.json or unet/config.json); "
                              "give a .safetensors/.ckpt file or a diffusers folder")
-    if _REPO_ID.match(str(raw)) and not os.path.isabs(path) and not str(raw).startswith("."):
+    looks_like_file = path.lower().endswith(SAFETENSORS_EXTS + PICKLE_EXTS + (".yaml", ".json"))
+    if _REPO_ID.match(str(raw)) and not os.path.isabs(path) and not str(raw).startswith(".") and not looks_like_file:
         return "hub", str(raw)
     raise _fail(SETTING, f"{path} does not exist; give a .safetensors/.ckpt file or a diffusers folder")
 
