@@ -93,3 +93,46 @@ def low_rank_matrix(out, n, rank, g=None, decay=0.7):
     v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
     s = torch.tensor([decay ** i for i in range(rank)], dtype=torch.float64)
     return ((u * s) @ v.T).float(), s.float()
+
+
+def ldm_checkpoint(family: str = "sd1", seed: int = 0, dtype=None):
+    """A tiny single-file (LDM layout) checkpoint state dict, and the diffusers parts it came from."""
+    from sd_scripts.library import ldm_convert
+    from sd_scripts.library.tiny_models import build_tiny_components
+
+    parts = build_tiny_components(family, seed=seed)
+    kind = "clip" if family == "sd1" else "openclip"
+    state = ldm_convert.models_to_ldm(parts["unet"], parts["vae"], parts["text_encoder"], kind)
+    state = {k: v.clone() for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state, parts
+
+
+def lora_for_checkpoint(state, rank=4, conv_rank=2, seed=0, every=1, alpha=None, scale=0.05, text_encoder=True,
+                        conv=True):
+    """A random kohya LoRA/LoCon for the layers of an LDM checkpoint (every ``every``-th target)."""
+    from sd_scripts.networks.ldm_lora_map import build_lora_map, lora_target_names
+
+    g = gen(seed)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    lmap = build_lora_map(shapes)
+    sd = {}
+    for i, name in enumerate(lora_target_names(lmap, conv=conv, text_encoder=text_encoder, shapes=shapes)):
+        if i % every:
+            continue
+        t = lmap[name]
+        shape = shapes[t.weight_key]
+        if t.rows is not None:
+            shape = (t.rows[1] - t.rows[0],) + shape[1:]
+        kxk = len(shape) == 4 and shape[2] > 1
+        r = conv_rank if kxk else rank
+        out = shape[0]
+        if len(shape) == 4:
+            sd[f"{name}.lora_down.weight"] = torch.randn(r, *shape[1:], generator=g) * scale
+            sd[f"{name}.lora_up.weight"] = torch.randn(out, r, 1, 1, generator=g) * scale
+        else:
+            sd[f"{name}.lora_down.weight"] = torch.randn(r, shape[1], generator=g) * scale
+            sd[f"{name}.lora_up.weight"] = torch.randn(out, r, generator=g) * scale
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else r))
+    return sd

@@ -24,6 +24,7 @@ __all__ = [
     "is_3x3_conv_name",
     "lora_module_state",
     "parse_network",
+    "unify_alpha",
 ]
 
 # Parts (key suffix after "<name>.") each algorithm may have; "alpha", "scale" are shared.
@@ -286,3 +287,31 @@ def lora_module_state(name: str, up: torch.Tensor, down: torch.Tensor, alpha: fl
         f"{name}.lora_up.weight": up.contiguous(),
         f"{name}.alpha": torch.tensor(float(alpha), dtype=torch.float32),
     }
+
+
+def unify_alpha(state: dict[str, torch.Tensor]) -> float | None:
+    """Give every LoRA module of ``state`` the same alpha (the most common one), folding each module's
+    own ``alpha / r`` into its factors (``sqrt(alpha_i / A)`` on each side), so deltas are unchanged.
+
+    Training writes one alpha per file, and that is what every loader is tested with: diffusers 0.42
+    (``get_peft_kwargs``) mis-names the per-module ``alpha_pattern`` of several layers (``to_out``,
+    text-encoder attention) and silently applies the file's most common alpha to them. Returns the
+    alpha (None when there is no LoRA module). Modifies ``state`` in place."""
+    import math
+    from collections import Counter
+
+    alphas = {key[: -len(".alpha")]: float(t) for key, t in state.items()
+              if key.endswith(".alpha") and f"{key[:-len('.alpha')]}.lora_up.weight" in state}
+    if not alphas:
+        return None
+    common = Counter(alphas.values()).most_common(1)[0][0]
+    if common <= 0 or not math.isfinite(common):
+        common = 1.0
+    for name, alpha in alphas.items():
+        if alpha != common:
+            root = math.sqrt(abs(alpha) / common)
+            sign = -1.0 if alpha < 0 else 1.0
+            state[f"{name}.lora_up.weight"] = state[f"{name}.lora_up.weight"] * (root * sign)
+            state[f"{name}.lora_down.weight"] = state[f"{name}.lora_down.weight"] * root
+        state[f"{name}.alpha"] = torch.tensor(common, dtype=torch.float32)
+    return common

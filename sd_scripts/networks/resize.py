@@ -26,7 +26,7 @@ import torch
 
 from sd_scripts.library.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
-from sd_scripts.networks.network_state import NetModule, lora_module_state, parse_network
+from sd_scripts.networks.network_state import NetModule, lora_module_state, parse_network, unify_alpha
 
 __all__ = ["ModuleResize", "ResizeResult", "check_resize_args", "resize_lora_file", "resize_network", "resized_metadata"]
 
@@ -51,6 +51,7 @@ class ResizeResult:
     state_dict: dict[str, torch.Tensor]
     modules: list[ModuleResize]
     copied: list[str]  # modules passed through unchanged (IA3, norm)
+    alpha: float | None = None  # the one alpha every LoRA module of the output has
 
     @property
     def mean_fro(self) -> float:
@@ -151,7 +152,10 @@ def resize_network(modules: Mapping[str, NetModule], new_rank: int, new_conv_ran
                                     stats["max_ratio"], conv))
         if progress:
             progress(i + 1, total)
-    return ResizeResult(out, reports, copied)
+    alpha = unify_alpha(out)
+    for report in reports:
+        report.alpha = alpha
+    return ResizeResult(out, reports, copied, alpha)
 
 
 def _num(value: float) -> str:
@@ -183,7 +187,8 @@ def resized_metadata(metadata: Mapping[str, str], result: ResizeResult, method: 
     else:
         md["ss_network_dim"] = "Dynamic"
         comment = f"dynamic resize with {method} {param} (max rank {new_rank}) from rank {old_max}"
-    md["ss_network_alpha"] = common((m.alpha for m in lin), as_float) if lin else md.get("ss_network_alpha", "1.0")
+    if result.alpha is not None:
+        md["ss_network_alpha"] = as_float(result.alpha)
     if any(m.algo != "lora" for m in result.modules) and not result.copied:
         md["ss_network_module"] = "networks.lora"
     elif "ss_network_module" not in md:
@@ -200,7 +205,7 @@ def resized_metadata(metadata: Mapping[str, str], result: ResizeResult, method: 
                                                           "factor", "decompose_both", "full_matrix")}
     if conv:
         args["conv_dim"] = common(m.new_rank for m in conv) if method == "fixed" else "Dynamic"
-        args["conv_alpha"] = common((m.alpha for m in conv), as_float)
+        args["conv_alpha"] = as_float(result.alpha)
     else:
         args.pop("conv_dim", None)
         args.pop("conv_alpha", None)

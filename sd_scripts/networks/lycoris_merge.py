@@ -1,0 +1,183 @@
+"""Merge LoRA / LoCon / LoHa / LoKr / IA3 / full / norm networks into a single-file SD1/SD2 checkpoint.
+
+``W' = W + sum_i ratio_i * delta_i`` per weight, computed in float32 and cast back to the
+weight's own dtype once, whatever the number of networks. The deltas (reference D.2):
+
+* LoRA/LoCon: ``(alpha/r) up @ down``, Tucker ``lora_mid`` included;
+* LoHa: ``(alpha/r) (w1a w1b) ⊙ (w2a w2b)`` and LoKr ``(alpha/r) kron(w1, w2)``, each scaled
+  **once** (LyCORIS 3.0-4.1.3's own merge squares alpha/r, reference D.3);
+* IA3: ``W_base ⊙ w`` along the output rows or input columns (``on_input``);
+* full: ``diff`` (and ``diff_b`` on the bias); norm: ``w_norm`` / ``b_norm``.
+
+Every other checkpoint key and every dtype is kept. A module that matches no checkpoint weight is
+reported; a network of which no module matches, or a module whose shape differs from its weight,
+is a user error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sd_scripts.library.errors import ConfigError
+from sd_scripts.networks import lora_math as lm
+from sd_scripts.networks.ldm_lora_map import LdmTarget, build_lora_map
+from sd_scripts.networks.lora_keys import lora_name_spellings
+from sd_scripts.networks.network_state import NetModule
+
+__all__ = ["CheckpointMergeReport", "NetworkInput", "merge_into_checkpoint", "merge_lycoris_file"]
+
+
+@dataclass
+class NetworkInput:
+    """One network to merge: a label for messages (its path), its modules, and its ratio."""
+
+    label: str
+    modules: Mapping[str, NetModule]
+    ratio: float
+
+
+@dataclass
+class CheckpointMergeReport:
+    merged: dict[str, int] = field(default_factory=dict)  # label -> modules merged
+    unmatched: dict[str, list[str]] = field(default_factory=dict)  # label -> module names not in the checkpoint
+    weights_changed: int = 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _find(lora_map: Mapping[str, LdmTarget], name: str) -> LdmTarget | None:
+    for spelling in lora_name_spellings(name):
+        if spelling in lora_map:
+            return lora_map[spelling]
+    return None
+
+
+def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str) -> None:
+    if mod.algo == "ia3":
+        w = mod.parts["weight"]
+        on_input = bool(int(mod.parts["on_input"].reshape(-1)[0])) if "on_input" in mod.parts else False
+        want = int(region_shape[1] if on_input else region_shape[0])
+        if w.numel() != want:
+            raise ConfigError(f"{label}: IA3 module {mod.name} has {w.numel()} channels but the {ckpt_name} weight has "
+                              f"{want}; is the network for another model version?")
+        return
+    own = mod.weight_shape()
+    if _numel(own) != _numel(region_shape) or int(own[0]) != int(region_shape[0]):
+        hint = " (an SD1 network on an SD2 model or the reverse?)"
+        raise ConfigError(f"{label}: module {mod.name} is shaped {tuple(own)} but the {ckpt_name} weight is "
+                          f"{tuple(region_shape)}{hint}")
+
+
+def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], device=None, ckpt_name: str = "checkpoint",
+                          progress: Callable[[int, int], None] | None = None) -> CheckpointMergeReport:
+    """Add every network's deltas to ``checkpoint`` (modified in place; see the module docstring)."""
+    shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
+    lora_map = build_lora_map(shapes)
+    report = CheckpointMergeReport()
+    # weight key -> [(network input, module, target)]
+    plan: dict[str, list[tuple[NetworkInput, NetModule, LdmTarget]]] = {}
+    for net in networks:
+        unmatched = []
+        count = 0
+        for name, mod in net.modules.items():
+            target = _find(lora_map, name)
+            if target is None:
+                unmatched.append(name)
+                continue
+            region = shapes[target.weight_key]
+            if target.rows is not None:
+                region = (target.rows[1] - target.rows[0],) + tuple(region[1:])
+            _check_shape(net.label, mod, region, ckpt_name)
+            plan.setdefault(target.weight_key, []).append((net, mod, target))
+            count += 1
+        if count == 0:
+            raise ConfigError(f"{net.label}: none of its {len(net.modules)} modules matches a layer of {ckpt_name} "
+                              "(is it a network for SDXL or another model?)")
+        report.merged[net.label] = count
+        report.unmatched[net.label] = unmatched
+    total = len(plan)
+    for done, (key, items) in enumerate(plan.items()):
+        weight = checkpoint[key]
+        w32 = weight.to(device=device if device is not None else weight.device, dtype=torch.float32, copy=True)
+        base = w32.clone() if any(m.algo == "ia3" for _, m, _ in items) else w32
+        bias_key = items[0][2].bias_key
+        b32 = None
+        for net, mod, target in items:
+            rows = slice(*target.rows) if target.rows is not None else slice(None)
+            region = w32[rows]
+            if mod.algo == "ia3":
+                on_input = bool(int(mod.parts["on_input"].reshape(-1)[0])) if "on_input" in mod.parts else False
+                region += net.ratio * lm.ia3_delta(base[rows], mod.parts["weight"].to(w32.device).float(), on_input)
+            elif mod.algo == "norm":
+                region += net.ratio * mod.parts["w_norm"].to(w32.device).float().reshape(region.shape)
+            else:
+                m = mod.to(w32.device) if device is not None else mod
+                region += net.ratio * m.delta(region.shape)
+            bias_delta = mod.parts.get("diff_b") if mod.algo == "full" else mod.parts.get("b_norm") if mod.algo == "norm" else None
+            if bias_delta is not None and target.bias_key is not None:
+                if b32 is None:
+                    b32 = checkpoint[bias_key].to(device=w32.device, dtype=torch.float32, copy=True)
+                b32[rows] += net.ratio * bias_delta.to(w32.device).float().reshape(b32[rows].shape)
+        checkpoint[key] = w32.to(dtype=weight.dtype, device="cpu")
+        if b32 is not None:
+            checkpoint[bias_key] = b32.to(dtype=checkpoint[bias_key].dtype, device="cpu")
+        report.weights_changed += 1
+        if progress:
+            progress(done + 1, total)
+    return report
+
+
+def _check_v2(family: str, v2: bool | None, setting: str, path) -> None:
+    if v2 and family != "sd2":
+        raise ConfigError(f"{setting}: --v2 was given but {path} is an SD1 checkpoint (CLIP text encoder); drop --v2",
+                          setting=setting)
+
+
+def merge_lycoris_file(base, lycoris, save_to, weight: float = 1.0, v2: bool | None = None, dtype=None, device=None,
+                       overwrite: bool = False, progress=None) -> CheckpointMergeReport:
+    """``locon_loha_merge``: ``base`` checkpoint + ``weight`` x network -> ``save_to`` (same layout and dtypes,
+    or every floating tensor cast to ``dtype``)."""
+    return merge_networks_into_checkpoint_file(base, [lycoris], [weight], save_to, v2=v2, save_precision=dtype,
+                                               device=device, overwrite=overwrite, model_setting="lycoris",
+                                               ckpt_setting="base", dtype_setting="dtype", progress=progress)
+
+
+def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequence[float], save_to, v2: bool | None = None,
+                                        save_precision=None, device=None, overwrite: bool = False,
+                                        model_setting: str = "models", ckpt_setting: str = "sd_model",
+                                        dtype_setting: str = "save_precision", progress=None) -> CheckpointMergeReport:
+    """Read the checkpoint and the networks, merge, and write ``save_to`` atomically (nothing is written on error)."""
+    import math
+
+    from sd_scripts.library.lora_file import precision_dtype
+    from sd_scripts.networks.tool_io import check_output_path, load_network, read_sd_checkpoint, save_sd_checkpoint
+
+    if len(models) != len(ratios):
+        raise ConfigError(f"ratios: {len(ratios)} ratios for {len(models)} models; give one ratio per model", setting="ratios")
+    if any(not math.isfinite(float(r)) for r in ratios):
+        raise ConfigError("ratios: every ratio must be a finite number", setting="ratios")
+    out = check_output_path(save_to, "save_to", overwrite, exts=(".safetensors", ".ckpt"))
+    dtype = precision_dtype(save_precision, dtype_setting)
+    nets = []
+    for path, ratio in zip(models, ratios):
+        modules, _ = load_network(path, model_setting)
+        nets.append(NetworkInput(str(path), modules, float(ratio)))
+    state, metadata, family = read_sd_checkpoint(sd_model, ckpt_setting)
+    _check_v2(family, v2, ckpt_setting, sd_model)
+    report = merge_into_checkpoint(state, nets, device=device, ckpt_name=str(sd_model), progress=progress)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    meta = dict(metadata)
+    import json
+
+    meta["merged_networks"] = json.dumps([{"file": str(n.label), "ratio": n.ratio} for n in nets])
+    save_sd_checkpoint(out, state, meta)
+    return report

@@ -1,0 +1,106 @@
+"""File I/O shared by the LoRA tools: output-path checks, LoRA loading with the tool's setting name,
+and single-file checkpoints written atomically with their metadata and dtypes kept."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from sd_scripts.library.errors import ConfigError
+
+__all__ = ["check_output_path", "load_network", "lora_format_of", "read_sd_checkpoint", "save_sd_checkpoint"]
+
+_LORA_EXTS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt", ".pth": "pt"}
+_CKPT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def check_output_path(path, setting: str = "save_to", overwrite: bool = False, exts=tuple(_LORA_EXTS)) -> Path:
+    """Refuse an output that exists (unless ``overwrite``), is a folder, or has an unknown extension."""
+    if path is None or str(path).strip() == "":
+        raise ConfigError(f"{setting}: no output file given; add --{setting} OUT.safetensors", setting=setting)
+    p = Path(path)
+    if p.suffix.lower() not in exts:
+        raise ConfigError(f"{setting}: {p} must end in {', '.join(exts)}", setting=setting)
+    if p.is_dir():
+        raise ConfigError(f"{setting}: {p} is a folder; give a file name", setting=setting)
+    if p.exists() and not overwrite:
+        raise ConfigError(f"{setting}: {p} already exists; choose another name or add --overwrite", setting=setting)
+    return p
+
+
+def lora_format_of(path) -> str:
+    return _LORA_EXTS.get(Path(path).suffix.lower(), "safetensors")
+
+
+def load_network(path, setting: str):
+    """``(modules, metadata)`` of a LoRA/LyCORIS file; ConfigError naming ``setting`` when it is not one."""
+    from sd_scripts.library.lora_file import load_lora_file
+    from sd_scripts.networks.network_state import parse_network
+
+    sd, md = load_lora_file(path, setting=setting)
+    return parse_network(sd, source=f"{setting}: {path}", metadata=md), md
+
+
+def read_sd_checkpoint(path, setting: str):
+    """``(state_dict, metadata, family)`` of a single-file SD1/SD2 checkpoint; ConfigError/ModelLoadError if not one."""
+    from sd_scripts.library.model_loading import read_checkpoint
+    from sd_scripts.networks.ldm_lora_map import checkpoint_family
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{setting}: {p} does not exist or is not a file; give a single-file .safetensors/.ckpt checkpoint",
+                          setting=setting)
+    state, metadata = read_checkpoint(str(p), setting)
+    family = checkpoint_family(state)
+    if family is None:
+        if any(k.startswith("conditioner.embedders.") for k in state):
+            raise ConfigError(f"{setting}: {p} is an SDXL checkpoint; these tools handle SD1 and SD2 checkpoints",
+                              setting=setting)
+        raise ConfigError(f"{setting}: {p} is not an SD1/SD2 single-file checkpoint (no model.diffusion_model.* and "
+                          "cond_stage_model.* weights; is it a LoRA or a diffusers file?)", setting=setting)
+    return state, metadata, family
+
+
+def _unshare(state: Mapping) -> dict:
+    """safetensors refuses tensors that share memory (common in .ckpt files): copy the repeats."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in state.items():
+        t = t.contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_sd_checkpoint(path, state: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a single-file checkpoint atomically: ``.safetensors`` (with string metadata) or a ``.ckpt``
+    pickle ``{"state_dict": ...}``. The file appears only once it is complete."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+            save_file(_unshare(state), str(tmp), metadata=meta or None)
+        else:
+            torch.save({"state_dict": dict(state)}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
