@@ -31,6 +31,7 @@ __all__ = [
     "load_vae",
     "read_checkpoint",
     "read_checkpoint_shapes",
+    "text_encoder_config_from_state",
 ]
 
 SETTING = "pretrained_model_name_or_path"
@@ -514,8 +515,7 @@ def _text_encoder_from_ldm(family: ModelFamily, checkpoint: dict, tokenizer, whe
         raise _fail(SETTING, f"{where} has no {family.name} text encoder weights ({family.ldm_text_encoder_prefix}*); "
                              "give a full model checkpoint")
     te_config = text_encoder_config_from_state(family, state, tokenizer)
-    probe_has_wrapper = _clip_has_text_model_wrapper()
-    if probe_has_wrapper:
+    if _clip_has_text_model_wrapper():
         state = {"text_model." + k: v for k, v in state.items()}
     fix = "the checkpoint's text encoder is damaged or of another family"
     return _build_module(lambda: CLIPTextModel(te_config), state, SETTING, where, "text encoder", fix, dtype)
