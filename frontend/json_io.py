@@ -124,8 +124,11 @@ def load_settings_file(path: str, store_cls: type | None = None) -> LoadedSettin
     for key, value in data.items():
         target = RENAMED_2023_KEYS.get(key, key)
         if target in infos:
-            if target in raw and key != target:
-                continue  # the current name wins over an old spelling
+            current = raw.get(target, (None, None))[0]
+            if key != target and current not in (None, ""):
+                continue  # the current name wins over an old spelling...
+            if key == target and value in (None, "") and target in raw:
+                continue  # ...unless it is empty (2023 files wrote both keys)
             raw[target] = (value, key)
             if key != target:
                 loaded.notes.append(f"{name}: {key} is read as {target}")

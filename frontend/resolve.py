@@ -15,7 +15,7 @@ from typing import Any
 
 from sd_scripts.library.errors import ConfigError, UserError, UserErrors
 
-from .fields import SettingInfo
+from .fields import SettingInfo, coerce
 from .json_io import LoadedSettings, load_settings_file
 
 __all__ = ["Resolved", "resolve_settings", "merge_job", "migrate_deprecated", "resolve_paths", "validate_store",
@@ -114,8 +114,21 @@ def resolve_paths(values: dict[str, Any], infos: dict[str, SettingInfo], also_lo
         values[name] = os.path.normpath(os.path.abspath(found or os.path.join(cwd, text)))
 
 
-def _defaults_as_values(store: Any) -> dict[str, Any]:
-    return store.to_dict()
+def _typed(values: dict[str, Any], infos: dict[str, SettingInfo], source: str) -> dict[str, Any]:
+    """Check and convert values given in Python (ArgsList.py edits, callers of resolve_settings)."""
+    out: dict[str, Any] = {}
+    errors: list[UserError] = []
+    for name, value in values.items():
+        if name not in infos:
+            errors.append(ConfigError(f"{source}: unknown setting {name}", setting=name))
+            continue
+        try:
+            out[name] = coerce(infos[name], value)
+        except ValueError as err:
+            errors.append(ConfigError(f"{source}: {name}: {err}", setting=name))
+    if errors:
+        raise UserErrors(errors)
+    return out
 
 
 def resolve_settings(
@@ -127,11 +140,11 @@ def resolve_settings(
     """Merge defaults < JSON file < command line, key by key; raise UserError(s) on bad input."""
     store_cls = _store_cls()
     infos = _infos()
-    cli_values = dict(cli_values or {})
+    cli_values = _typed(dict(cli_values or {}), infos, "command line")
     notes: list[str] = []
     warnings: list[str] = []
 
-    base_values = _defaults_as_values(defaults if defaults is not None else store_cls())
+    base_values = _typed((defaults if defaults is not None else store_cls()).to_dict(), infos, "ArgsList.py")
     notes += migrate_deprecated(base_values, store_cls(), "ArgsList.py")
     resolve_paths(base_values, infos)
     store = store_cls(**base_values)
