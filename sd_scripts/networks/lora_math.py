@@ -370,7 +370,13 @@ def retained_stats(res: SVDResult, rank: int) -> dict[str, float]:
     s = res.S.detach().double().cpu()
     k = min(rank, s.shape[0])
     kept_sq = float((s[:k] ** 2).sum())
-    total_sq = max(res.total_sq, kept_sq)
+    if res.exact:
+        # every non-zero singular value is known: sum the tail (no cancellation in total - kept)
+        tail_sq = float((s[k:] ** 2).sum())
+        total_sq = kept_sq + tail_sq
+    else:
+        total_sq = max(res.total_sq, kept_sq)
+        tail_sq = total_sq - kept_sq
     if total_sq <= 0.0:
         return {"fro": float("nan"), "sum": float("nan"), "max_ratio": float("nan"), "rel_error": 0.0}
     fro = math.sqrt(kept_sq / total_sq)
@@ -380,5 +386,5 @@ def retained_stats(res: SVDResult, rank: int) -> dict[str, float]:
         "fro": fro,
         "sum": float(s[:k].sum()) / ssum if ssum > 0 and res.exact else float("nan"),
         "max_ratio": float(s[0]) / last if last > 0 else float("inf"),
-        "rel_error": math.sqrt(max(total_sq - kept_sq, 0.0) / total_sq),
+        "rel_error": math.sqrt(max(tail_sq, 0.0) / total_sq),
     }
