@@ -181,7 +181,7 @@ def _format_time(seconds: float) -> str:
 
 
 def summary_table(outcomes: list[JobOutcome]) -> str:
-    rows = [("job", "result", "time", "output")]
+    rows = [("job", "result", "time", "output or reason")]
     for o in outcomes:
         rows.append((o.name, o.result, _format_time(o.seconds) if o.seconds else "-", o.output or (o.reason or "-")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
@@ -189,7 +189,7 @@ def summary_table(outcomes: list[JobOutcome]) -> str:
     for index, row in enumerate(rows):
         lines.append("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + str(row[3]))
         if index == 0:
-            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
     return "\n".join(lines)
 
 

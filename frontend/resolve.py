@@ -155,9 +155,9 @@ def resolve_settings(
         json_path = os.path.abspath(os.path.expanduser(json_path))
         loaded = load_settings_file(json_path, store_cls)
         values = dict(loaded.values)
-        skip = set(loaded.skip_list)
+        skip: set[str] = set()
         if apply_skip_list:
-            skip |= set(cli_values.get("json_load_skip_list") or store.json_load_skip_list or [])
+            skip = set(loaded.skip_list) | set(cli_values.get("json_load_skip_list") or store.json_load_skip_list or [])
         unknown = sorted(skip - set(infos))
         if unknown:
             raise ConfigError(f"json_load_skip_list: unknown setting(s) {', '.join(unknown)}; use ArgStore names "

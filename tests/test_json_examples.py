@@ -1,0 +1,33 @@
+"""Every example JSON in examples/ (and the queue example) loads and passes the settings checks."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from frontend.job_queue import list_jobs
+from frontend.resolve import resolve_settings, validate_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.json"))
+                  + glob.glob(os.path.join(ROOT, "examples", "queue", "*.json")))
+
+
+def test_the_promised_examples_exist():
+    names = {os.path.basename(p) for p in EXAMPLES}
+    assert {"first_lora.json", "locon.json", "dadaptation.json", "samples_during_training.json"} <= names
+    assert len(list_jobs(os.path.join(ROOT, "examples", "queue"))) >= 2
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_example_loads_and_checks(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs would go here; inputs are found beside the example
+    resolved = resolve_settings({"load_json_path": path})
+    assert resolved.warnings == [], resolved.warnings
+    store = resolved.store
+    assert os.path.isdir(store.img_folder), store.img_folder
+    if store.sample_prompts:
+        assert os.path.isfile(store.sample_prompts)
+    validate_store(store)
