@@ -265,3 +265,30 @@ def test_bat_launchers_use_their_own_folder_and_quote_paths(name):
                 start = index + len(var)
     if name in TOOLS:
         assert f"scripts\\{name}.py" in text and "--popup" in text
+
+
+def test_popup_with_a_json_file_loads_it_without_questions(tmp_path, monkeypatch):
+    from frontend.app import run_main as app_main
+
+    def wizard(defaults):
+        raise AssertionError("no questions when a JSON file is given")
+
+    monkeypatch.setitem(sys.modules, "popups", types.SimpleNamespace(run_training_wizard=wizard))
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"base_model": "org/model", "img_folder": str(_dataset(tmp_path)),
+                               "output_folder": str(tmp_path / "out")}), encoding="utf-8")
+    assert app_main(["--popup", "--load_json_path", str(job), "--save_json_path", str(tmp_path / "js"),
+                     "--save_json_only"]) == 0
+    assert len(os.listdir(tmp_path / "js")) == 1
+
+
+def test_engine_errors_also_name_the_argslist_setting(capsys):
+    from frontend.app import print_user_error
+    from sd_scripts.library.errors import ConfigError, DatasetError, UserErrors
+
+    print_user_error(UserErrors([DatasetError("train_data_dir: no images in /x", "train_data_dir"),
+                                 ConfigError("clip_skip: must be between 1 and 12, got 20", "clip_skip")]))
+    assert capsys.readouterr().err.splitlines() == [
+        "error: train_data_dir: no images in /x (in ArgsList.py and JSON files: img_folder)",
+        "error: clip_skip: must be between 1 and 12, got 20",
+    ]
