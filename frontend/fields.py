@@ -246,9 +246,13 @@ def _to_dict(value: Any) -> dict:
             raise ValueError(f"expected an object of key/value pairs, got {value!r}")
         return parse_key_values(text)
     if isinstance(value, (list, tuple)):
+        # one key=value per item (the command line already split them), so values may hold spaces
         out = {}
         for item in value:
-            out.update(parse_key_values(str(item)))
+            key, sep, val = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"expected key=value pairs, got {item!r}")
+            out[key.strip()] = val.strip()
         return out
     raise ValueError(f"expected an object of key/value pairs, got {value!r}")
 
