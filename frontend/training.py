@@ -37,7 +37,9 @@ def prepare_training(store: Any, *, has_cuda: bool | None = None, has_xformers: 
     """Fix the seed, map to TrainConfig and preflight; return (mapped, plan). Raises UserErrors."""
     from sd_scripts.library.preflight import preflight
 
-    if store.test_seed is None:
+    if store.test_seed is None and os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        # Picked here so the saved settings repeat the run exactly. With several processes each would
+        # pick its own, so there the engine decides.
         store = store.replace(test_seed=random.randint(0, 2**31 - 1))
         say(f"note: test_seed was not set; using {store.test_seed} (saved with the run's settings)")
     mapped = to_train_config(store, has_cuda=has_cuda, has_xformers=has_xformers)
