@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Benchmarks of the LoRA tools on full-size SD1.5-shaped random weights (not a test).
+
+    python bench/tools.py                 # every stage, each in its own process (peak memory per stage)
+    python bench/tools.py --stage resize  # one stage
+    python bench/tools.py --quick         # one module of each shape (minutes -> seconds)
+    python bench/tools.py --device cuda   # the math on the GPU
+
+Stages:
+
+* ``resize``: a rank-128 LoCon (every SD1.5 LoRA/LoCon layer, conv layers included) resized to
+  rank 32 and with ``sv_fro 0.9``: ours (factor-space SVD) against the full-matrix method of
+  kohya's ``resize_lora.py`` (rebuild ``up @ down``, dense SVD), run side by side in the same
+  process; the ratio of wall times, and the relative difference of the two outputs' deltas.
+* ``extract``: LoCon extraction (rank 32 linear and conv) between two full-size SD1.5-shaped
+  checkpoints (fp16, tuned = base + a low-rank change + noise on every target layer), with the
+  randomized SVD's reported error against the exact truncation error on a few layers.
+* ``merge``: the rank-128 LoCon merged into the full-size checkpoint.
+
+Wall time is ``time.perf_counter``; peak memory is the process's peak RSS (``ru_maxrss``, each
+stage runs in a fresh process) and, with CUDA, ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+# ------------------------------------------------------------------------------------------ SD1.5 shapes
+
+
+def sd15_shapes() -> dict[str, tuple[int, ...]]:
+    """LDM checkpoint keys and shapes of SD1.5's UNet and text encoder (built on the meta device)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_scripts.library import ldm_convert
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8,
+        )
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, max_position_embeddings=77, vocab_size=49408))
+    shapes = {}
+    for name, key in ldm_convert.unet_ldm_key_map(unet).items():
+        shapes[key] = tuple(unet.state_dict()[name].shape)
+    te_sd = te.state_dict()
+    for name, key in ldm_convert.text_encoder_ldm_key_map(te, "clip").items():
+        shapes[key] = tuple(te_sd[name].shape)
+    return shapes
+
+
+def lora_layers(shapes, quick: bool):
+    from sd_scripts.networks.ldm_lora_map import build_lora_map, lora_target_names
+
+    lmap = build_lora_map(shapes)
+    names = lora_target_names(lmap, conv=True, shapes=shapes)
+    if quick:
+        seen, kept = set(), []
+        for name in names:
+            shape = shapes[lmap[name].weight_key]
+            if shape not in seen:
+                seen.add(shape)
+                kept.append(name)
+        names = kept
+    return lmap, names
+
+
+def random_lora(shapes, lmap, names, rank: int, seed: int = 0):
+    """Random LoCon factors, singular values decaying like a trained LoRA's."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    decay = torch.tensor([0.97 ** i for i in range(rank)])
+    sd = {}
+    for name in names:
+        shape = shapes[lmap[name].weight_key]
+        out, rest = shape[0], shape[1:]
+        r = rank
+        down = torch.randn(r, math.prod(rest), generator=g) / math.sqrt(math.prod(rest))
+        up = torch.randn(out, r, generator=g) * 0.01 * decay[None, :r]
+        sd[f"{name}.lora_down.weight"] = down.reshape((r,) + rest).half()
+        sd[f"{name}.lora_up.weight"] = (up.reshape(out, r, 1, 1) if len(shape) == 4 else up).half()
+        sd[f"{name}.alpha"] = torch.tensor(float(r) / 2)
+    return sd
+
+
+def random_checkpoint(shapes, seed: int = 0, dtype=None):
+    import torch
+
+    dtype = dtype or torch.float16
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.float32)
+        t.normal_(0.0, 0.02, generator=g)
+        state[key] = t.to(dtype)
+    return state
+
+
+def _sync(device):
+    import torch
+
+    if device and str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak(device) -> dict:
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device and str(device).startswith("cuda"):
+        import torch
+
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+# ------------------------------------------------------------------------------------------ resize
+
+
+def full_matrix_resize(modules, new_rank: int, method: str, param, device):
+    """kohya ``resize_lora.py``'s method: rebuild ``up @ down`` in float32, dense SVD, truncate
+    (rank chosen by the same rule as ours, so the outputs can be compared)."""
+    import torch
+
+    from sd_scripts.networks import lora_math as lm
+
+    out = {}
+    for name, mod in modules.items():
+        m = mod.to(device) if device else mod
+        u, d = m.updown(scaled=False)
+        w = u @ d
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        k = lm.select_rank(S, method, param, min(new_rank, mod.rank))
+        out[name] = ((U[:, :k] * S[:k]).cpu(), Vh[:k].cpu(), mod.scale)
+    return out
+
+
+def _delta_difference(ours_sd, modules, baseline) -> float:
+    """Largest relative Frobenius difference between the two methods' deltas, computed in factor space."""
+    import torch
+
+    from sd_scripts.networks.network_state import parse_network
+
+    ours = parse_network(ours_sd)
+    worst = 0.0
+    for name, (bu, bd, scale) in baseline.items():
+        ou, od = ours[name].updown(scaled=True)
+        ou, od = ou.double(), od.double()
+        bu, bd = bu.double() * scale, bd.double()
+        # ||A - B||^2 = ||A||^2 + ||B||^2 - 2 <A, B>, each from small Gram matrices
+        aa = float(((ou.T @ ou) * (od @ od.T)).sum())
+        bb = float(((bu.T @ bu) * (bd @ bd.T)).sum())
+        ab = float(((ou.T @ bu) * (od @ bd.T)).sum())
+        worst = max(worst, math.sqrt(max(aa + bb - 2 * ab, 0.0) / max(bb, 1e-30)))
+    return worst
+
+
+def stage_resize(args) -> dict:
+    import torch
+
+    from sd_scripts.networks.network_state import parse_network
+    from sd_scripts.networks.resize import resize_network
+
+    shapes = sd15_shapes()
+    lmap, names = lora_layers(shapes, args.quick)
+    lora = random_lora(shapes, lmap, names, 128)
+    modules = parse_network(lora)
+    result = {"modules": len(modules), "rank": 128}
+    for label, method, param in (("fixed 32", "fixed", None), ("sv_fro 0.9", "sv_fro", 0.9)):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        ours = resize_network(modules, 32 if method == "fixed" else 128, method=None if method == "fixed" else method,
+                              param=param, device=args.device)
+        _sync(args.device)
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        base = full_matrix_resize(modules, 32 if method == "fixed" else 128, method, param, args.device)
+        _sync(args.device)
+        t_full = time.perf_counter() - t0
+        same_ranks = all(m.new_rank == base[m.name][1].shape[0] for m in ours.modules)
+        result[label] = {
+            "ours_s": round(t_ours, 3), "full_matrix_s": round(t_full, 3), "speedup": round(t_full / t_ours, 1),
+            "same_ranks": same_ranks, "max_rel_delta_difference": _delta_difference(ours.state_dict, modules, base),
+            "mean_rank": round(sum(m.new_rank for m in ours.modules) / len(ours.modules), 1),
+        }
+    result.update(_peak(args.device))
+    del torch
+    return result
+
+
+# ------------------------------------------------------------------------------------------ extract / merge
+
+
+def _tuned_from(base, shapes, lmap, names, seed=1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tuned = dict(base)
+    for name in names:
+        key = lmap[name].weight_key
+        shape = shapes[key]
+        out, n = shape[0], math.prod(shape[1:])
+        r = 64
+        change = (torch.randn(out, r, generator=g) * torch.tensor([0.9 ** i for i in range(r)])) @ torch.randn(r, n, generator=g)
+        change = change * (0.002 / math.sqrt(r)) + torch.randn(out, n, generator=g) * 1e-4
+        tuned[key] = (base[key].float() + change.reshape(shape)).to(base[key].dtype)
+    return tuned
+
+
+def stage_extract(args) -> dict:
+    import torch
+
+    from sd_scripts.networks import lora_math as lm
+    from sd_scripts.networks.extract import extract_network
+
+    shapes = sd15_shapes()
+    lmap, names = lora_layers(shapes, args.quick)
+    base = random_checkpoint(shapes, 0)  # quick: only the chosen layers differ, the others are skipped as unchanged
+    tuned = _tuned_from(base, shapes, lmap, names)
+    _sync(args.device)
+    t0 = time.perf_counter()
+    res = extract_network(base, tuned, "fixed", 32, 32, device=args.device)
+    _sync(args.device)
+    elapsed = time.perf_counter() - t0
+    # randomized SVD error against the exact truncation error, on the largest layers
+    checks = []
+    for m in sorted(res.modules, key=lambda m: -math.prod(shapes[lmap[m.name].weight_key]))[:3]:
+        key = lmap[m.name].weight_key
+        w = (tuned[key].float() - base[key].float()).reshape(shapes[key][0], -1)
+        exact = lm.retained_stats(lm.dense_svd(w, randomized=False), m.rank)["rel_error"]
+        checks.append({"layer": m.name, "rank": m.rank, "reported_error": round(m.rel_error, 5),
+                       "exact_truncation_error": round(exact, 5), "randomized": not m.exact})
+    out = {"modules": len(res.modules), "wall_s": round(elapsed, 2),
+           "randomized_modules": sum(1 for m in res.modules if not m.exact), "largest_layers": checks}
+    out.update(_peak(args.device))
+    del torch
+    return out
+
+
+def stage_merge(args) -> dict:
+    from sd_scripts.networks.lycoris_merge import NetworkInput, merge_into_checkpoint
+    from sd_scripts.networks.network_state import parse_network
+
+    shapes = sd15_shapes()
+    lmap, names = lora_layers(shapes, args.quick)
+    base = random_checkpoint(shapes, 0)
+    lora = random_lora(shapes, lmap, names, 128)
+    _sync(args.device)
+    t0 = time.perf_counter()
+    report = merge_into_checkpoint(base, [NetworkInput("lora", parse_network(lora), 0.8)], device=args.device)
+    _sync(args.device)
+    out = {"weights_changed": report.weights_changed, "wall_s": round(time.perf_counter() - t0, 2)}
+    out.update(_peak(args.device))
+    return out
+
+
+STAGES = {"resize": stage_resize, "extract": stage_extract, "merge": stage_merge}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="LoRA tool benchmarks on SD1.5-shaped weights")
+    p.add_argument("--stage", choices=tuple(STAGES), default=None, help="run one stage in this process")
+    p.add_argument("--quick", action="store_true", help="one layer of each shape")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.stage:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = STAGES[args.stage](args)
+        result["stage"] = args.stage
+        result["device"] = args.device or "cpu"
+        result["threads"] = torch.get_num_threads()
+        print("RESULT " + json.dumps(result))
+        return 0
+    for stage in STAGES:
+        cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage]
+        if args.quick:
+            cmd.append("--quick")
+        if args.device:
+            cmd += ["--device", args.device]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{stage}: failed\n{proc.stderr[-2000:]}")
+            continue
+        print(json.dumps(json.loads(lines[-1][len("RESULT "):]), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
