@@ -136,3 +136,37 @@ def lora_for_checkpoint(state, rank=4, conv_rank=2, seed=0, every=1, alpha=None,
             sd[f"{name}.lora_up.weight"] = torch.randn(out, r, generator=g) * scale
         sd[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else r))
     return sd
+
+
+def pipeline_checkpoint(folder):
+    """A tiny diffusers pipeline and its weights as an LDM checkpoint state dict (copies)."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_scripts.library import ldm_convert
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    state = ldm_convert.models_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, "clip")
+    return pipe, {k: v.clone().contiguous() for k, v in state.items()}
+
+
+def assert_diffusers_fuses_to(pipe, lora_path, expected_state, rtol=1e-4, atol=2e-6):
+    """Load a kohya LoRA file with diffusers' ``load_lora_weights``, fuse it, and compare every UNet and
+    text-encoder weight with ``expected_state`` (an LDM checkpoint state dict); returns how many matched."""
+    import torch
+
+    from sd_scripts.library import ldm_convert
+
+    km = ldm_convert.unet_ldm_key_map(pipe.unet)
+    tk = ldm_convert.text_encoder_ldm_key_map(pipe.text_encoder, "clip")
+    pipe.load_lora_weights(str(lora_path))
+    pipe.fuse_lora(lora_scale=1.0)
+    checked = 0
+    for model, keymap in ((pipe.unet, km), (pipe.text_encoder, tk)):
+        for name, value in model.state_dict().items():
+            plain = name.replace(".base_layer", "")
+            if "lora_" in plain or plain not in keymap:
+                continue
+            torch.testing.assert_close(value, expected_state[keymap[plain]].reshape(value.shape), rtol=rtol, atol=atol)
+            checked += 1
+    assert checked > 200
+    return checked

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sd_scripts.library.errors import ConfigError
-from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.extract import extract_lora_file, extract_network
 from sd_scripts.networks.ldm_lora_map import build_lora_map
 from sd_scripts.networks.lycoris_merge import NetworkInput, merge_into_checkpoint
@@ -138,14 +137,11 @@ def test_bad_inputs(sd1, tmp_path):
 
 
 def test_extract_file_metadata_and_diffusers_load(tmp_path, tiny_sd1_diffusers):
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from sd_scripts.library import ldm_convert
     from sd_scripts.library.lora_file import load_lora_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_diffusers, safety_checker=None)
-    base = {k: v.clone().contiguous() for k, v in ldm_convert.models_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, "clip").items()}
+    pipe, base = ls.pipeline_checkpoint(tiny_sd1_diffusers)
     truth = ls.lora_for_checkpoint(base, rank=3, conv_rank=2, seed=8, alpha=3.0)
     tuned = _tuned(base, truth)
     bp, tp = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
@@ -162,16 +158,4 @@ def test_extract_file_metadata_and_diffusers_load(tmp_path, tiny_sd1_diffusers):
         extract_lora_file(bp, tp, out, "fixed", 3, 2)
     with pytest.raises(ConfigError, match="is_v2"):
         extract_lora_file(bp, tp, tmp_path / "y.safetensors", "fixed", 3, 2, v2=True)
-    km = ldm_convert.unet_ldm_key_map(pipe.unet)
-    tk = ldm_convert.text_encoder_ldm_key_map(pipe.text_encoder, "clip")
-    pipe.load_lora_weights(str(out))
-    pipe.fuse_lora(lora_scale=1.0)
-    checked = 0
-    for model, keymap in ((pipe.unet, km), (pipe.text_encoder, tk)):
-        for name, value in model.state_dict().items():
-            plain = name.replace(".base_layer", "")
-            if "lora_" in plain or plain not in keymap:
-                continue
-            torch.testing.assert_close(value, tuned[keymap[plain]].reshape(value.shape), rtol=1e-4, atol=2e-6)
-            checked += 1
-    assert checked > 200
+    ls.assert_diffusers_fuses_to(pipe, out, tuned)

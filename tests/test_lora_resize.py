@@ -179,3 +179,27 @@ def test_rank_selection_helper_agrees_with_resize():
     fs = lm.factor_svd(*mod.updown(), force="factor")
     dense = lm.dense_svd(mod.delta())
     torch.testing.assert_close(fs.S[:8], dense.S[:8], rtol=1e-4, atol=1e-6)
+
+
+def test_dynamic_resize_output_loads_in_diffusers(tmp_path, tiny_sd1_diffusers):
+    """Per-module ranks (and the one-alpha rule) reproduce our own merge of the resized file in diffusers."""
+    from sd_scripts.library.lora_file import save_lora_file
+    from sd_scripts.networks.lycoris_merge import NetworkInput, merge_into_checkpoint
+
+    pipe, state = ls.pipeline_checkpoint(tiny_sd1_diffusers)
+    lora = ls.lora_for_checkpoint(state, rank=8, conv_rank=4, seed=31, alpha=4.0)
+    for key in lora:  # decaying spectra, different per module, so the chosen ranks differ
+        if key.endswith("lora_up.weight"):
+            r = lora[key].shape[1]
+            lora[key] = lora[key] * torch.tensor([0.5 ** (j * (1 + len(key) % 3)) for j in range(r)]).reshape(
+                (1, r) + (1,) * (lora[key].dim() - 2))
+    src = tmp_path / "in.safetensors"
+    save_lora_file(src, lora, {})
+    out = tmp_path / "out.safetensors"
+    res = resize_lora_file(src, out, new_rank=8, method="sv_fro", param=0.95, save_precision="float")
+    assert len({m.new_rank for m in res.modules}) > 1
+    from sd_scripts.library.lora_file import load_lora_file
+
+    resized, _ = load_lora_file(out)
+    merge_into_checkpoint(state, [NetworkInput("r", parse_network(resized), 1.0)])
+    ls.assert_diffusers_fuses_to(pipe, out, state, atol=1e-5)
