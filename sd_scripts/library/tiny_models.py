@@ -148,9 +148,10 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, tokenizer_dir: str
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        # four levels, like SD's VAE: latents are 1/8 of the image size
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,

@@ -118,6 +118,7 @@ class _Trainer:
         self.vae_dtype = vae_dtype
 
         # Dataset and latent cache.
+        plan = self.plan
         dataset = TrainDataset(plan.dataset, config, seed)
         self.dataset = dataset
         self.result.tag_frequency = dict(plan.dataset.tag_frequency)
@@ -300,7 +301,7 @@ class _Trainer:
             self._sample(label=f"{0:06d}", step=0)
         epoch = 0
         for epoch in range(1, self.num_train_epochs + 1):
-            self.dataset.set_epoch(epoch)
+            self.dataloader.set_epoch(epoch)  # accelerate passes it on to the dataset (1-based)
             for batch in self.dataloader:
                 self.dataset.set_step(global_step, self.max_train_steps)
                 with accelerator.accumulate(self.network):
