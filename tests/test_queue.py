@@ -216,6 +216,7 @@ def test_queue_of_real_tiny_trainings(tmp_path, tiny_sd1_diffusers):
                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
     text = run.stdout + run.stderr
     assert run.returncode == 1, text[-4000:]
+    assert (queue / "complete").is_dir(), text[-6000:]
     assert sorted(os.listdir(queue / "complete")) == ["1_small.json", "1_small.log", "4_locon.json", "4_locon.log"]
     assert sorted(os.listdir(queue / "failed")) == ["2_broken_model.json", "2_broken_model.log", "3_bad_path.json",
                                                     "3_bad_path.log"]
