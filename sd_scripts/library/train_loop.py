@@ -85,7 +85,7 @@ class _Trainer:
         from .dataset import TrainDataset
         from .model_loading import load_model
         from .noise import make_noise_scheduler
-        from ..networks.lora import create_network, parse_network_args
+        from ..networks.factory import build_network
 
         config = self.config
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
@@ -133,27 +133,10 @@ class _Trainer:
         train_unet = not config.network_train_text_encoder_only
         train_te = not config.network_train_unet_only
         self.train_te = train_te
-        net_args, unknown_args = parse_network_args(config.network_args)
-        if unknown_args:
-            self.cb.on_message(f"warning: network_args not used by {config.network_module}: {', '.join(unknown_args)}")
-        network_dim = config.network_dim or 4
-        network_alpha = config.network_alpha
-        weights_sd = None
-        if config.network_weights:
-            from .lora_file import load_lora_file
-
-            weights_sd, _ = load_lora_file(config.network_weights)
-        self.network = network = create_network(
-            model.unet, model.text_encoders, network_dim=network_dim, network_alpha=network_alpha,
-            conv_dim=net_args.get("conv_dim"), conv_alpha=net_args.get("conv_alpha"),
-            dropout=config.network_dropout if config.network_dropout is not None else net_args.get("dropout"),
-            rank_dropout=net_args.get("rank_dropout"), module_dropout=net_args.get("module_dropout"),
-            train_unet=train_unet, train_text_encoder=train_te, te_prefixes=tuple(family.te_lora_prefixes),
-            weights_sd=weights_sd if config.dim_from_weights else None,
-        )
-        network.apply_to()
-        if weights_sd is not None and not config.dim_from_weights:
-            network.load_kohya_state_dict(weights_sd)
+        built_net = build_network(config, model, train_unet=train_unet, train_text_encoder=train_te)
+        for w in built_net.warnings:
+            self.cb.on_message(f"warning: {w}")
+        self.network = network = built_net.network
         network.to(device)
 
         model.unet.to(device, dtype=weight_dtype)
@@ -206,7 +189,7 @@ class _Trainer:
         if config.save_n_epoch_ratio:
             self.save_every_n_epochs = max(1, self.num_train_epochs // config.save_n_epoch_ratio)
 
-        self._prepare_metadata(network_dim, network_alpha, net_args, len(dataloader), num_processes)
+        self._prepare_metadata(built_net, len(dataloader), num_processes)
         self._prepare_samples()
         if self.accelerator.is_main_process and (config.log_with or config.logging_dir):
             self._init_trackers()
@@ -257,7 +240,7 @@ class _Trainer:
             images = images.to(self.accelerator.device, dtype=self.vae_dtype)
             return self.model.vae.encode(images).latent_dist.sample().float()
 
-    def _prepare_metadata(self, network_dim, network_alpha, net_args, num_batches, num_processes):
+    def _prepare_metadata(self, built_net, num_batches, num_processes):
         from .lora_file import file_sha256, legacy_model_hash
         from .metadata import build_training_metadata
 
@@ -267,7 +250,7 @@ class _Trainer:
             hashes = {"ss_sd_model_hash": legacy_model_hash(path), "ss_new_sd_model_hash": file_sha256(path)}
         self.metadata = build_training_metadata(
             self.config, family=self.family, v_parameterization=self.v_param, dataset=self.dataset,
-            network_dim=network_dim, network_alpha=network_alpha, network_args=_network_args_dict(self.config.network_args),
+            network_dim=built_net.network_dim, network_alpha=built_net.network_alpha, network_args=built_net.network_args,
             optimizer_name=self.optimizer_name, num_batches_per_epoch=num_batches, num_train_epochs=self.num_train_epochs,
             max_train_steps=self.max_train_steps, lr_warmup_steps=_warmup_steps(self.config.lr_warmup_steps, self.max_train_steps),
             num_processes=num_processes, model_hashes=hashes,
@@ -465,14 +448,6 @@ class _Trainer:
 
 def _first(items):
     return items[0]
-
-
-def _network_args_dict(items) -> dict:
-    out = {}
-    for item in items or []:
-        key, _, value = str(item).partition("=")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _warmup_steps(value, max_steps: int) -> int:
