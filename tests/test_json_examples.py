@@ -23,7 +23,7 @@ def test_the_promised_examples_exist():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_example_loads_and_checks(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # outputs would go here; inputs are found beside the example
+    monkeypatch.chdir(ROOT)  # the examples name their files from the repository folder, as run there
     resolved = resolve_settings({"load_json_path": path})
     assert resolved.warnings == [], resolved.warnings
     store = resolved.store
