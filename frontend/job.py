@@ -7,7 +7,6 @@ Exit codes: 0 trained, 2 a user mistake (one line printed), 130 stopped by Ctrl+
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
