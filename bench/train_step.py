@@ -1,0 +1,198 @@
+"""Seconds per training step: our training loop against a bare loop, measured side by side.
+
+    python bench/train_step.py                 tiny model (64 px) and full-size SD1.5-shaped UNet (128 px), CPU
+    python bench/train_step.py --only tiny     just the tiny model
+    python bench/train_step.py --gpu           on CUDA: SD1.5-shaped at 512 px, batch 1/4/8, images/s, share of bf16 peak
+
+"ours" is ``sd_scripts.library.train_loop.train`` (dataset with cached latents, noise, timesteps,
+text conditioning, loss, clipping, optimizer and scheduler, progress callbacks). "bare" is the
+same UNet with the same LoRA doing forward, backward and an AdamW step on one cached batch and
+nothing else. Both use random weights (nothing is downloaded), the same batch size, UNet-only
+LoRA (the text encoder is frozen), and run in this process one after the other, alternating,
+so machine noise hits both; the ratio ours/bare is the figure to watch (goal: <= 1.05 at batch >= 2).
+Peak memory is the process's peak RSS on CPU, or the CUDA allocator's peak on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SD15_FLOP_PER_IMAGE_512 = 1.73e12  # one SD1.5 training step at 512 px, per image (forward + backward)
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def build_model(kind: str):
+    """A LoadedModel with random weights: 'tiny' (test-sized) or 'sd15' (full-size SD1.5 shapes)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_scripts.library.model_families import get_family
+    from sd_scripts.library.model_loading import LoadedModel
+    from sd_scripts.library.tiny_models import build_tiny_components
+
+    family = get_family("sd1")
+    torch.manual_seed(0)
+    if kind == "tiny":
+        parts = build_tiny_components("sd1", seed=0)
+        return LoadedModel(family, parts["unet"], parts["vae"], [parts["text_encoder"]], [parts["tokenizer"]], False, "tiny")
+    tiny = build_tiny_components("sd1", seed=0)  # only its tokenizer is used; ids stay below CLIP-L's vocab
+    unet = UNet2DConditionModel(**family.diffusers_unet_config(False))
+    vae = AutoencoderKL(**family.diffusers_vae_config(False))
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                      bos_token_id=tiny["tokenizer"].bos_token_id, eos_token_id=tiny["tokenizer"].eos_token_id,
+                                      pad_token_id=tiny["tokenizer"].pad_token_id))
+    return LoadedModel(family, unet, vae, [te], [tiny["tokenizer"]], False, "sd15-random")
+
+
+def make_images(folder: Path, size: int, count: int) -> Path:
+    from tests.helpers import make_dataset
+
+    return make_dataset(folder, folder="1_bench", count=count, size=(size, size))
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StepTimer:
+    """Callbacks that record the wall time of every optimizer step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_progress(self, step, total, loss, lr, epoch):
+        self.times.append(time.perf_counter())
+
+
+def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no") -> float:
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.train_loop import train
+
+    model = copy.copy(base)
+    model.unet = copy.deepcopy(base.unet)
+    config = TrainConfig(
+        pretrained_model_name_or_path=base.model_path, train_data_dir=str(data), output_dir=str(out), output_name="bench",
+        resolution=str(size), min_bucket_reso=size, max_bucket_reso=size, train_batch_size=batch, max_train_steps=steps,
+        network_dim=16, network_alpha=8, network_train_unet_only=True, cache_latents=True, optimizer_type="AdamW",
+        seed=1, mixed_precision=mixed_precision, max_grad_norm=1.0,
+    )
+    timer = StepTimer()
+    train(config, timer, model=model)
+    gaps = [b - a for a, b in zip(timer.times, timer.times[1:])][1:]  # drop the first (warm-up) step
+    return statistics.median(gaps)
+
+
+def time_bare(base, size: int, batch: int, steps: int, device, dtype) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from sd_scripts.networks.lora import create_network
+
+    unet = copy.deepcopy(base.unet).to(device, dtype=dtype)
+    unet.requires_grad_(False)
+    unet.eval()  # as the training loop runs it without gradient checkpointing
+    network = create_network(unet, None, network_dim=16, network_alpha=8, train_text_encoder=False)
+    network.apply_to()
+    network.to(device)
+    params = [p for p in network.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    latents = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=dtype)
+    hidden = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    times = []
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            pred = unet(latents, t, hidden).sample
+        loss = F.mse_loss(pred.float(), latents.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    network.remove()
+    return statistics.median(times[1:])
+
+
+def compare(kind: str, size: int, batch: int, steps: int, rounds: int) -> None:
+    import torch
+
+    device = torch.device("cpu")
+    base = build_model(kind)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_images(Path(tmp) / "data", size, count=max(4, batch * 2))
+        ours, bare = [], []
+        for r in range(rounds):
+            bare.append(time_bare(base, size, batch, steps, device, torch.float32))
+            ours.append(time_ours(base, data, Path(tmp) / f"out{r}", size, batch, steps))
+        o, b = min(ours), min(bare)
+        print(f"{kind:5s} {size:4d}px batch {batch}: ours {o:.3f} s/step, bare {b:.3f} s/step, "
+              f"ratio {o / b:.3f}, peak RSS {peak_memory_mb(device):.0f} MiB  (min of {rounds} rounds, median of {steps - 1} steps)")
+
+
+def gpu(batches: list[int], steps: int) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("--gpu: no CUDA device here")
+        return
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    base = build_model("sd15")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_images(Path(tmp) / "data", 512, count=16)
+        for batch in batches:
+            torch.cuda.reset_peak_memory_stats()
+            ours = time_ours(base, data, Path(tmp) / f"out{batch}", 512, batch, steps, mixed_precision="bf16")
+            mem = peak_memory_mb(device)
+            torch.cuda.reset_peak_memory_stats()
+            bare = time_bare(base, 512, batch, steps, device, torch.bfloat16)
+            ips = batch / ours
+            share = f", {ips * SD15_FLOP_PER_IMAGE_512 / peak * 100:.1f}% of bf16 peak" if peak else ""
+            print(f"{name} sd15 512px batch {batch}: ours {ours:.3f} s/step ({ips:.2f} img/s{share}), "
+                  f"bare {bare:.3f} s/step, ratio {ours / bare:.3f}, peak VRAM {mem:.0f} MiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["tiny", "sd15"], help="run one CPU case")
+    parser.add_argument("--gpu", action="store_true", help="GPU benchmark at 512 px (needs CUDA)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.gpu:
+        gpu([1, 4, 8], max(args.steps, 8))
+        return 0
+    if args.only in (None, "tiny"):
+        for batch in (1, 4):
+            compare("tiny", 64, batch, max(args.steps, 12), args.rounds)
+    if args.only in (None, "sd15"):
+        compare("sd15", 128, 2, args.steps, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
