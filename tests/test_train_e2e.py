@@ -168,3 +168,22 @@ def test_cli_bad_input_one_line_exit_2(tiny_sd1_diffusers, dataset, tmp_path, ex
     assert len(lines) >= 1 and any(needle in l for l in lines), proc.stderr
     assert not out.exists(), "nothing may be written on a user error"
     assert tree_digest(dataset) == before
+
+
+def test_checkpointing_te_only_and_separate_lrs(tiny_sd1_diffusers, dataset, tmp_path):
+    """Gradient checkpointing gives the same LoRA as a plain run; TE-only writes only lora_te keys."""
+    plain = _train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "a", max_train_steps=2))
+    ckpt = _train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "b", max_train_steps=2, gradient_checkpointing=True))
+    sa, sb = load_file(plain.output_path), load_file(ckpt.output_path)
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-5), k
+    te_only = _train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "c", max_train_steps=2,
+                                 network_train_text_encoder_only=True, text_encoder_lr=5e-4))
+    sc = load_file(te_only.output_path)
+    assert sc and all(k.startswith("lora_te_") for k in sc)
+    # a text-encoder lr of 0 freezes the text-encoder LoRA while the UNet LoRA trains
+    frozen_te = _train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "d", max_train_steps=2, text_encoder_lr=0.0,
+                                   unet_lr=1e-3))
+    sd = load_file(frozen_te.output_path)
+    assert all(float(v.abs().max()) == 0 for k, v in sd.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight"))
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.startswith("lora_unet_") and k.endswith("lora_up.weight"))
