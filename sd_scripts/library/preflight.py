@@ -1,19 +1,55 @@
 """Preflight: every check that can run before a model is loaded, all problems reported together.
 
 ``preflight(config)`` returns a :class:`Plan` (the scanned dataset, the detected model family,
-warnings) or raises :class:`UserErrors` listing every problem found, each one line naming the
-setting and the fix. Nothing is written.
+warnings, a short summary of the dataset and the disk space needed) or raises :class:`UserErrors`
+listing every problem found, each one line naming the setting and the fix. Nothing is written and
+the dataset is only read.
+
+What is checked:
+
+* settings alone (:func:`check_settings`): ranges, choices, combinations, paths that must exist,
+  output folder and name, CUDA-only options on a machine without CUDA;
+* optimizer and scheduler settings (``optimizers.check_optimizer_settings``);
+* the base model (family detected from a safetensors header or a diffusers folder's configs) and,
+  offline, whether its CLIP tokenizer can be found;
+* the sample prompt file and sampler;
+* the dataset (``dataset_layout.scan_dataset``): layout, captions, every image decoded once;
+* free disk space (:func:`check_disk_space`) for the LoRA files, training states and the on-disk
+  latent cache, estimated from the model's layer shapes and ``network_dim``.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, UserError, UserErrors
 
-__all__ = ["Plan", "preflight", "check_settings"]
+__all__ = ["Plan", "DiskNeed", "preflight", "check_settings", "check_disk_space", "estimate_lora_bytes",
+           "dataset_summary"]
+
+# Reserved device names on Windows: "con.safetensors" cannot be created there.
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_BAD_NAME_CHARS = '/\\:*?"<>|'
+
+# LoRA parameters per unit of rank (UNet attention/feed-forward + text encoder, no conv), used when
+# the model's layer shapes cannot be read cheaply (a .bin diffusers folder, a hub id).
+_PARAMS_PER_RANK = {"sd1": 600_000, "sd2": 700_000, "sdxl": 2_900_000}
+_CONV_PARAMS_PER_RANK = {"sd1": 1_600_000, "sd2": 1_600_000, "sdxl": 4_000_000}
+_LATENT_CHANNELS = 4
+
+
+@dataclass
+class DiskNeed:
+    """Bytes a run will write to one file system."""
+
+    path: str  # the folder the bytes go to (first one seen on that file system)
+    setting: str  # the setting that chose that folder
+    bytes: int = 0
+    parts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -22,31 +58,78 @@ class Plan:
     family: Any = None
     model_info: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+    disk: list[DiskNeed] = field(default_factory=list)
 
 
-def _int_or_none(value) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------- settings
 
 
 def check_settings(config) -> list[UserError]:
-    """Value and combination checks on settings alone (no files read)."""
+    """Value and combination checks on settings alone (reads no file contents)."""
     errors: list[UserError] = []
 
     def bad(setting: str, text: str) -> None:
         errors.append(ConfigError(f"{setting}: {text}", setting=setting))
 
-    if config.train_batch_size < 1:
-        bad("train_batch_size", f"must be 1 or more, got {config.train_batch_size}")
-    if config.gradient_accumulation_steps < 1:
-        bad("gradient_accumulation_steps", f"must be 1 or more, got {config.gradient_accumulation_steps}")
-    if config.max_train_epochs is None and config.max_train_steps < 1:
-        bad("max_train_steps", f"must be 1 or more, got {config.max_train_steps}")
-    if config.max_train_epochs is not None and config.max_train_epochs < 1:
-        bad("max_train_epochs", f"must be 1 or more, got {config.max_train_epochs}")
-    if config.learning_rate is None or config.learning_rate < 0:
-        bad("learning_rate", f"must be 0 or more, got {config.learning_rate}")
-    if config.network_dim is not None and config.network_dim < 1:
-        bad("network_dim", f"must be 1 or more, got {config.network_dim}")
+    def at_least(name: str, minimum: float, optional: bool = True, what: str = "") -> None:
+        value = getattr(config, name, None)
+        if value is None:
+            if not optional:
+                bad(name, f"must be {minimum:g} or more, got nothing")
+            return
+        if not _number(value):
+            bad(name, f"must be a number, got {value!r}")
+        elif value < minimum:
+            bad(name, f"must be {minimum:g} or more{what}, got {value:g}")
+
+    # lengths and batches
+    at_least("train_batch_size", 1, optional=False)
+    at_least("gradient_accumulation_steps", 1, optional=False)
+    if config.max_train_epochs is None:
+        at_least("max_train_steps", 1, optional=False)
+    else:
+        at_least("max_train_epochs", 1)
+    at_least("max_data_loader_n_workers", 0)
+    # learning rates and optimization
+    if config.learning_rate is None:
+        bad("learning_rate", "not set; give a learning rate such as 1e-4")
+    else:
+        at_least("learning_rate", 0)
+    for name in ("unet_lr", "text_encoder_lr", "max_grad_norm", "noise_offset", "prior_loss_weight",
+                 "keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_step"):
+        at_least(name, 0)
+    if _number(config.lr_warmup_steps) and config.lr_warmup_steps < 0:
+        bad("lr_warmup_steps", f"must be 0 or more, got {config.lr_warmup_steps:g}")
+    if config.min_snr_gamma is not None and (not _number(config.min_snr_gamma) or config.min_snr_gamma <= 0):
+        bad("min_snr_gamma", f"must be above 0 (leave it unset to turn it off), got {config.min_snr_gamma}")
+    if config.multires_noise_iterations is not None:
+        at_least("multires_noise_iterations", 1)
+    if not _number(config.multires_noise_discount) or not 0 <= config.multires_noise_discount <= 1:
+        bad("multires_noise_discount", f"must be between 0 and 1, got {config.multires_noise_discount}")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout"):
+        value = getattr(config, name)
+        if value is not None and (not _number(value) or not 0 <= value <= 1):
+            bad(name, f"must be between 0 and 1, got {value}")
+    # network
+    if config.network_dim is not None and (not _is_int(config.network_dim) or config.network_dim < 1):
+        bad("network_dim", f"must be a whole number of 1 or more, got {config.network_dim}")
+    if config.network_alpha is not None and (not _number(config.network_alpha) or config.network_alpha < 0):
+        bad("network_alpha", f"must be 0 or more (the LoRA is scaled by alpha / dim), got {config.network_alpha}")
+    if config.network_train_unet_only and config.network_train_text_encoder_only:
+        bad("network_train_unet_only", "cannot be combined with network_train_text_encoder_only; pick one")
+    if config.dim_from_weights and not config.network_weights:
+        bad("dim_from_weights", "needs network_weights (the LoRA file whose dim and alpha are used); set it or turn "
+            "dim_from_weights off")
+    # precision and text encoder
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         bad("mixed_precision", f"{config.mixed_precision!r} is not one of no, fp16, bf16")
     if config.save_precision not in (None, "float", "fp32", "fp16", "bf16"):
@@ -55,44 +138,107 @@ def check_settings(config) -> list[UserError]:
         bad("save_model_as", f"{config.save_model_as!r} is not one of safetensors, ckpt, pt")
     if config.max_token_length not in (None, 75, 150, 225):
         bad("max_token_length", f"must be 75, 150 or 225, got {config.max_token_length}")
-    if config.clip_skip is not None and not 1 <= config.clip_skip <= 12:
+    if config.clip_skip is not None and (not _is_int(config.clip_skip) or not 1 <= config.clip_skip <= 12):
         bad("clip_skip", f"must be between 1 and 12, got {config.clip_skip}")
-    if config.network_train_unet_only and config.network_train_text_encoder_only:
-        bad("network_train_unet_only", "cannot be combined with network_train_text_encoder_only; pick one")
     if config.full_fp16 and config.mixed_precision != "fp16":
         bad("full_fp16", "needs mixed_precision fp16")
     if config.full_bf16 and config.mixed_precision != "bf16":
         bad("full_bf16", "needs mixed_precision bf16")
-    if config.min_snr_gamma is not None and config.min_snr_gamma <= 0:
-        bad("min_snr_gamma", f"must be above 0, got {config.min_snr_gamma}")
-    if config.noise_offset is not None and config.noise_offset < 0:
-        bad("noise_offset", f"must be 0 or more, got {config.noise_offset}")
-    if config.prior_loss_weight < 0:
-        bad("prior_loss_weight", f"must be 0 or more, got {config.prior_loss_weight}")
+    if config.full_fp16 and config.full_bf16:
+        bad("full_fp16", "cannot be combined with full_bf16; pick one")
+    if config.log_with is not None and config.log_with not in ("tensorboard", "wandb", "all"):
+        bad("log_with", f"{config.log_with!r} is not one of tensorboard, wandb, all")
+    elif config.log_with:
+        import importlib.util
+
+        needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[config.log_with]
+        for package in needed:
+            if importlib.util.find_spec(package) is None:
+                bad("log_with", f"{config.log_with} needs the {package} package, which is not installed; "
+                    f"install it (pip install {package}) or leave log_with unset")
+    # saving and sampling
     for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
-                 "sample_every_n_steps", "sample_every_n_epochs", "save_n_epoch_ratio"):
+                 "save_last_n_epochs_state", "sample_every_n_steps", "sample_every_n_epochs", "save_n_epoch_ratio"):
         value = getattr(config, name)
-        if value is not None and value < 1:
+        if value is not None and (not _number(value) or value < 1):
             bad(name, f"must be 1 or more when given, got {value}")
-    if (config.sample_every_n_steps or config.sample_every_n_epochs or config.sample_at_first) and not config.sample_prompts:
-        bad("sample_prompts", "sampling is on (sample_every_n_*/sample_at_first) but no prompt file is given; set sample_prompts")
-    if not config.output_dir:
-        bad("output_dir", "not set; give the folder where the LoRA should be saved")
-    elif os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
-        bad("output_dir", f"{config.output_dir} is a file, not a folder")
-    if config.output_name and any(c in config.output_name for c in '/\\:*?"<>|'):
-        bad("output_name", f"{config.output_name!r} contains characters not allowed in file names")
+    sampling = bool(config.sample_every_n_steps or config.sample_every_n_epochs or config.sample_at_first)
+    if sampling and not config.sample_prompts:
+        bad("sample_prompts", "sampling is on (sample_every_n_*/sample_at_first) but no prompt file is given; "
+            "set sample_prompts")
+    if (sampling or config.sample_prompts) and config.sample_sampler:
+        from .sampling import SAMPLERS
+
+        if str(config.sample_sampler).lower() not in SAMPLERS:
+            bad("sample_sampler", f"unknown sampler {config.sample_sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    # output
+    _check_output(config, bad)
+    # CUDA-only options
     if config.mixed_precision == "fp16" and not _cuda_available():
         bad("mixed_precision", "fp16 needs a CUDA GPU; use no (or bf16) on this machine")
     if config.xformers and not _cuda_available():
         bad("xformers", "xformers needs a CUDA GPU; turn it off (SDPA attention is used by default)")
-    for name in ("network_weights", "vae", "dataset_config", "sample_prompts"):
+    elif config.xformers:
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            bad("xformers", "the xformers package is not installed; install it or turn xformers off (SDPA attention "
+                "is used by default)")
+    # input paths
+    for name, kind in (("network_weights", "file"), ("vae", "any"), ("dataset_config", "file"),
+                       ("sample_prompts", "file")):
         value = getattr(config, name)
-        if value and not os.path.exists(value):
+        if not value:
+            continue
+        if not os.path.exists(value):
             bad(name, f"not found: {value}; check the path")
+        elif kind == "file" and not os.path.isfile(value):
+            bad(name, f"{value} is a folder; give the file")
+        elif not os.access(value, os.R_OK):
+            bad(name, f"{value} cannot be read (permission denied); check its permissions")
     if config.resume and not os.path.isdir(config.resume):
-        bad("resume", f"state folder not found: {config.resume}")
+        bad("resume", f"state folder not found: {config.resume}; give a folder saved with save_state")
+    if config.logging_dir and os.path.exists(config.logging_dir) and not os.path.isdir(config.logging_dir):
+        bad("logging_dir", f"{config.logging_dir} is a file, not a folder; give a folder for the logs")
     return errors
+
+
+def _check_output(config, bad) -> None:
+    out = config.output_dir
+    if not out:
+        bad("output_dir", "not set; give the folder where the LoRA should be saved")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        bad("output_dir", f"{out} is a file, not a folder; give a folder (it is created if missing)")
+    else:
+        parent = _existing_ancestor(out)
+        if parent is None or not os.path.isdir(parent):
+            bad("output_dir", f"{out} cannot be created: {parent or 'its parent'} is not a folder")
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            bad("output_dir", f"{out} cannot be written ({parent} is read-only for this user); choose another folder")
+    name = config.output_name
+    if name is not None:
+        if not str(name).strip():
+            bad("output_name", "is empty; give a file name without extension, e.g. my_lora")
+        elif any(c in name for c in _BAD_NAME_CHARS) or any(ord(c) < 32 for c in name):
+            bad("output_name", f"{name!r} contains characters not allowed in file names ({_BAD_NAME_CHARS}); "
+                "use letters, digits, - and _")
+        elif name.rstrip(" .") != name:
+            bad("output_name", f"{name!r} ends with a space or a dot, which Windows cannot keep; remove it")
+        elif name.split(".")[0].lower() in _WINDOWS_RESERVED:
+            bad("output_name", f"{name!r} is a reserved device name on Windows; choose another name")
+        elif len(name.encode("utf-8")) > 200:
+            bad("output_name", f"is {len(name.encode('utf-8'))} bytes long; use a name of at most 200 bytes")
+
+
+def _existing_ancestor(path: str) -> str | None:
+    """``path`` itself or its nearest existing parent folder."""
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+    return current
 
 
 def _cuda_available() -> bool:
@@ -102,6 +248,323 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:  # pragma: no cover
         return False
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def _check_tokenizer_offline(config, family, info: dict) -> UserError | None:
+    """Offline, a missing CLIP tokenizer is known before any weight loads (online it is downloaded later)."""
+    from pathlib import Path
+
+    from . import model_loading as ml
+
+    if not ml._offline():
+        return None
+    cache_dir = getattr(config, "tokenizer_cache_dir", None)
+    for index, source in enumerate(getattr(family, "tokenizer_sources", None) or []):
+        if info.get("kind") == "diffusers":
+            sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
+            if ml._has_tokenizer_files(Path(info["path"]) / sub):
+                continue
+        if cache_dir:
+            base = Path(os.path.expanduser(str(cache_dir)))
+            if any(ml._has_tokenizer_files(c) for c in (base, base / source.cache_name, base / source.cache_name / "tokenizer")):
+                continue
+        try:
+            found = ml._hub_tokenizer_folder(source, local_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache
+            found = None
+        if found is not None:
+            continue
+        return ConfigError(
+            f"tokenizer_cache_dir: no {family.name} CLIP tokenizer found offline; set tokenizer_cache_dir to a folder "
+            f"holding the {source.repo_id} tokenizer (the folder itself or <dir>/{source.cache_name})",
+            "tokenizer_cache_dir",
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------------ disk space
+
+
+def _header_shapes(path: str) -> dict | None:
+    from .model_loading import _read_safetensors_header
+
+    try:
+        shapes, _ = _read_safetensors_header(path, "pretrained_model_name_or_path")
+    except UserError:
+        return None
+    return shapes
+
+
+def _lora_params_from_shapes(shapes: dict, linear_rank: int, conv_rank: int | None, unet: bool, te: bool,
+                             ldm: bool) -> int:
+    """LoRA parameter count of kohya's targets in a checkpoint whose keys/shapes are ``shapes``."""
+    import re
+
+    from ..networks.ldm_lora_map import _TE_TARGET, _UNET_TARGET, build_lora_map
+
+    total = 0
+
+    def module_params(shape: tuple, rank: int) -> int:
+        if len(shape) == 2:
+            return rank * (shape[0] + shape[1])
+        if len(shape) == 4:
+            return rank * (shape[1] * shape[2] * shape[3] + shape[0])
+        return 0
+
+    def wanted(shape: tuple) -> int | None:
+        if len(shape) == 4 and (shape[2] > 1 or shape[3] > 1):
+            return conv_rank
+        return linear_rank
+
+    if ldm:
+        for name, target in build_lora_map(shapes).items():
+            if not target.lora_target or (target.part == "unet" and not unet) or (target.part == "te" and not te):
+                continue
+            shape = tuple(shapes[target.weight_key])
+            if target.rows is not None:
+                shape = (target.rows[1] - target.rows[0], *shape[1:])
+            rank = wanted(shape)
+            if rank:
+                total += module_params(shape, rank)
+        return total
+    te_key = re.compile(r"^(text_model\.)?")
+    for key, shape in shapes.items():
+        if not key.endswith(".weight"):
+            continue
+        path = key[: -len(".weight")]
+        is_unet = bool(_UNET_TARGET.search(path))
+        is_te = bool(_TE_TARGET.search(te_key.sub("", path)))
+        if (is_unet and unet) or (is_te and te):
+            rank = wanted(tuple(shape))
+            if rank:
+                total += module_params(tuple(shape), rank)
+    return total
+
+
+def _network_ranks(config) -> tuple[int, int | None]:
+    dim = config.network_dim if _is_int(config.network_dim) and config.network_dim > 0 else 4
+    conv = None
+    for item in config.network_args or []:
+        key, _, value = str(item).partition("=")
+        if key.strip() == "conv_dim":
+            try:
+                conv = int(float(value))
+            except ValueError:
+                conv = None
+    if conv is None and str(getattr(config, "network_module", "")).startswith("lycoris"):
+        conv = dim  # LyCORIS trains the convs by default (with conv_dim = dim unless set)
+    return dim, conv
+
+
+def estimate_lora_bytes(config, family=None, model_info: dict | None = None) -> int:
+    """Roughly how big one saved LoRA file will be, from ``network_dim`` (and ``conv_dim``) and the
+    model's layer shapes (read from safetensors headers), else from per-family averages."""
+    dim, conv = _network_ranks(config)
+    unet = not config.network_train_text_encoder_only
+    te = not config.network_train_unet_only
+    info = model_info or {}
+    params = None
+    try:
+        if info.get("kind") == "single_file" and info.get("format") == "safetensors":
+            shapes = _header_shapes(info["path"])
+            if shapes:
+                params = _lora_params_from_shapes(shapes, dim, conv, unet, te, ldm=True)
+        elif info.get("kind") == "diffusers":
+            total, found = 0, False
+            for sub, part in (("unet", "unet"), ("text_encoder", "te"), ("text_encoder_2", "te")):
+                folder = os.path.join(info["path"], sub)
+                if not os.path.isdir(folder):
+                    continue
+                files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+                for f in files:
+                    shapes = _header_shapes(os.path.join(folder, f))
+                    if shapes:
+                        found = True
+                        total += _lora_params_from_shapes(shapes, dim, conv, unet and part == "unet",
+                                                          te and part == "te", ldm=False)
+                    break  # one file per component (a variant is a copy)
+            params = total if found else None
+    except Exception:  # noqa: BLE001 - an estimate must never stop a run
+        params = None
+    if params is None:
+        name = getattr(family, "name", "sd1")
+        share = (0.75 if unet else 0.0) + (0.25 if te else 0.0)
+        params = int(_PARAMS_PER_RANK.get(name, 600_000) * dim * share)
+        if conv and unet:
+            params += _CONV_PARAMS_PER_RANK.get(name, 1_600_000) * conv
+    element = 4 if config.save_precision in (None, "float", "fp32") else 2
+    return int(params * element) + 64 * 1024  # + header and metadata
+
+
+def _steps_and_epochs(config, dataset) -> tuple[int, int]:
+    images = (getattr(dataset, "num_train_images", 0) or 0) + (getattr(dataset, "num_reg_images", 0) or 0)
+    batch = config.train_batch_size if _is_int(config.train_batch_size) and config.train_batch_size > 0 else 1
+    accumulate = config.gradient_accumulation_steps if _is_int(config.gradient_accumulation_steps) and \
+        config.gradient_accumulation_steps > 0 else 1
+    per_epoch = max(1, math.ceil(max(images, 1) / batch / accumulate))
+    if _is_int(config.max_train_epochs) and config.max_train_epochs > 0:
+        return config.max_train_epochs * per_epoch, config.max_train_epochs
+    steps = config.max_train_steps if _is_int(config.max_train_steps) and config.max_train_steps > 0 else 1
+    return steps, max(1, math.ceil(steps / per_epoch))
+
+
+def _count_saves(config, steps: int, epochs: int) -> tuple[int, int]:
+    """(LoRA files, training states) kept at the end of the run, at most."""
+    every_epochs = config.save_every_n_epochs
+    if config.save_n_epoch_ratio and not every_epochs:
+        every_epochs = max(1, epochs // config.save_n_epoch_ratio)
+    epoch_saves = epochs // every_epochs if _is_int(every_epochs) and every_epochs > 0 else 0
+    step_saves = steps // config.save_every_n_steps if _is_int(config.save_every_n_steps) and \
+        config.save_every_n_steps > 0 else 0
+    loras_epoch = min(epoch_saves, config.save_last_n_epochs) if config.save_last_n_epochs else epoch_saves
+    loras_step = step_saves
+    if config.save_last_n_steps and _is_int(config.save_every_n_steps) and config.save_every_n_steps > 0:
+        loras_step = min(step_saves, config.save_last_n_steps // config.save_every_n_steps + 1)
+    states = 0
+    if config.save_state:
+        state_epochs = min(epoch_saves, config.save_last_n_epochs_state) if config.save_last_n_epochs_state else \
+            loras_epoch
+        states = 1 + state_epochs + loras_step
+    # +1: a new file is written next to the old one before it replaces it
+    return 1 + loras_epoch + loras_step + 1, states
+
+
+def _latent_cache_bytes(config, dataset) -> int:
+    from .dataset_layout import parse_resolution
+
+    try:
+        width, height = parse_resolution(config.resolution)
+    except UserError:
+        width = height = 512
+    images = len(getattr(dataset, "images", []) or [])
+    per_image = _LATENT_CHANNELS * (width // 8) * (height // 8) * 4  # float32, bucket area ~ resolution area
+    copies = 2 if config.flip_aug else 1
+    return images * (per_image * copies + 2048)
+
+
+def _folder_bytes(folder: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def check_disk_space(config, plan: Plan) -> tuple[list[UserError], list[str], list[DiskNeed]]:
+    """(errors, warnings, needs): free space for the LoRA files, states and latent cache.
+
+    An error names the setting whose folder is on the full disk when the free space is below the
+    estimate; a warning when it is below twice the estimate. Uses ``shutil.disk_usage`` (tests
+    monkeypatch it).
+    """
+    if not config.output_dir or (os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir)):
+        return [], [], []
+    lora = estimate_lora_bytes(config, plan.family, plan.model_info)
+    steps, epochs = _steps_and_epochs(config, plan.dataset)
+    n_loras, n_states = _count_saves(config, steps, epochs)
+    needs: dict[Any, DiskNeed] = {}
+
+    def add(folder: str, setting: str, amount: int, part: str) -> None:
+        if amount <= 0:
+            return
+        anchor = _existing_ancestor(folder)
+        if anchor is None:
+            return
+        try:
+            device = os.stat(anchor).st_dev
+        except OSError:
+            return
+        need = needs.setdefault(device, DiskNeed(path=anchor, setting=setting))
+        need.bytes += amount
+        need.parts.append(part)
+
+    add(config.output_dir, "output_dir", lora * n_loras,
+        f"{n_loras - 1} LoRA file(s) of about {_human(lora)}" if n_loras > 2 else f"a LoRA file of about {_human(lora)}")
+    if n_states:
+        # network weights in float32 plus optimizer state (two moments for Adam-like optimizers)
+        state = (lora if config.save_precision in (None, "float", "fp32") else lora * 2) * 3
+        add(config.output_dir, "output_dir", state * n_states, f"{n_states} training state(s) of about {_human(state)}")
+    if config.cache_latents_to_disk and plan.dataset is not None:
+        from .latent_cache import resolve_cache_dir
+
+        try:
+            cache_dir = resolve_cache_dir(config, plan.dataset)
+        except UserError:
+            cache_dir = None
+        if cache_dir:
+            setting = "latent_cache_dir" if getattr(config, "latent_cache_dir", None) else "output_dir"
+            amount = _latent_cache_bytes(config, plan.dataset)
+            if os.path.isdir(cache_dir):
+                amount -= _folder_bytes(cache_dir)  # a previous run's cache is mostly reused
+            add(cache_dir, setting, amount, f"a latent cache of about {_human(max(amount, 0))}")
+    errors: list[UserError] = []
+    warnings: list[str] = []
+    for need in needs.values():
+        try:
+            free = shutil.disk_usage(need.path).free
+        except OSError:
+            continue
+        what = ", ".join(need.parts)
+        if free < need.bytes:
+            errors.append(ConfigError(
+                f"{need.setting}: not enough free disk space in {need.path}: {_human(free)} free, this run needs "
+                f"about {_human(need.bytes)} ({what}); free some space or choose an {need.setting} on another disk",
+                need.setting))
+        elif free < 2 * need.bytes:
+            warnings.append(f"{need.setting}: disk space is short in {need.path}: {_human(free)} free, this run "
+                            f"needs about {_human(need.bytes)} ({what})")
+    return errors, warnings, list(needs.values())
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def dataset_summary(dataset) -> list[str]:
+    """One or two lines describing the scanned dataset, counting images without a caption file."""
+    images = list(getattr(dataset, "images", []) or [])
+    if not images:
+        return []
+    train = [r for r in images if not r.is_reg]
+    reg = [r for r in images if r.is_reg]
+    folders = len({(r.dataset, r.subset) for r in train})
+    line = (f"dataset: {len(train)} training image(s) in {folders} folder(s), "
+            f"{getattr(dataset, 'num_train_images', len(train))} with repeats")
+    if reg:
+        line += f"; {len(reg)} regularization image(s)"
+    no_caption = [r for r in train if r.caption_source != "file"]
+    if no_caption:
+        tokens = sum(1 for r in no_caption if r.caption_source == "class_tokens")
+        line += f"; {len(no_caption)} without a caption file"
+        if tokens:
+            line += f" ({tokens} use their folder's class tokens)"
+    skipped = getattr(dataset, "skipped", []) or []
+    if skipped:
+        line += f"; {len(skipped)} skipped"
+    return [line]
+
+
+# ------------------------------------------------------------------------------------------- preflight
+
+
+def _collect(errors: list[UserError], exc: UserError) -> None:
+    if isinstance(exc, UserErrors):
+        errors.extend(exc.errors)
+    else:
+        errors.append(exc)
 
 
 def preflight(config, model_given: bool = False) -> Plan:
@@ -114,37 +577,71 @@ def preflight(config, model_given: bool = False) -> Plan:
     plan = Plan()
     try:
         plan.warnings.extend(check_optimizer_settings(config) or [])
-    except UserErrors as e:
-        errors.extend(e.errors)
     except UserError as e:
-        errors.append(e)
+        _collect(errors, e)
     if model_given:
         pass
     elif not config.pretrained_model_name_or_path:
-        errors.append(ConfigError("pretrained_model_name_or_path: not set; give a .safetensors/.ckpt file or a diffusers folder"))
+        errors.append(ConfigError("pretrained_model_name_or_path: not set; give a .safetensors/.ckpt file or a "
+                                  "diffusers folder", "pretrained_model_name_or_path"))
     else:
         try:
             plan.family, plan.model_info = detect_family(config)
+            plan.warnings.extend(plan.model_info.get("warnings") or [])
+            problem = _check_tokenizer_offline(config, plan.family, plan.model_info)
+            if problem is not None:
+                errors.append(problem)
         except UserError as e:
-            errors.append(e)
+            _collect(errors, e)
     if config.sample_prompts and os.path.isfile(config.sample_prompts):
-        from .sampling import load_sample_prompts, make_sampler
+        from .sampling import load_sample_prompts
 
         try:
-            load_sample_prompts(config.sample_prompts)
+            prompts = load_sample_prompts(config.sample_prompts)
+            if not prompts:
+                errors.append(ConfigError(f"sample_prompts: {config.sample_prompts} holds no prompt; write one "
+                                          "prompt per line", "sample_prompts"))
         except UserError as e:
-            errors.append(e)
-        from .sampling import SAMPLERS
-
-        if config.sample_sampler.lower() not in SAMPLERS:
-            errors.append(ConfigError(f"sample_sampler: unknown sampler {config.sample_sampler!r}; choose one of {', '.join(SAMPLERS)}"))
+            _collect(errors, e)
+        except (ValueError, TypeError, AttributeError) as e:  # a JSON prompt file of the wrong shape
+            errors.append(ConfigError(f"sample_prompts: {config.sample_prompts} is not a list of prompts "
+                                      f"({type(e).__name__}); write one prompt per line", "sample_prompts"))
     try:
         plan.dataset = scan_dataset(config)
         plan.warnings.extend(getattr(plan.dataset, "warnings", []) or [])
-    except UserErrors as e:
-        errors.extend(e.errors)
+        plan.summary.extend(dataset_summary(plan.dataset))
     except UserError as e:
-        errors.append(e)
+        _collect(errors, e)
+    if plan.dataset is not None and config.output_dir:
+        problem = _output_inside_dataset(config.output_dir, plan.dataset)
+        if problem is not None:
+            errors.append(problem)
+    if not errors:
+        disk_errors, disk_warnings, plan.disk = check_disk_space(config, plan)
+        errors.extend(disk_errors)
+        plan.warnings.extend(disk_warnings)
     if errors:
-        raise UserErrors(errors)
+        raise UserErrors(_dedupe(errors))
     return plan
+
+
+def _dedupe(errors: list[UserError]) -> list[UserError]:
+    seen: set[str] = set()
+    out = []
+    for e in errors:
+        if str(e) not in seen:
+            seen.add(str(e))
+            out.append(e)
+    return out
+
+
+def _output_inside_dataset(output_dir: str, dataset) -> UserError | None:
+    """The LoRA, its settings JSON and tag list must not land among the training images."""
+    out = os.path.realpath(output_dir)
+    folders = list(getattr(dataset, "roots", []) or []) + [s.image_dir for s in getattr(dataset, "subsets", []) or []]
+    for folder in folders:
+        root = os.path.realpath(folder)
+        if out == root or out.startswith(root.rstrip(os.sep) + os.sep):
+            return ConfigError(f"output_dir: {output_dir} is inside the dataset folder {folder}; the files "
+                               "written there would mix with your images; choose a folder outside the dataset", "output_dir")
+    return None
