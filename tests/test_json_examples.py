@@ -21,8 +21,19 @@ def test_the_promised_examples_exist():
     assert len(list_jobs(os.path.join(ROOT, "examples", "queue"))) >= 2
 
 
+@pytest.fixture(scope="module")
+def quickstart_model() -> str:
+    """The examples train the quick-start model; build it as the quick start does when it is missing."""
+    from sd_scripts.library.tiny_models import save_tiny_diffusers
+
+    folder = os.path.join(ROOT, "examples", "quickstart", "model")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        save_tiny_diffusers(folder, "sd1", seed=0)
+    return folder
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.relpath(p, ROOT))
-def test_example_loads_and_checks(path, tmp_path, monkeypatch):
+def test_example_loads_and_checks(path, tmp_path, monkeypatch, quickstart_model):
     monkeypatch.chdir(ROOT)  # the examples name their files from the repository folder, as run there
     resolved = resolve_settings({"load_json_path": path})
     assert resolved.warnings == [], resolved.warnings
