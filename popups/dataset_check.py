@@ -1,0 +1,77 @@
+"""What the wizard says about a dataset: the ``<n>_<name>`` folders, images, captions and steps.
+
+It runs the engine's own dataset scan (``scan_dataset``, the preflight check: no model, no torch)
+on the settings chosen so far, then places the images in buckets the way the training dataset
+does, so the steps per epoch shown are the ones the run will take on one GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps"]
+
+
+@dataclass
+class FolderCount:
+    name: str
+    repeats: int
+    images: int
+    captions: int
+    is_reg: bool = False
+
+
+@dataclass
+class DatasetReport:
+    folders: list[FolderCount]
+    num_train_images: int  # images x repeats, per epoch
+    num_reg_images: int
+    batches_per_epoch: int
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = []
+        for f in self.folders:
+            kind = "regularization " if f.is_reg else ""
+            out.append(f"{kind}folder {f.name}: {f.images} images x {f.repeats} repeats, "
+                       f"{f.captions} with a caption file")
+        images = sum(f.images for f in self.folders if not f.is_reg)
+        captions = sum(f.captions for f in self.folders if not f.is_reg)
+        out.append(f"{images} training images ({captions} captioned), {self.num_train_images} per epoch with repeats")
+        return out
+
+
+def check_dataset(store: Any) -> DatasetReport:
+    """Scan the dataset ``store`` points at; raise the engine's one-line UserError when it cannot train."""
+    from frontend.settings_map import to_train_config
+    from sd_scripts.library.dataset_layout import scan_dataset
+
+    config = to_train_config(store, has_cuda=False, has_xformers=False).config
+    plan = scan_dataset(config)
+    captioned: dict[int, int] = {}
+    for record in plan.images:
+        if record.caption_source == "file":
+            captioned[record.subset] = captioned.get(record.subset, 0) + 1
+    folders = [FolderCount(name=os.path.basename(os.path.normpath(s.image_dir)), repeats=s.num_repeats, images=s.img_count, captions=captioned.get(i, 0),
+                           is_reg=s.is_reg) for i, s in enumerate(plan.subsets)]
+    batches = 0
+    for d, spec in enumerate(plan.datasets):
+        manager = spec.bucket_manager()
+        per_bucket: dict[tuple[int, int], int] = {}
+        for record in plan.images:
+            if record.dataset == d:
+                bucket = manager.select_bucket(*record.size)[0]
+                per_bucket[bucket] = per_bucket.get(bucket, 0) + record.repeats
+        batches += sum(math.ceil(n / spec.batch_size) for n in per_bucket.values())
+    return DatasetReport(folders, plan.num_train_images, plan.num_reg_images, batches, list(plan.warnings))
+
+
+def estimate_steps(store: Any, report: DatasetReport) -> tuple[int, int, int]:
+    """``(total steps, steps per epoch, epochs)`` for one process, as the training loop counts them."""
+    per_epoch = max(1, math.ceil(report.batches_per_epoch / max(1, store.gradient_acc_steps or 1)))
+    if store.max_steps:
+        return store.max_steps, per_epoch, math.ceil(store.max_steps / per_epoch)
+    return store.num_epochs * per_epoch, per_epoch, store.num_epochs

@@ -1,0 +1,544 @@
+"""The training wizard's questions, in order, as plain Python over an :class:`~popups.asker.Asker`.
+
+Start (new setup, load a JSON file, or run a queue folder), then the paths (re-asked after a JSON
+load only if the user wants), saving a JSON, and the settings in the order a LoRA is usually
+planned. Each question about a setting takes its default and its one-line explanation from
+``ArgsList.py``; the answers go into an ``ArgStore``, the same object the command line builds, so
+the same engine runs and the same JSON is saved. The last window lists the choices with the
+estimated number of steps and offers start, save as JSON, or back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+from ArgsList import OPTIMIZERS, SAMPLERS, SCHEDULERS, ArgStore
+from frontend.fields import format_value
+
+from .asker import Asker, Cancelled, Question, ask
+from .dataset_check import DatasetReport, check_dataset, estimate_steps
+
+__all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS"]
+
+INFOS = {info.name: info for info in ArgStore.settings()}
+NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr", "IA3")
+_LYCORIS_ALGOS = {"LoHa": "loha", "LoKr": "lokr", "IA3": "ia3"}
+_NETWORK_LABELS = {
+    "LoRA": "LoRA: the standard network, loads everywhere",
+    "LoCon": "LoCon: LoRA plus the 3x3 convolutions (kohya LoCon, loads everywhere)",
+    "LoHa": "LoHa (LyCORIS): Hadamard product, more capacity per rank",
+    "LoKr": "LoKr (LyCORIS): Kronecker product, very small files",
+    "IA3": "IA3 (LyCORIS): scales activations only, tiny files, needs a high learning rate",
+}
+# network_args keys this wizard manages (the rest of a loaded file's network_args is kept)
+_MANAGED_NETWORK_ARGS = {"algo", "conv_dim", "conv_alpha", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp",
+                         "factor"}
+LR_FREE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD", "DAdaptAdan", "Prodigy"}
+_DECOUPLE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam"}
+_LR_FREE_HINT = "learning-rate-free optimizer: about 1.0, one rate for the whole network"
+
+SUMMARY_ACTIONS = ("start", "save", "back")
+_SUMMARY_LABELS = {"start": "Start training", "save": "Save as JSON", "back": "Back"}
+
+# settings listed in the last window, by section
+_SUMMARY_SECTIONS = [
+    ("Paths", ["base_model", "img_folder", "reg_img_folder", "output_folder", "change_output_name"]),
+    ("JSON", ["load_json_path", "save_json_folder", "save_json_name", "save_json_only"]),
+    ("Model", ["v2", "v_parameterization", "clip_skip"]),
+    ("Optimizer", ["optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr"]),
+    ("Network", ["net_dim", "alpha", "lyco", "network_args", "unet_only", "text_only"]),
+    ("Schedule", ["scheduler", "cosine_restarts", "scheduler_power", "warmup_lr_ratio"]),
+    ("Resolution and length", ["train_resolution", "height_resolution", "bucket_no_upscale", "batch_size",
+                               "num_epochs", "max_steps"]),
+    ("Saving", ["save_every_n_epochs", "save_every_n_steps", "save_precision", "training_comment"]),
+    ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "tag_occurrence_txt_file",
+                  "sort_tag_occurrence_alphabetically"]),
+    ("Precision and caching", ["mixed_precision", "cache_latents", "cache_latents_to_disk", "random_crop"]),
+    ("Loss", ["min_snr_gamma"]),
+    ("Samples", ["sample_prompts", "sample_sampler", "sample_every_n_steps", "sample_every_n_epochs"]),
+]
+
+
+def is_lr_free(optimizer: str) -> bool:
+    return optimizer in LR_FREE_OPTIMIZERS
+
+
+def network_type_of(store: Any) -> str:
+    """The network type a store describes (for the default of the network question)."""
+    args = store.network_args or {}
+    if store.lyco:
+        algo = str(args.get("algo", "lora")).lower()
+        for name, value in _LYCORIS_ALGOS.items():
+            if value == algo:
+                return name
+        return "LoCon"
+    return "LoCon" if "conv_dim" in args else "LoRA"
+
+
+def _use_tucker(args: dict) -> bool:
+    if "use_tucker" in args:
+        return str(args["use_tucker"]).lower() not in ("false", "0", "no", "")
+    if "disable_conv_cp" in args:  # the 2023 name, inverted
+        return str(args["disable_conv_cp"]).lower() in ("false", "0", "no")
+    for old in ("use_cp", "use_conv_cp"):
+        if old in args:
+            return str(args[old]).lower() not in ("false", "0", "no", "")
+    return False
+
+
+def _bad_name(value: str) -> str | None:
+    bad = sorted(set('/\\:*?"<>|') & set(value))
+    return f"a file name cannot contain {' '.join(bad)}" if bad else None
+
+
+def _has_json_files(folder: str) -> str | None:
+    if not any(n.lower().endswith(".json") and os.path.isfile(os.path.join(folder, n)) for n in os.listdir(folder)):
+        return f"no .json files in {folder}; choose the folder that holds the saved settings files"
+    return None
+
+
+class TrainingWizard:
+    """One run of the wizard: ``TrainingWizard(asker, defaults).run()`` -> ArgStore, or None if cancelled.
+
+    ``scan`` checks the dataset (replaceable in tests); ``save_json`` saves a JSON file the way the
+    command line does and returns its path.
+    """
+
+    def __init__(self, asker: Asker, defaults: Any, *, scan: Callable[[Any], DatasetReport] = check_dataset,
+                 save_json: Callable[[Any, str, str | None], str] | None = None):
+        self.asker = asker
+        self.defaults = defaults
+        self.store = defaults
+        self.scan = scan
+        self.save_json = save_json or _save_settings_json
+        self.section = "Start"
+        self.report: DatasetReport | None = None
+        self.notes: list[str] = []
+
+    # ----------------------------------------------------------------------------- plumbing
+    def question(self, name: str, prompt: str, **extra: Any) -> Question:
+        """A question about the ArgStore setting ``name``: its help, its current value as default."""
+        info = INFOS[name]
+        values: dict[str, Any] = dict(key=name, prompt=prompt, title=self.section, help=info.help,
+                                      default=getattr(self.store, name), optional=info.optional)
+        if info.kind == "bool":
+            values.update(kind="yes_no", optional=False)
+        elif info.choices:
+            values.update(kind="choice", options=tuple(info.choices))
+        elif info.kind in ("int", "float"):
+            values.update(kind="number", integer=info.kind == "int")
+        elif info.is_path:
+            values.update(kind="path", path_kind=info.path)
+        else:
+            values.update(kind="text")
+        values.update(extra)
+        return Question(**values)
+
+    def ask_setting(self, name: str, prompt: str, **extra: Any) -> Any:
+        value = ask(self.asker, self.question(name, prompt, **extra))
+        self.set(**{name: value})
+        return value
+
+    def ask_plain(self, key: str, kind: str, prompt: str, default: Any, **extra: Any) -> Any:
+        return ask(self.asker, Question(key=key, kind=kind, prompt=prompt, title=self.section, default=default, **extra))
+
+    def set(self, **changes: Any) -> None:
+        self.store = dataclasses.replace(self.store, **changes)
+
+    # ----------------------------------------------------------------------------- the run
+    def run(self) -> Any:
+        try:
+            return self._run()
+        except Cancelled:
+            return None
+
+    def _run(self) -> Any:
+        start = self.ask_plain(
+            "start", "choice", "What would you like to do?", "new",
+            options=("new", "load_json", "queue"),
+            labels={"new": "Set up a new training", "load_json": "Load a saved JSON file",
+                    "queue": "Run a queue: every JSON file in a folder"},
+            help="a JSON file holds every setting; a queue folder trains each of its JSON files in turn")
+        if start == "queue":
+            self.section = "Queue"
+            folder = self.ask_setting("multi_run_folder", "Choose the folder of JSON files to train one after another",
+                                      optional=False, check=_has_json_files)
+            return self.store.replace(multi_run_folder=folder)
+        if start == "load_json":
+            self._load_json()
+            self.section = "Paths"
+            if self.ask_plain("reask_paths", "yes_no", "Choose a new base model, image folder, output folder and name?",
+                              False, help="the rest of the settings stay as the JSON file has them"):
+                self._paths()
+            self._save_json_questions()
+        else:
+            self._save_json_questions()
+            self._paths()
+            self._settings()
+        return self._summary()
+
+    def _load_json(self) -> None:
+        from frontend.resolve import resolve_settings
+        from sd_scripts.library.errors import UserError, UserErrors
+
+        self.section = "Load JSON"
+        question = self.question("load_json_path", "Choose the JSON file to load", optional=False,
+                                 filetypes=(".json",))
+        while True:
+            path = ask(self.asker, question)
+            try:
+                resolved = resolve_settings({"load_json_path": path}, self.defaults)
+            except UserError as err:
+                errors = err.errors if isinstance(err, UserErrors) else [err]
+                reason = str(errors[0]) + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                question = dataclasses.replace(question, error=reason)
+                continue
+            self.store = resolved.store
+            self.notes = list(resolved.notes) + list(resolved.warnings)
+            return
+
+    def _save_json_questions(self) -> None:
+        self.section = "Save JSON"
+        wanted = self.ask_plain("save_json", "yes_no", "Save these settings as a JSON file too?",
+                                bool(self.store.save_json_folder),
+                                help="a JSON file can be loaded again, or put in a queue folder")
+        if not wanted:
+            self.set(save_json_folder=None, save_json_name=None, save_json_only=False)
+            return
+        default_folder = self.store.save_json_folder or self.store.output_folder
+        self.ask_setting("save_json_folder", "Folder to save the JSON file in", optional=False, default=default_folder)
+        self.ask_setting("save_json_name", "A name for the JSON file (empty: only the date and time)",
+                         none_label="date and time only", check=_bad_name)
+        self.ask_setting("save_json_only", "Only save the JSON, without training now (to prepare a queue)?")
+
+    # ----------------------------------------------------------------------------- paths
+    def _paths(self) -> None:
+        from sd_scripts.library.errors import UserError
+
+        self.section = "Paths"
+        self.ask_setting("base_model", "Choose the base model to train on", optional=False,
+                         filetypes=(".safetensors", ".ckpt"))
+        question = self.question("img_folder", "Choose the image folder (the one holding the <repeats>_<name> folders)",
+                                 optional=False)
+        while True:
+            folder = ask(self.asker, question)
+            self.set(img_folder=folder)
+            try:
+                self.report = self.scan(self.store)
+            except UserError as err:
+                question = dataclasses.replace(question, error=str(err))
+                continue
+            break
+        _, per_epoch, _ = estimate_steps(self.store, self.report)
+        lines = self.report.lines() + [f"{per_epoch} steps per epoch at batch size {self.store.batch_size}"]
+        level = "warning" if self.report.warnings else "info"
+        self.asker.tell("Dataset", "\n".join(lines + [f"warning: {w}" for w in self.report.warnings]), level)
+
+        if self.ask_plain("use_reg", "yes_no", "Use regularization images?", self.store.reg_img_folder is not None,
+                          help=INFOS["reg_img_folder"].help):
+            self.ask_setting("reg_img_folder", "Choose the regularization image folder", optional=False)
+        else:
+            self.set(reg_img_folder=None)
+        self.ask_setting("output_folder", "Choose the folder the LoRA files are saved in", optional=False)
+        self.ask_setting("change_output_name", "Name of the LoRA file (without extension)", none_label="last",
+                         check=_bad_name)
+
+    # ----------------------------------------------------------------------------- settings
+    def _settings(self) -> None:
+        self._model()
+        self._optimizer()
+        self._network()
+        self._learning_rates()
+        self._schedule()
+        self._resolution_and_length()
+        self._saving()
+        self._captions()
+        self._precision_and_caching()
+        self._samples()
+
+    def _model(self) -> None:
+        self.section = "Model"
+        if self.ask_setting("v2", "Is the base model based on Stable Diffusion 2.x?"):
+            self.ask_setting("v_parameterization", "Is it a 768-v model (v-prediction, e.g. SD 2.x 768)?")
+        else:
+            self.set(v_parameterization=False)
+        self.ask_setting("clip_skip", "Clip skip: 2 for anime-style models, 1 for realistic ones", low=1, high=12)
+
+    def _optimizer(self) -> None:
+        self.section = "Optimizer"
+        before = self.store.optimizer_type
+        optimizer = self.ask_setting("optimizer_type", "Which optimizer?",
+                                     options=tuple(OPTIMIZERS) + (() if before in OPTIMIZERS else (before,)))
+        args = dict(self.store.optimizer_args or {})
+        if optimizer in _DECOUPLE_OPTIMIZERS:
+            args.setdefault("decouple", "True")  # AdamW-style weight decay, as the 2023 tool set it
+        elif not is_lr_free(optimizer):
+            args.pop("decouple", None)  # only D-Adaptation and Prodigy take it
+        self.set(optimizer_args=args or None)
+        lr = self.store.learning_rate
+        if is_lr_free(optimizer) and lr < 0.1:
+            self.set(learning_rate=1.0)
+        elif not is_lr_free(optimizer) and lr >= 0.1:
+            self.set(learning_rate=INFOS["learning_rate"].default)
+
+    def _network(self) -> None:
+        self.section = "Network"
+        kind = self.ask_plain("network_type", "choice", "Which kind of network?", network_type_of(self.store),
+                              options=NETWORK_TYPES, labels=_NETWORK_LABELS, help=INFOS["lyco"].help)
+        old_args = dict(self.store.network_args or {})
+        args = {k: v for k, v in old_args.items() if k not in _MANAGED_NETWORK_ARGS}
+        if kind != "IA3":
+            dim = self.ask_setting("net_dim", "Network dim (rank)", low=1)
+            self.ask_setting("alpha", "Network alpha (often half the dim, or 1)", low=0, low_open=True,
+                             default=min(self.store.alpha, dim))
+        if kind in ("LoCon", "LoHa", "LoKr"):
+            conv_dim = self.ask_plain(
+                "conv_dim", "number", "Dim (rank) of the 3x3 convolution layers", int(_arg_number(
+                    old_args, "conv_dim", min(self.store.net_dim, 32))), integer=True, low=1,
+                help="the convolutions add texture and detail; 4 to 32 is common, keep it at most the dim")
+            conv_alpha = self.ask_plain(
+                "conv_alpha", "number", "Alpha of the 3x3 convolution layers",
+                _arg_number(old_args, "conv_alpha", min(self.store.alpha, conv_dim)), low=0, low_open=True,
+                help="the convolution layers are scaled by conv_alpha / conv_dim")
+            args.update(conv_dim=str(conv_dim), conv_alpha=format_value(float(conv_alpha)))
+        if kind in _LYCORIS_ALGOS:
+            args = {"algo": _LYCORIS_ALGOS[kind], **args}
+            if kind in ("LoHa", "LoKr") and self.ask_plain(
+                    "use_tucker", "yes_no", "Use Tucker (CP) decomposition for the convolutions?", _use_tucker(old_args),
+                    help="smaller files for the 3x3 convolutions; sometimes less accurate"):
+                args["use_tucker"] = "True"
+            if kind == "LoKr":
+                factor = self.ask_plain("factor", "number", "LoKr factor (-1: chosen automatically)",
+                                        int(_arg_number(old_args, "factor", -1)), integer=True, low=-1,
+                                        check=lambda v: "use -1 or a factor of 1 or more" if v == 0 else None,
+                                        help="how the Kronecker product splits each weight; -1 lets LyCORIS choose")
+                if factor != -1:
+                    args["factor"] = str(factor)
+        self.set(lyco=kind in _LYCORIS_ALGOS, network_args=args or None)
+        parts = self.ask_plain("train_parts", "choice", "Which parts of the model should the network train?",
+                               "unet" if self.store.unet_only else "text" if self.store.text_only else "both",
+                               options=("both", "unet", "text"),
+                               labels={"both": "UNet and text encoder", "unet": "UNet only", "text": "Text encoder only"},
+                               help="most LoRAs train both")
+        self.set(unet_only=parts == "unet", text_only=parts == "text")
+
+    def _learning_rates(self) -> None:
+        self.section = "Learning rates"
+        if is_lr_free(self.store.optimizer_type):
+            self.ask_setting("learning_rate", f"Learning rate ({_LR_FREE_HINT})", low=0, low_open=True)
+            self.set(unet_lr=None, text_encoder_lr=None)
+            return
+        self.ask_setting("learning_rate", "Learning rate", low=0, low_open=True)
+        same = "same as learning_rate"
+        if not self.store.text_only:
+            self.ask_setting("unet_lr", "Learning rate of the UNet (empty: the learning rate)", low=0, low_open=True,
+                             none_label=same)
+        else:
+            self.set(unet_lr=None)
+        if not self.store.unet_only:
+            self.ask_setting("text_encoder_lr", "Learning rate of the text encoder (empty: the learning rate)", low=0,
+                             low_open=True, none_label=same)
+        else:
+            self.set(text_encoder_lr=None)
+
+    def _schedule(self) -> None:
+        self.section = "Schedule"
+        scheduler = self.ask_setting("scheduler", "How should the learning rate change during training?",
+                                     options=tuple(SCHEDULERS))
+        if scheduler == "cosine_with_restarts":
+            self.ask_setting("cosine_restarts", "Number of restarts", low=1, optional=False,
+                             default=self.store.cosine_restarts or 1)
+        elif scheduler == "polynomial":
+            self.ask_setting("scheduler_power", "Power of the polynomial", low=0, low_open=True, optional=False,
+                             default=self.store.scheduler_power or 1.0)
+        if scheduler in ("constant", "adafactor"):
+            self.set(warmup_lr_ratio=None)
+        else:
+            self.ask_setting("warmup_lr_ratio", "Share of the steps spent warming up (empty: no warm-up)", low=0,
+                             high=0.99, none_label="no warm-up")
+
+    def _resolution_and_length(self) -> None:
+        self.section = "Resolution"
+        step = (self.store.bucket_reso_steps or 64) if self.store.buckets else 8
+        multiple = (lambda v: None if v % step == 0 else
+                    f"must be a multiple of {step}, e.g. {max(step, round(v / step) * step)}")
+        width = self.ask_setting("train_resolution", "Training resolution (width)", low=step, check=multiple)
+        self.ask_setting("height_resolution", "Training height (empty: the same as the width)", low=step,
+                         check=multiple, none_label=f"same as the width ({width})")
+        if self.store.height_resolution == width:
+            self.set(height_resolution=None)
+        if self.store.buckets:
+            self.ask_setting("bucket_no_upscale", "Never upscale small images into bigger buckets?")
+        self.section = "Length"
+        self.ask_setting("batch_size", "Batch size (images per step; more needs more GPU memory)", low=1)
+        per_epoch = self._steps_per_epoch()
+        hint = f"{per_epoch} steps per epoch at batch size {self.store.batch_size}" if per_epoch else INFOS["max_steps"].help
+        mode = self.ask_plain("length_mode", "choice", "Set the training length in epochs or in steps?",
+                              "steps" if self.store.max_steps else "epochs", options=("epochs", "steps"), help=hint)
+        if mode == "epochs":
+            self.ask_setting("num_epochs", "Number of epochs", low=1)
+            self.set(max_steps=None)
+        else:
+            self.ask_setting("max_steps", "Number of training steps", low=1, optional=False,
+                             default=self.store.max_steps or (per_epoch or 100) * self.store.num_epochs)
+
+    def _steps_per_epoch(self) -> int | None:
+        from sd_scripts.library.errors import UserError
+
+        try:
+            self.report = self.scan(self.store)
+        except UserError:
+            return None
+        return estimate_steps(self.store, self.report)[1]
+
+    def _saving(self) -> None:
+        self.section = "Saving"
+        if self.store.max_steps:
+            self.ask_setting("save_every_n_steps", "Also save a LoRA every N steps (empty: only at the end)", low=1,
+                             none_label="only at the end")
+            self.set(save_every_n_epochs=None)
+        else:
+            self.ask_setting("save_every_n_epochs", "Also save a LoRA every N epochs (empty: only at the end)", low=1,
+                             none_label="only at the end")
+            self.set(save_every_n_steps=None)
+        self.ask_setting("save_precision", "Precision of the saved LoRA file")
+        self.ask_setting("training_comment", "A comment stored in the LoRA's metadata (empty: none)", none_label="none")
+
+    def _captions(self) -> None:
+        self.section = "Captions"
+        self.ask_setting("caption_extension", "Extension of the caption files",
+                         check=lambda v: None if v.strip(".") else "give an extension such as .txt")
+        if self.ask_setting("shuffle_captions", "Shuffle the tags of each caption?"):
+            self.ask_setting("keep_tokens", "Keep the first N tags in place (empty: none)", low=0, none_label="none")
+        self.ask_setting("flip_aug", "Flip images horizontally at random?")
+        if self.ask_setting("tag_occurrence_txt_file", "Write a list of every tag with its count beside the LoRA?"):
+            order = self.ask_plain("tag_order", "choice", "Sort the tag list", "alphabetically" if
+                                   self.store.sort_tag_occurrence_alphabetically else "count",
+                                   options=("count", "alphabetically"),
+                                   labels={"count": "by count", "alphabetically": "alphabetically"},
+                                   help=INFOS["sort_tag_occurrence_alphabetically"].help)
+            self.set(sort_tag_occurrence_alphabetically=order == "alphabetically")
+
+    def _precision_and_caching(self) -> None:
+        self.section = "Precision and caching"
+        self.ask_setting("mixed_precision", "Training precision (bf16 needs an RTX 30xx or newer)")
+        if self.ask_setting("cache_latents", "Cache latents (faster; no random crop or colour augmentation)?"):
+            self.ask_setting("cache_latents_to_disk", "Keep the latent cache on disk between runs?")
+            self.set(random_crop=False, color_aug=False)
+        else:
+            self.set(cache_latents_to_disk=False)
+            self.ask_setting("random_crop", "Random crops instead of centre crops?")
+        self.section = "Loss"
+        self.ask_setting("min_snr_gamma", "Min-SNR gamma (empty: off; 5 is common)", low=0, low_open=True,
+                         none_label="off")
+
+    def _samples(self) -> None:
+        self.section = "Sample images"
+        if not self.ask_plain("sample_images", "yes_no", "Make sample images while training?",
+                              self.store.sample_prompts is not None, help=INFOS["sample_prompts"].help):
+            self.set(sample_prompts=None, sample_every_n_steps=None, sample_every_n_epochs=None, sample_at_first=False)
+            return
+        self.ask_setting("sample_prompts", "Choose the text file of prompts", optional=False, filetypes=(".txt",))
+        self.ask_setting("sample_sampler", "Sampler for the sample images", optional=False,
+                         default=self.store.sample_sampler or "ddim", options=tuple(SAMPLERS))
+        when = self.ask_plain("sample_when", "choice", "Make samples every N steps or every N epochs?",
+                              "steps" if self.store.sample_every_n_steps else "epochs", options=("epochs", "steps"))
+        if when == "steps":
+            self.ask_setting("sample_every_n_steps", "Make samples every N steps", low=1, optional=False,
+                             default=self.store.sample_every_n_steps or 200)
+            self.set(sample_every_n_epochs=None)
+        else:
+            self.ask_setting("sample_every_n_epochs", "Make samples every N epochs", low=1, optional=False,
+                             default=self.store.sample_every_n_epochs or 1)
+            self.set(sample_every_n_steps=None)
+
+    # ----------------------------------------------------------------------------- the end
+    def summary_lines(self) -> list[str]:
+        """The chosen settings by section, then the dataset and the estimated number of steps."""
+        from sd_scripts.library.errors import UserError
+
+        lines: list[str] = []
+        for title, names in _SUMMARY_SECTIONS:
+            shown = [f"  {name}: {format_value(getattr(self.store, name))}" for name in names
+                     if _worth_listing(self.store, name)]
+            if shown:
+                lines += [title] + shown
+        try:
+            self.report = self.scan(self.store)
+        except UserError as err:
+            lines += ["Dataset", f"  problem: {err}"]
+        else:
+            total, per_epoch, epochs = estimate_steps(self.store, self.report)
+            lines += ["Dataset"] + [f"  {line}" for line in self.report.lines()]
+            lines.append(f"Estimated steps: {total} ({per_epoch} per epoch x {epochs} epochs)")
+        lines += [f"note: {n}" for n in self.notes]
+        return lines
+
+    def _summary(self) -> Any:
+        from frontend.resolve import validate_store
+        from sd_scripts.library.errors import UserError, UserErrors
+
+        while True:
+            self.section = "Summary"
+            start = "Save the JSON file (no training)" if self.store.save_json_only else _SUMMARY_LABELS["start"]
+            action = self.ask_plain("summary", "summary", "Check your settings", "start", options=SUMMARY_ACTIONS,
+                                    labels={**_SUMMARY_LABELS, "start": start}, details=tuple(self.summary_lines()),
+                                    help="closing this window cancels; Back goes through the questions again")
+            if action == "back":
+                self._paths()
+                self._settings()
+                continue
+            if action == "save":
+                self._save_now()
+                continue
+            try:
+                validate_store(self.store)
+            except UserError as err:
+                errors = err.errors if isinstance(err, UserErrors) else [err]
+                self.asker.tell("Cannot start", "\n".join(str(e) for e in errors), "error")
+                continue
+            return self.store
+
+    def _save_now(self) -> None:
+        from sd_scripts.library.errors import UserError
+
+        self.section = "Save JSON"
+        folder = self.ask_plain("save_now_folder", "path", "Folder to save the JSON file in",
+                                self.store.save_json_folder or self.store.output_folder, path_kind="out_dir",
+                                help=INFOS["save_json_folder"].help)
+        name = self.ask_plain("save_now_name", "text", "A name for the JSON file (empty: only the date and time)",
+                              self.store.save_json_name, optional=True, none_label="date and time only",
+                              check=_bad_name, help=INFOS["save_json_name"].help)
+        try:
+            path = self.save_json(self.store, folder, name)
+        except (UserError, OSError) as err:
+            self.asker.tell("Not saved", str(err), "error")
+            return
+        self.asker.tell("Saved", f"Settings saved to {path}\nLoad it again with: python main.py --load_json_path \"{path}\"")
+
+
+def _save_settings_json(store: Any, folder: str, name: str | None) -> str:
+    from frontend.json_io import save_settings_json
+
+    return save_settings_json(store, folder, name)
+
+
+_ONLY_WITH_SCHEDULER = {"cosine_restarts": "cosine_with_restarts", "scheduler_power": "polynomial"}
+
+
+def _worth_listing(store: Any, name: str) -> bool:
+    """Set values, and a few that matter even when off; not the options of an unused scheduler."""
+    if name in _ONLY_WITH_SCHEDULER and store.scheduler != _ONLY_WITH_SCHEDULER[name]:
+        return False
+    value = getattr(store, name)
+    return not (value is None or value is False) or name in ("v2", "cache_latents", "flip_aug")
+
+
+def _arg_number(args: dict, key: str, fallback: float) -> float:
+    """A number from network_args (strings in files), or ``fallback`` when missing or not a number."""
+    try:
+        return float(args[key])
+    except (KeyError, TypeError, ValueError):
+        return float(fallback)
