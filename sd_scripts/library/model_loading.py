@@ -2,12 +2,14 @@
 
 Single files (``.safetensors``; ``.ckpt``/``.pt`` pickles loaded with ``weights_only=True``) are converted with
 diffusers' ``single_file_utils`` functions, offline, using either the model's own LDM config (``<stem>.yaml`` next
-to it, as AUTOMATIC1111 reads it) or the family's built-in full-size config. The text encoder is built by us from
-its weights (size read from them, 64-wide attention heads); SD2's OpenCLIP encoder loses its last block, as in kohya.
+to it, as AUTOMATIC1111 reads it; an SGM config for SDXL) or the family's built-in full-size config. Text encoders
+are built by us from their weights (size read from them, 64-wide attention heads); SD2's OpenCLIP encoder loses its
+last block, as in kohya; SDXL's second encoder keeps all blocks and its projection (``CLIPTextModelWithProjection``).
 
-Tokenizer lookup order: the diffusers folder's ``tokenizer/``; ``tokenizer_cache_dir`` (the folder itself, or kohya's
-``<dir>/openai_clip-vit-large-patch14`` / ``<dir>/stabilityai_stable-diffusion-2``); the Hugging Face cache (no
-network); a download (only when not offline; saved into ``tokenizer_cache_dir`` when given).
+Tokenizer lookup order: the diffusers folder's ``tokenizer/`` (``tokenizer_2/``); ``tokenizer_cache_dir`` (the folder
+itself, or kohya's ``<dir>/openai_clip-vit-large-patch14`` / ``<dir>/stabilityai_stable-diffusion-2`` /
+``<dir>/laion_CLIP-ViT-bigG-14-laion2B-39B-b160k``); the Hugging Face cache (no network); a download (only when not
+offline; saved into ``tokenizer_cache_dir`` when given). SDXL's second tokenizer always pads with "!" (id 0).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import json
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelLoadError
-from .model_families import FAMILIES, ModelFamily, get_family
+from .model_families import FAMILIES, ModelFamily, get_family, requested_family
 
 __all__ = [
     "LoadedModel",
@@ -39,9 +42,10 @@ SAFETENSORS_EXTS = (".safetensors", ".sft")
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "text_encoder/config.json",
-                     "scheduler/scheduler_config.json", "tokenizer/*"]
+                     "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
 _HUB_WEIGHT_FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                     "text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
 
 
 @dataclass
@@ -64,6 +68,10 @@ class LoadedModel:
     @property
     def tokenizer(self):
         return self.tokenizers[0]
+
+    @property
+    def text_encoder_2(self):
+        return self.text_encoders[1] if len(self.text_encoders) > 1 else None
 
 
 # ------------------------------------------------------------------------------------------------- file reading
@@ -115,14 +123,19 @@ def _torch_load(path: str, setting: str) -> Any:
         return _fail(setting, f"{path} is not a readable checkpoint ({first}); check the file or download it again")
 
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain (non-torch) pickle makes torch warn about its protocol before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         names = _unsafe_globals(path)
+        if not names:  # the legacy (pre-zip) format cannot be listed; torch names the first global it met
+            names = re.findall(r"unsupported GLOBAL (\S+)", str(e))
         if not names:
             raise unreadable(ValueError("not a PyTorch checkpoint"))
         shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
@@ -257,7 +270,7 @@ def _family_of_single_file(path: str, shapes: dict) -> ModelFamily:
     if len(claimed) == 1:
         return claimed[0]
     if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise _unknown_family(path, "it looks like an SDXL checkpoint, not supported yet")
+        raise _unknown_family(path, "it looks like an SDXL refiner or another SGM model with one text encoder")
     if not claimed:
         raise _unknown_family(path, "unrecognised text encoder and UNet layout")
     return claimed[0]
@@ -271,7 +284,7 @@ def _family_of_diffusers(folder: Path) -> tuple[ModelFamily, dict, dict]:
         raise _fail(SETTING, f"{folder} has no readable unet/config.json; give a complete diffusers folder")
     claimed = [f for f in FAMILIES.values() if f.claims_diffusers(unet_config, te_config, model_index)]
     if len(claimed) != 1:
-        kind = "an SDXL-style pipeline" if "text_encoder_2" in model_index else \
+        kind = "an SDXL refiner" if model_index.get("requires_aesthetics_score") else \
             f"cross_attention_dim {unet_config.get('cross_attention_dim')}"
         raise _unknown_family(str(folder), kind)
     return claimed[0], unet_config, model_index
@@ -280,19 +293,11 @@ def _family_of_diffusers(folder: Path) -> tuple[ModelFamily, dict, dict]:
 def _apply_family_settings(config, detected: ModelFamily | None, where: str) -> ModelFamily:
     """The family the settings ask for, checked against the detected one.
 
-    ``model_family`` forces a family; ``v2 = true`` means sd2 (``v2 = false`` is kohya's default and claims nothing).
+    ``model_family`` forces a family; ``v2 = true`` means sd2 and ``sdxl = true`` sdxl (``false`` is kohya's default
+    for both and claims nothing).
     """
-    wanted = None
-    if config.model_family:
-        wanted = get_family(config.model_family)
-    if config.v2:
-        v2_family = get_family("sd2")
-        if wanted is not None and wanted is not v2_family:
-            raise ConfigError(f"v2: true conflicts with model_family {wanted.name}; unset one of them", "v2")
-        wanted = wanted or v2_family
-        setting = "v2"
-    else:
-        setting = "model_family"
+    wanted = requested_family(config)
+    setting = "sdxl" if getattr(config, "sdxl", None) else "v2" if config.v2 else "model_family"
     if detected is None:
         if wanted is None:
             raise _unknown_family(where, "could not tell from the file")
@@ -303,8 +308,11 @@ def _apply_family_settings(config, detected: ModelFamily | None, where: str) -> 
     return detected
 
 
-def _v_from_single_file(shapes: dict, metadata: dict, yaml_config: dict | None) -> bool | None:
+def _v_from_single_file(shapes: dict, metadata: dict, yaml_config: dict | None,
+                        family: ModelFamily | None = None) -> bool | None:
     if yaml_config is not None:
+        if family is not None:
+            return family.v_from_ldm_config(yaml_config)
         return yaml_config["model"]["params"].get("parameterization") == "v"
     if str(metadata.get("modelspec.prediction_type", "")).lower() == "v":
         return True
@@ -335,7 +343,7 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
         yaml_config = _read_yaml(yaml_path) if yaml_path.is_file() else None
         info.update(format="safetensors" if _is_safetensors(path) else "ckpt",
                     yaml=str(yaml_path) if yaml_config is not None else None)
-        file_v = _v_from_single_file(shapes, metadata, yaml_config)
+        file_v = _v_from_single_file(shapes, metadata, yaml_config, detected)
     else:
         folder = Path(path)
         detected, _, _ = _family_of_diffusers(folder)
@@ -394,6 +402,17 @@ def _hub_tokenizer_folder(source, local_only: bool) -> Path | None:
 
 def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.PathLike | None = None, index: int = 0):
     """The CLIP tokenizer of ``family`` (text encoder ``index``); see the module doc for the lookup order."""
+    tokenizer = _find_tokenizer(family, config, model_folder, index)
+    pad = family.tokenizer_sources[index].pad_token
+    if pad is not None and tokenizer.pad_token != pad:
+        tokenizer.pad_token = pad
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.unk_token_id:
+            raise ModelLoadError(f"tokenizer_cache_dir: the {family.name} tokenizer {index + 1} has no {pad!r} token to "
+                                 "pad with; give the right tokenizer", "tokenizer_cache_dir")
+    return tokenizer
+
+
+def _find_tokenizer(family: ModelFamily, config, model_folder, index: int):
     source = family.tokenizer_sources[index]
     if model_folder is not None:
         sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
@@ -402,7 +421,7 @@ def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.Path
     cache_dir = getattr(config, "tokenizer_cache_dir", None) if config is not None else None
     if cache_dir:
         base = Path(os.path.expanduser(str(cache_dir)))
-        for candidate in (base, base / source.cache_name, base / source.cache_name / "tokenizer"):
+        for candidate in (base / source.cache_name, base / source.cache_name / "tokenizer", base):
             if _has_tokenizer_files(candidate):
                 return _tokenizer_from_folder(candidate, "tokenizer_cache_dir")
     try:
@@ -471,19 +490,21 @@ def _build_module(factory, state: dict, setting: str, where: str, what: str, fix
     return model.eval()
 
 
-def _ldm_text_encoder_state(family: ModelFamily, checkpoint: dict) -> dict:
+def _ldm_text_encoder_state(family: ModelFamily, checkpoint: dict, index: int = 0) -> dict:
     from .ldm_convert import clip_from_ldm, openclip_from_ldm
 
-    kind = family.text_encoder_kinds[0]
-    if kind == "clip":
-        return clip_from_ldm(checkpoint, family.ldm_text_encoder_prefix)
-    if kind == "openclip":
-        return openclip_from_ldm(checkpoint, family.ldm_text_encoder_prefix, drop_last_layer=True)
-    raise ValueError(f"unknown text encoder kind {kind!r}")
+    spec = family.text_encoder_specs[index]
+    if spec.kind == "clip":
+        return clip_from_ldm(checkpoint, spec.ldm_prefix)
+    if spec.kind == "openclip":
+        return openclip_from_ldm(checkpoint, spec.ldm_prefix, drop_last_layer=spec.drop_last_layer,
+                                 with_projection=spec.with_projection)
+    raise ValueError(f"unknown text encoder kind {spec.kind!r}")
 
 
-def text_encoder_config_from_state(family: ModelFamily, state: dict, tokenizer=None):
-    """A ``CLIPTextConfig`` sized from the weights (64-wide heads), with the family's activation."""
+def text_encoder_config_from_state(family: ModelFamily, state: dict, tokenizer=None, index: int = 0):
+    """A ``CLIPTextConfig`` sized from the weights (64-wide heads), with the activation of the family's encoder
+    ``index``; ``projection_dim`` from ``text_projection.weight`` when the weights have one."""
     from transformers import CLIPTextConfig
 
     token = state["embeddings.token_embedding.weight"]
@@ -500,25 +521,34 @@ def text_encoder_config_from_state(family: ModelFamily, state: dict, tokenizer=N
         num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64),
         max_position_embeddings=int(state["embeddings.position_embedding.weight"].shape[0]),
-        hidden_act=family.te_hidden_act,
-        projection_dim=hidden,
+        hidden_act=family.text_encoder_specs[index].hidden_act,
+        projection_dim=int(state["text_projection.weight"].shape[0]) if "text_projection.weight" in state else hidden,
         layer_norm_eps=1e-5,
         **kwargs,
     )
 
 
-def _text_encoder_from_ldm(family: ModelFamily, checkpoint: dict, tokenizer, where: str, dtype):
-    from transformers import CLIPTextModel
+def _text_encoder_from_ldm(family: ModelFamily, checkpoint: dict, tokenizer, where: str, dtype, index: int = 0):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    state = _ldm_text_encoder_state(family, checkpoint)
+    spec = family.text_encoder_specs[index]
+    state = _ldm_text_encoder_state(family, checkpoint, index)
+    what = "text encoder" if len(family.text_encoder_specs) == 1 else f"text encoder {index + 1}"
     if "embeddings.token_embedding.weight" not in state or "encoder.layers.0.mlp.fc1.weight" not in state:
-        raise _fail(SETTING, f"{where} has no {family.name} text encoder weights ({family.ldm_text_encoder_prefix}*); "
+        raise _fail(SETTING, f"{where} has no {family.name} {what} weights ({spec.ldm_prefix}*); "
                              "give a full model checkpoint")
-    te_config = text_encoder_config_from_state(family, state, tokenizer)
-    if _clip_has_text_model_wrapper():
-        state = {"text_model." + k: v for k, v in state.items()}
+    if spec.with_projection and "text_projection.weight" not in state:
+        raise _fail(SETTING, f"{where} has no {spec.ldm_prefix}text_projection for the {family.name} {what}; "
+                             "give a full model checkpoint")
+    te_config = text_encoder_config_from_state(family, state, tokenizer, index)
+    if spec.with_projection:
+        cls, wrapped = CLIPTextModelWithProjection, True
+    else:
+        cls, wrapped = CLIPTextModel, _clip_has_text_model_wrapper()
+    if wrapped:
+        state = {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in state.items()}
     fix = "the checkpoint's text encoder is damaged or of another family"
-    return _build_module(lambda: CLIPTextModel(te_config), state, SETTING, where, "text encoder", fix, dtype)
+    return _build_module(lambda: cls(te_config), state, SETTING, where, what, fix, dtype)
 
 
 _WRAPPER: bool | None = None
@@ -540,14 +570,15 @@ def _clip_has_text_model_wrapper() -> bool:
     return _WRAPPER
 
 
-def _unet_from_ldm(checkpoint: dict, ldm_config: dict, where: str, fix: str, dtype):
+def _unet_from_ldm(checkpoint: dict, ldm_config: dict, where: str, fix: str, dtype, family: ModelFamily | None = None):
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    unet_config = create_unet_diffusers_config_from_ldm(ldm_config, checkpoint)
-    image_size = ldm_config["model"]["params"].get("image_size")
-    if image_size:
-        unet_config["sample_size"] = int(image_size)
+    family = family or get_family("sd1")
+    try:
+        unet_config = family.unet_config_from_ldm(ldm_config, checkpoint)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(SETTING, f"{where}: its model config has no usable UNet description ({type(e).__name__}: {e}); {fix}")
     state = convert_ldm_unet_checkpoint(checkpoint, unet_config)
     return _build_module(lambda: UNet2DConditionModel.from_config(unet_config), state, SETTING, where, "UNet", fix, dtype)
 
@@ -560,7 +591,7 @@ def _vae_from_ldm(checkpoint: dict, vae_config: dict, setting: str, where: str, 
     return _build_module(lambda: AutoencoderKL.from_config(vae_config), state, setting, where, "VAE", fix, dtype)
 
 
-def _load_single_file(family: ModelFamily, info: dict, config, tokenizer, dtype):
+def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list, dtype):
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
 
     path = info["path"]
@@ -573,8 +604,9 @@ def _load_single_file(family: ModelFamily, info: dict, config, tokenizer, dtype)
         ldm_config = family.builtin_ldm_config(v_param)
         fix = (f"it is not a standard full-size {family.name} model; put its LDM config next to it as "
                f"{Path(path).with_suffix('.yaml').name}")
-    unet = _unet_from_ldm(checkpoint, ldm_config, path, fix, dtype)
-    text_encoder = _text_encoder_from_ldm(family, checkpoint, tokenizer, path, dtype)
+    unet = _unet_from_ldm(checkpoint, ldm_config, path, fix, dtype, family)
+    text_encoders = [_text_encoder_from_ldm(family, checkpoint, tokenizer, path, dtype, i)
+                     for i, tokenizer in enumerate(tokenizers)]
     has_vae = any(k.startswith("first_stage_model.") for k in checkpoint)
     vae_config = create_vae_diffusers_config_from_ldm(ldm_config, checkpoint)
     vae = None
@@ -582,12 +614,12 @@ def _load_single_file(family: ModelFamily, info: dict, config, tokenizer, dtype)
         vae = _vae_from_ldm(checkpoint, vae_config, SETTING, path, fix, dtype)
     elif not config.vae:
         raise _fail(SETTING, f"{path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder")
-    return unet, vae, text_encoder, vae_config
+    return unet, vae, text_encoders, vae_config
 
 
 def _load_diffusers(family: ModelFamily, folder: str, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     def load(what, fn):
         try:
@@ -602,9 +634,13 @@ def _load_diffusers(family: ModelFamily, folder: str, dtype):
     if (Path(folder) / "vae").is_dir():
         vae = load("VAE", lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
                                                                 torch_dtype=dtype))
-    text_encoder = load("text encoder", lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
-                                                                              local_files_only=True, dtype=dtype))
-    return unet.eval(), vae, text_encoder.eval()
+    text_encoders = []
+    for spec in family.text_encoder_specs:
+        cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        what = "text encoder" if spec.subfolder == "text_encoder" else spec.subfolder.replace("_", " ")
+        text_encoders.append(load(what, lambda cls=cls, sub=spec.subfolder: cls.from_pretrained(
+            folder, subfolder=sub, local_files_only=True, dtype=dtype)).eval())
+    return unet.eval(), vae, text_encoders
 
 
 # ----------------------------------------------------------------------------------------------------- the VAE
@@ -665,17 +701,17 @@ def load_model(config, dtype=None) -> LoadedModel:
     if info["kind"] == "diffusers" and info.get("repo_id"):
         info["path"] = str(_resolve_hub_repo(info["repo_id"], with_weights=True))
     model_folder = info["path"] if info["kind"] == "diffusers" else None
-    tokenizer = load_tokenizer(family, config, model_folder)
+    tokenizers = [load_tokenizer(family, config, model_folder, i) for i in range(len(family.text_encoder_specs))]
     if info["kind"] == "single_file":
-        unet, vae, text_encoder, vae_config = _load_single_file(family, info, config, tokenizer, dtype)
+        unet, vae, text_encoders, vae_config = _load_single_file(family, info, config, tokenizers, dtype)
     else:
-        unet, vae, text_encoder = _load_diffusers(family, info["path"], dtype)
+        unet, vae, text_encoders = _load_diffusers(family, info["path"], dtype)
         vae_config = dict(vae.config) if vae is not None else None
     if config.vae:
         vae = load_vae(config.vae, dict(vae.config) if vae is not None else vae_config, dtype)
     elif vae is None:
         raise _fail(SETTING, f"{info['path']} has no VAE; set vae to a VAE file or folder")
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
-    return LoadedModel(family=family, unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[tokenizer],
+    return LoadedModel(family=family, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
                        v_parameterization=bool(info["v_parameterization"]), model_path=info["path"], info=info)
