@@ -1,27 +1,64 @@
 """The training loop: ``train(config, callbacks) -> TrainResult``.
 
 Reads top to bottom: preflight, accelerator, models, dataset (and latent cache), network,
-optimizer and schedule, then one loop over epochs and batches. Family-specific work
-(text encoding, the UNet call, latent scale) goes through the model family object, so the
-loop never branches on a family name. Progress, samples and saves reach the caller through
-callbacks; nothing here prints.
+optimizer and schedule, the state to resume from, then one loop over epochs and batches.
+Family-specific work (text encoding, the UNet call, latent scale) goes through the model family
+object, so the loop never branches on a family name. Progress, samples and saves reach the caller
+through callbacks; nothing here prints.
+
+Reliability rules the loop keeps:
+
+* **Exact resume.** ``save_state`` writes the network, optimizer, scheduler, random states, the
+  counters and the position in the data order (:mod:`.train_state`). The data order depends only
+  on (seed, epoch, batch index), so a resumed run skips the batches already trained on and
+  continues bit for bit: a run stopped after a saved state and resumed ends with the same LoRA.
+  The data loader has its own random generator, so starting an epoch draws nothing from torch's
+  global generator, and sampling saves and restores every random state.
+* **Ctrl+C.** The first Ctrl+C finishes the current step (or abandons the sample image being
+  drawn), saves ``<output_name>-interrupted.<ext>`` and, with ``save_state``, the state, then
+  raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``: command lines exit with 130).
+  A second Ctrl+C stops at once.
+* **NaN/inf.** A non-finite loss (or gradient norm) stops the run with the step and the batch's
+  image files named -- or, with ``skip_nonfinite_steps``, skips that optimizer step. Weights are
+  checked before every save; nothing non-finite is ever written.
+* **Disk full.** A save that fails for lack of space keeps the previous files and stops with one
+  line saying what could not be written, how much space it needed, and which state to resume from.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import signal
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .callbacks import CallbackDispatcher
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, UserErrors
 
-__all__ = ["TrainResult", "TrainingStopped", "train", "lora_file_name"]
+__all__ = ["TrainResult", "TrainingStopped", "TrainingInterrupted", "train", "lora_file_name", "loss_plot_name"]
 
 
 class TrainingStopped(UserError):
-    """Training stopped on purpose (a non-finite loss); the last good LoRA is kept."""
+    """Training stopped on purpose (a non-finite loss or weights); the last good LoRA is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl+C: what could be saved was saved (``saved_files``); command lines exit with 130."""
+
+    def __init__(self, message: str, saved_files: list[str], state_path: str | None = None):
+        super().__init__(message)
+        self.saved_files = saved_files
+        self.state_path = state_path
+
+
+class _StopAtOnce(KeyboardInterrupt):
+    """The second Ctrl+C: leave without saving."""
 
 
 @dataclass
@@ -29,12 +66,16 @@ class TrainResult:
     output_path: str | None
     saved_files: list[str] = field(default_factory=list)
     sample_files: list[str] = field(default_factory=list)
+    state_paths: list[str] = field(default_factory=list)
+    plot_path: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     global_step: int = 0
     epochs: int = 0
     losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    resumed_from: str | None = None
 
 
 def lora_file_name(output_name: str | None, ext: str, *, epoch: int | None = None, step: int | None = None) -> str:
@@ -44,6 +85,11 @@ def lora_file_name(output_name: str | None, ext: str, *, epoch: int | None = Non
     if step is not None:
         return f"{output_name or 'at'}-step{step:08d}.{ext}"
     return f"{output_name or 'last'}.{ext}"
+
+
+def loss_plot_name(output_name: str | None) -> str:
+    """The loss-and-learning-rate chart written beside the LoRA at the end of a run."""
+    return f"{output_name or 'last'}-loss.png"
 
 
 def _weight_dtype(mixed_precision: str):
@@ -56,15 +102,96 @@ def train(config, callbacks: Any = None, *, model: Any = None) -> TrainResult:
     """Train a LoRA as ``config`` says; raise UserError subclasses for user mistakes.
 
     ``model`` (a ``LoadedModel``) skips loading ``pretrained_model_name_or_path``; benchmarks use it
-    to train a model built in memory.
+    to train a model built in memory. Ctrl+C raises :class:`TrainingInterrupted` after saving.
     """
     from .preflight import preflight
+    from .train_state import check_resume_settings
 
     cb = CallbackDispatcher(callbacks)
     plan = preflight(config, model_given=model is not None)
+    resume_errors = check_resume_settings(config)
+    if resume_errors:
+        raise UserErrors(resume_errors)
     for w in plan.warnings:
         cb.on_message(f"warning: {w}")
     return _Trainer(config, plan, cb, model).run()
+
+
+class _StopRequest:
+    """SIGINT handling while training: the first Ctrl+C asks to stop, the second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach only the main thread; a GUI thread stops through its own means
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        except (ValueError, OSError):  # pragma: no cover - no signal support here
+            pass
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise _StopAtOnce("stopped at once (second Ctrl+C); nothing more was saved")
+        self.requested = True
+
+
+class _StepAwareDataset:
+    """The dataset as the data loader sees it. With token warm-up (the only thing that reads the
+    step), the dataset is told the optimizer step each batch belongs to, computed from the batch's
+    position in the epoch, so it depends neither on the loader's read-ahead nor on where a resumed
+    run started. (With several loader workers they share that value, so a worker may see a
+    neighbour's step: warm-up is then exact to within a few steps.)"""
+
+    def __init__(self, dataset, grad_accum: int, max_steps: int, active: bool):
+        import multiprocessing
+
+        self.dataset = dataset
+        self.grad_accum = grad_accum
+        self.max_steps = max_steps
+        self.active = active
+        self._base = multiprocessing.RawValue("q", 0)  # read live by persistent loader workers
+
+    @property
+    def step_base(self) -> int:
+        return int(self._base.value)
+
+    @step_base.setter
+    def step_base(self, value: int) -> None:
+        self._base.value = int(value)
+
+    def __getstate__(self) -> dict:
+        from multiprocessing.context import get_spawning_popen
+
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # an ordinary pickle, not a worker start: freeze the value
+            state["_base"] = _Frozen(self.step_base)
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if self.active:
+            self.dataset.set_step(self.step_base + index // self.grad_accum, self.max_steps)
+        return self.dataset[index]
+
+
+@dataclass
+class _Frozen:
+    value: int
 
 
 class _Trainer:
@@ -75,6 +202,14 @@ class _Trainer:
         self.preloaded_model = model
         self._prompt_cache: dict = {}
         self.result = TrainResult(output_path=None, warnings=list(plan.warnings))
+        self._stop = _StopRequest()
+        self._trackers_on = False
+        self._last_lora: str | None = None
+        self._last_state: str | None = None
+        self._last_state_step: int | None = None
+        self._last_sample_step = -1
+        self._at_boundary = True  # weights, optimizer and counters agree (between optimizer steps)
+        self._consistent = True  # weights are not half-updated
 
     # ----------------------------------------------------------------- setup
     def run(self) -> TrainResult:
@@ -82,13 +217,20 @@ class _Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from ..networks.factory import build_network
         from .dataset import TrainDataset
         from .model_loading import load_model
         from .noise import make_noise_scheduler
-        from ..networks.factory import build_network
+        from .train_state import TrainProgress, load_train_state, read_progress, recover_output_folder
 
         config = self.config
-        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
+        resume_info = read_progress(config.resume) if config.resume else None
+        if resume_info is not None:
+            seed = int(resume_info.get("seed", 0))
+            if config.seed is not None and int(config.seed) != seed:
+                self._warn(f"resume: the state was trained with seed {seed}; continuing with it (not {config.seed})")
+        else:
+            seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
         self.seed = seed
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -99,6 +241,9 @@ class _Trainer:
         set_seed(seed)
         device = accelerator.device
         self.weight_dtype = weight_dtype = _weight_dtype(config.mixed_precision) if device.type == "cuda" else torch.float32
+        if accelerator.is_main_process and config.output_dir:
+            for line in recover_output_folder(config.output_dir, config.output_name):
+                self.cb.on_message(f"cleaned up after an interrupted run: {line}")
 
         model = self.preloaded_model if self.preloaded_model is not None else load_model(config)
         self.model = model
@@ -135,7 +280,7 @@ class _Trainer:
         self.train_te = train_te
         built_net = build_network(config, model, train_unet=train_unet, train_text_encoder=train_te)
         for w in built_net.warnings:
-            self.cb.on_message(f"warning: {w}")
+            self._warn(w)
         self.network = network = built_net.network
         network.to(device)
 
@@ -157,42 +302,61 @@ class _Trainer:
         network.train()
 
         # Optimizer, data loader, schedule.
-        from .optimizers import build_lr_scheduler, build_optimizer
+        from .optimizers import build_lr_scheduler, build_optimizer, is_schedule_free
 
         params, self.group_names = network.prepare_optimizer_params(config.text_encoder_lr, config.unet_lr, config.learning_rate)
         if not params:
             raise ConfigError("learning_rate: every learning rate is 0, so nothing would train; set unet_lr or text_encoder_lr above 0")
         built = build_optimizer(config, params)
         optimizer, self.optimizer_name = built[0], built[1]
-        for w in (built[2] if len(built) > 2 else []):
-            self.cb.on_message(f"warning: {w}")
+        for w in getattr(built, "warnings", []):
+            self._warn(w)
+        self.schedule_free = is_schedule_free(optimizer)
         self.trainable_params = [p for group in params for p in group["params"]]
 
-        dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=1, shuffle=False, collate_fn=_first,
-            num_workers=config.max_data_loader_n_workers,
-            persistent_workers=config.persistent_data_loader_workers and config.max_data_loader_n_workers > 0,
-        )
-        num_processes = accelerator.num_processes
         ga = config.gradient_accumulation_steps
+        num_processes = accelerator.num_processes
         if config.max_train_epochs:
-            max_train_steps = config.max_train_epochs * math.ceil(len(dataloader) / num_processes / ga)
+            max_train_steps = config.max_train_epochs * math.ceil(len(dataset) / num_processes / ga)
         else:
             max_train_steps = config.max_train_steps
         self.max_train_steps = max_train_steps
-        lr_scheduler = build_lr_scheduler(config, optimizer, max_train_steps * num_processes)
+        token_warmup = any((getattr(getattr(s, "captions", None), "token_warmup_step", 0) or 0) > 0
+                           for s in getattr(plan.dataset, "subsets", []))
+        if not token_warmup:
+            dataset.set_step(0, max_train_steps)
+        self.loader_view = _StepAwareDataset(dataset, ga, max_train_steps, token_warmup)
+        dataloader = torch.utils.data.DataLoader(
+            self.loader_view, batch_size=1, shuffle=False, collate_fn=_first,
+            num_workers=config.max_data_loader_n_workers,
+            persistent_workers=config.persistent_data_loader_workers and config.max_data_loader_n_workers > 0,
+            # its own generator: starting an epoch must not draw from torch's global one (exact resume)
+            generator=torch.Generator().manual_seed(seed),
+        )
+        sched_warnings: list[str] = []
+        lr_scheduler = build_lr_scheduler(config, optimizer, max_train_steps, num_processes=num_processes,
+                                          warnings=sched_warnings)
+        for w in sched_warnings:
+            self._warn(w)
         optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
         self.optimizer, self.dataloader, self.lr_scheduler = optimizer, dataloader, lr_scheduler
-        steps_per_epoch = math.ceil(len(dataloader) / ga)
-        self.num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+        self.steps_per_epoch = math.ceil(len(dataloader) / ga)
+        self.num_train_epochs = math.ceil(max_train_steps / self.steps_per_epoch)
         self.save_every_n_epochs = config.save_every_n_epochs
         if config.save_n_epoch_ratio:
             self.save_every_n_epochs = max(1, self.num_train_epochs // config.save_n_epoch_ratio)
 
         self._prepare_metadata(built_net, len(dataloader), num_processes)
         self._prepare_samples()
-        if self.accelerator.is_main_process and (config.log_with or config.logging_dir):
+        if accelerator.is_main_process and (config.log_with or config.logging_dir):
             self._init_trackers()
+
+        # Where to start: fresh, or the saved state.
+        self.progress = TrainProgress(num_batches_per_epoch=len(dataloader), max_train_steps=max_train_steps, seed=seed,
+                                      group_names=list(self.group_names))
+        self.resumed_rng = None
+        if config.resume:
+            self._restore(load_train_state(config.resume))
         self.cb.on_start({
             "model": config.pretrained_model_name_or_path,
             "family": family.name + (" (v-prediction)" if self.v_param else ""),
@@ -204,14 +368,24 @@ class _Trainer:
             "batch_size": config.train_batch_size,
             "device": str(device),
             "seed": seed,
+            **({"resumed_from": f"{config.resume} (step {self.progress.global_step})"} if config.resume else {}),
         })
+        self._stop.install()
         try:
             self._loop()
         finally:
-            if getattr(self, "_trackers_on", False):
-                accelerator.end_training()
+            self._stop.uninstall()
+            if self._trackers_on:
+                try:
+                    accelerator.end_training()
+                except Exception:  # noqa: BLE001 - closing logs must not hide the real outcome
+                    pass
         self.cb.on_end(self.result)
         return self.result
+
+    def _warn(self, text: str) -> None:
+        self.result.warnings.append(text)
+        self.cb.on_message(f"warning: {text}")
 
     def _log_with(self):
         if self.config.log_with:
@@ -219,15 +393,20 @@ class _Trainer:
         return "tensorboard" if self.config.logging_dir else None
 
     def _init_trackers(self):
-        import time
-
-        name = (self.config.log_prefix or "") + (self.config.output_name or "network_train")
+        name = (self.config.log_prefix or "") + (self.config.output_name or "network_train") + time.strftime("_%Y%m%d%H%M%S")
+        init_kwargs = {}
+        if self.config.log_with in ("wandb", "all"):
+            init_kwargs["wandb"] = {"name": name}
         try:
-            self.accelerator.init_trackers(name + time.strftime("_%Y%m%d%H%M%S"))
+            self.accelerator.init_trackers(name, init_kwargs=init_kwargs)
             self._trackers_on = True
-        except Exception as e:  # a missing tensorboard/wandb package must not stop a run
-            self.cb.on_message(f"warning: logging disabled ({e})")
+        except Exception as e:  # noqa: BLE001 - a tracker that cannot start (no login, no network) must not stop a run
+            self._warn(f"logging disabled ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
             self._trackers_on = False
+
+    def _log(self, values: dict, step: int) -> None:
+        if self._trackers_on:
+            self.accelerator.log(values, step=step)
 
     def _vae_cache_key(self) -> str:
         src = self.config.vae or self.config.pretrained_model_name_or_path
@@ -241,7 +420,7 @@ class _Trainer:
             return self.model.vae.encode(images).latent_dist.sample().float()
 
     def _prepare_metadata(self, built_net, num_batches, num_processes):
-        from .lora_file import file_sha256, legacy_model_hash
+        from .lora_file import build_modelspec, file_sha256, legacy_model_hash
         from .metadata import build_training_metadata
 
         hashes = {}
@@ -255,8 +434,6 @@ class _Trainer:
             max_train_steps=self.max_train_steps, lr_warmup_steps=_warmup_steps(self.config.lr_warmup_steps, self.max_train_steps),
             num_processes=num_processes, model_hashes=hashes,
         )
-        from .lora_file import build_modelspec
-
         res = [int(p) for p in str(self.config.resolution).split(",")]
         self.metadata.update(build_modelspec(
             self.family.modelspec_architecture(self.v_param), title=self.config.output_name or "LoRA",
@@ -272,72 +449,218 @@ class _Trainer:
 
             self.sample_prompts = load_sample_prompts(self.config.sample_prompts)
 
+    def _restore(self, state) -> None:
+        """Put the saved network, optimizer, scheduler, counters and history in place."""
+        p = state.progress
+        own = self.network.state_dict()
+        missing = sorted(set(own) - set(state.network))
+        unexpected = sorted(set(state.network) - set(own))
+        wrong = [k for k in own if k in state.network and tuple(own[k].shape) != tuple(state.network[k].shape)]
+        if missing or unexpected or wrong:
+            example = (missing or unexpected or wrong)[0]
+            raise ConfigError(f"resume: the network in {state.path} does not match these settings ({example}); resume "
+                              "with the network settings of the run that saved it", "resume")
+        self.network.load_state_dict(state.network)
+        try:
+            if state.optimizer is not None:
+                self.optimizer.load_state_dict(state.optimizer)
+            if state.scheduler is not None:
+                self.lr_scheduler.load_state_dict(state.scheduler)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"resume: the optimizer state in {state.path} does not fit ({' '.join(str(e).split())[:160]}); "
+                              "resume with the optimizer settings of the run that saved it", "resume") from None
+        if state.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state.scaler)
+        if p.num_batches_per_epoch != len(self.dataloader):
+            self._warn(f"resume: the state had {p.num_batches_per_epoch} batches per epoch, now {len(self.dataloader)} "
+                       "(the dataset or batch settings changed); training continues from the saved step, but not "
+                       "exactly as an uninterrupted run would")
+            if p.batches_done > len(self.dataloader):
+                p.batches_done = len(self.dataloader)
+        if p.global_step >= self.max_train_steps:
+            self._warn(f"resume: the state is at step {p.global_step}, the run has {self.max_train_steps} steps; "
+                       "nothing is left to train (raise max_train_steps or max_train_epochs to continue)")
+        self.progress.global_step, self.progress.epoch = p.global_step, p.epoch
+        self.progress.batches_done, self.progress.epoch_end_done = p.batches_done, p.epoch_end_done
+        self.progress.epoch_start_step = p.epoch_start_step
+        self.progress.losses, self.progress.lrs = list(p.losses), list(p.lrs)
+        self.result.losses = [v for v in p.losses if math.isfinite(v)]
+        rng = state.rng
+        index = self.accelerator.process_index
+        self.resumed_rng = rng[index] if index < len(rng) else (rng[0] if rng else None)
+        self.result.resumed_from = state.path
+        self._last_state, self._last_state_step = state.path, p.global_step
+        self.cb.on_message(f"resuming from {state.path}: step {p.global_step}, epoch {p.epoch}")
+
     # ------------------------------------------------------------------ loop
     def _loop(self):
+        from .train_state import restore_rng
+
+        config, p = self.config, self.progress
+        try:
+            if config.sample_at_first and not config.resume:
+                self._sample(label=f"{0:06d}", step=0)
+                self._check_stop()
+            if self.resumed_rng is not None:
+                restore_rng(self.resumed_rng)
+            epoch, skip = p.epoch, p.batches_done
+            self._recent = deque((v for v in p.losses[-len(self.dataloader):] if math.isfinite(v)), maxlen=len(self.dataloader))
+            if config.resume and skip >= len(self.dataloader):
+                # the state was saved after the epoch's last batch
+                if not p.epoch_end_done and not self._is_last_epoch(epoch):
+                    self._end_epoch(epoch)
+                epoch, skip = epoch + 1, 0
+            while epoch <= self.num_train_epochs and p.global_step < self.max_train_steps:
+                self._run_epoch(epoch, skip)
+                skip = 0
+                if self._is_last_epoch(epoch):
+                    break
+                self._end_epoch(epoch)
+                epoch += 1
+            self._finish()
+        except KeyboardInterrupt as e:
+            if isinstance(e, (TrainingInterrupted, _StopAtOnce)):
+                raise
+            # an interrupt raised outside our handler (a callback, a non-main-thread caller): save what is safe
+            self._interrupt(raw=True)
+
+    def _is_last_epoch(self, epoch: int) -> bool:
+        return self.progress.global_step >= self.max_train_steps or epoch >= self.num_train_epochs
+
+    def _run_epoch(self, epoch: int, skip: int) -> None:
         import torch
 
-        config, accelerator = self.config, self.accelerator
-        global_step = 0
-        recent: list[float] = []
-        self._last_sample_step = -1
-        if config.sample_at_first:
-            self._sample(label=f"{0:06d}", step=0)
-        epoch = 0
-        for epoch in range(1, self.num_train_epochs + 1):
-            self.dataloader.set_epoch(epoch)  # accelerate passes it on to the dataset (1-based)
-            for batch in self.dataloader:
-                self.dataset.set_step(global_step, self.max_train_steps)
-                with accelerator.accumulate(self.network):
-                    loss = self._step_loss(batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingStopped(
-                            f"loss became {loss.item()} at step {global_step + 1} (images: "
-                            f"{', '.join(os.path.basename(p) for p in batch['image_paths'])}); lower learning_rate or "
-                            f"check these images; the last saved LoRA is kept")
+        config, p, accelerator = self.config, self.progress, self.accelerator
+        p.epoch = epoch
+        if skip == 0:
+            p.batches_done, p.epoch_start_step, p.epoch_end_done = 0, p.global_step, False
+        self.loader_view.step_base = p.epoch_start_step
+        self.dataloader.set_epoch(epoch)  # accelerate passes it on to the dataset (1-based)
+        loader = self.dataloader
+        if skip:
+            loader = accelerator.skip_first_batches(self.dataloader, skip)
+            loader.set_epoch(epoch)
+            accelerator.step = 0  # states are saved between optimizer steps
+        micro_losses: list = []
+        images = 0
+        skip_step = False
+        t_last = time.perf_counter()
+        for batch in loader:
+            self._at_boundary = False
+            p.batches_done += 1
+            images += len(batch["captions"])
+            with accelerator.accumulate(self.network):
+                loss = self._step_loss(batch)
+                if self._any_process(not bool(torch.isfinite(loss))):
+                    self._nonfinite(f"loss became {float(loss.detach())}", batch)
+                    skip_step = True
+                else:
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if accelerator.num_processes > 1:
-                            self._all_reduce_grads()
-                        if config.max_grad_norm:
-                            accelerator.clip_grad_norm_(self.trainable_params, config.max_grad_norm)
+                    micro_losses.append(loss.detach())
+                if accelerator.sync_gradients and not skip_step:
+                    if accelerator.num_processes > 1:
+                        self._all_reduce_grads()
+                    if config.max_grad_norm:
+                        norm = accelerator.clip_grad_norm_(self.trainable_params, config.max_grad_norm)
+                        if (accelerator.scaler is None and norm is not None
+                                and not bool(torch.isfinite(torch.as_tensor(norm)))):
+                            self._nonfinite(f"the gradient norm became {float(norm)}", batch)
+                            skip_step = True
+                if not skip_step:
+                    self._consistent = False
                     self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                global_step += 1
-                value = loss.detach().item()
+                    self._consistent = True
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            # one optimizer step done (or skipped)
+            p.global_step += 1
+            step = p.global_step
+            if skip_step:
+                value = float("nan")
+                self.result.skipped_steps.append(step)
+            else:
+                value = float(torch.stack(micro_losses).mean()) if micro_losses else float("nan")
+            micro_losses, skip_step = [], False
+            self._at_boundary = True
+            lrs = self._current_lrs()
+            p.losses.append(value)
+            p.lrs.append(lrs)
+            if math.isfinite(value):
                 self.result.losses.append(value)
-                recent.append(value)
-                recent = recent[-len(self.dataloader):]
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.cb.on_progress(global_step, self.max_train_steps, value, lr, epoch)
-                if getattr(self, "_trackers_on", False):
-                    logs = {"loss/current": value, "loss/average": sum(recent) / len(recent)}
-                    for name, group_lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
-                        logs[f"lr/{name}"] = group_lr
-                    accelerator.log(logs, step=global_step)
-                if config.save_every_n_steps and global_step % config.save_every_n_steps == 0 and global_step < self.max_train_steps:
-                    self._save(lora_file_name(config.output_name, config.save_model_as, step=global_step), global_step, epoch)
-                    self._remove_old_step_file(global_step)
-                if config.sample_every_n_steps and global_step % config.sample_every_n_steps == 0:
-                    self._sample(label=f"{global_step:06d}", step=global_step)
-                if global_step >= self.max_train_steps:
-                    break
-            self.result.epochs = epoch
-            last_epoch = global_step >= self.max_train_steps or epoch == self.num_train_epochs
-            if self.save_every_n_epochs and epoch % self.save_every_n_epochs == 0 and not last_epoch:
-                self._save(lora_file_name(config.output_name, config.save_model_as, epoch=epoch), global_step, epoch)
-                self._remove_old_epoch_file(epoch)
-            if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0 and not last_epoch:
-                self._sample(label=f"e{epoch:06d}", step=global_step)
-            if last_epoch:
+                self._recent.append(value)
+            now = time.perf_counter()
+            self.cb.on_progress(step, self.max_train_steps, value, lrs[0] if lrs else 0.0, epoch)
+            if self._trackers_on:
+                logs = {"loss/current": value,
+                        "loss/average": sum(self._recent) / len(self._recent) if self._recent else value,
+                        "images_per_second": images * accelerator.num_processes / max(now - t_last, 1e-9),
+                        "epoch": epoch}
+                for name, group_lr in zip(self.group_names, lrs):
+                    logs[f"lr/{name}"] = group_lr
+                logs.update(self._lr_free_logs())
+                self._log(logs, step)
+            if config.save_every_n_steps and step % config.save_every_n_steps == 0 and step < self.max_train_steps:
+                self._save_checkpoint(step=step)
+            if self._sampling_by_steps() and step % config.sample_every_n_steps == 0:
+                self._sample(label=f"{step:06d}", step=step)
+            self._check_stop()
+            images, t_last = 0, time.perf_counter()
+            if step >= self.max_train_steps:
                 break
-        self.result.global_step = global_step
-        final = self._save(lora_file_name(config.output_name, config.save_model_as), global_step, epoch)
+        self.result.epochs = epoch
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After a full epoch that is not the last: epoch average, per-epoch save and samples."""
+        config, p = self.config, self.progress
+        p.epoch_end_done = True
+        self._log_epoch_average(epoch)
+        if self.save_every_n_epochs and epoch % self.save_every_n_epochs == 0:
+            self._save_checkpoint(epoch=epoch)
+        if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0:
+            self._sample(label=f"e{epoch:06d}", step=p.global_step)
+        self._check_stop()
+
+    def _log_epoch_average(self, epoch: int) -> None:
+        p = self.progress
+        values = [v for v in p.losses[p.epoch_start_step:] if math.isfinite(v)]
+        if values:
+            self._log({"loss/epoch_average": sum(values) / len(values)}, p.global_step)
+
+    def _finish(self) -> None:
+        config, p = self.config, self.progress
+        self._log_epoch_average(p.epoch)
+        self.result.global_step = p.global_step
+        self.result.epochs = p.epoch
+        final = self._save_lora(lora_file_name(config.output_name, config.save_model_as))
         self.result.output_path = final
-        if self.sample_prompts and self._last_sample_step != global_step:
-            self._sample(label=f"e{epoch:06d}", step=global_step)
+        if config.save_state or config.save_state_on_train_end:
+            self._save_state(_state_name(config.output_name))
+        self._write_plot()
+        if self.sample_prompts and self._last_sample_step != p.global_step:
+            self._sample(label=f"e{p.epoch:06d}", step=p.global_step)
+
+    def _sampling_by_steps(self) -> bool:
+        # kohya: sample_every_n_epochs takes precedence over sample_every_n_steps
+        return bool(self.config.sample_every_n_steps) and not self.config.sample_every_n_epochs
+
+    def _current_lrs(self) -> list[float]:
+        try:
+            return [float(x) for x in self.lr_scheduler.get_last_lr()]
+        except Exception:  # noqa: BLE001 - some schedulers have no last lr before stepping
+            return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _lr_free_logs(self) -> dict[str, float]:
+        """D-Adaptation / Prodigy: the effective learning rate d*lr per group, as kohya logs it."""
+        out = {}
+        for name, group in zip(self.group_names, self.optimizer.param_groups):
+            if "d" in group and group.get("lr") is not None:
+                try:
+                    out[f"lr/d*lr/{name}"] = float(group["d"]) * float(group["lr"])
+                except (TypeError, ValueError):
+                    pass
+        return out
 
     def _step_loss(self, batch):
         import torch
@@ -364,7 +687,8 @@ class _Trainer:
         return loss.mean()
 
     def _encode_prompts(self, captions: list[str]):
-        """Text conditioning; with a frozen text encoder, each caption is encoded once and reused."""
+        """Text conditioning; with a frozen text encoder, each caption is encoded once (alone, so its
+        value never depends on which captions shared its batch) and reused."""
         import torch
 
         config = self.config
@@ -372,16 +696,13 @@ class _Trainer:
             with self.accelerator.autocast():
                 return self.family.encode_prompts(self.model, captions, config.clip_skip, config.max_token_length,
                                                   config.weighted_captions)
-        # Conditioning tensors are batch-first, so rows can be cached per caption and stacked.
-        missing = list(dict.fromkeys(c for c in captions if c not in self._prompt_cache))
-        if missing:
+        for caption in dict.fromkeys(c for c in captions if c not in self._prompt_cache):
             with torch.no_grad(), self.accelerator.autocast():
-                cond = self.family.encode_prompts(self.model, missing, config.clip_skip, config.max_token_length,
+                cond = self.family.encode_prompts(self.model, [caption], config.clip_skip, config.max_token_length,
                                                   config.weighted_captions)
-            for i, caption in enumerate(missing):
-                if len(self._prompt_cache) >= 1024:
-                    self._prompt_cache.pop(next(iter(self._prompt_cache)))
-                self._prompt_cache[caption] = {k: v[i : i + 1] for k, v in cond.items()}
+            if len(self._prompt_cache) >= 1024:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+            self._prompt_cache[caption] = cond
         rows = [self._prompt_cache[c] for c in captions]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
@@ -390,60 +711,248 @@ class _Trainer:
             if p.grad is not None:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` on any process (all processes must call this together)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        import torch
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    # ------------------------------------------------------------ NaN and stop
+    def _nonfinite(self, what: str, batch) -> None:
+        """A non-finite loss or gradient at the step being built: skip it or stop."""
+        step = self.progress.global_step + 1
+        files = ", ".join(os.path.basename(p) for p in batch.get("image_paths", []))
+        if self.config.skip_nonfinite_steps:
+            self._warn(f"{what} at step {step} (images: {files}); step skipped (skip_nonfinite_steps)")
+            return
+        kept = f"the last saved LoRA is kept: {self._last_lora}" if self._last_lora else "no LoRA was saved"
+        raise TrainingStopped(
+            f"{what} at step {step} (images: {files}); lower learning_rate or check these images, or set "
+            f"skip_nonfinite_steps to skip such steps; {kept}", "learning_rate")
+
+    def _check_finite_weights(self, what: str) -> None:
+        import torch
+
+        for name, tensor in self.network.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                kept = f"the last saved LoRA is kept: {self._last_lora}" if self._last_lora else "no LoRA was saved"
+                raise TrainingStopped(
+                    f"the network weights hold NaN/inf at step {self.progress.global_step} ({name}); the {what} was not "
+                    f"saved; lower learning_rate (or use mixed_precision bf16 instead of fp16); {kept}", "learning_rate")
+
+    def _check_stop(self) -> None:
+        if self._any_process(self._stop.requested):
+            self._interrupt()
+
+    def _interrupt(self, raw: bool = False) -> None:
+        """Save the LoRA as interrupted (and the state), then raise TrainingInterrupted."""
+        config, p = self.config, self.progress
+        saved: list[str] = []
+        state = None
+        if p.global_step > 0 and self._consistent:
+            path = self._save_lora(f"{config.output_name or 'last'}-interrupted.{config.save_model_as}")
+            if path:
+                saved.append(path)
+            if config.save_state and self._at_boundary:
+                if self._last_state_step == p.global_step and self._last_state:
+                    state = self._last_state
+                else:
+                    state = self._save_state(_state_name(config.output_name, step=p.global_step))
+            self._write_plot()
+        if state:
+            text = f"interrupted at step {p.global_step}: saved {', '.join(saved)}; resume with resume={state}"
+        elif saved:
+            text = f"interrupted at step {p.global_step}: saved {', '.join(saved)}"
+        else:
+            text = f"interrupted at step {p.global_step}: nothing trained since the last save, nothing saved"
+        self.cb.on_message(text)
+        raise TrainingInterrupted(text, saved, state)
+
     # ------------------------------------------------------------ save/sample
-    def _save(self, file_name: str, step: int, epoch: int) -> str | None:
+    @contextmanager
+    def _eval_weights(self):
+        """Schedule-free optimizers keep training weights apart from the weights to use: switch to the
+        latter for saving and sampling, then put the training weights back exactly."""
+        if not self.schedule_free:
+            yield
+            return
+        import torch
+
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.trainable_params]
+            self.optimizer.eval()
+            try:
+                yield
+            finally:
+                self.optimizer.train()
+                for p, s in zip(self.trainable_params, saved):
+                    p.copy_(s)
+
+    def _save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
+        config = self.config
+        self._save_lora(lora_file_name(config.output_name, config.save_model_as, step=step, epoch=epoch))
+        if config.save_state:
+            self._save_state(_state_name(config.output_name, step=step, epoch=epoch))
+        if self.accelerator.is_main_process:
+            if step is not None:
+                self._prune(step, config.save_last_n_steps, config.save_last_n_steps_state or config.save_last_n_steps,
+                            _STEP_FILE, _STEP_STATE, keep_after=lambda n: step - n - 1)
+            else:
+                every = self.save_every_n_epochs or 1
+                self._prune(epoch, config.save_last_n_epochs, config.save_last_n_epochs_state or config.save_last_n_epochs,
+                            _EPOCH_FILE, _EPOCH_STATE, keep_after=lambda n: epoch - every * n)
+
+    def _prune(self, current, keep_files, keep_states, file_re, state_re, keep_after) -> None:
+        """Remove per-step/per-epoch LoRAs and states older than the last N (kohya's save_last_n_*)."""
+        import shutil
+
+        config = self.config
+        name = re.escape(config.output_name or ("at" if file_re is _STEP_FILE else "epoch"))
+        state_name = re.escape(config.output_name or "last")
+        ext = re.escape(config.save_model_as)
+        try:
+            entries = list(os.scandir(config.output_dir))
+        except OSError:
+            return
+        for entry in entries:
+            for keep, pattern, is_dir in ((keep_files, file_re.format(name=name, ext=ext), False),
+                                          (keep_states, state_re.format(name=state_name), True)):
+                if not keep:
+                    continue
+                m = re.fullmatch(pattern, entry.name)
+                if not m or int(m.group(1)) > keep_after(keep) or int(m.group(1)) >= current:
+                    continue
+                try:
+                    if is_dir and entry.is_dir():
+                        shutil.rmtree(entry.path)
+                    elif not is_dir and entry.is_file():
+                        os.remove(entry.path)
+                except OSError as e:
+                    self._warn(f"could not remove the old {entry.path} ({e.strerror})")
+
+    def _save_lora(self, file_name: str) -> str | None:
         from .lora_file import precision_dtype, save_lora_file
         from .metadata import finish_metadata
+        from .train_state import disk_full_error, is_disk_full
 
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        os.makedirs(self.config.output_dir, exist_ok=True)
-        path = os.path.join(self.config.output_dir, file_name)
-        metadata = finish_metadata(self.metadata, step=step, epoch=epoch, no_metadata=self.config.no_metadata)
-        save_lora_file(path, self.network.kohya_state_dict(), metadata, precision_dtype(self.config.save_precision),
-                       self.config.save_model_as)
+        config, p = self.config, self.progress
+        self._check_finite_weights("LoRA")
+        os.makedirs(config.output_dir, exist_ok=True)
+        path = os.path.join(config.output_dir, file_name)
+        metadata = finish_metadata(self.metadata, step=p.global_step, epoch=p.epoch, no_metadata=config.no_metadata)
+        dtype = precision_dtype(config.save_precision)
+        with self._eval_weights():
+            state_dict = self.network.kohya_state_dict()
+            try:
+                save_lora_file(path, state_dict, metadata, dtype, config.save_model_as)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                size = 2 if dtype is not None and getattr(dtype, "itemsize", 4) == 2 else 4
+                needed = sum(v.numel() for v in state_dict.values()) * size + 64 * 1024
+                raise disk_full_error("LoRA file", path, needed, self._last_state) from None
+        self._last_lora = path
         self.result.saved_files.append(path)
         self.cb.on_save(path)
         return path
 
-    def _remove_old_epoch_file(self, epoch: int):
-        n, every = self.config.save_last_n_epochs, self.save_every_n_epochs
-        if n and every:
-            old = epoch - every * n
-            if old > 0:
-                self._remove_output(lora_file_name(self.config.output_name, self.config.save_model_as, epoch=old))
+    def _save_state(self, dir_name: str) -> str | None:
+        from .train_state import capture_rng, disk_full_error, folder_bytes, is_disk_full, save_train_state
 
-    def _remove_old_step_file(self, step: int):
-        n, every = self.config.save_last_n_steps, self.config.save_every_n_steps
-        if n and every:
-            old = (step - n - 1) - ((step - n - 1) % every)
-            if old > 0:
-                self._remove_output(lora_file_name(self.config.output_name, self.config.save_model_as, step=old))
+        accelerator = self.accelerator
+        rng = [capture_rng()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
 
-    def _remove_output(self, file_name: str):
-        path = os.path.join(self.config.output_dir, file_name)
-        if self.accelerator.is_main_process and os.path.isfile(path):
-            os.remove(path)
+            rng = gather_object(rng)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        self._check_finite_weights("training state")
+        path = os.path.join(self.config.output_dir, dir_name)
+        network_state = self.network.state_dict()
+        optimizer_state = self.optimizer.state_dict()
+        try:
+            save_train_state(
+                path, network_state=network_state, optimizer_state=optimizer_state,
+                scheduler_state=self.lr_scheduler.state_dict(),
+                scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                rng_states=rng, progress=self.progress, config=self.config,
+            )
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            needed = folder_bytes(self._last_state) if self._last_state else 0
+            if not needed:
+                needed = sum(t.numel() * t.element_size() for t in network_state.values()) * 3 + 256 * 1024
+            raise disk_full_error("training state", path, needed, self._last_state) from None
+        self._last_state, self._last_state_step = path, self.progress.global_step
+        self.result.state_paths.append(path)
+        self.cb.on_save(path)
+        return path
+
+    def _write_plot(self) -> None:
+        if not self.accelerator.is_main_process or not self.progress.losses:
+            return
+        from .loss_plot import save_loss_plot
+
+        p, config = self.progress, self.config
+        path = os.path.join(config.output_dir, loss_plot_name(config.output_name))
+        try:
+            save_loss_plot(path, p.losses, p.lrs, self.group_names,
+                           title=f"{config.output_name or 'LoRA'}: {p.global_step} steps, {p.epoch} epochs")
+        except OSError as e:
+            self._warn(f"could not write the loss plot {path} ({e.strerror or e})")
+            return
+        self.result.plot_path = path
 
     def _sample(self, label: str, step: int):
         self._last_sample_step = step
         if not self.sample_prompts or not self.accelerator.is_main_process:
             return
-        from .sampling import generate_samples
+        from .sampling import SamplingAborted, generate_samples
+        from .train_state import is_disk_full
 
         self.model.vae.to(self.accelerator.device)
         self.network.eval()
         try:
-            paths = generate_samples(
-                self.model, self.sample_prompts, out_dir=os.path.join(self.config.output_dir, "sample"),
-                output_name=self.config.output_name, label=label, default_sampler=self.config.sample_sampler,
-                v_parameterization=self.v_param, clip_skip=self.config.clip_skip, device=self.accelerator.device,
-            )
+            with self._eval_weights():
+                paths = generate_samples(
+                    self.model, self.sample_prompts, out_dir=os.path.join(self.config.output_dir, "sample"),
+                    output_name=self.config.output_name, label=label, default_sampler=self.config.sample_sampler,
+                    v_parameterization=self.v_param, clip_skip=self.config.clip_skip, device=self.accelerator.device,
+                    autocast=self.accelerator.autocast, should_stop=lambda: self._stop.requested,
+                    header=f"{self.config.output_name or ''} step {step}".strip(),
+                )
+        except SamplingAborted:
+            return  # the stop request is handled by the caller's next check
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            self._warn(f"disk full: the sample images of step {step} were not written")
+            return
         finally:
             self.network.train()
         self.result.sample_files.extend(paths)
         self.cb.on_sample(paths)
+
+
+_STEP_FILE = r"{name}-step(\d{{8}})\.{ext}"
+_EPOCH_FILE = r"{name}-(\d{{6}})\.{ext}"
+_STEP_STATE = r"{name}-step(\d{{8}})-state"
+_EPOCH_STATE = r"{name}-(\d{{6}})-state"
+
+
+def _state_name(output_name, *, step=None, epoch=None) -> str:
+    from .train_state import state_dir_name
+
+    return state_dir_name(output_name, step=step, epoch=epoch)
 
 
 def _first(items):
