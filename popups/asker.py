@@ -295,8 +295,9 @@ class ScriptedAsker:
     """Answers questions from ``answers`` (question key -> answer, or a list of answers used in turn).
 
     A key that is not listed, or whose list is used up, gets :data:`CLOSE` (the default), as when
-    the user closes the window. :data:`CANCEL` raises :class:`Cancelled`. Every question asked and
-    every message told is recorded.
+    the user closes the window; but a question asked again after a refused answer, with nothing
+    left to answer it, cancels (as a user who gives up would). :data:`CANCEL` raises
+    :class:`Cancelled`. Every question asked and every message told is recorded.
     """
 
     def __init__(self, answers: dict[str, Any] | None = None, max_repeats: int = 25):
@@ -317,6 +318,8 @@ class ScriptedAsker:
         if len(self.questions(question.key)) > self.max_repeats:
             raise AssertionError(f"question {question.key!r} asked {self.max_repeats} times; last error: {question.error}")
         queue = self.answers.get(question.key)
+        if not queue and question.error is not None:
+            raise Cancelled(question.key)  # asked again, and the script has no better answer: the user gives up
         answer = queue.pop(0) if queue else CLOSE
         if answer is CANCEL:
             raise Cancelled(question.key)

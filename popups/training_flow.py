@@ -40,6 +40,8 @@ _DECOUPLE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam"}
 _LR_FREE_HINT = "learning-rate-free optimizer: about 1.0, one rate for the whole network"
 
 SUMMARY_ACTIONS = ("start", "save", "back")
+# settings whose scan errors mean "choose another image folder"
+_FOLDER_SETTINGS = {"train_data_dir", "reg_data_dir", "img_folder", "reg_img_folder"}
 _SUMMARY_LABELS = {"start": "Start training", "save": "Save as JSON", "back": "Back"}
 
 # settings listed in the last window, by section
@@ -215,27 +217,10 @@ class TrainingWizard:
 
     # ----------------------------------------------------------------------------- paths
     def _paths(self) -> None:
-        from sd_scripts.library.errors import UserError
-
         self.section = "Paths"
         self.ask_setting("base_model", "Choose the base model to train on", optional=False,
                          filetypes=(".safetensors", ".ckpt"))
-        question = self.question("img_folder", "Choose the image folder (the one holding the <repeats>_<name> folders)",
-                                 optional=False)
-        while True:
-            folder = ask(self.asker, question)
-            self.set(img_folder=folder)
-            try:
-                self.report = self.scan(self.store)
-            except UserError as err:
-                question = dataclasses.replace(question, error=str(err))
-                continue
-            break
-        _, per_epoch, _ = estimate_steps(self.store, self.report)
-        lines = self.report.lines() + [f"{per_epoch} steps per epoch at batch size {self.store.batch_size}"]
-        level = "warning" if self.report.warnings else "info"
-        self.asker.tell("Dataset", "\n".join(lines + [f"warning: {w}" for w in self.report.warnings]), level)
-
+        self._image_folder()
         if self.ask_plain("use_reg", "yes_no", "Use regularization images?", self.store.reg_img_folder is not None,
                           help=INFOS["reg_img_folder"].help):
             self.ask_setting("reg_img_folder", "Choose the regularization image folder", optional=False)
@@ -244,6 +229,33 @@ class TrainingWizard:
         self.ask_setting("output_folder", "Choose the folder the LoRA files are saved in", optional=False)
         self.ask_setting("change_output_name", "Name of the LoRA file (without extension)", none_label="last",
                          check=_bad_name)
+
+    def _image_folder(self) -> None:
+        """Ask for the image folder and check its layout at once; a folder that cannot train is re-asked."""
+        from sd_scripts.library.errors import UserError
+
+        question = self.question("img_folder", "Choose the image folder (the one holding the <repeats>_<name> folders)",
+                                 optional=False)
+        while True:
+            self.set(img_folder=ask(self.asker, question))
+            try:
+                self.report = self.scan(self.store)
+            except UserError as err:
+                if getattr(err, "setting", None) in _FOLDER_SETTINGS:
+                    question = dataclasses.replace(question, error=str(err))
+                    continue
+                # a setting asked later (resolution, caching...) stops the scan: say so and go on
+                self.report = None
+                self.asker.tell("Dataset", f"The images could not be counted yet: {err}", "warning")
+                return
+            self._tell_dataset()
+            return
+
+    def _tell_dataset(self) -> None:
+        _, per_epoch, _ = estimate_steps(self.store, self.report)
+        lines = self.report.lines() + [f"{per_epoch} steps per epoch at batch size {self.store.batch_size}"]
+        level = "warning" if self.report.warnings else "info"
+        self.asker.tell("Dataset", "\n".join(lines + [f"warning: {w}" for w in self.report.warnings]), level)
 
     # ----------------------------------------------------------------------------- settings
     def _settings(self) -> None:
