@@ -28,7 +28,13 @@ def _warn(text: str) -> None:
 def print_user_error(err: UserError) -> None:
     from .settings_map import NAME_MAP
 
-    reverse = {kohya: ours for ours, kohya in NAME_MAP.items() if kohya != ours}
+    from ArgsList import ArgStore
+
+    infos = {info.name: info for info in ArgStore.settings()}
+    reverse: dict[str, str] = {}
+    for ours, kohya in NAME_MAP.items():  # the first wins: resolution is train_resolution, not height_resolution
+        if kohya != ours and kohya not in infos and not (ours in infos and infos[ours].deprecated):
+            reverse.setdefault(kohya, ours)
     errors = err.errors if isinstance(err, UserErrors) else [err]
     for item in errors:
         text = str(item)

@@ -314,7 +314,10 @@ def _lora_params_from_shapes(shapes: dict, linear_rank: int, conv_rank: int | No
             return rank * (shape[1] * shape[2] * shape[3] + shape[0])
         return 0
 
-    def wanted(shape: tuple) -> int | None:
+    def wanted(shape: tuple, name: str = "") -> int | None:
+        # kohya: ResnetBlock2D / Down- and Upsample2D layers are trained only with conv_dim (LoCon)
+        if ("resnets" in name or "samplers" in name) and not conv_rank:
+            return None
         if len(shape) == 4 and (shape[2] > 1 or shape[3] > 1):
             return conv_rank
         return linear_rank
@@ -326,7 +329,7 @@ def _lora_params_from_shapes(shapes: dict, linear_rank: int, conv_rank: int | No
             shape = tuple(shapes[target.weight_key])
             if target.rows is not None:
                 shape = (target.rows[1] - target.rows[0], *shape[1:])
-            rank = wanted(shape)
+            rank = wanted(shape, name)
             if rank:
                 total += module_params(shape, rank)
         return total
@@ -338,7 +341,7 @@ def _lora_params_from_shapes(shapes: dict, linear_rank: int, conv_rank: int | No
         is_unet = bool(_UNET_TARGET.search(path))
         is_te = bool(_TE_TARGET.search(te_key.sub("", path)))
         if (is_unet and unet) or (is_te and te):
-            rank = wanted(tuple(shape))
+            rank = wanted(tuple(shape), path)
             if rank:
                 total += module_params(tuple(shape), rank)
     return total
@@ -428,8 +431,7 @@ def _count_saves(config, steps: int, epochs: int) -> tuple[int, int]:
         state_epochs = min(epoch_saves, config.save_last_n_epochs_state) if config.save_last_n_epochs_state else \
             loras_epoch
         states = 1 + state_epochs + loras_step
-    # +1: a new file is written next to the old one before it replaces it
-    return 1 + loras_epoch + loras_step + 1, states
+    return 1 + loras_epoch + loras_step, states
 
 
 def _latent_cache_bytes(config, dataset) -> int:
@@ -493,7 +495,7 @@ def check_disk_space(config, plan: Plan) -> tuple[list[UserError], list[str], li
         need.parts.append(part)
 
     add(config.output_dir, "output_dir", lora * n_loras,
-        f"{n_loras - 1} LoRA file(s) of about {_human(lora)}" if n_loras > 2 else f"a LoRA file of about {_human(lora)}")
+        f"{n_loras} LoRA files of about {_human(lora)}" if n_loras > 1 else f"a LoRA file of about {_human(lora)}")
     if n_states:
         # network weights in float32 plus optimizer state (two moments for Adam-like optimizers)
         state = (lora if config.save_precision in (None, "float", "fp32") else lora * 2) * 3

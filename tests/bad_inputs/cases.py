@@ -209,7 +209,8 @@ CASES: list[Case] = [
     Case("dataset_config_unknown_key", ("dataset_config", "shuffle_captions"), ["--dataset_config", "{ws}/d.toml"],
          files={"d.toml": _TOML_UNKNOWN_KEY}),
     # ---------------------------------------------------------------- resolution, buckets, augmentation
-    Case("resolution_not_multiple_of_bucket_step", ("resolution", "bucket_reso_steps"), ["--train_resolution", "100"]),
+    Case("resolution_not_multiple_of_bucket_step", ("resolution", "bucket_reso_steps", "JSON files: train_resolution"),
+         ["--train_resolution", "100"]),
     Case("min_bucket_above_max", ("min_bucket_resolution", "max_bucket_resolution"),
          ["--min_bucket_resolution", "256"]),
     Case("bucket_step_not_multiple_of_8", ("bucket_reso_steps", "multiple of 8"), ["--bucket_reso_steps", "12"]),
@@ -268,8 +269,9 @@ CASES: list[Case] = [
     Case("output_dir_inside_dataset", ("output_dir", "inside the dataset"),
          ["--output_folder", "{data}/" + SUBSET + "/lora"]),
     Case("disk_full_for_the_lora", ("output_dir", "not enough free disk space"), disk_free=10_000),
-    Case("disk_full_for_the_latent_cache", ("output_dir", "latent cache"), ["--cache_latents_to_disk"],
-         disk_free=200_000),
+    Case("disk_full_for_the_latent_cache", ("output_dir", "not enough free disk space", "a latent cache of about"),
+         ["--cache_latents_to_disk", "--train_resolution", "1024", "--max_bucket_resolution", "1024"],
+         disk_free=600_000),
     # ---------------------------------------------------------------- CUDA-only options (documented fallbacks in main.py)
     Case("engine_fp16_without_cuda", ("mixed_precision", "CUDA"), ["--mixed_precision", "fp16"], runner="engine",
          cpu_only=True),
