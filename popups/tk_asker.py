@@ -191,8 +191,8 @@ class QuestionWindow(_Window):
         self.submit(self.question.options[picked[0]] if picked else self.question.default)
 
     def _build_entry(self) -> None:
-        self.entry = tk.Entry(self.body, width=64)
-        self.entry.insert(0, _entry_text(self.question))
+        self.entry_text = tk.StringVar(master=self.top, value=_entry_text(self.question))
+        self.entry = tk.Entry(self.body, width=64, textvariable=self.entry_text)
         self.entry.pack(fill="x")
         self.entry.focus_set()
         self.entry.select_range(0, "end")
@@ -200,7 +200,7 @@ class QuestionWindow(_Window):
 
     def _build_number(self) -> None:
         self._build_entry()
-        self.entry.bind("<KeyRelease>", lambda _event: self._live_check())
+        self.entry_text.trace_add("write", lambda *_args: self._live_check())
 
     def _live_check(self) -> None:
         _, reason = self.question.check_answer(self.entry.get())
@@ -210,7 +210,7 @@ class QuestionWindow(_Window):
     def _build_text(self) -> None:
         self._build_entry()
         if self.question.check is not None:
-            self.entry.bind("<KeyRelease>", lambda _event: self._live_check())
+            self.entry_text.trace_add("write", lambda *_args: self._live_check())
 
     def _build_path(self) -> None:
         self._build_entry()

@@ -483,8 +483,8 @@ class TrainingWizard:
             lines += ["Dataset", f"  problem: {err}"]
         else:
             total, per_epoch, epochs = estimate_steps(self.store, self.report)
-            lines += ["Dataset"] + [f"  {line}" for line in self.report.lines()]
-            lines.append(f"Estimated steps: {total} ({per_epoch} per epoch x {epochs} epochs)")
+            estimate = f"Estimated steps: {total} ({per_epoch} per epoch x {epochs} epochs)"
+            lines = [estimate, ""] + lines + ["Dataset"] + [f"  {line}" for line in self.report.lines()]
         lines += [f"note: {n}" for n in self.notes]
         return lines
 
