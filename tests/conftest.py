@@ -74,3 +74,19 @@ def tiny_sd2_single_file(tmp_path_factory) -> Path:
     from sd_scripts.library.tiny_models import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sd2_sf") / "model.safetensors", "sd2", v_prediction=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_diffusers(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped model as a diffusers folder (two text encoders, text_time conditioning)."""
+    from sd_scripts.library.tiny_models import save_tiny_diffusers
+
+    return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sdxl") / "model", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_single_file(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped model as model.safetensors + its SGM model.yaml; tokenizers in tiny_tokenizer_cache_dir(path)."""
+    from sd_scripts.library.tiny_models import save_tiny_single_file
+
+    return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sdxl_sf") / "model.safetensors", "sdxl")

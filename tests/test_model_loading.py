@@ -87,8 +87,8 @@ def test_family_registry_and_facts():
     assert sd2.modelspec_architecture(False) == "stable-diffusion-v2-512/lora"
     assert sd2.modelspec_architecture(True) == "stable-diffusion-v2-768-v/lora"
     with pytest.raises(ConfigError) as e:
-        get_family("sdxl")
-    _one_line(e.value, "model_family", "sd1", "sd2")
+        get_family("sd3")
+    _one_line(e.value, "model_family", "sd1", "sd2", "sdxl")
 
     class Dup(ModelFamily):
         name = "sd1"
@@ -259,12 +259,12 @@ def test_unknown_family_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         detect_family(_cfg(lora))
     _one_line(e.value, SETTING, "LoRA")
-    sdxl = tmp_path / "xl.safetensors"
+    refiner = tmp_path / "xl_refiner.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
-               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(sdxl))
+               "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)}, str(refiner))
     with pytest.raises(ModelLoadError) as e:
-        detect_family(_cfg(sdxl))
-    _one_line(e.value, SETTING, "SDXL", "sd1, sd2")
+        detect_family(_cfg(refiner))
+    _one_line(e.value, SETTING, "SDXL refiner", "sd1, sd2, sdxl")
 
 
 def test_malicious_pickle_is_refused(tmp_path):

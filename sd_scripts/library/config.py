@@ -28,9 +28,11 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = _f(None, "base model: .safetensors/.ckpt file or diffusers folder")
     v2: bool | None = _f(None, "base model is SD2.x (detected from the checkpoint when not given)")
     v_parameterization: bool | None = _f(None, "v-prediction model (SD2 768-v); detected from a .yaml or diffusers config when not given")
-    model_family: str | None = _f(None, "force a model family (sd1, sd2); detected when not given")
+    model_family: str | None = _f(None, "force a model family (sd1, sd2, sdxl); detected when not given")
+    sdxl: bool | None = _f(None, "base model is SDXL (detected from the checkpoint when not given)")
     vae: str | None = _f(None, "VAE to use instead of the model's: .safetensors/.ckpt/.pt file or diffusers folder")
     tokenizer_cache_dir: str | None = _f(None, "folder holding a CLIP tokenizer, for offline use")
+    no_half_vae: bool = _f(False, "keep the VAE in float32 under mixed precision (the SDXL VAE overflows in fp16)")
 
     # --- dataset ---
     train_data_dir: str | None = _f(None, "folder holding <repeats>_<class tokens> subfolders of images")
@@ -57,6 +59,10 @@ class TrainConfig:
     cache_latents: bool = _f(False, "encode images once before training")
     cache_latents_to_disk: bool = _f(False, "keep the latent cache in .npz files next to the images' cache folder")
     vae_batch_size: int = _f(1, "images per VAE batch when caching latents")
+    cache_text_encoder_outputs: bool = _f(False, "encode every caption once before training and free the text encoders "
+                                          "(needs network_train_unet_only and fixed captions)")
+    cache_text_encoder_outputs_to_disk: bool = _f(False, "keep the text-encoder output cache in .npz files "
+                                                  "(implies cache_text_encoder_outputs)")
     prior_loss_weight: float = _f(1.0, "loss weight of regularization images")
     train_batch_size: int = _f(1, "images per batch")
     max_data_loader_n_workers: int = _f(0, "data loader worker processes")

@@ -7,6 +7,11 @@ block counts and layers per block (read from its config), so it serves full-size
 * VAE   -> ``first_stage_model.*`` (mid-block attention weights reshaped to 1x1 convs)
 * CLIP  -> ``cond_stage_model.transformer.text_model.*`` (``text_model.`` re-added for transformers' flattened names)
 * OpenCLIP (SD2) -> ``cond_stage_model.model.*`` with q/k/v packed into ``in_proj_*``.
+* SDXL: CLIP-L -> ``conditioner.embedders.0.transformer.text_model.*``, OpenCLIP bigG (all layers, with its
+  ``text_projection`` stored transposed as OpenCLIP keeps it) -> ``conditioner.embedders.1.model.*``; the UNet's
+  ``add_embedding`` -> ``label_emb.0``. SDXL checkpoints carry an SGM config (``network_config`` +
+  ``conditioner_config``): :func:`sgm_config_from_diffusers` writes one, :func:`unet_config_from_sgm` reads one
+  (diffusers' reader hard-codes the full-size time-embedding width, so tiny models need ours).
 
 SD2 rule: an OpenCLIP checkpoint holds one more transformer block than the text encoder that trains on it (the
 text encoder stops at the penultimate block, as kohya and SD2's "penultimate" layer setting do). The writer appends
@@ -28,6 +33,8 @@ __all__ = [
     "LDM_VAE_PREFIX",
     "LDM_CLIP_PREFIX",
     "LDM_OPENCLIP_PREFIX",
+    "LDM_SDXL_CLIP_PREFIX",
+    "LDM_SDXL_OPENCLIP_PREFIX",
     "clip_from_ldm",
     "clip_to_ldm",
     "ldm_config_from_diffusers",
@@ -35,9 +42,12 @@ __all__ = [
     "openclip_from_ldm",
     "openclip_to_ldm",
     "qkv_chunk_index",
+    "sgm_config_from_diffusers",
+    "sgm_v_prediction",
     "text_encoder_ldm_key_map",
     "unet_ldm_key_map",
     "unet_ldm_name",
+    "unet_config_from_sgm",
     "unet_to_ldm",
     "vae_ldm_key_map",
     "vae_ldm_name",
@@ -48,6 +58,8 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 LDM_OPENCLIP_PREFIX = "cond_stage_model.model."
+LDM_SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+LDM_SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 _RESNET_NAMES = {
     "norm1": "in_layers.0",
@@ -215,9 +227,9 @@ def _strip_text_model(name: str) -> str:
     return name[len("text_model."):] if name.startswith("text_model.") else name
 
 
-def clip_to_ldm(state_dict: dict) -> dict:
-    """HF ``CLIPTextModel`` state dict (flattened or not) -> ``cond_stage_model.transformer.text_model.*``."""
-    return {LDM_CLIP_PREFIX + "text_model." + _strip_text_model(k): v
+def clip_to_ldm(state_dict: dict, prefix: str = LDM_CLIP_PREFIX) -> dict:
+    """HF ``CLIPTextModel`` state dict (flattened or not) -> ``<prefix>text_model.*`` (SD1: ``cond_stage_model.transformer.``)."""
+    return {prefix + "text_model." + _strip_text_model(k): v
             for k, v in state_dict.items() if not k.endswith("position_ids")}
 
 
@@ -254,6 +266,8 @@ def qkv_chunk_index(name: str) -> int | None:
 
 
 def _openclip_name(name: str) -> str:
+    if name == "text_projection.weight":
+        return "text_projection"  # stored transposed: OpenCLIP computes x @ text_projection
     name = _strip_text_model(name)
     if name in _OPENCLIP_TOP:
         return _OPENCLIP_TOP[name]
@@ -266,11 +280,13 @@ def _openclip_name(name: str) -> str:
     raise KeyError(f"no OpenCLIP name for text encoder parameter {name!r}")
 
 
-def openclip_to_ldm(state_dict: dict, add_dummy_last_layer: bool = True) -> dict:
-    """HF CLIP text model (SD2's, gelu) -> OpenCLIP ``cond_stage_model.model.*``.
+def openclip_to_ldm(state_dict: dict, add_dummy_last_layer: bool = True, prefix: str = LDM_OPENCLIP_PREFIX) -> dict:
+    """HF CLIP text model (SD2's, gelu; SDXL's ``CLIPTextModelWithProjection``) -> OpenCLIP ``<prefix>*``.
 
-    With ``add_dummy_last_layer`` a copy of the last block is appended as the final (unused) block, and an identity
-    ``text_projection`` and a ``logit_scale`` are written, so the file has OpenCLIP's full layout (see module doc).
+    With ``add_dummy_last_layer`` (SD2) a copy of the last block is appended as the final (unused) block, and an
+    identity ``text_projection`` and a ``logit_scale`` are written, so the file has OpenCLIP's full layout (see
+    module doc). A model with its own projection (SDXL, ``prefix`` ``conditioner.embedders.1.model.``) keeps every
+    block and writes ``text_projection`` transposed, plus a ``logit_scale``.
     """
     import torch
 
@@ -278,7 +294,10 @@ def openclip_to_ldm(state_dict: dict, add_dummy_last_layer: bool = True) -> dict
     out: dict = {}
     packed: dict[str, list] = {}
     for key, value in state.items():
-        ldm = LDM_OPENCLIP_PREFIX + _openclip_name(key)
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+            continue
+        ldm = prefix + _openclip_name(key)
         index = qkv_chunk_index(key)
         if index is None:
             out[ldm] = value
@@ -288,21 +307,28 @@ def openclip_to_ldm(state_dict: dict, add_dummy_last_layer: bool = True) -> dict
         if any(p is None for p in parts):
             raise KeyError(f"incomplete q/k/v projection for {ldm}")
         out[ldm] = torch.cat(parts, dim=0)
+    token = state["embeddings.token_embedding.weight"]
     if add_dummy_last_layer:
         layers = {int(m[1]) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))}
         last = max(layers)
         src, dst = f"transformer.resblocks.{last}.", f"transformer.resblocks.{last + 1}."
-        for key in [k for k in out if k.startswith(LDM_OPENCLIP_PREFIX + src)]:
+        for key in [k for k in out if k.startswith(prefix + src)]:
             out[key.replace(src, dst, 1)] = out[key].clone()
-        token = state["embeddings.token_embedding.weight"]
-        hidden = token.shape[1]
-        out[LDM_OPENCLIP_PREFIX + "text_projection"] = torch.eye(hidden, dtype=token.dtype, device=token.device)
-        out[LDM_OPENCLIP_PREFIX + "logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=token.dtype, device=token.device)
+        if prefix + "text_projection" not in out:
+            hidden = token.shape[1]
+            out[prefix + "text_projection"] = torch.eye(hidden, dtype=token.dtype, device=token.device)
+    if add_dummy_last_layer or prefix + "text_projection" in out:
+        out[prefix + "logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=token.dtype, device=token.device)
     return out
 
 
-def openclip_from_ldm(checkpoint: dict, prefix: str = LDM_OPENCLIP_PREFIX, drop_last_layer: bool = True) -> dict:
-    """OpenCLIP ``cond_stage_model.model.*`` -> flattened HF CLIP names; drops the last block (see module doc)."""
+def openclip_from_ldm(checkpoint: dict, prefix: str = LDM_OPENCLIP_PREFIX, drop_last_layer: bool = True,
+                      with_projection: bool = False) -> dict:
+    """OpenCLIP ``<prefix>*`` -> flattened HF CLIP names.
+
+    SD2 (``drop_last_layer``) drops the last block (see module doc); SDXL keeps every block and, ``with_projection``,
+    gives ``text_projection.weight`` (the transposed OpenCLIP ``text_projection``) for ``CLIPTextModelWithProjection``.
+    """
     state = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
     blocks = {int(m[1]) for k in state if (m := re.match(r"^transformer\.resblocks\.(\d+)\.", k))}
     dropped = max(blocks) if (blocks and drop_last_layer) else None
@@ -317,7 +343,9 @@ def openclip_from_ldm(checkpoint: dict, prefix: str = LDM_OPENCLIP_PREFIX, drop_
         if m is None:
             m2 = re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
             if m2 is None:
-                continue  # text_projection, logit_scale, attn_mask: not part of CLIPTextModel
+                if key == "text_projection" and with_projection:
+                    out["text_projection.weight"] = value.T.contiguous()
+                continue  # logit_scale, attn_mask (and text_projection without a projection): not used
             if int(m2[1]) == dropped:
                 continue
             q, k, v = value.chunk(3, dim=0)
@@ -334,10 +362,18 @@ def openclip_from_ldm(checkpoint: dict, prefix: str = LDM_OPENCLIP_PREFIX, drop_
 
 
 def models_to_ldm(unet, vae, text_encoder, text_encoder_kind: str = "clip") -> dict:
-    """One LDM single-file state dict from diffusers/transformers modules (``text_encoder_kind`` 'clip'|'openclip')."""
+    """One LDM single-file state dict from diffusers/transformers modules.
+
+    ``text_encoder_kind`` 'clip' (SD1), 'openclip' (SD2) or 'sdxl' (``text_encoder`` = ``[CLIP-L, OpenCLIP bigG with
+    projection]``).
+    """
     out = unet_to_ldm(unet.state_dict(), unet.config)
     out.update(vae_to_ldm(vae.state_dict()))
-    if text_encoder_kind == "clip":
+    if text_encoder_kind == "sdxl":
+        te1, te2 = text_encoder
+        out.update(clip_to_ldm(te1.state_dict(), LDM_SDXL_CLIP_PREFIX))
+        out.update(openclip_to_ldm(te2.state_dict(), add_dummy_last_layer=False, prefix=LDM_SDXL_OPENCLIP_PREFIX))
+    elif text_encoder_kind == "clip":
         out.update(clip_to_ldm(text_encoder.state_dict()))
     elif text_encoder_kind == "openclip":
         out.update(openclip_to_ldm(text_encoder.state_dict()))
@@ -383,11 +419,13 @@ def vae_ldm_key_map(vae_or_config) -> dict[str, str]:
     return {n: LDM_VAE_PREFIX + vae_ldm_name(n, num_up) for n in names}
 
 
-def text_encoder_ldm_key_map(text_encoder_or_config, kind: str = "clip") -> dict[str, str]:
+def text_encoder_ldm_key_map(text_encoder_or_config, kind: str = "clip", prefix: str | None = None) -> dict[str, str]:
     """``{parameter name as the model names it: LDM key}`` for a CLIP text encoder.
 
     ``kind`` 'clip' (SD1: ``cond_stage_model.transformer.text_model.*``) or 'openclip' (SD2:
-    ``cond_stage_model.model.*``, where q/k/v map to one ``in_proj`` key: see ``qkv_chunk_index``).
+    ``cond_stage_model.model.*``, where q/k/v map to one ``in_proj`` key: see ``qkv_chunk_index``). ``prefix``
+    overrides the LDM prefix (SDXL: ``LDM_SDXL_CLIP_PREFIX`` / ``LDM_SDXL_OPENCLIP_PREFIX``; OpenCLIP's
+    ``text_projection`` is stored transposed).
     """
     if hasattr(text_encoder_or_config, "state_dict"):
         names = list(text_encoder_or_config.state_dict().keys())
@@ -397,9 +435,11 @@ def text_encoder_ldm_key_map(text_encoder_or_config, kind: str = "clip") -> dict
         names = _meta_parameter_names(CLIPTextModel, text_encoder_or_config)
     names = [n for n in names if not n.endswith("position_ids")]
     if kind == "clip":
-        return {n: LDM_CLIP_PREFIX + "text_model." + _strip_text_model(n) for n in names}
+        prefix = LDM_CLIP_PREFIX if prefix is None else prefix
+        return {n: prefix + "text_model." + _strip_text_model(n) for n in names}
     if kind == "openclip":
-        return {n: LDM_OPENCLIP_PREFIX + _openclip_name(n) for n in names}
+        prefix = LDM_OPENCLIP_PREFIX if prefix is None else prefix
+        return {n: prefix + _openclip_name(n) for n in names}
     raise ValueError(f"unknown text encoder kind {kind!r}")
 
 
@@ -486,3 +526,147 @@ def ldm_config_from_diffusers(unet_config, vae_config, text_encoder_kind: str = 
     }
     params["cond_stage_config"] = cond
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
+# ----------------------------------------------------------------------------------------- SGM (SDXL) config
+
+_SIZE_CONDITIONS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+
+
+def sgm_config_from_diffusers(unet_config, vae_config, v_prediction: bool = False) -> dict:
+    """An SGM-style model config (as in ``sd_xl_base.yaml``) describing a diffusers SDXL UNet/VAE pair.
+
+    The UNet goes in ``network_config`` (``transformer_depth`` 0 for levels without attention, as SAI writes it),
+    the two text encoders and the three size/crop embedders (``outdim`` = ``addition_time_embed_dim``) in
+    ``conditioner_config``. v-prediction models get SGM's ``VScaling`` denoiser. :func:`unet_config_from_sgm`
+    reads it back.
+    """
+    boc = list(_get(unet_config, "block_out_channels"))
+    model_channels = boc[0]
+    down_types = list(_get(unet_config, "down_block_types"))
+    heads = _get(unet_config, "attention_head_dim")
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(boc)
+    depth = _get(unet_config, "transformer_layers_per_block", 1)
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(boc)
+    attention = ["CrossAttn" in t for t in down_types]
+    first = next(i for i, a in enumerate(attention) if a)
+    time_dim = int(_get(unet_config, "addition_time_embed_dim"))
+    unet_params = {
+        "adm_in_channels": int(_get(unet_config, "projection_class_embeddings_input_dim")),
+        "num_classes": "sequential",
+        "use_checkpoint": True,
+        "in_channels": int(_get(unet_config, "in_channels")),
+        "out_channels": int(_get(unet_config, "out_channels")),
+        "model_channels": model_channels,
+        "attention_resolutions": [2 ** i for i, a in enumerate(attention) if a],
+        "num_res_blocks": _get(unet_config, "layers_per_block"),
+        "channel_mult": [c // model_channels for c in boc],
+        "num_head_channels": boc[first] // int(heads[first]),
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": bool(_get(unet_config, "use_linear_projection", True)),
+        "transformer_depth": [int(d) if a else 0 for d, a in zip(depth, attention)],
+        "context_dim": int(_get(unet_config, "cross_attention_dim")),
+        "spatial_transformer_attn_type": "softmax-xformers",
+        "legacy": False,
+    }
+    vboc = list(_get(vae_config, "block_out_channels"))
+    ddconfig = {
+        "attn_type": "vanilla-xformers",
+        "double_z": True,
+        "z_channels": int(_get(vae_config, "latent_channels")),
+        "resolution": 256,
+        "in_channels": int(_get(vae_config, "in_channels")),
+        "out_ch": int(_get(vae_config, "out_channels")),
+        "ch": vboc[0],
+        "ch_mult": [c // vboc[0] for c in vboc],
+        "num_res_blocks": int(_get(vae_config, "layers_per_block")),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    scaling = "VScaling" if v_prediction else "EpsScaling"
+    weighting = "VWeighting" if v_prediction else "EpsWeighting"
+    emb_models = [
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+         "params": {"layer": "hidden", "layer_idx": 11}},
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+         "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True, "layer": "penultimate",
+                    "always_return_pooled": True, "legacy": False}},
+    ] + [{"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+          "params": {"outdim": time_dim}} for key in _SIZE_CONDITIONS]
+    params = {
+        "scale_factor": float(_get(vae_config, "scaling_factor", 0.13025)),
+        "disable_first_stage_autocast": True,
+        "denoiser_config": {
+            "target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
+            "params": {
+                "num_idx": 1000,
+                "weighting_config": {"target": f"sgm.modules.diffusionmodules.denoiser_weighting.{weighting}"},
+                "scaling_config": {"target": f"sgm.modules.diffusionmodules.denoiser_scaling.{scaling}"},
+                "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"},
+            },
+        },
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": emb_models}},
+        "first_stage_config": {
+            "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+            "params": {"embed_dim": int(_get(vae_config, "latent_channels")), "monitor": "val/rec_loss",
+                       "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}},
+        },
+    }
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}}
+
+
+def sgm_v_prediction(ldm_config: dict) -> bool | None:
+    """True/False when an SGM config names its denoiser scaling (``VScaling`` = v-prediction), else None."""
+    params = ldm_config.get("model", {}).get("params", {})
+    scaling = (((params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config") or {}).get("target")
+    if not scaling:
+        return None
+    return str(scaling).rsplit(".", 1)[-1] == "VScaling"
+
+
+def unet_config_from_sgm(ldm_config: dict, sample_size: int = 128) -> dict:
+    """A diffusers ``UNet2DConditionModel`` config from an SGM (SDXL) model config.
+
+    ``addition_time_embed_dim`` comes from the size/crop embedders' ``outdim`` (256 for SDXL when the config does not
+    list them); the head count of each level is its width / ``num_head_channels``.
+    """
+    params = ldm_config["model"]["params"]
+    unet = dict((params.get("network_config") or params.get("unet_config") or {}).get("params") or {})
+    if not unet:
+        raise KeyError("network_config")
+    mc = int(unet["model_channels"])
+    mult = [int(m) for m in unet["channel_mult"]]
+    boc = [mc * m for m in mult]
+    attention_res = {int(r) for r in unet["attention_resolutions"]}
+    attention = [2 ** i in attention_res for i in range(len(boc))]
+    depth = unet.get("transformer_depth", 1)
+    depth = [int(d) for d in depth] if isinstance(depth, (list, tuple)) else [int(depth)] * len(boc)
+    if "num_head_channels" in unet and int(unet["num_head_channels"]) > 0:
+        heads = [c // int(unet["num_head_channels"]) for c in boc]
+    else:
+        heads = [int(unet["num_heads"])] * len(boc)
+    time_dim = 256
+    conditioner = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models") or []
+    for emb in conditioner:
+        if emb.get("input_key") in _SIZE_CONDITIONS and (emb.get("params") or {}).get("outdim"):
+            time_dim = int(emb["params"]["outdim"])
+            break
+    context = unet["context_dim"]
+    context = int(context if isinstance(context, int) else context[0])
+    return {
+        "sample_size": int(sample_size),
+        "in_channels": int(unet["in_channels"]),
+        "out_channels": int(unet["out_channels"]),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "block_out_channels": boc,
+        "layers_per_block": int(unet["num_res_blocks"]),
+        "cross_attention_dim": context,
+        "attention_head_dim": heads,
+        "use_linear_projection": bool(unet.get("use_linear_in_transformer", False)),
+        "transformer_layers_per_block": [max(1, d) for d in depth],
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": int(unet["adm_in_channels"]),
+    }

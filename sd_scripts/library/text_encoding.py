@@ -5,6 +5,9 @@
   Tokenizers whose pad differs from EOS (SD2's, pad "!" id 0) get kohya's per-chunk EOS fix-up.
 * ``clip_skip`` k uses ``hidden_states[-k]`` followed by the final layer norm (A1111 semantics: 1 = last layer, the
   default output; 2 = penultimate). Works with transformers' flattened ``CLIPTextModel`` (no ``.text_model``).
+* SDXL (``encode_tokens_with_pool``): a chosen hidden layer without the final norm (the penultimate for both SDXL
+  text encoders) and, for an encoder with a ``text_projection``, the pooled output: the projected final state at
+  the first EOS of each caption's first chunk (kohya's ``pool_workaround``).
 * Weighted captions use A1111's syntax: ``(x)`` = x1.1, ``[x]`` = /1.1, ``(x:1.3)`` = x1.3, ``\\(`` for a literal
   bracket. Each token's hidden state is multiplied by its weight (no renormalisation, as in current kohya).
 """
@@ -23,6 +26,7 @@ __all__ = [
     "chunk_ids",
     "count_prompt_tokens",
     "encode_tokens",
+    "encode_tokens_with_pool",
     "final_layer_norm",
     "merge_chunk_states",
     "num_text_layers",
@@ -294,3 +298,34 @@ def encode_tokens(text_encoder, tokens: TokenizedPrompts, clip_skip: int | None 
         states = states * weights
     states = states.reshape(batch, num_chunks * length, states.shape[-1])
     return merge_chunk_states(states, num_chunks)
+
+
+def encode_tokens_with_pool(text_encoder, tokens: TokenizedPrompts, hidden_layer: int = -2,
+                            eos_token_id: int | None = None):
+    """``(states [B, n*75+2, D], pooled [B, P] or None)``: hidden layer ``hidden_layer`` (no final norm) of ``[B, n, 77]``
+    ids, and with ``eos_token_id`` the pooled output ``text_projection(final_norm_state[first EOS])`` of chunk 0.
+
+    ``hidden_layer`` indexes ``hidden_states`` (``-2`` = penultimate layer). Runs with gradients in grad mode.
+    """
+    import torch
+
+    input_ids = tokens.input_ids
+    batch, num_chunks, length = input_ids.shape
+    device = next(text_encoder.parameters()).device
+    flat_ids = input_ids.reshape(batch * num_chunks, length).to(device)
+    output = text_encoder(flat_ids, output_hidden_states=True)
+    states = output.hidden_states[hidden_layer]
+    pooled = None
+    if eos_token_id is not None:
+        last = output.last_hidden_state
+        eos = (flat_ids == eos_token_id).int().argmax(dim=-1)  # first EOS (0 when there is none)
+        pooled = last[torch.arange(last.shape[0], device=last.device), eos]
+        projection = getattr(text_encoder, "text_projection", None)
+        if projection is not None:
+            pooled = projection(pooled.to(projection.weight.dtype))
+        pooled = pooled.reshape(batch, num_chunks, -1)[:, 0]
+    if tokens.weights is not None:
+        weights = tokens.weights.reshape(batch * num_chunks, length, 1).to(device=states.device, dtype=states.dtype)
+        states = states * weights
+    states = states.reshape(batch, num_chunks * length, states.shape[-1])
+    return merge_chunk_states(states, num_chunks), pooled
