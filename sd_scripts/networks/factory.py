@@ -2,14 +2,40 @@
 
 The training loop calls :func:`build_network` and only uses the returned network's common
 interface (``apply_to``, ``prepare_optimizer_params``, ``kohya_state_dict``, ``train``/``eval``),
-so adding a network kind never touches the loop.
+so adding a network kind never touches the loop. Preflight calls :func:`check_network_settings`,
+which parses and checks the same settings without torch or a model.
+
+Network modules (kohya's names; the ``sd_scripts.`` spelling of the 2023 tool is accepted):
+
+* ``networks.lora``: kohya LoRA / LoCon (``conv_dim``), block weights (``down_lr_weight``,
+  ``block_dims``, ...; :mod:`sd_scripts.networks.block_weights`), LoRA+ ratios, dropouts.
+* ``networks.dylora``: kohya DyLoRA (``unit``; :mod:`sd_scripts.networks.dylora`).
+* ``lycoris.kohya``: LyCORIS through lycoris-lora (``algo``, ``preset``, ...;
+  :mod:`sd_scripts.networks.lycoris_adapter`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["BuiltNetwork", "build_network"]
+from sd_scripts.library.errors import ConfigError
+from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS, BlockSettings, layout_for_family, resolve_block_settings
+from sd_scripts.networks.network_args import parse_float, parse_int, parse_probability, split_network_args
+
+__all__ = ["BuiltNetwork", "NetworkPlan", "NETWORK_MODULES", "network_kind", "plan_network", "check_network_settings",
+           "build_network"]
+
+# network_module -> kind
+NETWORK_MODULES = {
+    "networks.lora": "lora",
+    "sd_scripts.networks.lora": "lora",
+    "networks.dylora": "dylora",
+    "sd_scripts.networks.dylora": "dylora",
+    "lycoris.kohya": "lycoris",
+}
+_LORA_ARGS = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
+              "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
 @dataclass
@@ -21,30 +47,191 @@ class BuiltNetwork:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class NetworkPlan:
+    """The network settings of a run, parsed and checked (no torch)."""
+
+    kind: str  # "lora" | "dylora" | "lycoris"
+    network_dim: int
+    network_alpha: float
+    raw_args: dict[str, str] = field(default_factory=dict)  # verbatim, for ss_network_args
+    values: dict[str, Any] = field(default_factory=dict)  # lora/dylora: conv_dim, dropouts, loraplus ratios
+    blocks: BlockSettings | None = None
+    unit: int | None = None
+    lycoris: Any = None  # LycorisArgs
+    warnings: list[str] = field(default_factory=list)
+
+
+def network_kind(network_module: str | None) -> str:
+    """``"lora"``, ``"dylora"`` or ``"lycoris"`` for a ``network_module``; ConfigError naming it otherwise."""
+    key = (network_module or "networks.lora").strip()
+    kind = NETWORK_MODULES.get(key) or NETWORK_MODULES.get(key.lower())
+    if kind is None:
+        raise ConfigError(f"network_module: unknown module {network_module!r}; use networks.lora, "
+                          "networks.dylora or lycoris.kohya", setting="network_module")
+    return kind
+
+
+def _family_hint(config, family):
+    if family is not None:
+        return family
+    if getattr(config, "sdxl", None):
+        return "sdxl"
+    if getattr(config, "model_family", None):
+        return config.model_family
+    return None
+
+
+def plan_network(config, family: Any = None) -> NetworkPlan:
+    """Parse and check ``network_module``, ``network_dim``/``alpha``/``dropout`` and ``network_args``.
+
+    ``family`` (a ModelFamily or its name; default: what the settings force, else SD1/SD2) sets the
+    block-weight list lengths. Raises ConfigError naming the setting; problems that do not stop the
+    run are in ``warnings``."""
+    kind = network_kind(getattr(config, "network_module", None))
+    raw = split_network_args(getattr(config, "network_args", None))
+    dim = parse_int("network_dim", config.network_dim, minimum=1)
+    network_dim = 4 if dim is None else dim
+    alpha = config.network_alpha
+    network_alpha = 1.0 if alpha is None else alpha
+    try:
+        network_alpha = float(network_alpha)
+    except (TypeError, ValueError):
+        raise ConfigError(f"network_alpha: {alpha!r} is not a number; write it like 1 or 8", setting="network_alpha") from None
+    network_dropout = getattr(config, "network_dropout", None)
+    if network_dropout is not None:
+        try:
+            parse_probability("network_dropout", network_dropout)
+        except ConfigError:
+            raise ConfigError(f"network_dropout: {network_dropout!r} must be at least 0 and below 1, like 0.1",
+                              setting="network_dropout") from None
+    plan = NetworkPlan(kind, network_dim, network_alpha, raw_args=raw)
+
+    if kind == "lycoris":
+        from sd_scripts.networks.lycoris_adapter import parse_lycoris_args
+
+        plan.lycoris = parse_lycoris_args(raw, network_dim=network_dim, network_alpha=network_alpha,
+                                          network_dropout=network_dropout)
+        plan.warnings += plan.lycoris.warnings
+        return plan
+
+    values = plan.values
+    values["conv_dim"] = parse_int("conv_dim", raw.get("conv_dim"), minimum=0) or None
+    values["conv_alpha"] = parse_float("conv_alpha", raw.get("conv_alpha"), minimum=0.0)
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        values[key] = parse_probability(key, raw.get(key))
+    if network_dropout is not None:
+        values["dropout"] = float(network_dropout)  # network_dropout wins, as in kohya
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        values[key] = parse_float(key, raw.get(key), above=0.0, example="16")
+
+    unknown = [k for k in raw if k not in _LORA_ARGS and k not in BLOCK_ARG_KEYS]
+    if kind == "lora":
+        layout = layout_for_family(_family_hint(config, family))
+        plan.blocks = resolve_block_settings(raw, layout, network_dim, network_alpha, values["conv_dim"],
+                                             values["conv_alpha"])
+        if plan.blocks is not None:
+            plan.warnings += plan.blocks.warnings
+            if getattr(config, "network_train_text_encoder_only", False):
+                plan.warnings.append("network_args: block weights apply to the UNet, which is not trained "
+                                     "(network_train_text_encoder_only)")
+        if "unit" in unknown:
+            unknown.remove("unit")
+            plan.warnings.append("network_args: unit is a DyLoRA setting and does nothing with networks.lora; "
+                                 "set network_module to networks.dylora for DyLoRA")
+    else:  # dylora
+        unknown = [k for k in unknown if k != "unit"]
+        plan.unit = parse_int("unit", raw.get("unit"), minimum=1) or 1
+        if network_dim % plan.unit:
+            raise ConfigError(f"network_args: unit={raw.get('unit')} must divide network_dim {network_dim}; "
+                              "pick a unit that divides it (unit=1 always works)", setting="network_args")
+        if values["conv_dim"] is not None and values["conv_dim"] != network_dim:
+            raise ConfigError(f"network_args: conv_dim={values['conv_dim']} must equal network_dim {network_dim} for "
+                              "DyLoRA (as kohya); set them to the same value", setting="network_args")
+        dropped = [k for k in ("dropout", "rank_dropout", "module_dropout") if values.get(k)]
+        if dropped:
+            plan.warnings.append(f"DyLoRA does not support {', '.join(dropped)} (as kohya); ignored")
+            for k in dropped:
+                values[k] = None
+        block_keys = [k for k in raw if k in BLOCK_ARG_KEYS]
+        if block_keys:
+            plan.warnings.append(f"network_args: {', '.join(block_keys)} work with networks.lora only; "
+                                 "networks.dylora ignores them")
+    if unknown:
+        plan.warnings.append(f"network_args not used by {config.network_module}: {', '.join(unknown)}")
+    return plan
+
+
+def check_network_settings(config, family: Any = None) -> list[str]:
+    """Preflight check of the network settings: raises ConfigError (one line naming the setting) for an
+    unknown network_module or algo, a bad network_args value, a block-weight list of the wrong length,
+    an unknown preset...; returns warnings. Cheap: no torch, lycoris or model is loaded."""
+    return plan_network(config, family).warnings
+
+
 def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) -> BuiltNetwork:
     """Create, apply and (if asked) load the network for ``config`` on ``model`` (a LoadedModel)."""
-    from .lora import create_network, parse_network_args, split_network_args
+    family = model.family
+    plan = plan_network(config, family)
+    warnings = list(plan.warnings)
+    te_prefixes = tuple(family.te_lora_prefixes)
+    path_map_of = getattr(family, "lora_unet_path_map", None)
+    unet_path_map = path_map_of(model.unet) if path_map_of is not None else None
 
-    warnings: list[str] = []
-    net_args, unknown_args = parse_network_args(config.network_args)
-    if unknown_args:
-        warnings.append(f"network_args not used by {config.network_module}: {', '.join(unknown_args)}")
-    network_dim = config.network_dim or 4
-    network_alpha = config.network_alpha
     weights_sd = None
     if config.network_weights:
         from ..library.lora_file import load_lora_file
 
         weights_sd, _ = load_lora_file(config.network_weights)
-    network = create_network(
-        model.unet, model.text_encoders, network_dim=network_dim, network_alpha=network_alpha,
-        conv_dim=net_args.get("conv_dim"), conv_alpha=net_args.get("conv_alpha"),
-        dropout=config.network_dropout if config.network_dropout is not None else net_args.get("dropout"),
-        rank_dropout=net_args.get("rank_dropout"), module_dropout=net_args.get("module_dropout"),
-        train_unet=train_unet, train_text_encoder=train_text_encoder, te_prefixes=tuple(model.family.te_lora_prefixes),
-        weights_sd=weights_sd if config.dim_from_weights else None,
-    )
+
+    if plan.kind == "lycoris":
+        network, more = _build_lycoris(plan, config, model, weights_sd, train_unet, train_text_encoder, te_prefixes,
+                                       unet_path_map)
+        warnings += more
+    else:
+        values = plan.values
+        common = dict(
+            network_dim=plan.network_dim, network_alpha=plan.network_alpha,
+            conv_dim=values["conv_dim"], conv_alpha=values["conv_alpha"],
+            train_unet=train_unet, train_text_encoder=train_text_encoder, te_prefixes=te_prefixes,
+            weights_sd=weights_sd if config.dim_from_weights else None, unet_path_map=unet_path_map,
+            loraplus_lr_ratio=values["loraplus_lr_ratio"], loraplus_unet_lr_ratio=values["loraplus_unet_lr_ratio"],
+            loraplus_text_encoder_lr_ratio=values["loraplus_text_encoder_lr_ratio"],
+        )
+        if plan.kind == "dylora":
+            from .dylora import create_dylora_network
+
+            network = create_dylora_network(model.unet, model.text_encoders, unit=plan.unit, **common)
+        else:
+            from .lora import create_network
+
+            network = create_network(model.unet, model.text_encoders, dropout=values["dropout"],
+                                     rank_dropout=values["rank_dropout"], module_dropout=values["module_dropout"],
+                                     blocks=plan.blocks, **common)
+        network.apply_to()
+        if weights_sd is not None and not config.dim_from_weights:
+            network.load_kohya_state_dict(weights_sd)
+    if not network.loras:
+        raise ConfigError("network_args: the settings leave no layer to train (every block rank or lr weight is 0?); "
+                          "check block_dims / *_lr_weight", setting="network_args")
+    return BuiltNetwork(network, plan.network_dim, plan.network_alpha, plan.raw_args, warnings)
+
+
+def _build_lycoris(plan, config, model, weights_sd, train_unet, train_te, te_prefixes, unet_path_map):
+    from .lycoris_adapter import create_lycoris_network, lycoris_network_from_weights
+
+    if weights_sd is not None and config.dim_from_weights:
+        network, warnings = lycoris_network_from_weights(
+            weights_sd, model.unet, model.text_encoders, plan.lycoris, train_unet=train_unet,
+            train_text_encoder=train_te, te_prefixes=te_prefixes, unet_path_map=unet_path_map)
+        if network is not None:
+            network.apply_to()
+            network.load_kohya_state_dict(weights_sd)
+            return network, warnings
+    network, warnings = create_lycoris_network(
+        model.unet, model.text_encoders, plan.lycoris, network_dim=plan.network_dim, network_alpha=plan.network_alpha,
+        train_unet=train_unet, train_text_encoder=train_te, te_prefixes=te_prefixes, unet_path_map=unet_path_map)
     network.apply_to()
-    if weights_sd is not None and not config.dim_from_weights:
+    if weights_sd is not None:
         network.load_kohya_state_dict(weights_sd)
-    return BuiltNetwork(network, network_dim, network_alpha, split_network_args(config.network_args), warnings)
+    return network, warnings

@@ -19,7 +19,7 @@ SD1.5: 192 UNet modules (278 with conv_dim) and 72 text-encoder modules.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +28,14 @@ from torch import nn
 
 from sd_scripts.library.errors import ConfigError
 from sd_scripts.networks import lora_keys
+from sd_scripts.networks.block_weights import BlockSettings
 from sd_scripts.networks.lora_keys import PREFIX_UNET
+from sd_scripts.networks.network_args import parse_float, parse_int, split_network_args
 
 __all__ = [
     "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_MODULE_CONV2D_3X3", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-    "NETWORK_ARG_TYPES", "LoRAModule", "LoRANetwork", "LoadResult", "create_network", "create_network_from_weights",
-    "dims_from_state_dict", "lora_delta_weight", "parse_network_args", "split_network_args",
+    "NETWORK_ARG_TYPES", "AdapterModule", "LoRAModule", "LoRANetwork", "LoadResult", "create_network", "create_network_from_weights",
+    "build_param_groups", "dims_from_state_dict", "lora_delta_weight", "parse_network_args", "split_network_args",
 ]
 
 UNET_TARGET_REPLACE_MODULE = ("Transformer2DModel",)
@@ -49,6 +51,9 @@ NETWORK_ARG_TYPES: dict[str, type] = {
     "dropout": float,
     "rank_dropout": float,
     "module_dropout": float,
+    "loraplus_lr_ratio": float,
+    "loraplus_unet_lr_ratio": float,
+    "loraplus_text_encoder_lr_ratio": float,
 }
 
 
@@ -67,37 +72,10 @@ def lora_delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> tor
 
 # --------------------------------------------------------------------------- network_args
 
-def split_network_args(network_args: Sequence[str] | Mapping[str, Any] | str | None) -> dict[str, str]:
-    """``["conv_dim=4", "conv_alpha=1"]`` -> ``{"conv_dim": "4", "conv_alpha": "1"}`` (verbatim strings,
-    as kohya stores them in ``ss_network_args``)."""
-    if network_args is None:
-        return {}
-    if isinstance(network_args, Mapping):
-        return {str(k).strip(): str(v).strip() for k, v in network_args.items()}
-    if isinstance(network_args, str):
-        network_args = network_args.split()
-    out: dict[str, str] = {}
-    for item in network_args:
-        key, sep, value = str(item).partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ConfigError(f"network_args: {item!r} is not key=value; write it like conv_dim=4", setting="network_args")
-        out[key] = value
-    return out
-
-
 def _parse_number(key: str, value: Any, kind: type) -> Any:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or (kind is int and number != int(number)):
-        expected, example = ("a whole number", "4") if kind is int else ("a number", "0.1")
-        raise ConfigError(f"network_args: {key}={value!r} is not {expected}; write it like {key}={example}",
-                          setting="network_args")
-    return int(number) if kind is int else number
+    if kind is int:
+        return parse_int(key, value)
+    return parse_float(key, value, example="0.1")
 
 
 def parse_network_args(network_args: Sequence[str] | Mapping[str, Any] | str | None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -120,7 +98,68 @@ def parse_network_args(network_args: Sequence[str] | Mapping[str, Any] | str | N
 
 # --------------------------------------------------------------------------- module
 
-class LoRAModule(nn.Module):
+class AdapterModule(nn.Module):
+    """Base of the adapters here: patches the ``forward`` of the layer it adapts.
+
+    The adapted layer is kept outside the module tree (not in the state dict, not moved by
+    ``.to()``); :meth:`apply_to` routes the layer's forward through :meth:`forward` (which calls
+    ``self.org_forward``) and :meth:`remove` gives the layer its own forward back."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module):
+        super().__init__()
+        self.lora_name = lora_name
+        object.__setattr__(self, "org_module", org_module)
+        self.org_forward = None
+        self._saved_forward: tuple[bool, Any] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._saved_forward is not None
+
+    def apply_to(self) -> None:
+        """Route the original layer's forward through this module (idempotent)."""
+        if self.applied:
+            return
+        org = self.org_module
+        self._saved_forward = ("forward" in org.__dict__, org.__dict__.get("forward"))
+        self.org_forward = org.forward
+        org.forward = self.forward
+
+    def remove(self) -> None:
+        """Give the original layer its own forward back."""
+        if not self.applied:
+            return
+        had_own, previous = self._saved_forward
+        org = self.org_module
+        if had_own:
+            org.forward = previous
+        else:
+            org.__dict__.pop("forward", None)
+        self._saved_forward = None
+        self.org_forward = None
+
+    # ---- the kohya file view (subclasses implement)
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"<name>.lora_down.weight", "<name>.lora_up.weight", "<name>.alpha"}`` (detached)."""
+        raise NotImplementedError
+
+    def load_kohya_tensors(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None, setting: str) -> None:
+        """Copy a file's ``lora_down`` / ``lora_up`` / alpha into this module; a shape that differs
+        raises ConfigError naming ``setting``."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_shape(self, tensor: torch.Tensor, expected: tuple[int, ...], label: str, setting: str) -> None:
+        if tuple(tensor.shape) != tuple(expected):
+            raise ConfigError(
+                f"{setting}: {self.lora_name}.{label} has shape {tuple(tensor.shape)} but the network expects "
+                f"{tuple(expected)}; turn on dim_from_weights or set network_dim/conv_dim to the file's rank",
+                setting=setting)
+
+
+class LoRAModule(AdapterModule):
     """One LoRA (or LoCon) adapter around a ``Linear`` or ``Conv2d``.
 
     Parameters: ``lora_down`` (kaiming-uniform init, like ``nn.Linear``) and ``lora_up`` (zeros), so
@@ -129,8 +168,7 @@ class LoRAModule(nn.Module):
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None):
-        super().__init__()
-        self.lora_name = lora_name
+        super().__init__(lora_name, org_module)
         self.lora_dim = int(lora_dim)
         weight = org_module.weight
         device = weight.device
@@ -160,37 +198,19 @@ class LoRAModule(nn.Module):
         self.dropout = dropout or None
         self.rank_dropout = rank_dropout or None
         self.module_dropout = module_dropout or None
-        # The adapted layer is kept outside the module tree so it is not part of the state dict.
-        object.__setattr__(self, "org_module", org_module)
-        self.org_forward = None
-        self._saved_forward: tuple[bool, Any] | None = None
 
-    # ---- patching
-    @property
-    def applied(self) -> bool:
-        return self._saved_forward is not None
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        n = self.lora_name
+        return {f"{n}.lora_down.weight": self.lora_down.weight.detach(),
+                f"{n}.lora_up.weight": self.lora_up.weight.detach(), f"{n}.alpha": self.alpha.detach()}
 
-    def apply_to(self) -> None:
-        """Route the original layer's forward through this module (idempotent)."""
-        if self.applied:
-            return
-        org = self.org_module
-        self._saved_forward = ("forward" in org.__dict__, org.__dict__.get("forward"))
-        self.org_forward = org.forward
-        org.forward = self.forward
-
-    def remove(self) -> None:
-        """Give the original layer its own forward back."""
-        if not self.applied:
-            return
-        had_own, previous = self._saved_forward
-        org = self.org_module
-        if had_own:
-            org.forward = previous
-        else:
-            org.__dict__.pop("forward", None)
-        self._saved_forward = None
-        self.org_forward = None
+    @torch.no_grad()
+    def load_kohya_tensors(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None, setting: str) -> None:
+        self._check_shape(down, self.lora_down.weight.shape, "lora_down", setting)
+        self._check_shape(up, self.lora_up.weight.shape, "lora_up", setting)
+        self.lora_down.weight.copy_(down.to(self.lora_down.weight.dtype))
+        self.lora_up.weight.copy_(up.to(self.lora_up.weight.dtype))
+        self.set_alpha(alpha)
 
     def set_alpha(self, alpha: float | None) -> None:
         alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
@@ -249,13 +269,20 @@ class LoRANetwork(nn.Module):
     """The LoRA modules of a UNet and its text encoders, registered under their kohya names, so
     ``state_dict()`` has exactly kohya's keys."""
 
-    def __init__(self, unet_loras: Sequence[LoRAModule], text_encoder_loras: Sequence[LoRAModule],
-                 te_prefixes: Sequence[str] = (lora_keys.PREFIX_TE,), multiplier: float = 1.0):
+    def __init__(self, unet_loras: Sequence[AdapterModule], text_encoder_loras: Sequence[AdapterModule],
+                 te_prefixes: Sequence[str] = (lora_keys.PREFIX_TE,), multiplier: float = 1.0,
+                 blocks: BlockSettings | None = None, loraplus_lr_ratio: float | None = None,
+                 loraplus_unet_lr_ratio: float | None = None, loraplus_text_encoder_lr_ratio: float | None = None):
         super().__init__()
         self.unet_loras = list(unet_loras)
         self.text_encoder_loras = list(text_encoder_loras)
         self.te_prefixes = tuple(te_prefixes)
         self.multiplier = multiplier
+        # Per-block learning rates (kohya down/mid/up_lr_weight); None = one UNet group.
+        self.blocks = blocks
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
         for lora in self.text_encoder_loras + self.unet_loras:
             if lora.lora_name in self._modules:
                 raise ValueError(f"duplicated LoRA name {lora.lora_name}")
@@ -302,44 +329,25 @@ class LoRANetwork(nn.Module):
     def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
                                  default_lr: float | None) -> tuple[list[dict[str, Any]], list[str]]:
         """Kohya's parameter groups: text encoder(s) at ``text_encoder_lr`` (or ``default_lr``), UNet at
-        ``unet_lr`` (or ``default_lr``). Groups whose lr is 0 or None are left out and their
-        parameters stop requiring grad. Returns ``(param_groups, group_names)``; names are
-        ``"textencoder"`` (``"textencoder1"``, ``"textencoder2"`` with two text encoders) and ``"unet"``."""
+        ``unet_lr`` (or ``default_lr``). With block lr weights the UNet gets one group per block at
+        ``unet_lr x weight`` (names ``unet_block<slot>``, as kohya); with LoRA+ ratios the ``lora_up``
+        weights get their own group at ``lr x ratio`` (name + ``" plus"``). Groups whose lr is 0 or
+        None are left out and their parameters stop requiring grad. Returns ``(param_groups,
+        group_names)``; names are ``"textencoder"`` (``"textencoder1"``, ``"textencoder2"`` with two
+        text encoders) and ``"unet"``."""
         self.requires_grad_(True)
-        groups: list[dict[str, Any]] = []
-        names: list[str] = []
-
-        def add(loras: list[LoRAModule], lr: float | None, name: str) -> None:
-            params = [p for lora in loras for p in lora.parameters()]
-            if not params:
-                return
-            if lr is None or lr == 0:
-                for p in params:
-                    p.requires_grad_(False)
-                return
-            groups.append({"params": params, "lr": lr})
-            names.append(name)
-
-        if isinstance(text_encoder_lr, (list, tuple)):
-            te_lrs = [lr for lr in text_encoder_lr]
-        else:
-            te_lrs = [text_encoder_lr]
-        if not te_lrs:
-            te_lrs = [None]
-        te_lrs = [default_lr if lr is None else lr for lr in te_lrs]
-        if len(self.te_prefixes) <= 1:
-            add(self.text_encoder_loras, te_lrs[0], "textencoder")
-        else:
-            for i, prefix in enumerate(self.te_prefixes):
-                loras = [lora for lora in self.text_encoder_loras if lora_keys.prefix_of(lora.lora_name) == prefix]
-                add(loras, te_lrs[i] if i < len(te_lrs) else te_lrs[0], f"textencoder{i + 1}")
-        add(self.unet_loras, default_lr if unet_lr is None else unet_lr, "unet")
-        return groups, names
+        return build_param_groups(
+            self.text_encoder_loras, self.unet_loras, self.te_prefixes, text_encoder_lr, unet_lr, default_lr,
+            blocks=self.blocks, te_plus_ratio=self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio,
+            unet_plus_ratio=self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio)
 
     # ---- state dict
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """``{<name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha}`` for every module (detached)."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        out: dict[str, torch.Tensor] = {}
+        for lora in self.loras:
+            out.update(lora.kohya_tensors())
+        return out
 
     @torch.no_grad()
     def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False,
@@ -362,17 +370,9 @@ class LoRANetwork(nn.Module):
                 what = f"has {extra[0]}" if extra else "lacks lora_down/lora_up weights"
                 raise ConfigError(f"{setting}: module {name} {what}, so the file is not a plain LoRA/LoCon; "
                                   "pick a kohya LoRA file or the matching network type", setting=setting)
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            for tensor, param, label in ((down, lora.lora_down.weight, "lora_down"), (up, lora.lora_up.weight, "lora_up")):
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ConfigError(
-                        f"{setting}: {name}.{label} has shape {tuple(tensor.shape)} but the network expects "
-                        f"{tuple(param.shape)}; turn on dim_from_weights or set network_dim/conv_dim to the file's rank",
-                        setting=setting)
-            lora.lora_down.weight.copy_(down.to(lora.lora_down.weight.dtype))
-            lora.lora_up.weight.copy_(up.to(lora.lora_up.weight.dtype))
             alpha = parts.get("alpha")
-            lora.set_alpha(None if alpha is None else float(alpha.float().item()))
+            lora.load_kohya_tensors(parts["lora_down.weight"], parts["lora_up.weight"],
+                                    None if alpha is None else float(alpha.float().item()), setting)
         if strict and (result.missing or result.unexpected):
             if result.unexpected:
                 detail = f"has {len(result.unexpected)} modules this network lacks (e.g. {result.unexpected[0]})"
@@ -383,14 +383,74 @@ class LoRANetwork(nn.Module):
         return result
 
 
+def build_param_groups(text_encoder_loras: Sequence[nn.Module], unet_loras: Sequence[nn.Module],
+                       te_prefixes: Sequence[str], text_encoder_lr: float | Sequence[float] | None,
+                       unet_lr: float | None, default_lr: float | None, *, blocks: BlockSettings | None = None,
+                       te_plus_ratio: float | None = None, unet_plus_ratio: float | None = None,
+                       ) -> tuple[list[dict[str, Any]], list[str]]:
+    """kohya's optimizer groups over adapter modules (anything with ``lora_name`` and parameters).
+
+    Text encoder(s) at ``text_encoder_lr`` (or ``default_lr``; a list gives one lr per text encoder),
+    UNet at ``unet_lr`` (or ``default_lr``). With block lr weights the UNet gets one group per block
+    at ``unet_lr x weight`` (``unet_block<slot>``); with a LoRA+ ratio the ``lora_up`` weights get
+    their own group at ``lr x ratio`` (name + ``" plus"``). Groups whose lr is 0 or None are left
+    out and their parameters stop requiring grad."""
+    groups: list[dict[str, Any]] = []
+    names: list[str] = []
+
+    def add(loras: Sequence[nn.Module], lr: float | None, name: str, plus_ratio: float | None) -> None:
+        plain: list[nn.Parameter] = []
+        plus: list[nn.Parameter] = []
+        for lora in loras:
+            for param_name, p in lora.named_parameters():
+                is_up = param_name.startswith(("lora_up", "lora_B"))
+                (plus if plus_ratio is not None and is_up else plain).append(p)
+        for params, group_lr, group_name in ((plain, lr, name),
+                                             (plus, None if lr is None else lr * (plus_ratio or 1.0), name + " plus")):
+            if not params:
+                continue
+            if group_lr is None or group_lr == 0:
+                for p in params:
+                    p.requires_grad_(False)
+                continue
+            groups.append({"params": params, "lr": group_lr})
+            names.append(group_name)
+
+    te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+    te_lrs = [default_lr if lr is None else lr for lr in (te_lrs or [None])]
+    te_prefixes = tuple(te_prefixes)
+    if len(te_prefixes) <= 1:
+        add(text_encoder_loras, te_lrs[0], "textencoder", te_plus_ratio)
+    else:
+        for i, prefix in enumerate(te_prefixes):
+            loras = [lora for lora in text_encoder_loras if lora_keys.prefix_of(lora.lora_name) == prefix]
+            add(loras, te_lrs[i] if i < len(te_lrs) else te_lrs[0], f"textencoder{i + 1}", te_plus_ratio)
+
+    base_unet_lr = default_lr if unet_lr is None else unet_lr
+    if blocks is not None and blocks.lr_weight is not None:
+        by_block: dict[int | None, list[nn.Module]] = {}
+        for lora in unet_loras:
+            by_block.setdefault(blocks.block_index(lora.lora_name), []).append(lora)
+        for idx in sorted(by_block, key=lambda i: -1 if i is None else i):
+            weight = 1.0 if idx is None else blocks.lr_weight[idx]
+            lr = None if base_unet_lr is None else base_unet_lr * weight
+            add(by_block[idx], lr, BlockSettings.group_name(idx), unet_plus_ratio)
+    else:
+        add(unet_loras, base_unet_lr, "unet", unet_plus_ratio)
+    return groups, names
+
+
 # --------------------------------------------------------------------------- construction
 
 def _class_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
-def _find_targets(root: nn.Module, prefix: str, target_classes: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    """``[(kohya name, layer)]`` for every Linear/Conv2d inside a module of one of ``target_classes``."""
+def _find_targets(root: nn.Module, prefix: str, target_classes: Sequence[str],
+                  path_map: Callable[[str], str] | None = None) -> list[tuple[str, nn.Module]]:
+    """``[(kohya name, layer)]`` for every Linear/Conv2d inside a module of one of ``target_classes``.
+
+    ``path_map`` turns a module path into the path the file names it by (SDXL: the SGM UNet layout)."""
     targets = set(target_classes)
     found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
@@ -402,7 +462,7 @@ def _find_targets(root: nn.Module, prefix: str, target_classes: Sequence[str]) -
                 continue
             seen.add(id(child))
             full = f"{path}.{child_path}" if path and child_path else (path or child_path)
-            found.append((lora_keys.lora_name(prefix, full), child))
+            found.append((lora_keys.lora_name(prefix, path_map(full) if path_map else full), child))
     return found
 
 
@@ -450,7 +510,13 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                    train_unet: bool = True, train_text_encoder: bool = True,
                    te_prefixes: Sequence[str] = (lora_keys.PREFIX_TE,), multiplier: float = 1.0,
                    module_dims: Mapping[str, tuple[int, float]] | None = None,
-                   weights_sd: Mapping[str, torch.Tensor] | None = None) -> LoRANetwork:
+                   weights_sd: Mapping[str, torch.Tensor] | None = None,
+                   unet_path_map: Callable[[str], str] | None = None,
+                   blocks: BlockSettings | None = None, loraplus_lr_ratio: float | None = None,
+                   loraplus_unet_lr_ratio: float | None = None,
+                   loraplus_text_encoder_lr_ratio: float | None = None,
+                   module_factory: Callable[..., AdapterModule] | None = None,
+                   network_class: type[LoRANetwork] | None = None) -> LoRANetwork:
     """Build kohya's LoRA network (not yet applied: call :meth:`LoRANetwork.apply_to`).
 
     ``network_dim`` None means 4, ``network_alpha`` None means 1.0, ``conv_alpha`` None means 1.0
@@ -458,13 +524,25 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     (``{kohya name: (rank, alpha)}``, see :func:`dims_from_state_dict`) builds exactly the modules of
     a file, with its ranks (``dim_from_weights``); a module the model lacks raises ConfigError
     naming ``network_weights``. ``weights_sd`` (a kohya state dict) does the same with the file's
-    ranks and also loads its weights."""
+    ranks and also loads its weights. ``unet_path_map`` (``ModelFamily.lora_unet_path_map``) names
+    UNet modules by another layout (SDXL files use the SGM UNet's paths).
+
+    ``blocks`` (:func:`sd_scripts.networks.block_weights.resolve_block_settings`) gives UNet modules
+    per-block ranks/alphas (``block_dims``...; a rank of 0 leaves the module out) and per-block
+    learning-rate weights; with ``module_dims`` only its learning-rate weights apply. The
+    ``loraplus_*`` ratios give the ``lora_up`` weights their own optimizer group at lr x ratio.
+    ``module_factory(name, layer, multiplier=, lora_dim=, alpha=, dropout=, rank_dropout=,
+    module_dropout=)`` and ``network_class`` build another kind of module and network on the same
+    targets (DyLoRA)."""
+    plus = dict(loraplus_lr_ratio=loraplus_lr_ratio, loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
+                loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
     if weights_sd is not None:
         network = create_network(unet, text_encoders, network_dim=network_dim, network_alpha=network_alpha,
                                  conv_dim=conv_dim, conv_alpha=conv_alpha, dropout=dropout, rank_dropout=rank_dropout,
                                  module_dropout=module_dropout, train_unet=train_unet,
                                  train_text_encoder=train_text_encoder, te_prefixes=te_prefixes, multiplier=multiplier,
-                                 module_dims=dims_from_state_dict(weights_sd))
+                                 module_dims=dims_from_state_dict(weights_sd), unet_path_map=unet_path_map,
+                                 blocks=blocks, module_factory=module_factory, network_class=network_class, **plus)
         network.load_kohya_state_dict(weights_sd, strict=False)
         return network
     network_dim = 4 if network_dim is None else _check_int("network_dim", network_dim, 1, "network_dim")
@@ -481,7 +559,13 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     if train_text_encoder and tes and len(tes) != len(te_prefixes):
         raise ValueError(f"{len(tes)} text encoders but te_prefixes {te_prefixes}")
 
-    with_conv = conv_dim is not None or module_dims is not None
+    for key, ratio in plus.items():
+        if ratio is not None:
+            plus[key] = _check_float(key, ratio, "network_args")
+            if plus[key] <= 0:
+                raise ConfigError(f"network_args: {key}={ratio} must be above 0", setting="network_args")
+    use_blocks = blocks is not None and module_dims is None
+    with_conv = conv_dim is not None or module_dims is not None or (use_blocks and blocks.has_conv)
     unet_classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if with_conv else ())
 
     candidates: list[tuple[str, nn.Module]] = []
@@ -493,7 +577,7 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     n_te_candidates = len(candidates)
     if train_unet and unet is not None:
         enabled_prefixes.add(PREFIX_UNET)
-        candidates += _find_targets(unet, PREFIX_UNET, unet_classes)
+        candidates += _find_targets(unet, PREFIX_UNET, unet_classes, unet_path_map)
 
     if module_dims is not None:
         module_dims = {lora_keys.canonical_lora_name(k): v for k, v in module_dims.items()}
@@ -506,15 +590,18 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                 f"network_weights: {len(absent)} modules of the file are not in this model (e.g. {absent[0]}); "
                 "the LoRA was made for another model family or network type", setting="network_weights")
 
-    unet_loras: list[LoRAModule] = []
-    te_loras: list[LoRAModule] = []
+    unet_loras: list[AdapterModule] = []
+    te_loras: list[AdapterModule] = []
     for i, (name, layer) in enumerate(candidates):
         is_conv = isinstance(layer, nn.Conv2d)
         is_small = not is_conv or tuple(layer.kernel_size) == (1, 1)
+        block = blocks.dim_alpha(name, not is_small) if use_blocks and i >= n_te_candidates else None
         if module_dims is not None:
             if name not in module_dims:
                 continue
             dim, alpha = module_dims[name]
+        elif block is not None:
+            dim, alpha = block
         elif is_small:
             dim, alpha = network_dim, network_alpha
         elif conv_dim is not None:
@@ -523,10 +610,11 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
             continue
         if not dim:
             continue
-        lora = LoRAModule(name, layer, multiplier=multiplier, lora_dim=dim, alpha=alpha, dropout=dropout,
-                          rank_dropout=rank_dropout, module_dropout=module_dropout)
+        lora = (module_factory or LoRAModule)(name, layer, multiplier=multiplier, lora_dim=dim, alpha=alpha,
+                                              dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
         (te_loras if i < n_te_candidates else unet_loras).append(lora)
-    return LoRANetwork(unet_loras, te_loras, te_prefixes=te_prefixes, multiplier=multiplier)
+    return (network_class or LoRANetwork)(unet_loras, te_loras, te_prefixes=te_prefixes, multiplier=multiplier,
+                                          blocks=blocks, **plus)
 
 
 def dims_from_state_dict(state_dict: Mapping[str, torch.Tensor], setting: str = "network_weights") -> dict[str, tuple[int, float]]:
