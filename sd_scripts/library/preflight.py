@@ -392,7 +392,7 @@ def estimate_lora_bytes(config, family=None, model_info: dict | None = None) -> 
             params = total if found else None
     except Exception:  # noqa: BLE001 - an estimate must never stop a run
         params = None
-    if params is None:
+    if not params:  # unreadable shapes, or key names this estimate does not know (e.g. SDXL's)
         name = getattr(family, "name", "sd1")
         share = (0.75 if unet else 0.0) + (0.25 if te else 0.0)
         params = int(_PARAMS_PER_RANK.get(name, 600_000) * dim * share)
@@ -572,6 +572,7 @@ def _collect(errors: list[UserError], exc: UserError) -> None:
 def preflight(config, model_given: bool = False) -> Plan:
     """Check everything that can be checked before the model loads; raise UserErrors on any problem."""
     from .dataset_layout import scan_dataset
+    from .model_families import check_family_settings
     from .model_loading import detect_family
     from .optimizers import check_optimizer_settings
 
@@ -614,6 +615,9 @@ def preflight(config, model_given: bool = False) -> Plan:
         plan.summary.extend(dataset_summary(plan.dataset))
     except UserError as e:
         _collect(errors, e)
+    family_errors, family_warnings = check_family_settings(config, plan.family, plan.dataset)
+    errors.extend(family_errors)
+    plan.warnings.extend(family_warnings)
     if plan.dataset is not None and config.output_dir:
         problem = _output_inside_dataset(config.output_dir, plan.dataset)
         if problem is not None:
