@@ -575,6 +575,7 @@ def preflight(config, model_given: bool = False) -> Plan:
     from .model_families import check_family_settings
     from .model_loading import detect_family
     from .optimizers import check_optimizer_settings
+    from ..networks.factory import check_network_settings
 
     errors = check_settings(config)
     plan = Plan()
@@ -618,6 +619,10 @@ def preflight(config, model_given: bool = False) -> Plan:
     family_errors, family_warnings = check_family_settings(config, plan.family, plan.dataset)
     errors.extend(family_errors)
     plan.warnings.extend(family_warnings)
+    try:
+        plan.warnings.extend(check_network_settings(config, plan.family))
+    except UserError as e:
+        _collect(errors, e)
     if plan.dataset is not None and config.output_dir:
         problem = _output_inside_dataset(config.output_dir, plan.dataset)
         if problem is not None:
