@@ -90,8 +90,10 @@ def plan_network(config, family: Any = None) -> NetworkPlan:
     run are in ``warnings``."""
     kind = network_kind(getattr(config, "network_module", None))
     raw = split_network_args(getattr(config, "network_args", None))
-    dim = parse_int("network_dim", config.network_dim, minimum=1)
-    network_dim = 4 if dim is None else dim
+    dim = config.network_dim
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, float)) or dim < 1 or dim != int(dim)):
+        raise ConfigError(f"network_dim: must be 1 or more, got {dim}", setting="network_dim")
+    network_dim = 4 if dim is None else int(dim)
     alpha = config.network_alpha
     network_alpha = 1.0 if alpha is None else alpha
     try:
