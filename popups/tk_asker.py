@@ -92,7 +92,12 @@ class _Window:
         self.finish("closed")
 
     def show(self) -> None:
+        """Centre the window on the screen and bring it to the front."""
         self.top.update_idletasks()
+        width, height = self.top.winfo_reqwidth(), self.top.winfo_reqheight()
+        x = max(0, (self.top.winfo_screenwidth() - width) // 2)
+        y = max(0, (self.top.winfo_screenheight() - height) // 3)
+        self.top.geometry(f"+{x}+{y}")
         self.top.lift()
         self.top.focus_force()
 

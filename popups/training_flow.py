@@ -158,7 +158,7 @@ class TrainingWizard:
 
     def _run(self) -> Any:
         start = self.ask_plain(
-            "start", "choice", "What would you like to do?", "new",
+            "start", "choice", "What would you like to do?", "queue" if self.store.multi_run_folder else "new",
             options=("new", "load_json", "queue"),
             labels={"new": "Set up a new training", "load_json": "Load a saved JSON file",
                     "queue": "Run a queue: every JSON file in a folder"},
@@ -168,6 +168,7 @@ class TrainingWizard:
             folder = self.ask_setting("multi_run_folder", "Choose the folder of JSON files to train one after another",
                                       optional=False, check=_has_json_files)
             return self.store.replace(multi_run_folder=folder)
+        self.set(multi_run_folder=None)  # a queue folder given on the command line is not run after all
         if start == "load_json":
             self._load_json()
             self.section = "Paths"

@@ -298,6 +298,16 @@ def test_queue_folder(paths):
     assert asker.keys == ["start", "multi_run_folder", "multi_run_folder"]
 
 
+def test_a_queue_folder_from_the_command_line_is_the_default_and_can_be_declined(paths):
+    queue = paths["tmp"] / "queue"
+    queue.mkdir()
+    (queue / "a.json").write_text("{}", encoding="utf-8")
+    store, asker = run_wizard({"start": CLOSE}, ArgStore(multi_run_folder=str(queue)))
+    assert asker.questions("start")[0].default == "queue" and store.multi_run_folder == str(queue)
+    store, _ = run_wizard(answers(paths, start="new"), ArgStore(multi_run_folder=str(queue)))
+    assert store.multi_run_folder is None  # main.py trains this setup instead of running the queue
+
+
 def _saved_job(paths, **values):
     store = ArgStore(base_model=paths["base_model"], img_folder=paths["img_folder"],
                      output_folder=paths["output_folder"], net_dim=8, alpha=1, optimizer_type="Lion", **values)
