@@ -1,8 +1,10 @@
 """What the wizard says about a dataset: the ``<n>_<name>`` folders, images, captions and steps.
 
-It runs the engine's own dataset scan (``scan_dataset``, the preflight check: no model, no torch)
-on the settings chosen so far, then places the images in buckets the way the training dataset
-does, so the steps per epoch shown are the ones the run will take on one GPU.
+:func:`check_dataset` runs the engine's own dataset scan (``scan_dataset``, the preflight check:
+no model, no torch), which decodes every image once. The wizard scans again only when the folders
+or the caption extension change; :func:`estimate_steps` places the scanned image sizes in buckets
+for the current resolution, bucket settings and batch size, as the training dataset does, so the
+steps shown are the ones the run will take on one GPU.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps"]
+__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps", "scan_key"]
 
 
 @dataclass
@@ -29,7 +31,7 @@ class DatasetReport:
     folders: list[FolderCount]
     num_train_images: int  # images x repeats, per epoch
     num_reg_images: int
-    batches_per_epoch: int
+    plan: Any = None  # the engine's DatasetPlan (image sizes and repeats)
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -44,21 +46,45 @@ class DatasetReport:
         return out
 
 
+def scan_key(store: Any) -> tuple:
+    """The settings a scan's result depends on beyond resolution and batch size."""
+    return (store.img_folder, store.reg_img_folder, store.caption_extension, store.dataset_config)
+
+
 def check_dataset(store: Any) -> DatasetReport:
     """Scan the dataset ``store`` points at; raise the engine's one-line UserError when it cannot train."""
     from frontend.settings_map import to_train_config
     from sd_scripts.library.dataset_layout import scan_dataset
 
-    config = to_train_config(store, has_cuda=False, has_xformers=False).config
-    plan = scan_dataset(config)
+    plan = scan_dataset(to_train_config(store, has_cuda=False, has_xformers=False).config)
     captioned: dict[int, int] = {}
     for record in plan.images:
         if record.caption_source == "file":
             captioned[record.subset] = captioned.get(record.subset, 0) + 1
-    folders = [FolderCount(name=os.path.basename(os.path.normpath(s.image_dir)), repeats=s.num_repeats, images=s.img_count, captions=captioned.get(i, 0),
-                           is_reg=s.is_reg) for i, s in enumerate(plan.subsets)]
+    folders = [FolderCount(name=os.path.basename(os.path.normpath(s.image_dir)), repeats=s.num_repeats,
+                           images=s.img_count, captions=captioned.get(i, 0), is_reg=s.is_reg)
+               for i, s in enumerate(plan.subsets)]
+    return DatasetReport(folders, plan.num_train_images, plan.num_reg_images, plan, list(plan.warnings))
+
+
+def _current_spec(store: Any) -> Any:
+    """The dataset settings the store asks for now (what ``scan_dataset`` would build from them)."""
+    from sd_scripts.library.buckets import snap_bucket_range
+    from sd_scripts.library.dataset_layout import DatasetSpec
+
+    width = store.train_resolution
+    steps = store.bucket_reso_steps or 64
+    low, high = snap_bucket_range(store.min_bucket_resolution, store.max_bucket_resolution, steps)
+    return DatasetSpec(resolution=(width, store.height_resolution or width), batch_size=store.batch_size,
+                       enable_bucket=store.buckets, min_bucket_reso=low, max_bucket_reso=high, bucket_reso_steps=steps,
+                       bucket_no_upscale=store.bucket_no_upscale)
+
+
+def batches_per_epoch(store: Any, report: DatasetReport) -> int:
+    plan = report.plan
+    specs = plan.datasets if plan.from_dataset_config else [_current_spec(store)]
     batches = 0
-    for d, spec in enumerate(plan.datasets):
+    for d, spec in enumerate(specs):
         manager = spec.bucket_manager()
         per_bucket: dict[tuple[int, int], int] = {}
         for record in plan.images:
@@ -66,12 +92,12 @@ def check_dataset(store: Any) -> DatasetReport:
                 bucket = manager.select_bucket(*record.size)[0]
                 per_bucket[bucket] = per_bucket.get(bucket, 0) + record.repeats
         batches += sum(math.ceil(n / spec.batch_size) for n in per_bucket.values())
-    return DatasetReport(folders, plan.num_train_images, plan.num_reg_images, batches, list(plan.warnings))
+    return batches
 
 
 def estimate_steps(store: Any, report: DatasetReport) -> tuple[int, int, int]:
     """``(total steps, steps per epoch, epochs)`` for one process, as the training loop counts them."""
-    per_epoch = max(1, math.ceil(report.batches_per_epoch / max(1, store.gradient_acc_steps or 1)))
+    per_epoch = max(1, math.ceil(batches_per_epoch(store, report) / max(1, store.gradient_acc_steps or 1)))
     if store.max_steps:
         return store.max_steps, per_epoch, math.ceil(store.max_steps / per_epoch)
     return store.num_epochs * per_epoch, per_epoch, store.num_epochs

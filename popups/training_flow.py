@@ -18,7 +18,7 @@ from ArgsList import OPTIMIZERS, SAMPLERS, SCHEDULERS, ArgStore
 from frontend.fields import format_value
 
 from .asker import Asker, Cancelled, Question, ask
-from .dataset_check import DatasetReport, check_dataset, estimate_steps
+from .dataset_check import DatasetReport, check_dataset, estimate_steps, scan_key
 
 __all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS"]
 
@@ -52,8 +52,8 @@ _SUMMARY_SECTIONS = [
     ("Optimizer", ["optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr"]),
     ("Network", ["net_dim", "alpha", "lyco", "network_args", "unet_only", "text_only"]),
     ("Schedule", ["scheduler", "cosine_restarts", "scheduler_power", "warmup_lr_ratio"]),
-    ("Resolution and length", ["train_resolution", "height_resolution", "bucket_no_upscale", "batch_size",
-                               "num_epochs", "max_steps"]),
+    ("Resolution and length", ["train_resolution", "height_resolution", "min_bucket_resolution",
+                               "max_bucket_resolution", "bucket_no_upscale", "batch_size", "num_epochs", "max_steps"]),
     ("Saving", ["save_every_n_epochs", "save_every_n_steps", "save_precision", "training_comment"]),
     ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "tag_occurrence_txt_file",
                   "sort_tag_occurrence_alphabetically"]),
@@ -117,6 +117,7 @@ class TrainingWizard:
         self.save_json = save_json or _save_settings_json
         self.section = "Start"
         self.report: DatasetReport | None = None
+        self._report_key: tuple | None = None
         self.notes: list[str] = []
 
     # ----------------------------------------------------------------------------- plumbing
@@ -148,6 +149,15 @@ class TrainingWizard:
 
     def set(self, **changes: Any) -> None:
         self.store = dataclasses.replace(self.store, **changes)
+
+    def dataset(self) -> DatasetReport:
+        """The dataset report, scanned again only when the folders or the caption extension changed."""
+        key = scan_key(self.store)
+        if self.report is None or key != self._report_key:
+            self.report, self._report_key = None, None
+            self.report = self.scan(self.store)
+            self._report_key = key
+        return self.report
 
     # ----------------------------------------------------------------------------- the run
     def run(self) -> Any:
@@ -240,13 +250,12 @@ class TrainingWizard:
         while True:
             self.set(img_folder=ask(self.asker, question))
             try:
-                self.report = self.scan(self.store)
+                self.dataset()
             except UserError as err:
                 if getattr(err, "setting", None) in _FOLDER_SETTINGS:
                     question = dataclasses.replace(question, error=str(err))
                     continue
                 # a setting asked later (resolution, caching...) stops the scan: say so and go on
-                self.report = None
                 self.asker.tell("Dataset", f"The images could not be counted yet: {err}", "warning")
                 return
             self._tell_dataset()
@@ -384,6 +393,10 @@ class TrainingWizard:
             self.set(height_resolution=None)
         if self.store.buckets:
             self.ask_setting("bucket_no_upscale", "Never upscale small images into bigger buckets?")
+            # the bucket range must hold the resolution (the engine refuses it otherwise): widen it
+            sides = (width, self.store.height_resolution or width)
+            self.set(min_bucket_resolution=min(self.store.min_bucket_resolution, *sides),
+                     max_bucket_resolution=max(self.store.max_bucket_resolution, *sides))
         self.section = "Length"
         self.ask_setting("batch_size", "Batch size (images per step; more needs more GPU memory)", low=1)
         per_epoch = self._steps_per_epoch()
@@ -401,10 +414,9 @@ class TrainingWizard:
         from sd_scripts.library.errors import UserError
 
         try:
-            self.report = self.scan(self.store)
-        except UserError:
+            return estimate_steps(self.store, self.dataset())[1]
+        except (UserError, ValueError):  # shown as a problem in the summary
             return None
-        return estimate_steps(self.store, self.report)[1]
 
     def _saving(self) -> None:
         self.section = "Saving"
@@ -479,13 +491,13 @@ class TrainingWizard:
             if shown:
                 lines += [title] + shown
         try:
-            self.report = self.scan(self.store)
-        except UserError as err:
+            report = self.dataset()
+            total, per_epoch, epochs = estimate_steps(self.store, report)
+        except (UserError, ValueError) as err:
             lines += ["Dataset", f"  problem: {err}"]
         else:
-            total, per_epoch, epochs = estimate_steps(self.store, self.report)
             estimate = f"Estimated steps: {total} ({per_epoch} per epoch x {epochs} epochs)"
-            lines = [estimate, ""] + lines + ["Dataset"] + [f"  {line}" for line in self.report.lines()]
+            lines = [estimate, ""] + lines + ["Dataset"] + [f"  {line}" for line in report.lines()]
         lines += [f"note: {n}" for n in self.notes]
         return lines
 

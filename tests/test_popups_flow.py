@@ -89,6 +89,24 @@ def test_dataset_is_checked_as_soon_as_the_image_folder_is_chosen(paths):
     assert store.img_folder == paths["img_folder"]
 
 
+def test_the_dataset_is_scanned_again_only_when_its_folders_or_captions_change(paths):
+    from popups.dataset_check import check_dataset
+
+    scanned = []
+
+    def scan(store):
+        scanned.append(store.caption_extension)
+        return check_dataset(store)
+
+    script = answers(paths, batch_size=4, train_resolution=256, summary=["back", "start"],
+                     img_folder=[paths["img_folder"]] * 2, caption_extension=[CLOSE, ".caption"])
+    asker = ScriptedAsker(script)
+    TrainingWizard(asker, ArgStore(), scan=scan).run()
+    assert scanned == [".txt", ".caption"]
+    assert "5 steps per epoch at batch size 4" in asker.questions("length_mode")[0].help  # 20 / 4, not rescanned
+    assert "  folder 5_sks shape: 4 images x 5 repeats, 0 with a caption file" in asker.questions("summary")[1].details
+
+
 def test_out_of_range_and_unreadable_answers_are_asked_again_with_the_reason(paths):
     store, asker = run_wizard(answers(
         paths, net_dim=[0, "abc", "2.5", "16"], alpha=[-1, "8"], train_resolution=[500, 32, 768],
@@ -233,6 +251,8 @@ def test_steps_instead_of_epochs(paths):
 def test_non_square_resolution_and_same_height_means_square(paths):
     store, _ = run_wizard(answers(paths, train_resolution=512, height_resolution=768))
     assert (store.train_resolution, store.height_resolution) == (512, 768)
+    store, _ = run_wizard(answers(paths, train_resolution=256, height_resolution=1024))
+    assert (store.min_bucket_resolution, store.max_bucket_resolution) == (256, 1024)  # widened to hold them
     store, _ = run_wizard(answers(paths, train_resolution=512, height_resolution=512))
     assert store.height_resolution is None
 
