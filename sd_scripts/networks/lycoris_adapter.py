@@ -226,20 +226,40 @@ def parse_lycoris_args(args: Mapping[str, Any], *, network_dim: int | None = Non
     return out
 
 
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import toml
+
+        return toml.load(path)
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
 def read_preset_file(path: str) -> dict[str, Any]:
     """Read and check a LyCORIS preset .toml; ConfigError naming network_args when it cannot be used."""
     if not os.path.isfile(path):
         raise bad_arg("preset", path, "was not found; give the path of a preset .toml file or a built-in preset name")
     try:
-        import toml
-
-        data = toml.load(path)
+        data = _load_toml(path)
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise bad_arg("preset", path, f"is not a valid TOML file ({first})") from None
     unknown = sorted(k for k in data if k not in _PRESET_KEYS)
     if unknown:
         raise bad_arg("preset", path, f"has unknown keys {', '.join(unknown)}; valid keys are {', '.join(_PRESET_KEYS)}")
+    for key, value in data.items():
+        if key in ("enable_conv", "use_fnmatch"):
+            ok, what = isinstance(value, bool), "true or false"
+        elif key.endswith("algo_map"):
+            ok, what = isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()), "a table of tables"
+        elif key == "lora_prefix":
+            ok, what = isinstance(value, str), "a string"
+        else:
+            ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+        if not ok:
+            raise bad_arg("preset", path, f"has {key} = {value!r}, which must be {what}")
     return data
 
 
