@@ -27,6 +27,7 @@ __all__ = [
     "KINDS",
     "Question",
     "ScriptedAsker",
+    "Working",
     "ask",
     "describe",
 ]
@@ -269,6 +270,25 @@ class Asker(Protocol):
     def tell(self, title: str, text: str, level: str = "info") -> None:
         """Show a message ("info", "warning" or "error") and wait until it is read."""
 
+    def working(self, title: str, text: str) -> "Working":
+        """A context shown while something slow runs; ``.update(done, total)`` reports progress."""
+
+
+class Working:
+    """What :meth:`Asker.working` returns; this one shows nothing (scripted runs)."""
+
+    def __init__(self):
+        self.updates: list[tuple[int, int]] = []
+
+    def __enter__(self) -> "Working":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, done: int, total: int) -> None:
+        self.updates.append((done, total))
+
 
 def ask(asker: Asker, question: Question) -> Any:
     """Ask until the answer passes the question's checks; return the checked value."""
@@ -304,6 +324,7 @@ class ScriptedAsker:
         self.answers = {k: list(v) if isinstance(v, list) else [v] for k, v in (answers or {}).items()}
         self.asked: list[Question] = []
         self.told: list[tuple[str, str, str]] = []
+        self.worked: list[tuple[str, str, Working]] = []
         self.max_repeats = max_repeats
 
     @property
@@ -329,6 +350,10 @@ class ScriptedAsker:
 
     def tell(self, title: str, text: str, level: str = "info") -> None:
         self.told.append((title, text, level))
+
+    def working(self, title: str, text: str) -> Working:
+        self.worked.append((title, text, Working()))
+        return self.worked[-1][2]
 
     def close(self) -> None:
         pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps", "scan_key"]
 
@@ -51,12 +51,14 @@ def scan_key(store: Any) -> tuple:
     return (store.img_folder, store.reg_img_folder, store.caption_extension, store.dataset_config)
 
 
-def check_dataset(store: Any) -> DatasetReport:
-    """Scan the dataset ``store`` points at; raise the engine's one-line UserError when it cannot train."""
+def check_dataset(store: Any, progress: Callable[[int, int], None] | None = None) -> DatasetReport:
+    """Scan the dataset ``store`` points at; raise the engine's one-line UserError when it cannot train.
+
+    ``progress(done, total)`` is called as each image has been checked."""
     from frontend.settings_map import to_train_config
     from sd_scripts.library.dataset_layout import scan_dataset
 
-    plan = scan_dataset(to_train_config(store, has_cuda=False, has_xformers=False).config)
+    plan = scan_dataset(to_train_config(store, has_cuda=False, has_xformers=False).config, progress)
     captioned: dict[int, int] = {}
     for record in plan.images:
         if record.caption_source == "file":

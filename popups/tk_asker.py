@@ -3,7 +3,8 @@
 Each window shows the question, its one-line explanation, its default and (when the last answer
 was refused) the reason in red. Widgets by kind: Yes/No buttons; a list to choose from; an entry
 checked as you type (numbers, text); an entry with Browse buttons (files and folders); one slider
-per item (merge ratios); a checkbox per option; a scrolled summary with one button per action.
+per item (merge ratios); a checkbox per option; a scrolled summary with one button per action;
+a progress bar while the dataset is scanned.
 Every window has a Cancel button that ends the wizard; closing a window keeps the default (the
 summary window is the exception: closing it cancels, so nothing starts by accident).
 
@@ -14,15 +15,16 @@ Tests drive the windows through ``TkAsker(on_open=...)``: the hook receives each
 from __future__ import annotations
 
 import os
+import time
 import tkinter as tk
-from tkinter import filedialog
+from tkinter import filedialog, ttk
 from typing import Any, Callable
 
 from sd_scripts.library.errors import ConfigError
 
 from .asker import Cancelled, Question
 
-__all__ = ["TkAsker", "QuestionWindow", "MessageWindow", "NoDisplay", "open_root"]
+__all__ = ["TkAsker", "QuestionWindow", "MessageWindow", "WorkingWindow", "NoDisplay", "open_root"]
 
 APP_TITLE = "LoRA Easy Training Scripts"
 _WRAP = 560
@@ -118,6 +120,39 @@ class MessageWindow(_Window):
         row.pack(fill="x")
         self.button(row, "ok", "OK", lambda: self.finish("answer"))
         self.top.bind("<Return>", lambda _event: self.buttons["ok"].invoke())
+
+
+class WorkingWindow(_Window):
+    """Shown while something slow runs (the dataset scan): a progress bar, no buttons."""
+
+    def __init__(self, root: tk.Misc, title: str, text: str):
+        super().__init__(root, title)
+        self.label(text, font=("TkDefaultFont", 11, "bold"))
+        self.status = self.label("", fg=_HELP_FG)
+        self.bar = ttk.Progressbar(self.frame, length=420, mode="determinate")
+        self.bar.pack(fill="x", pady=(4, 0))
+        self._shown_at = 0.0
+
+    def close(self) -> None:
+        pass  # it goes away by itself when the work is done
+
+    def __enter__(self) -> "WorkingWindow":
+        self.show()
+        self.top.update()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish("answer")
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._shown_at < 0.05:
+            return  # repaint at most 20 times a second
+        self._shown_at = now
+        if self.top.winfo_exists():
+            self.bar.config(maximum=max(total, 1), value=done)
+            self.status.config(text=f"{done} of {total}")
+            self.top.update()
 
 
 class QuestionWindow(_Window):
@@ -324,6 +359,9 @@ class TkAsker:
 
     def tell(self, title: str, text: str, level: str = "info") -> None:
         self._wait(MessageWindow(self.root, title, text, level))
+
+    def working(self, title: str, text: str) -> WorkingWindow:
+        return WorkingWindow(self.root, title, text)
 
     def _wait(self, window: _Window) -> None:
         window.show()

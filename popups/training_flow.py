@@ -104,11 +104,12 @@ def _has_json_files(folder: str) -> str | None:
 class TrainingWizard:
     """One run of the wizard: ``TrainingWizard(asker, defaults).run()`` -> ArgStore, or None if cancelled.
 
-    ``scan`` checks the dataset (replaceable in tests); ``save_json`` saves a JSON file the way the
+    ``scan(store, progress)`` checks the dataset (replaceable in tests); ``save_json`` saves a JSON file the way the
     command line does and returns its path.
     """
 
-    def __init__(self, asker: Asker, defaults: Any, *, scan: Callable[[Any], DatasetReport] = check_dataset,
+    def __init__(self, asker: Asker, defaults: Any, *,
+                 scan: Callable[[Any, Callable[[int, int], None]], DatasetReport] = check_dataset,
                  save_json: Callable[[Any, str, str | None], str] | None = None):
         self.asker = asker
         self.defaults = defaults
@@ -155,7 +156,8 @@ class TrainingWizard:
         key = scan_key(self.store)
         if self.report is None or key != self._report_key:
             self.report, self._report_key = None, None
-            self.report = self.scan(self.store)
+            with self.asker.working("Dataset", "Checking the images and captions...") as working:
+                self.report = self.scan(self.store, working.update)
             self._report_key = key
         return self.report
 

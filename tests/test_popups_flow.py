@@ -94,15 +94,16 @@ def test_the_dataset_is_scanned_again_only_when_its_folders_or_captions_change(p
 
     scanned = []
 
-    def scan(store):
+    def scan(store, progress):
         scanned.append(store.caption_extension)
-        return check_dataset(store)
+        return check_dataset(store, progress)
 
     script = answers(paths, batch_size=4, train_resolution=256, summary=["back", "start"],
                      img_folder=[paths["img_folder"]] * 2, caption_extension=[CLOSE, ".caption"])
     asker = ScriptedAsker(script)
     TrainingWizard(asker, ArgStore(), scan=scan).run()
     assert scanned == [".txt", ".caption"]
+    assert [w[2].updates[-1] for w in asker.worked] == [(4, 4), (4, 4)]  # progress for every image
     assert "5 steps per epoch at batch size 4" in asker.questions("length_mode")[0].help  # 20 / 4, not rescanned
     assert "  folder 5_sks shape: 4 images x 5 repeats, 0 with a caption file" in asker.questions("summary")[1].details
 

@@ -226,6 +226,17 @@ def test_message_window(root):
     assert isinstance(seen[0], MessageWindow) and not seen[0].top.winfo_exists()
 
 
+def test_progress_window_while_working(root):
+    asker = TkAsker(root)
+    with asker.working("Dataset", "Checking the images...") as working:
+        assert working.top.winfo_viewable()
+        close(working)  # cannot be closed while working
+        for done in range(1, 4):
+            working.update(done, 3)
+        assert (working.bar.cget("value"), working.status.cget("text")) == (3, "3 of 3")
+    assert not working.top.winfo_exists()
+
+
 # ------------------------------------------------------------------------------------------ whole flows
 def test_training_wizard_in_real_windows(root, tmp_path):
     import popups
