@@ -204,7 +204,7 @@ class TrainingWizard:
         while True:
             path = ask(self.asker, question)
             try:
-                resolved = resolve_settings({"load_json_path": path}, self.defaults)
+                resolved = resolve_settings({"load_json_path": path}, self.store)
             except UserError as err:
                 errors = err.errors if isinstance(err, UserErrors) else [err]
                 reason = str(errors[0]) + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")

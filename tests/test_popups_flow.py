@@ -327,6 +327,9 @@ def test_a_queue_folder_from_the_command_line_is_the_default_and_can_be_declined
     assert asker.questions("start")[0].default == "queue" and store.multi_run_folder == str(queue)
     store, _ = run_wizard(answers(paths, start="new"), ArgStore(multi_run_folder=str(queue)))
     assert store.multi_run_folder is None  # main.py trains this setup instead of running the queue
+    store, _ = run_wizard({"start": "load_json", "load_json_path": _saved_job(paths)},
+                          ArgStore(multi_run_folder=str(queue)))
+    assert store.multi_run_folder is None and store.net_dim == 8
 
 
 def _saved_job(paths, **values):
