@@ -38,6 +38,7 @@ _MANAGED_NETWORK_ARGS = {"algo", "conv_dim", "conv_alpha", "use_tucker", "use_cp
 LR_FREE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD", "DAdaptAdan", "Prodigy"}
 _DECOUPLE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam"}
 _LR_FREE_HINT = "learning-rate-free optimizer: about 1.0, one rate for the whole network"
+IA3_LEARNING_RATE = 5e-3
 
 SUMMARY_ACTIONS = ("start", "save", "back")
 # settings whose scan errors mean "choose another image folder"
@@ -341,6 +342,13 @@ class TrainingWizard:
                 if factor != -1:
                     args["factor"] = str(factor)
         self.set(lyco=kind in _LYCORIS_ALGOS, network_args=args or None)
+        if not is_lr_free(self.store.optimizer_type):
+            # IA3 only scales activations: it needs a far higher rate (LyCORIS suggests about 5e-3)
+            lr, plain = self.store.learning_rate, INFOS["learning_rate"].default
+            if kind == "IA3" and lr == plain:
+                self.set(learning_rate=IA3_LEARNING_RATE)
+            elif kind != "IA3" and lr == IA3_LEARNING_RATE:
+                self.set(learning_rate=plain)
         parts = self.ask_plain("train_parts", "choice", "Which parts of the model should the network train?",
                                "unet" if self.store.unet_only else "text" if self.store.text_only else "both",
                                options=("both", "unet", "text"),

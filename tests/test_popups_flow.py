@@ -191,6 +191,9 @@ def test_ia3_asks_no_rank_and_keeps_other_network_args(paths):
     assert asker.questions("network_type")[0].default == "LoHa"
     assert not {"net_dim", "alpha", "conv_dim", "use_tucker"} & set(asker.keys)
     assert store.lyco is True and store.network_args == {"algo": "ia3", "preset": "full"}
+    assert asker.questions("learning_rate")[0].default == 5e-3  # IA3 needs a much higher rate
+    store, asker = run_wizard(answers(paths, network_type=["IA3", "LoRA"], summary=["back", "start"]))
+    assert [q.default for q in asker.questions("learning_rate")] == [5e-3, 1e-4] and store.learning_rate == 1e-4
 
 
 def test_old_tucker_names_give_the_default_of_the_tucker_question(paths):
