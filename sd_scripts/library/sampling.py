@@ -31,7 +31,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 __all__ = ["SamplePrompt", "SAMPLERS", "SamplingAborted", "parse_prompt_line", "load_sample_prompts", "make_sampler",
-           "generate_samples", "sample_file_name"]
+           "generate_samples", "sample_file_name", "sampler_problem", "check_sampling_settings"]
 
 # kohya sampler names -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -43,12 +43,15 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {"lower_order_final": True}),
 }
 for _alias in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a"):
     SAMPLERS["k_" + _alias] = SAMPLERS[_alias]
+
+# Samplers whose diffusers class needs an optional package.
+_NEEDS = {"LMSDiscreteScheduler": "scipy"}
 
 _OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps", "ss": "sampler"}
 # kohya options for other model families (FLUX, SD3, Lumina, ControlNet): named in the error
@@ -81,6 +84,29 @@ class SamplePrompt:
         return self
 
 
+def sampler_problem(name: str) -> str | None:
+    """Why sampler ``name`` cannot be used here (unknown, or its package is missing), or None."""
+    key = str(name).strip().lower()
+    if key not in SAMPLERS:
+        return f"{name!r} is not a sampler; choose one of {', '.join(SAMPLERS)}"
+    package = _NEEDS.get(SAMPLERS[key][0])
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            return (f"{key} needs the {package} package, which is not installed; install it (pip install {package}) "
+                    "or choose another sampler such as euler or ddim")
+    return None
+
+
+def check_sampling_settings(config) -> list[ConfigError]:
+    """Sampler availability for ``sample_sampler`` (names are checked by preflight; --ss by the prompt file)."""
+    if not getattr(config, "sample_prompts", None) or not getattr(config, "sample_sampler", None):
+        return []
+    problem = sampler_problem(config.sample_sampler)
+    return [ConfigError(f"sample_sampler: {problem}", "sample_sampler")] if problem else []
+
+
 def _set_option(prompt: SamplePrompt, key: str, name: str, value: Any, where: str) -> None:
     try:
         if name in ("width", "height", "sample_steps"):
@@ -94,9 +120,9 @@ def _set_option(prompt: SamplePrompt, key: str, name: str, value: Any, where: st
             setattr(prompt, name, float(str(value).strip()))
         elif name == "sampler":
             text = str(value).strip().lower()
-            if text not in SAMPLERS:
-                raise ConfigError(f"{where}: --{key} {value!r} is not a sampler; choose one of {', '.join(SAMPLERS)}",
-                                  "sample_prompts")
+            problem = sampler_problem(text)
+            if problem:
+                raise ConfigError(f"{where}: --{key} {problem}", "sample_prompts")
             prompt.sampler = text
         else:
             prompt.negative_prompt = str(value).strip()
@@ -205,17 +231,26 @@ def make_sampler(name: str, v_parameterization: bool):
     """The diffusers scheduler for a kohya sampler name."""
     import diffusers
 
-    if name.lower() not in SAMPLERS:
-        raise ConfigError(f"sample_sampler: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}", "sample_sampler")
+    problem = sampler_problem(name)
+    if problem:
+        raise ConfigError(f"sample_sampler: {problem}", "sample_sampler")
     cls_name, extra = SAMPLERS[name.lower()]
     cls = getattr(diffusers, cls_name)
+    # Stable Diffusion's own scheduler settings (steps_offset 1, as in every SD scheduler config)
     kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  prediction_type="v_prediction" if v_parameterization else "epsilon", **extra)
+                  prediction_type="v_prediction" if v_parameterization else "epsilon", steps_offset=1, **extra)
     if cls_name == "DDIMScheduler":
-        kwargs.update(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        kwargs.update(clip_sample=False, set_alpha_to_one=False)
     if cls_name == "PNDMScheduler":
-        kwargs.update(skip_prk_steps=True, steps_offset=1)
-    return cls(**kwargs)
+        kwargs.update(skip_prk_steps=True)
+    import inspect
+
+    import warnings
+
+    accepted = inspect.signature(cls.__init__).parameters
+    with warnings.catch_warnings():  # diffusers deprecates algorithm_type dpmsolver, which kohya's name means
+        warnings.simplefilter("ignore", FutureWarning)
+        return cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def sample_file_name(output_name: str | None, label: str, index: int, stamp: str, seed: int | None) -> str:

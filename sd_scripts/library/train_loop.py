@@ -109,9 +109,11 @@ def train(config, callbacks: Any = None, *, model: Any = None) -> TrainResult:
 
     cb = CallbackDispatcher(callbacks)
     plan = preflight(config, model_given=model is not None)
-    resume_errors = check_resume_settings(config)
-    if resume_errors:
-        raise UserErrors(resume_errors)
+    from .sampling import check_sampling_settings
+
+    late_errors = check_resume_settings(config) + check_sampling_settings(config)
+    if late_errors:  # checks preflight does not make (yet); still before the model loads
+        raise UserErrors(late_errors)
     for w in plan.warnings:
         cb.on_message(f"warning: {w}")
     return _Trainer(config, plan, cb, model).run()
