@@ -479,7 +479,8 @@ class TrainingWizard:
         self.ask_setting("sample_sampler", "Sampler for the sample images", optional=False,
                          default=self.store.sample_sampler or "ddim", options=tuple(SAMPLERS))
         when = self.ask_plain("sample_when", "choice", "Make samples every N steps or every N epochs?",
-                              "steps" if self.store.sample_every_n_steps else "epochs", options=("epochs", "steps"))
+                              "steps" if self.store.sample_every_n_steps else "epochs", options=("epochs", "steps"),
+                              help="sampling takes a while: every few hundred steps, or every epoch or two, is common")
         if when == "steps":
             self.ask_setting("sample_every_n_steps", "Make samples every N steps", low=1, optional=False,
                              default=self.store.sample_every_n_steps or 200)
@@ -506,7 +507,8 @@ class TrainingWizard:
         except (UserError, ValueError) as err:
             lines += ["Dataset", f"  problem: {err}"]
         else:
-            estimate = f"Estimated steps: {total} ({per_epoch} per epoch x {epochs} epochs)"
+            estimate = (f"Estimated steps: {total} ({per_epoch} per epoch x {epochs} "
+                        f"epoch{'s' if epochs != 1 else ''})")
             lines = [estimate, ""] + lines + ["Dataset"] + [f"  {line}" for line in report.lines()]
         lines += [f"note: {n}" for n in self.notes]
         return lines

@@ -69,6 +69,16 @@ def test_new_setup_asks_in_order_with_arglist_help_and_defaults(paths):
     assert store == expected
 
 
+def test_every_question_explains_itself(paths):
+    _, asker = run_wizard(answers(paths, save_json=True, save_json_folder=str(paths["tmp"]), network_type="LoKr",
+                                  scheduler="cosine_with_restarts", length_mode="steps", shuffle_captions=True,
+                                  cache_latents=False, sample_images=True, sample_prompts=paths["prompts"],
+                                  summary=["save", "start"], save_now_folder=str(paths["tmp"])))
+    assert len(set(asker.keys)) > 45
+    for q in asker.asked:
+        assert q.help and q.prompt and q.title, q.key
+
+
 def test_dataset_is_checked_as_soon_as_the_image_folder_is_chosen(paths):
     empty = paths["tmp"] / "empty"
     empty.mkdir()

@@ -202,7 +202,7 @@ def test_checkboxes(root):
 def test_summary_buttons_and_closing_cancels(root):
     question = q("summary", default="start", options=("start", "save", "back"),
                  labels={"start": "Start training", "save": "Save as JSON", "back": "Back"},
-                 details=("Paths", "  base_model: x", "Estimated steps: 20 (20 per epoch x 1 epochs)"))
+                 details=("Paths", "  base_model: x", "Estimated steps: 20 (20 per epoch x 1 epoch)"))
 
     def back(win):
         assert "Estimated steps: 20" in win.text.get("1.0", "end")
