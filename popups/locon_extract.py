@@ -40,7 +40,8 @@ def flow(asker) -> list[str]:
     if f.ask("several", "yes_no", "Make several extractions from these checkpoints?", False,
              help="one file per pair of values, from values you type or from a txt queue file"):
         source = f.ask("values_from", "choice", "Where do the values come from?", "list", options=("list", "queue"),
-                       labels={"list": "I'll type them", "queue": "a txt queue file ('linear conv' per line)"})
+                       labels={"list": "I'll type them", "queue": "a txt queue file ('linear conv' per line)"},
+                       help="a queue file has one entry per line: 'linear conv', or just 'linear'")
         if source == "queue":
             argv += ["--queue", f.ask("queue", "path", "Choose the txt queue file", path_kind="file", filetypes=(".txt",))]
         else:

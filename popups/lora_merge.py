@@ -33,7 +33,8 @@ def flow(asker) -> list[str]:
         models.append(f.ask("models", "path", f"Choose LoRA file {len(models) + 1}", path_kind="file",
                             filetypes=LORA_EXTS,
                             check=lambda p: "already chosen; pick another file" if p in chosen else None))
-        if not f.ask("add_another", "yes_no", f"{len(models)} chosen. Add another LoRA?", False):
+        if not f.ask("add_another", "yes_no", f"{len(models)} chosen. Add another LoRA?", False,
+                     help="each LoRA gets its own strength on the next window"):
             break
     labels = tuple(f"{i + 1}. {os.path.basename(m)}" for i, m in enumerate(models))
     ratios = f.ask("ratios", "sliders", "Strength of each LoRA in the merge", [1.0] * len(models), options=labels,
@@ -45,7 +46,8 @@ def flow(asker) -> list[str]:
     else:
         method = f.ask("merge_method", "choice", "How should they be merged?", "svd", options=("svd", "concat"),
                        labels={"svd": "into a new rank (SVD): a smaller file, close to the sum",
-                               "concat": "exactly: the ranks add up (a bigger file)"})
+                               "concat": "exactly: the ranks add up (a bigger file)"},
+                       help="SVD keeps the strongest directions of the sum; concat keeps everything")
         if method == "svd":
             rank = f.ask("new_rank", "number", "Rank of the merged LoRA", 32, integer=True, low=1)
             argv += ["--new_rank", str(rank)]

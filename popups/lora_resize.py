@@ -37,7 +37,8 @@ def flow(asker) -> list[str]:
                     help="one file per rank (or per parameter), from values you type or from a txt queue file")
     if several:
         source = f.ask("values_from", "choice", "Where do the values come from?", "list", options=("list", "queue"),
-                       labels={"list": "I'll type them", "queue": "a txt queue file"})
+                       labels={"list": "I'll type them", "queue": "a txt queue file"},
+                       help="a queue file has one entry per line: a rank, or 'param max_rank' for the dynamic methods")
         if source == "queue":
             argv += ["--queue", f.ask("queue", "path", "Choose the txt queue file", path_kind="file", filetypes=(".txt",))]
         elif dynamic:

@@ -644,6 +644,30 @@ def test_image_resize_popup_runs_the_tool(tmp_path, monkeypatch, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_every_tool_question_explains_itself(lora_files, monkeypatch):
+    import popups._tool_flow as tool_flow
+
+    monkeypatch.setattr(tool_flow, "_cuda_available", lambda: True)
+    scripts = [
+        ("lora_resize", {"model": lora_files["a"], "dynamic_method": "sv_ratio", "several": True, "device": "cuda",
+                         "save_folder": str(lora_files["tmp"])}),
+        ("lora_resize", {"model": lora_files["a"], "several": True, "values_from": "queue",
+                         "queue": lora_files["queue"], "save_folder": str(lora_files["tmp"] / "new")}),
+        ("lora_merge", {"into_model": True, "sd_model": lora_files["model"], "models": [lora_files["a"], lora_files["b"]],
+                        "add_another": [True, False], "save_to": lora_files["b"], "overwrite": True}),
+        ("lora_merge", {"models": lora_files["a"], "save_to": str(lora_files["tmp"] / "m.safetensors")}),
+        ("locon_extract", {"base": lora_files["model"], "tuned": lora_files["a"], "several": True,
+                           "save_folder": str(lora_files["tmp"] / "x")}),
+        ("locon_loha_merge", {"base": lora_files["model"], "lycoris": lora_files["a"]}),
+        ("image_resize", {"src": str(lora_files["tmp"]), "dst": str(lora_files["tmp"].parent / "resized")}),
+    ]
+    for tool, script in scripts:
+        argv, asker = _tool(tool, script)
+        assert argv is not None, tool
+        for q in asker.asked:
+            assert q.help and q.prompt and q.title, (tool, q.key)
+
+
 def test_question_checks_directly():
     q = Question(key="x", kind="number", prompt="?", default=1.0, low=-1, high=4)
     assert q.check_answer("4")[0] == 4.0 and q.check_answer("-1.5")[1] == "must be from -1 to 4, got -1.5"
