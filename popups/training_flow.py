@@ -328,6 +328,10 @@ class TrainingWizard:
                 _arg_number(old_args, "conv_alpha", min(self.store.alpha, conv_dim)), low=0, low_open=True,
                 help="the convolution layers are scaled by conv_alpha / conv_dim")
             args.update(conv_dim=str(conv_dim), conv_alpha=format_value(float(conv_alpha)))
+        if kind == "IA3":
+            args.setdefault("preset", "ia3")  # the modules LyCORIS recommends for IA3
+        elif args.get("preset") == "ia3":
+            args.pop("preset")
         if kind in _LYCORIS_ALGOS:
             args = {"algo": _LYCORIS_ALGOS[kind], **args}
             if kind in ("LoHa", "LoKr") and self.ask_plain(

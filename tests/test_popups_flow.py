@@ -202,8 +202,11 @@ def test_ia3_asks_no_rank_and_keeps_other_network_args(paths):
     assert not {"net_dim", "alpha", "conv_dim", "use_tucker"} & set(asker.keys)
     assert store.lyco is True and store.network_args == {"algo": "ia3", "preset": "full"}
     assert asker.questions("learning_rate")[0].default == 5e-3  # IA3 needs a much higher rate
-    store, asker = run_wizard(answers(paths, network_type=["IA3", "LoRA"], summary=["back", "start"]))
+    store, asker = run_wizard(answers(paths, network_type=["IA3", "LoHa"], summary=["back", "start"]))
     assert [q.default for q in asker.questions("learning_rate")] == [5e-3, 1e-4] and store.learning_rate == 1e-4
+    assert store.network_args["algo"] == "loha" and "preset" not in store.network_args  # IA3's preset went with it
+    store, _ = run_wizard(answers(paths, network_type="IA3"))
+    assert store.network_args == {"algo": "ia3", "preset": "ia3"}
 
 
 def test_old_tucker_names_give_the_default_of_the_tucker_question(paths):
