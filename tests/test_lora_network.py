@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -522,3 +523,143 @@ def test_resolve_names_maps_file_names_to_live_modules(sd1):
     assert missing == ["lora_unet_nope"]
     assert found["lora_te_text_model_encoder_layers_1_mlp_fc2"][1].endswith("layers.1.mlp.fc2")
     assert found["lora_unet_mid_block_attentions_0_proj_out"] == ("lora_unet", "mid_block.attentions.0.proj_out")
+
+
+# --------------------------------------------------------------------------- DyLoRA (networks.dylora)
+
+def _dylora(layer, dim=4, unit=2, alpha=2.0):
+    from sd_scripts.networks.dylora import DyLoRAModule
+
+    module = DyLoRAModule("lora_unet_x", layer, lora_dim=dim, alpha=alpha, unit=unit)
+    with torch.no_grad():
+        for b in module.lora_B:
+            b.normal_()
+    module.apply_to()
+    return module
+
+
+def test_dylora_trains_one_random_slice_at_full_rank_scale():
+    import random
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    module = _dylora(layer)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        down, up = module.down_weight(), module.up_weight()
+    ranks = set()
+    for seed in range(8):
+        random.seed(seed)
+        module.train()
+        for p in module.parameters():
+            p.grad = None
+        y = layer(x)
+        b = module.last_rank
+        ranks.add(b)
+        assert b % 2 == 0
+        # all ranks in the forward, scaled alpha/dim * sqrt(dim / (b + unit)) (kohya)
+        expected = base + (x @ down.T @ up.T) * 0.5 * math.sqrt(4 / (b + 2))
+        assert torch.allclose(y, expected, atol=1e-6)
+        y.sum().backward()
+        with_grad = [i for i, p in enumerate(module.lora_A) if p.grad is not None]
+        assert with_grad == [b, b + 1]
+        assert [i for i, p in enumerate(module.lora_B) if p.grad is not None] == [b, b + 1]
+    assert ranks == {0, 2}
+    # outside training (sampling): full rank, alpha/dim, = the saved file merged
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), base + x @ module.delta_weight().T, atol=1e-6)
+
+
+def test_dylora_optimizer_leaves_other_ranks_alone():
+    import random
+
+    layer = nn.Linear(6, 5)
+    module = _dylora(layer)
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.1)
+    before = [p.detach().clone() for p in module.parameters()]
+    random.seed(1)
+    layer(torch.randn(2, 6)).pow(2).sum().backward()
+    opt.step()
+    b = module.last_rank
+    params = list(module.parameters())
+    changed = {i for i, (p, q) in enumerate(zip(params, before)) if not torch.equal(p, q)}
+    expected = {b, b + 1, 4 + b, 4 + b + 1}  # lora_A[b..b+1], lora_B[b..b+1]
+    assert changed == expected
+
+
+def test_dylora_conv_state_dict_and_load():
+    torch.manual_seed(0)
+    conv3 = nn.Conv2d(3, 5, 3, padding=1)
+    m3 = _dylora(conv3)
+    conv1 = nn.Conv2d(3, 5, 1)
+    m1 = _dylora(conv1)
+    sd3, sd1 = m3.kohya_tensors(), m1.kohya_tensors()
+    assert sd3["lora_unet_x.lora_down.weight"].shape == (4, 3, 3, 3)
+    assert sd3["lora_unet_x.lora_up.weight"].shape == (5, 4, 1, 1)
+    assert sd1["lora_unet_x.lora_down.weight"].shape == (4, 3, 1, 1)
+    m3.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        merged = torch.nn.functional.conv2d(x, conv3.weight + m3.delta_weight(), conv3.bias, padding=1)
+        assert torch.allclose(conv3(x), merged, atol=1e-5)
+    other = _dylora(nn.Conv2d(3, 5, 3, padding=1))
+    other.load_kohya_tensors(sd3["lora_unet_x.lora_down.weight"], sd3["lora_unet_x.lora_up.weight"], 3.0, "network_weights")
+    assert torch.equal(other.down_weight(), m3.down_weight()) and torch.equal(other.up_weight(), m3.up_weight())
+    assert other.scale == 3.0 / 4
+    with pytest.raises(ConfigError, match="network_weights.*shape"):
+        _dylora(nn.Conv2d(3, 5, 3), dim=2).load_kohya_tensors(sd3["lora_unet_x.lora_down.weight"],
+                                                              sd3["lora_unet_x.lora_up.weight"], 1.0, "network_weights")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["unit=3"], "unit=3 must divide network_dim 4"),
+    (["unit=0"], "unit"),
+    (["unit=x"], "unit=x"),
+    (["unit=2", "conv_dim=8"], "conv_dim=8 must equal network_dim 4"),
+])
+def test_dylora_bad_settings(tmp_path, args, needle):
+    from sd_scripts.networks.factory import check_network_settings
+    from tests.helpers import tiny_config
+
+    config = tiny_config(tmp_path, tmp_path, tmp_path / "out", network_module="networks.dylora", network_args=args)
+    with pytest.raises(ConfigError, match=needle) as err:
+        check_network_settings(config)
+    assert err.value.setting == "network_args"
+
+
+def test_dylora_trains_end_to_end(tiny_sd1_diffusers, tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from sd_scripts.library.train_loop import train
+    from tests.helpers import make_dataset, tiny_config
+
+    data = make_dataset(tmp_path / "data", count=2)
+    args = ["unit=2", "conv_dim=4", "conv_alpha=1"]
+    result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", network_module="networks.dylora",
+                               network_args=args, max_train_steps=3, train_batch_size=1, learning_rate=1e-2))
+    sd = load_file(result.output_path)
+    downs = {k: v for k, v in sd.items() if k.endswith("lora_down.weight")}
+    assert downs and all(v.shape[0] == 4 for v in downs.values())  # saved at full rank
+    assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (4, 32, 3, 3)
+    assert float(sd["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 1.0
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    with safe_open(result.output_path, "pt") as f:
+        md = f.metadata()
+    assert md["ss_network_module"] == "networks.dylora"
+    assert json.loads(md["ss_network_args"]) == {"unit": "2", "conv_dim": "4", "conv_alpha": "1"}
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_diffusers), safety_checker=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(result.output_path)  # a plain kohya LoRA file
+    # continue from the file (network_weights): the network starts from its weights
+    again = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "again", network_module="networks.dylora",
+                              network_args=args, network_weights=result.output_path, max_train_steps=1,
+                              train_batch_size=1, learning_rate=1e-12))
+    sd2 = load_file(again.output_path)
+    assert set(sd2) == set(sd) and all(torch.allclose(sd[k], sd2[k], atol=1e-6) for k in sd)
