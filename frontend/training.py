@@ -46,6 +46,8 @@ def prepare_training(store: Any, *, has_cuda: bool | None = None, has_xformers: 
     for note in mapped.notes:
         say(note)
     plan = preflight(mapped.config)
+    for line in getattr(plan, "summary", None) or []:
+        say(line)  # e.g. "dataset: 12 training image(s) in 2 folder(s), 120 with repeats; 3 without a caption file"
     return mapped, plan
 
 

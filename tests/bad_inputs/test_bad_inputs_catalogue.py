@@ -269,10 +269,14 @@ def test_fp16_and_xformers_without_cuda_fall_back_with_a_note_in_main(assets, tm
     if _cuda():
         pytest.skip("the fallback happens only without CUDA")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv, _ = _prepare(Case("fallback", ()), tmp_path, assets)
-    mapped, plan, said = _prepare_training(argv + ["--mixed_precision", "fp16", "--xformers", "true"])
-    assert mapped.config.mixed_precision == "no" and mapped.config.xformers is False
-    assert any("mixed_precision fp16 -> no" in line and "xformers -> off" in line for line in said), said
+    argv, values = _prepare(Case("fallback", ()), tmp_path, assets)
+    job = Path(values["ws"]) / "job.json"
+    job.write_text('{"mixed_precision": "fp16", "xformers": true}', encoding="utf-8")
+    for extra in (["--mixed_precision", "fp16", "--xformers", "true"], ["--load_json_path", str(job)]):
+        mapped, plan, said = _prepare_training(argv + extra)
+        assert mapped.config.mixed_precision == "no" and mapped.config.xformers is False
+        assert any("mixed_precision fp16 -> no" in line and "xformers -> off" in line for line in said), said
+        assert any(line.startswith("dataset: 3 training image(s)") for line in said), said
 
 
 def test_missing_captions_and_hidden_files_are_counted_not_fatal(assets, tmp_path, monkeypatch):
