@@ -60,7 +60,7 @@ def test_sdxl_family_facts():
     xl = get_family("SDXL")
     assert xl.name == "sdxl" and xl.latent_scale == 0.13025
     assert xl.te_lora_prefixes == ["lora_te1", "lora_te2"]
-    assert xl.base_model_version(False) == "sdxl_base_v1-0" and xl.ss_v2 is False
+    assert xl.base_model_version(False) == xl.base_model_version(True) == "sdxl_base_v1-0" and xl.ss_v2 is False
     assert xl.modelspec_architecture(False) == "stable-diffusion-xl-v1-base/lora"
     assert xl.default_resolution == 1024 and xl.bucket_step % 32 == 0
     assert xl.default_settings() == {"resolution": "1024", "min_bucket_reso": 512, "max_bucket_reso": 2048,

@@ -298,7 +298,8 @@ class SDXLFamily(ModelFamily):
         )
 
     def base_model_version(self, v_parameterization: bool) -> str:
-        return "sdxl_base_v1-0" + ("_v" if v_parameterization else "")
+        """kohya writes ``sdxl_base_v1-0`` for every SDXL LoRA (v-prediction shows in ``modelspec.prediction_type``)."""
+        return "sdxl_base_v1-0"
 
     def modelspec_architecture(self, v_parameterization: bool) -> str:
         return "stable-diffusion-xl-v1-base/lora"
