@@ -151,6 +151,21 @@ def test_gradient_accumulation_resume(tiny_sd1_diffusers, data, tmp_path):
         _same(a.output_path, b.output_path)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(token_warmup_step=4, token_warmup_min=1, shuffle_caption=True, caption_tag_dropout_rate=0.2),
+        dict(cache_latents=True, network_train_unet_only=True, flip_aug=True),
+        dict(max_data_loader_n_workers=1, persistent_data_loader_workers=True),
+    ],
+    ids=["token-warmup", "cached-latents-frozen-te", "loader-worker"],
+)
+def test_resume_variants(tiny_sd1_diffusers, data, tmp_path, extra):
+    a = _train(tiny_sd1_diffusers, data, tmp_path / "a", save_state=True, save_every_n_steps=3, **extra)
+    b = _train(tiny_sd1_diffusers, data, tmp_path / "b", resume=str(tmp_path / "a" / "tiny-step00000003-state"), **extra)
+    _same(a.output_path, b.output_path)
+
+
 def test_find_latest_state(reference, tmp_path):
     from sd_scripts.library.train_state import find_latest_state
 

@@ -111,7 +111,7 @@ def train(config, callbacks: Any = None, *, model: Any = None) -> TrainResult:
     plan = preflight(config, model_given=model is not None)
     from .sampling import check_sampling_settings
 
-    late_errors = check_resume_settings(config) + check_sampling_settings(config)
+    late_errors = check_resume_settings(config) + check_sampling_settings(config) + _check_loop_settings(config)
     if late_errors:  # checks preflight does not make (yet); still before the model loads
         raise UserErrors(late_errors)
     for w in plan.warnings:
@@ -524,7 +524,7 @@ class _Trainer:
             if isinstance(e, (TrainingInterrupted, _StopAtOnce)):
                 raise
             # an interrupt raised outside our handler (a callback, a non-main-thread caller): save what is safe
-            self._interrupt(raw=True)
+            self._interrupt()
 
     def _is_last_epoch(self, epoch: int) -> bool:
         return self.progress.global_step >= self.max_train_steps or epoch >= self.num_train_epochs
@@ -749,7 +749,7 @@ class _Trainer:
         if self._any_process(self._stop.requested):
             self._interrupt()
 
-    def _interrupt(self, raw: bool = False) -> None:
+    def _interrupt(self) -> None:
         """Save the LoRA as interrupted (and the state), then raise TrainingInterrupted."""
         config, p = self.config, self.progress
         saved: list[str] = []
@@ -759,7 +759,7 @@ class _Trainer:
             if path:
                 saved.append(path)
             if config.save_state and self._at_boundary:
-                if self._last_state_step == p.global_step and self._last_state:
+                if self._last_state_step == p.global_step:
                     state = self._last_state
                 else:
                     state = self._save_state(_state_name(config.output_name, step=p.global_step))
@@ -768,8 +768,10 @@ class _Trainer:
             text = f"interrupted at step {p.global_step}: saved {', '.join(saved)}; resume with resume={state}"
         elif saved:
             text = f"interrupted at step {p.global_step}: saved {', '.join(saved)}"
+        elif p.global_step == 0:
+            text = "interrupted before the first step; nothing was saved"
         else:
-            text = f"interrupted at step {p.global_step}: nothing trained since the last save, nothing saved"
+            text = f"interrupted at step {p.global_step} while the weights were being updated; nothing was saved"
         self.cb.on_message(text)
         raise TrainingInterrupted(text, saved, state)
 
@@ -835,16 +837,36 @@ class _Trainer:
                 except OSError as e:
                     self._warn(f"could not remove the old {entry.path} ({e.strerror})")
 
+    def _on_main(self, write):
+        """Run ``write`` on the main process only; if it fails there, every process stops together."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.num_processes == 1:
+            return write()
+        error, result = None, None
+        if accelerator.is_main_process:
+            try:
+                result = write()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+                error = e
+        if self._any_process(error is not None):
+            if error is not None:
+                raise error
+            raise TrainingStopped("the main process could not save (see its message); this process stopped too")
+        return result
+
     def _save_lora(self, file_name: str) -> str | None:
+        self._check_finite_weights("LoRA")  # every process: their weights are the same
+        path = self._on_main(lambda: self._write_lora(file_name))
+        self._last_lora = os.path.join(self.config.output_dir, file_name)  # on every process
+        return path
+
+    def _write_lora(self, file_name: str) -> str:
         from .lora_file import precision_dtype, save_lora_file
         from .metadata import finish_metadata
         from .train_state import disk_full_error, is_disk_full
 
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
         config, p = self.config, self.progress
-        self._check_finite_weights("LoRA")
         os.makedirs(config.output_dir, exist_ok=True)
         path = os.path.join(config.output_dir, file_name)
         metadata = finish_metadata(self.metadata, step=p.global_step, epoch=p.epoch, no_metadata=config.no_metadata)
@@ -859,24 +881,28 @@ class _Trainer:
                 size = 2 if dtype is not None and getattr(dtype, "itemsize", 4) == 2 else 4
                 needed = sum(v.numel() for v in state_dict.values()) * size + 64 * 1024
                 raise disk_full_error("LoRA file", path, needed, self._last_state) from None
-        self._last_lora = path
         self.result.saved_files.append(path)
         self.cb.on_save(path)
         return path
 
     def _save_state(self, dir_name: str) -> str | None:
-        from .train_state import capture_rng, disk_full_error, folder_bytes, is_disk_full, save_train_state
+        from .train_state import capture_rng
 
-        accelerator = self.accelerator
+        self._check_finite_weights("training state")
         rng = [capture_rng()]
-        if accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            rng = gather_object(rng)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return None
-        self._check_finite_weights("training state")
+            rng = gather_object(rng)  # every process's random states, for an exact multi-GPU resume
+        path = self._on_main(lambda: self._write_state(dir_name, rng))
+        # on every process, so that all of them agree on what an interrupt still has to save
+        self._last_state, self._last_state_step = os.path.join(self.config.output_dir, dir_name), self.progress.global_step
+        return path
+
+    def _write_state(self, dir_name: str, rng: list) -> str:
+        from .train_state import disk_full_error, folder_bytes, is_disk_full, save_train_state
+
+        accelerator = self.accelerator
         path = os.path.join(self.config.output_dir, dir_name)
         network_state = self.network.state_dict()
         optimizer_state = self.optimizer.state_dict()
@@ -894,7 +920,6 @@ class _Trainer:
             if not needed:
                 needed = sum(t.numel() * t.element_size() for t in network_state.values()) * 3 + 256 * 1024
             raise disk_full_error("training state", path, needed, self._last_state) from None
-        self._last_state, self._last_state_step = path, self.progress.global_step
         self.result.state_paths.append(path)
         self.cb.on_save(path)
         return path
@@ -955,6 +980,15 @@ def _state_name(output_name, *, step=None, epoch=None) -> str:
     from .train_state import state_dir_name
 
     return state_dir_name(output_name, step=step, epoch=epoch)
+
+
+def _check_loop_settings(config) -> list[UserError]:
+    errors: list[UserError] = []
+    value = getattr(config, "save_last_n_steps_state", None)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        errors.append(ConfigError(f"save_last_n_steps_state: must be 1 or more when given, got {value}",
+                                  "save_last_n_steps_state"))
+    return errors
 
 
 def _first(items):
