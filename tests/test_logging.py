@@ -37,8 +37,8 @@ def test_tensorboard_scalars(tiny_sd1_diffusers, data, tmp_path):
     logs = tmp_path / "logs"
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", logging_dir=str(logs), log_prefix="run1-",
                                max_train_steps=6, text_encoder_lr=5e-4))
-    runs = os.listdir(logs)
-    assert len(runs) == 1 and runs[0].startswith("run1-tiny_")
+    runs = os.listdir(logs)  # kohya's layout: <logging_dir>/<log_prefix><time>/network_train/
+    assert len(runs) == 1 and runs[0].startswith("run1-") and os.listdir(logs / runs[0]) == ["network_train"]
     s = _scalars(logs)
     assert {"loss/current", "loss/average", "loss/epoch_average", "lr/textencoder", "lr/unet", "images_per_second"} <= set(s)
     assert sorted(s["loss/current"]) == [1, 2, 3, 4, 5, 6]
@@ -61,6 +61,15 @@ def test_resumed_run_logs_continue_the_step_count(tiny_sd1_diffusers, data, tmp_
     train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "b", max_train_steps=4, logging_dir=str(logs),
                       resume=str(tmp_path / "a" / "tiny-state")))
     assert sorted(_scalars(logs)["loss/current"]) == [3, 4]
+
+
+def test_tensorboard_without_logging_dir_is_refused(tiny_sd1_diffusers, data, tmp_path):
+    from sd_scripts.library.errors import UserError
+    from sd_scripts.library.train_loop import train
+
+    with pytest.raises(UserError, match="log_with: tensorboard writes TensorBoard logs, which need logging_dir"):
+        train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", log_with="tensorboard"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_lr_free_optimizer_logs_d_times_lr(tiny_sd1_diffusers, data, tmp_path):

@@ -110,6 +110,8 @@ class TrainConfig:
     logging_dir: str | None = _f(None, "TensorBoard log folder")
     log_prefix: str | None = _f(None, "prefix of the log run name")
     log_with: str | None = _f(None, "tensorboard, wandb or all")
+    log_tracker_name: str | None = _f(None, "project name for the logger (default network_train)")
+    wandb_run_name: str | None = _f(None, "W&B run name (default: log_prefix, output_name and the start time)")
 
     # --- optimizer and scheduler ---
     optimizer_type: str = _f("AdamW", "optimizer name or package.module.Class")

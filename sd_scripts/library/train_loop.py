@@ -234,11 +234,14 @@ class _Trainer:
         else:
             seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
         self.seed = seed
+        # kohya's log layout: <logging_dir>/<log_prefix><start time>/<log_tracker_name or network_train>/
+        self.run_stamp = time.strftime("%Y%m%d%H%M%S")
+        log_dir = os.path.join(config.logging_dir, (config.log_prefix or "") + self.run_stamp) if config.logging_dir else None
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
             log_with=self._log_with(),
-            project_dir=config.logging_dir,
+            project_dir=log_dir,
         )
         set_seed(seed)
         device = accelerator.device
@@ -395,12 +398,13 @@ class _Trainer:
         return "tensorboard" if self.config.logging_dir else None
 
     def _init_trackers(self):
-        name = (self.config.log_prefix or "") + (self.config.output_name or "network_train") + time.strftime("_%Y%m%d%H%M%S")
+        config = self.config
         init_kwargs = {}
-        if self.config.log_with in ("wandb", "all"):
-            init_kwargs["wandb"] = {"name": name}
+        if config.log_with in ("wandb", "all"):
+            run_name = config.wandb_run_name or f"{config.log_prefix or ''}{config.output_name or 'lora'}_{self.run_stamp}"
+            init_kwargs["wandb"] = {"name": run_name}
         try:
-            self.accelerator.init_trackers(name, init_kwargs=init_kwargs)
+            self.accelerator.init_trackers(config.log_tracker_name or "network_train", init_kwargs=init_kwargs)
             self._trackers_on = True
         except Exception as e:  # noqa: BLE001 - a tracker that cannot start (no login, no network) must not stop a run
             self._warn(f"logging disabled ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
@@ -984,6 +988,9 @@ def _state_name(output_name, *, step=None, epoch=None) -> str:
 
 def _check_loop_settings(config) -> list[UserError]:
     errors: list[UserError] = []
+    if getattr(config, "log_with", None) in ("tensorboard", "all") and not getattr(config, "logging_dir", None):
+        errors.append(ConfigError(f"log_with: {config.log_with} writes TensorBoard logs, which need logging_dir; set "
+                                  "logging_dir to a folder for the logs", "logging_dir"))
     value = getattr(config, "save_last_n_steps_state", None)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         errors.append(ConfigError(f"save_last_n_steps_state: must be 1 or more when given, got {value}",
