@@ -285,6 +285,52 @@ def _check_tokenizer_offline(config, family, info: dict) -> UserError | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- weight files
+
+
+def _check_weight_files(config) -> list[UserError]:
+    """network_weights must be a kohya LoRA and vae a VAE; read from safetensors headers (cheap)."""
+    from pathlib import Path
+
+    from .model_loading import _read_safetensors_header
+
+    errors: list[UserError] = []
+    weights = config.network_weights
+    if weights and os.path.isfile(weights):
+        from .lora_file import _read_header, load_lora_file
+
+        try:
+            header, _ = _read_header(Path(weights))
+        except (OSError, ValueError, UnicodeDecodeError):
+            header = None
+        if header is not None:
+            if not any(k.startswith(("lora_unet_", "lora_te")) for k in header if k != "__metadata__"):
+                errors.append(ConfigError(
+                    f"network_weights: {weights} has no lora_unet_/lora_te_ keys, so it is not a kohya LoRA file "
+                    "(a full model or a diffusers-format LoRA?); give a LoRA file to continue from", "network_weights"))
+        else:  # a .ckpt/.pt LoRA (small): loaded with weights_only
+            try:
+                load_lora_file(weights)
+            except UserError as e:
+                errors.append(e)
+    vae = config.vae
+    if vae and os.path.isdir(vae):
+        if not (os.path.isfile(os.path.join(vae, "config.json")) or os.path.isfile(os.path.join(vae, "vae", "config.json"))):
+            errors.append(ConfigError(f"vae: {vae} is not a diffusers VAE folder (no config.json or vae/config.json); "
+                                      "give a VAE .safetensors/.ckpt/.pt file or a diffusers folder", "vae"))
+    elif vae and os.path.isfile(vae) and vae.lower().endswith(".safetensors"):
+        try:
+            shapes, _ = _read_safetensors_header(vae, "vae")
+        except UserError as e:
+            errors.append(e)
+        else:
+            keys = [k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k for k in shapes]
+            if not any(k.startswith(("encoder.down.", "encoder.down_blocks.")) for k in keys):
+                errors.append(ConfigError(f"vae: {vae} holds no VAE weights (encoder.*/decoder.*); give a VAE file "
+                                          "or folder", "vae"))
+    return errors
+
+
 # ------------------------------------------------------------------------------------------ disk space
 
 
@@ -597,6 +643,7 @@ def preflight(config, model_given: bool = False) -> Plan:
                 errors.append(problem)
         except UserError as e:
             _collect(errors, e)
+    errors.extend(_check_weight_files(config))
     if config.sample_prompts and os.path.isfile(config.sample_prompts):
         from .sampling import load_sample_prompts
 

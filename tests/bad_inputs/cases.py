@@ -251,6 +251,11 @@ CASES: list[Case] = [
     Case("dim_from_weights_without_weights", ("dim_from_weights", "network_weights"), ["--dim_from_weights"]),
     Case("network_weights_missing", ("lora_model_for_resume", "not found"),
          ["--lora_model_for_resume", "{ws}/old.safetensors"]),
+    Case("network_weights_not_a_lora", ("network_weights", "LoRA"), ["--lora_model_for_resume", "{model}"]),
+    Case("vae_not_a_vae", ("vae", "no VAE weights"), ["--vae", "{lora}"]),
+    Case("vae_folder_not_diffusers", ("vae", "not a diffusers VAE folder"), ["--vae", "{assets}"]),
+    Case("network_module_unknown", ("network_module", "no_such_networks"), ["--network_module", "no_such_networks.x"]),
+    Case("network_args_bad_conv_dim", ("conv_dim", "abc"), ["--network_args", "conv_dim=abc"]),
     Case("vae_missing", ("vae", "not found"), ["--vae", "{ws}/vae.safetensors"]),
     Case("resume_missing", ("resume", "not found"), ["--resume", "{ws}/state"]),
     # ---------------------------------------------------------------- samples
