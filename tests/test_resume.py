@@ -212,3 +212,16 @@ def test_resume_with_other_network_settings_is_refused(tiny_sd1_diffusers, data,
     with pytest.raises(UserError) as err:
         _train(tiny_sd1_diffusers, data, tmp_path, resume=str(out / "tiny-state"), optimizer_type="Lion")
     assert "optimizer_type" in str(err.value)
+
+
+def test_run_without_save_state_never_prunes_states(tiny_sd1_diffusers, data, reference, tmp_path):
+    """Resuming without save_state in the same folder: save_last_n_steps prunes LoRAs, never the states."""
+    import shutil
+
+    out, _ = reference
+    shutil.copytree(out / "tiny-step00000001-state", tmp_path / "tiny-step00000001-state")
+    _train(tiny_sd1_diffusers, data, tmp_path, resume=str(tmp_path / "tiny-step00000001-state"), save_every_n_steps=1,
+           save_last_n_steps=1)
+    assert (tmp_path / "tiny-step00000001-state").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("tiny-step*.safetensors")) == ["tiny-step00000004.safetensors",
+                                                                               "tiny-step00000005.safetensors"]

@@ -805,13 +805,16 @@ class _Trainer:
         if config.save_state:
             self._save_state(_state_name(config.output_name, step=step, epoch=epoch))
         if self.accelerator.is_main_process:
+            # states are pruned only by a run that writes states (never the one a run without save_state resumed from)
             if step is not None:
-                self._prune(step, config.save_last_n_steps, config.save_last_n_steps_state or config.save_last_n_steps,
-                            _STEP_FILE, _STEP_STATE, keep_after=lambda n: step - n - 1)
+                keep_states = (config.save_last_n_steps_state or config.save_last_n_steps) if config.save_state else None
+                self._prune(step, config.save_last_n_steps, keep_states, _STEP_FILE, _STEP_STATE,
+                            keep_after=lambda n: step - n - 1)
             else:
                 every = self.save_every_n_epochs or 1
-                self._prune(epoch, config.save_last_n_epochs, config.save_last_n_epochs_state or config.save_last_n_epochs,
-                            _EPOCH_FILE, _EPOCH_STATE, keep_after=lambda n: epoch - every * n)
+                keep_states = (config.save_last_n_epochs_state or config.save_last_n_epochs) if config.save_state else None
+                self._prune(epoch, config.save_last_n_epochs, keep_states, _EPOCH_FILE, _EPOCH_STATE,
+                            keep_after=lambda n: epoch - every * n)
 
     def _prune(self, current, keep_files, keep_states, file_re, state_re, keep_after) -> None:
         """Remove per-step/per-epoch LoRAs and states older than the last N (kohya's save_last_n_*)."""
