@@ -65,7 +65,8 @@ def _build(args, unet=None, te=None, dim=4, alpha=2.0, **kw):
     if unet is None:
         unet, te = _components()
     parsed = la.parse_lycoris_args(split_network_args(args), network_dim=dim, network_alpha=alpha)
-    net, warnings = la.create_lycoris_network(unet, [te], parsed, network_dim=dim, network_alpha=alpha, **kw)
+    tes = te if isinstance(te, list) else [te]
+    net, warnings = la.create_lycoris_network(unet, tes, parsed, network_dim=dim, network_alpha=alpha, **kw)
     net.apply_to()
     return net, warnings
 
@@ -374,6 +375,9 @@ def test_warnings_for_ignored_args(tmp_path):
     assert "down_lr_weight" in text and "colour" in text and "use_tucker=False" in text
     plan = plan_network(_config(tmp_path, network_module="lycoris.kohya", network_args=["algo=loha"]))
     assert plan.kind == "lycoris" and plan.lycoris.algo == "loha"
+    # LyCORIS settings given to kohya's LoRA: say which network_module they need
+    warnings = check_network_settings(_config(tmp_path, network_module="networks.lora", network_args=["algo=loha"]))
+    assert len(warnings) == 1 and "algo" in warnings[0] and "lycoris.kohya" in warnings[0]
 
 
 def test_check_network_settings_is_cheap():
@@ -404,3 +408,28 @@ def test_cli_bad_algo_exit_2_before_the_model_loads(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert any(line.startswith("error:") and "algo=lohaa" in line for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_sdxl_lycoris_names_and_reload():
+    """SDXL: lora_te1/lora_te2 with kohya's text_model spelling, UNet in the SGM layout of kohya's SDXL
+    files, one lr group per text encoder; the file reloads into a network built from its shapes."""
+    from sd_scripts.library.sdxl_names import sgm_path_mapper
+    from sd_scripts.library.tiny_models import build_tiny_components
+
+    parts = build_tiny_components("sdxl", seed=0)
+    unet, tes = parts["unet"], [parts["text_encoder"], parts["text_encoder_2"]]
+    prefixes = ("lora_te1", "lora_te2")
+    net, _ = _build(["algo=loha"], unet, tes, te_prefixes=prefixes, unet_path_map=sgm_path_mapper(unet))
+    sd = net.kohya_state_dict()
+    names = set(_modules(sd))
+    assert any(n.startswith("lora_te1_text_model_encoder_") for n in names)
+    assert any(n.startswith("lora_te2_text_model_encoder_") for n in names)
+    unet_names = [n for n in names if n.startswith("lora_unet_")]
+    assert unet_names and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                            "lora_unet_output_blocks_", "lora_unet_time_embed_", "lora_unet_out_"))
+                              for n in unet_names), sorted(unet_names)[:5]
+    _, group_names = net.prepare_optimizer_params([1e-4, 2e-4], None, 1e-3)
+    assert group_names == ["textencoder1", "textencoder2", "unet"]
+    again, _ = la.lycoris_network_from_weights(sd, unet, tes, la.parse_lycoris_args({"algo": "loha"}),
+                                               te_prefixes=prefixes, unet_path_map=sgm_path_mapper(unet))
+    assert {lora.lora_name for lora in again.loras} == {lora.lora_name for lora in net.loras}

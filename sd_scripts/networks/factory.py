@@ -34,6 +34,9 @@ NETWORK_MODULES = {
     "sd_scripts.networks.dylora": "dylora",
     "lycoris.kohya": "lycoris",
 }
+_LYCORIS_ONLY = ("algo", "preset", "use_tucker", "use_conv_cp", "disable_conv_cp", "use_cp", "cp_decomp", "factor",
+                 "decompose_both", "full_matrix", "dora_wd", "block_size", "use_scalar", "train_norm", "constraint",
+                 "constrain", "rescaled", "bypass_mode", "rs_lora", "wd_on_output", "unbalanced_factorization")
 _LORA_ARGS = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
               "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -141,6 +144,11 @@ def plan_network(config, family: Any = None) -> NetworkPlan:
             unknown.remove("unit")
             plan.warnings.append("network_args: unit is a DyLoRA setting and does nothing with networks.lora; "
                                  "set network_module to networks.dylora for DyLoRA")
+        lyco = [k for k in unknown if k in _LYCORIS_ONLY]
+        if lyco:
+            unknown = [k for k in unknown if k not in _LYCORIS_ONLY]
+            plan.warnings.append(f"network_args: {', '.join(lyco)}: LyCORIS only, ignored by networks.lora; "
+                                 "set network_module to lycoris.kohya for LyCORIS")
     else:  # dylora
         unknown = [k for k in unknown if k != "unit"]
         plan.unit = parse_int("unit", raw.get("unit"), minimum=1) or 1
