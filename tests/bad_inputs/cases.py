@@ -27,6 +27,8 @@ MAIN_BASE = [
     "--base_model", "{model}", "--img_folder", "{data}", "--output_folder", "{out}",
     "--tokenizer_cache_dir", "{tok}", "--train_resolution", "64", "--min_bucket_resolution", "64",
     "--max_bucket_resolution", "128", "--net_dim", "4", "--alpha", "2", "--max_steps", "2", "--num_workers", "0",
+    # the same on every machine: no fallback for a missing GPU, xformers or bitsandbytes
+    "--optimizer_type", "AdamW", "--mixed_precision", "no", "--xformers", "false",
     "--save_json_path", "{ws}/saved_json",  # a JSON would be written there if the run went on
 ]
 ENGINE_BASE = [

@@ -269,7 +269,7 @@ def test_fp16_and_xformers_without_cuda_fall_back_with_a_note_in_main(assets, tm
     if _cuda():
         pytest.skip("the fallback happens only without CUDA")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv, values = _prepare(Case("fallback", ()), tmp_path, assets)
+    argv, values = _prepare(Case("fallback", (), drop=("--mixed_precision", "--xformers")), tmp_path, assets)
     job = Path(values["ws"]) / "job.json"
     job.write_text('{"mixed_precision": "fp16", "xformers": true}', encoding="utf-8")
     for extra in (["--mixed_precision", "fp16", "--xformers", "true"], ["--load_json_path", str(job)]):
