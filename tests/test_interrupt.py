@@ -137,6 +137,32 @@ def test_ctrl_c_during_sampling_abandons_the_image(tiny_sd1_diffusers, data, tmp
     assert not list((out / "sample").glob("*.png")), "the abandoned sample must not be written"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the loader workers through /proc")
+def test_ctrl_c_reaches_loader_workers_too(tiny_sd1_diffusers, data, reference, tmp_path):
+    """A terminal's Ctrl+C goes to the data loader workers as well: they leave it to the main process (forked
+    workers inherit its handler; spawned ones, as on Windows, ignore SIGINT through worker_init_fn)."""
+    from sd_scripts.library.train_loop import TrainingInterrupted
+
+    class CtrlCEverywhere:
+        def on_progress(self, step, total, loss, lr, epoch):
+            if step == 2:  # the workers get it first: they must keep serving batches
+                children = []
+                for task in os.listdir("/proc/self/task"):
+                    with open(f"/proc/self/task/{task}/children") as f:
+                        children += [int(pid) for pid in f.read().split()]
+                assert children, "the loader worker should be running"
+                for pid in children:
+                    os.kill(pid, signal.SIGINT)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    workers = dict(max_data_loader_n_workers=1, persistent_data_loader_workers=True)
+    with pytest.raises(TrainingInterrupted) as err:
+        _train(tiny_sd1_diffusers, data, tmp_path, CtrlCEverywhere(), save_state=True, **workers)
+    resumed = _train(tiny_sd1_diffusers, data, tmp_path / "resumed", resume=err.value.state_path, **workers)
+    _same(reference, resumed.output_path)
+
+
 def test_cli_exits_130_on_ctrl_c(tiny_sd1_diffusers, data, tmp_path, capsys):
     from sd_scripts.cli_common import run_cli
 

@@ -20,9 +20,11 @@ class TrainCallbacks:
 
     def on_start(self, info: dict[str, Any]) -> None: ...
 
-    def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None: ...
+    def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None:
+        """After each optimizer step; ``loss`` is NaN for a step skipped because of NaN/inf (skip_nonfinite_steps)."""
 
-    def on_save(self, path: str) -> None: ...
+    def on_save(self, path: str) -> None:
+        """A LoRA file or a training-state folder was written."""
 
     def on_sample(self, paths: list[str]) -> None: ...
 
@@ -64,8 +66,8 @@ class ConsoleCallbacks(TrainCallbacks):
 
         lines = [f"  {k}: {v}" for k, v in info.items()]
         self._write("training:\n" + "\n".join(lines))
-        self._bar = tqdm(total=info.get("max_train_steps"), desc="steps", unit="step", file=self._stream,
-                         dynamic_ncols=True, disable=self._disable, smoothing=0.1)
+        self._bar = tqdm(total=info.get("max_train_steps"), initial=int(info.get("start_step") or 0), desc="steps",
+                         unit="step", file=self._stream, dynamic_ncols=True, disable=self._disable, smoothing=0.1)
 
     def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None:
         if self._bar is not None:

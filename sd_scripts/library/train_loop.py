@@ -337,6 +337,7 @@ class _Trainer:
             persistent_workers=config.persistent_data_loader_workers and config.max_data_loader_n_workers > 0,
             # its own generator: starting an epoch must not draw from torch's global one (exact resume)
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=_ignore_sigint,
         )
         sched_warnings: list[str] = []
         lr_scheduler = build_lr_scheduler(config, optimizer, max_train_steps, num_processes=num_processes,
@@ -373,6 +374,7 @@ class _Trainer:
             "batch_size": config.train_batch_size,
             "device": str(device),
             "seed": seed,
+            "start_step": self.progress.global_step,
             **({"resumed_from": f"{config.resume} (step {self.progress.global_step})"} if config.resume else {}),
         })
         self._stop.install()
@@ -999,6 +1001,14 @@ def _check_loop_settings(config) -> list[UserError]:
         errors.append(ConfigError(f"save_last_n_steps_state: must be 1 or more when given, got {value}",
                                   "save_last_n_steps_state"))
     return errors
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Data loader workers leave Ctrl+C to the main process, which finishes the step and saves."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # pragma: no cover
+        pass
 
 
 def _first(items):
