@@ -472,6 +472,42 @@ def _make_adapter_class():
                 unet_plus_ratio=self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio)
 
         # ---- state dict
+        def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+            """Every parameter and persistent buffer of the LyCORIS modules as they are (``<module>.<path>``),
+            for saving and resuming a training state exactly. LyCORIS's own ``state_dict`` (the file
+            layout, :meth:`kohya_state_dict`) is computed (full: weight - original) and not every
+            module loads it back (DyLoRA ignores it)."""
+            from collections import OrderedDict
+
+            out = OrderedDict() if destination is None else destination
+            for lora in self.loras:
+                for path, module in lora.named_modules(prefix=f"{prefix}{lora.lora_name}"):
+                    for name, param in module._parameters.items():
+                        if param is not None:
+                            out[f"{path}.{name}"] = param if keep_vars else param.detach()
+                    for name, buf in module._buffers.items():
+                        if buf is not None and name not in module._non_persistent_buffers_set:
+                            out[f"{path}.{name}"] = buf if keep_vars else buf.detach()
+            return out
+
+        def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+            """Copy a :meth:`state_dict` back (exactly)."""
+            from torch.nn.modules.module import _IncompatibleKeys
+
+            own = self.state_dict(keep_vars=True)
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            if strict and (missing or unexpected):
+                raise RuntimeError(f"Error(s) in loading state_dict for LycorisNetworkAdapter: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+            with torch.no_grad():
+                for key, value in state_dict.items():
+                    if key in own:
+                        if tuple(own[key].shape) != tuple(value.shape):
+                            raise RuntimeError(f"size mismatch for {key}: {tuple(value.shape)} vs {tuple(own[key].shape)}")
+                        own[key].copy_(value)
+            return _IncompatibleKeys(missing, unexpected)
+
         def kohya_state_dict(self) -> dict[str, torch.Tensor]:
             """The LyCORIS state dict (what ``save_weights`` writes) under kohya module names.
 
