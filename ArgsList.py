@@ -345,6 +345,20 @@ class ArgStore:
     vae_batch_size: int | None = setting(
         None, "images per VAE batch when caching latents (default 1)", group=AUGMENT)
 
+    # ------------------------------------------------------------------ SDXL
+    sdxl: bool = setting(
+        False, "the base model is SDXL (SDXL base, Pony, Illustrious, NoobAI ...); false: detected from the "
+        "checkpoint. SDXL models get 1024 px and 512-2048 buckets unless those are set", group=MODEL)
+    no_half_vae: bool = setting(
+        False, "keep the VAE in float32 under fp16/bf16 (the SDXL VAE overflows in fp16: NaN latents, black "
+        "images)", group=PRECISION)
+    cache_text_encoder_outputs: bool = setting(
+        False, "encode every caption once and free the text encoders (saves SDXL memory); needs unet_only and "
+        "captions that do not change (no shuffle_captions, caption dropout or token warm-up)", group=AUGMENT)
+    cache_text_encoder_outputs_to_disk: bool = setting(
+        False, "keep the text-encoder output cache on disk between runs (implies cache_text_encoder_outputs)",
+        group=AUGMENT)
+
     # ------------------------------------------------------------------ helpers
     @classmethod
     def settings(cls) -> list[SettingInfo]:

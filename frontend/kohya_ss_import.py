@@ -7,7 +7,9 @@ own names; ``max_resolution`` is "W,H"; the network kind is ``LoRA_type`` with `
 ``conv_alpha`` beside it; ``optimizer_args`` is one string of ``key=value`` pairs; ``sample_prompts``
 holds the prompt text itself; ``additional_parameters`` is a string of extra command-line flags.
 Where the GUI uses 0 for "off" (sample and save intervals, min SNR gamma, per-part learning
-rates) 0 becomes unset. Keys with no use here are listed in one warning.
+rates) 0 becomes unset. ``sdxl`` is taken as it is; ``sdxl_no_half_vae`` and ``sdxl_cache_text_encoder_outputs``
+become ``no_half_vae`` and ``cache_text_encoder_outputs`` while ``sdxl`` is ticked (the GUI ignores them otherwise).
+Keys with no use here are listed in one warning.
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ RENAMED_KEYS = {
     "max_train_steps": "max_steps",
     "optimizer": "optimizer_type",
     "no_metadata": "no_meta",
+    "network_train_unet_only": "unet_only",
+    "network_train_text_encoder_only": "text_only",
 }
+
+# SDXL options the GUI prefixes with sdxl_ and applies only while its SDXL box is ticked.
+_SDXL_KEYS = {"sdxl_no_half_vae": "no_half_vae", "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs"}
 
 # Settings where the GUI writes 0 to mean "off / not given".
 _ZERO_IS_UNSET = {"save_every_n_epochs", "sample_every_n_steps", "sample_every_n_epochs", "max_steps",
@@ -115,7 +122,7 @@ _LYCORIS_KEYS = {
 _HANDLED = {"LoRA_type", "conv_dim", "conv_alpha", "unit", "use_cp", "max_resolution", "lr_warmup",
             "optimizer_args", "lr_scheduler_args", "sample_prompts", "additional_parameters", "xformers",
             "noise_offset_type", "noise_offset", "multires_noise_iterations", "multires_noise_discount",
-            "use_wandb", "sdxl", "max_train_epochs", "epoch", "LyCORIS_preset", "file_path", "save_as",
+            "use_wandb", "max_train_epochs", *_SDXL_KEYS, "epoch", "LyCORIS_preset", "file_path", "save_as",
             *_BLOCK_KEYS, *_LYCORIS_KEYS}
 
 
@@ -211,9 +218,8 @@ class _Converter:
         self.network()
         self.logging()
         self.samples()
+        self.sdxl_options()
         self.additional_parameters()
-        if "sdxl" in data and not _is_off(data["sdxl"]):
-            self.error("sdxl", "SDXL configs are not supported yet; train an SD 1.x or 2.x model", "sdxl")
 
         values, errors = coerce_file_values(self.raw, self.infos, self.name)
         errors = self.errors + errors
@@ -357,6 +363,20 @@ class _Converter:
             for key, arg in _BLOCK_KEYS.items():
                 if not _is_unset(data.get(key)):
                     args[arg] = _arg_text(data[key])
+
+    def sdxl_options(self) -> None:
+        """``sdxl_no_half_vae`` / ``sdxl_cache_text_encoder_outputs``: used while ``sdxl`` is ticked, as in the GUI."""
+        try:
+            sdxl = not _is_unset(self.data.get("sdxl")) and parse_bool(self.data["sdxl"])
+        except ValueError:
+            sdxl = False  # the sdxl key itself is reported as a bad value
+        for key, target in _SDXL_KEYS.items():
+            if key not in self.data:
+                continue
+            if not sdxl:
+                self.ignore(key, self.data[key])
+            elif target not in self.raw or _is_off(self.raw[target][0]):
+                self.set(target, self.data[key], key)
 
     def logging(self) -> None:
         if not _is_off(self.data.get("use_wandb")):

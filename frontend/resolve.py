@@ -3,7 +3,9 @@
 Precedence is per setting: the command line beats the JSON file, which beats ``ArgsList.py``.
 A value of 0, False or "" given at a higher level wins like any other value. Deprecated 2023
 settings are translated inside each source before the sources are merged, so a modern setting
-given at a higher level always wins over an old one given lower down.
+given at a higher level always wins over an old one given lower down. Last, an SDXL base model (``sdxl``
+set, or told from the model's header) gets SDXL-sized resolution and buckets for the settings left at
+ArgsList.py's SD sizes and set neither in the JSON file nor on the command line (one note says so).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sd_scripts.library.errors import ConfigError, UserError, UserErrors
 
 from .fields import SettingInfo, coerce
 from .json_io import LoadedSettings, load_settings_file
+from .model_family import apply_family_defaults
 
 __all__ = ["Resolved", "resolve_settings", "merge_job", "migrate_deprecated", "resolve_paths", "validate_store",
            "looks_like_hub_id"]
@@ -151,6 +154,7 @@ def resolve_settings(
 
     json_path = cli_values.get("load_json_path", store.load_json_path)
     loaded = None
+    values_from_file: dict[str, Any] = {}
     if json_path:
         json_path = os.path.abspath(os.path.expanduser(json_path))
         loaded = load_settings_file(json_path, store_cls)
@@ -172,11 +176,16 @@ def resolve_settings(
             warnings.append(loaded.warning())
         store = store.replace(**values)
         store = store.replace(load_json_path=json_path)
+        values_from_file = values
 
     cli = dict(cli_values)
     notes += migrate_deprecated(cli, store, "command line")
     resolve_paths(cli, infos)
     store = store.replace(**cli)
+    # an SDXL model gets 1024 px and 512-2048 buckets where ArgsList.py's SD sizes were left as they are
+    store, sized = apply_family_defaults(store, fixed=set(cli) | set(values_from_file))
+    if sized:
+        notes.append(sized)
     return Resolved(store=store, notes=notes, warnings=warnings, loaded=loaded)
 
 

@@ -163,7 +163,7 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
     values: dict[str, Any] = {}
 
     special = {"train_resolution", "height_resolution", "warmup_lr_ratio", "optimizer_type", "optimizer_args",
-               "lr_scheduler_args", "lyco", "network_args", "network_module", "v2", "v_parameterization",
+               "lr_scheduler_args", "lyco", "network_args", "network_module", "v2", "v_parameterization", "sdxl",
                "max_steps", "num_epochs", "persistent_workers", "caption_extension", "change_output_name"}
     for info in store.settings():
         name = info.name
@@ -191,6 +191,7 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
     values["output_name"] = store.change_output_name or "last"
     values["v2"] = True if store.v2 else None
     values["v_parameterization"] = True if store.v_parameterization else None
+    values["sdxl"] = True if store.sdxl else None  # false: the engine detects the family from the model
 
     optimizer = store.optimizer_type
     optimizer_args = dict(store.optimizer_args or {})
