@@ -132,7 +132,7 @@ def parse_lycoris_args(args: Mapping[str, Any], *, network_dim: int | None = Non
     preset = str(raw.get("preset", "full")).strip()
     if preset.lower() in LYCORIS_PRESETS:
         out.preset = preset.lower()
-    elif preset.lower().endswith(".toml"):
+    elif preset.lower().endswith(".toml") or os.path.isfile(preset):
         read_preset_file(preset)  # checks it
         out.preset = preset
     else:
@@ -325,7 +325,7 @@ def _resolve_preset(args: LycorisArgs) -> dict[str, Any]:
     if args.preset in LYCORIS_PRESETS:
         preset = builtin_preset(args.preset)
     else:
-        kohya, config = _lycoris()
+        _lycoris()
         from lycoris.config_sdk import PresetConfig, PresetValidationError
 
         data = read_preset_file(args.preset)
@@ -769,6 +769,8 @@ def create_lycoris_network(unet, text_encoders, args: LycorisArgs, *, network_di
     seen: set[str] = set()
     for record in records:
         text = record.getMessage().splitlines()[0]
+        if text.startswith("It is recommended to use preset ia3"):
+            continue  # LyCORIS compares our private preset name; parse_lycoris_args has its own warning
         if text not in seen:
             seen.add(text)
             warnings.append(f"LyCORIS: {text}")
