@@ -4,7 +4,6 @@ optimizer groups they give, training with them, and bad input."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
