@@ -437,7 +437,7 @@ def test_sdxl_lycoris_names_and_reload():
 
 @pytest.mark.parametrize("args", [["algo=lora", "use_scalar=true"], ["algo=loha", "use_tucker=true"], ["algo=lokr"],
                                   ["algo=ia3", "preset=ia3"], ["algo=dylora"], ["algo=full", "preset=attn-mlp"],
-                                  ["algo=lora", "dora_wd=true"]])
+                                  ["algo=lora", "dora_wd=true"], ["algo=glora"], ["algo=diag-oft"], ["algo=boft"]])
 def test_state_dict_round_trip_is_exact(args):
     """network.state_dict() / load_state_dict() (what save_state / resume use) restore every module
     bit for bit, also where LyCORIS's own state dict is computed (full) or not loadable (DyLoRA)."""
@@ -473,3 +473,20 @@ def test_resume_is_bit_identical(module, args, tiny_sd1_diffusers, tmp_path):
                                 resume=str(tmp_path / "ref" / "tiny-step00000002-state"), **common))
     a, b = load_file(ref.output_path), load_file(resumed.output_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algo", ["glora", "diag-oft", "boft"])
+def test_other_algos_save_and_reload(algo):
+    """The further LyCORIS algorithms accepted here: kohya names, and lycoris-lora rebuilds them from the file."""
+    net, _ = _build([f"algo={algo}", "preset=attn-mlp"])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    sd = net.kohya_state_dict()
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in sd)
+    unet, te = _components()
+    again, _ = la.lycoris_network_from_weights(sd, unet, [te], la.parse_lycoris_args({"algo": algo, "preset": "attn-mlp"}))
+    again.apply_to()
+    again.load_kohya_state_dict(sd, strict=True)
+    sd2 = again.kohya_state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.allclose(sd[k], sd2[k]) for k in sd)
