@@ -6,6 +6,11 @@ planned. Each question about a setting takes its default and its one-line explan
 ``ArgsList.py``; the answers go into an ``ArgStore``, the same object the command line builds, so
 the same engine runs and the same JSON is saved. The last window lists the choices with the
 estimated number of steps and offers start, save as JSON, or back.
+
+Right after the base model comes the model type (SD 1.x, SD 2.x, SDXL), preselected from the model's
+header when that can be read without torch; SDXL sizes the resolution and bucket defaults (1024 px,
+buckets 512-2048) before the images are checked, skips clip skip, offers ``no_half_vae`` under fp16.
+The text-encoder output cache is offered only for UNet-only training with captions that stay the same.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from typing import Any, Callable
 
 from ArgsList import OPTIMIZERS, SAMPLERS, SCHEDULERS, ArgStore
 from frontend.fields import format_value
+from frontend.model_family import cheap_family, resize_for_family
 
 from .asker import Asker, Cancelled, Question, ask
 from .dataset_check import DatasetReport, check_dataset, estimate_steps, scan_key
 
-__all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS"]
+__all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS", "MODEL_TYPES"]
 
 INFOS = {info.name: info for info in ArgStore.settings()}
 NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr", "IA3")
@@ -35,6 +41,12 @@ _NETWORK_LABELS = {
 # network_args keys this wizard manages (the rest of a loaded file's network_args is kept)
 _MANAGED_NETWORK_ARGS = {"algo", "conv_dim", "conv_alpha", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp",
                          "factor"}
+MODEL_TYPES = ("sd1", "sd2", "sdxl")
+_MODEL_LABELS = {
+    "sd1": "Stable Diffusion 1.x (SD 1.5 and the models based on it)",
+    "sd2": "Stable Diffusion 2.x (512 or 768-v)",
+    "sdxl": "SDXL (SDXL base, Pony, Illustrious, NoobAI ...)",
+}
 LR_FREE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD", "DAdaptAdan", "Prodigy"}
 _DECOUPLE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam"}
 _LR_FREE_HINT = "learning-rate-free optimizer: about 1.0, one rate for the whole network"
@@ -49,7 +61,7 @@ _SUMMARY_LABELS = {"start": "Start training", "save": "Save as JSON", "back": "B
 _SUMMARY_SECTIONS = [
     ("Paths", ["base_model", "img_folder", "reg_img_folder", "output_folder", "change_output_name"]),
     ("JSON", ["load_json_path", "save_json_folder", "save_json_name", "save_json_only"]),
-    ("Model", ["v2", "v_parameterization", "clip_skip"]),
+    ("Model", ["sdxl", "v2", "v_parameterization", "clip_skip"]),
     ("Optimizer", ["optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr"]),
     ("Network", ["net_dim", "alpha", "lyco", "network_args", "unet_only", "text_only"]),
     ("Schedule", ["scheduler", "cosine_restarts", "scheduler_power", "warmup_lr_ratio"]),
@@ -58,7 +70,8 @@ _SUMMARY_SECTIONS = [
     ("Saving", ["save_every_n_epochs", "save_every_n_steps", "save_precision", "training_comment"]),
     ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "tag_occurrence_txt_file",
                   "sort_tag_occurrence_alphabetically"]),
-    ("Precision and caching", ["mixed_precision", "cache_latents", "cache_latents_to_disk", "random_crop"]),
+    ("Precision and caching", ["mixed_precision", "no_half_vae", "cache_latents", "cache_latents_to_disk", "random_crop",
+                               "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"]),
     ("Loss", ["min_snr_gamma"]),
     ("Samples", ["sample_prompts", "sample_sampler", "sample_every_n_steps", "sample_every_n_epochs"]),
 ]
@@ -187,7 +200,7 @@ class TrainingWizard:
             self.section = "Paths"
             if self.ask_plain("reask_paths", "yes_no", "Choose a new base model, image folder, output folder and name?",
                               False, help="the rest of the settings stay as the JSON file has them"):
-                self._paths()
+                self._paths(tell_sizes=True)
             self._save_json_questions()
         else:
             self._save_json_questions()
@@ -230,10 +243,14 @@ class TrainingWizard:
         self.ask_setting("save_json_only", "Only save the JSON, without training now (to prepare a queue)?")
 
     # ----------------------------------------------------------------------------- paths
-    def _paths(self) -> None:
+    def _paths(self, tell_sizes: bool = False) -> None:
         self.section = "Paths"
         self.ask_setting("base_model", "Choose the base model to train on", optional=False,
                          filetypes=(".safetensors", ".ckpt"))
+        # the model type sizes the resolution, which the dataset check below measures the images against
+        self.section = "Model"
+        self._model_type(tell_sizes=tell_sizes)
+        self.section = "Paths"
         self._image_folder()
         if self.ask_plain("use_reg", "yes_no", "Use regularization images?", self.store.reg_img_folder is not None,
                           help=INFOS["reg_img_folder"].help):
@@ -285,11 +302,38 @@ class TrainingWizard:
 
     def _model(self) -> None:
         self.section = "Model"
-        if self.ask_setting("v2", "Is the base model based on Stable Diffusion 2.x?"):
+        if not self.store.sdxl:  # SDXL always uses the penultimate layers of both text encoders
+            self.ask_setting("clip_skip", "Clip skip: 2 for anime-style models, 1 for realistic ones", low=1, high=12)
+
+    def _model_type(self, tell_sizes: bool = False) -> str:
+        """Ask SD 1.x / SD 2.x / SDXL (preselecting what the model file says) and size the resolution for it.
+
+        ``tell_sizes``: the resolution questions are not asked (a loaded JSON file), so a note says what changed."""
+        detected = cheap_family(self.store.base_model)  # a .safetensors header or diffusers configs; never torch
+        chosen = "sdxl" if self.store.sdxl else "sd2" if self.store.v2 else "sd1"
+        if detected in MODEL_TYPES:
+            hint = f"the model file says {_MODEL_LABELS[detected].split(' (')[0]}"
+        else:
+            hint = "could not be told from the file without loading it"
+        kind = self.ask_plain("model_type", "choice", "Which kind of model is the base model?",
+                              detected if detected in MODEL_TYPES else chosen, options=MODEL_TYPES,
+                              labels=_MODEL_LABELS,
+                              help=f"{hint}; SDXL-based models (Pony, Illustrious, NoobAI) are SDXL. "
+                                   "SDXL trains at 1024 px with two text encoders")
+        if kind == "sd2":
+            self.set(v2=True, sdxl=False)
             self.ask_setting("v_parameterization", "Is it a 768-v model (v-prediction, e.g. SD 2.x 768)?")
         else:
-            self.set(v_parameterization=False)
-        self.ask_setting("clip_skip", "Clip skip: 2 for anime-style models, 1 for realistic ones", low=1, high=12)
+            # v_parameterization false: told from the model files (an SDXL v-pred model says so in its metadata)
+            self.set(v2=False, sdxl=kind == "sdxl", v_parameterization=False)
+        # resolution and buckets still at a family's defaults follow the model: SDXL 1024 px, buckets 512-2048
+        sizes = resize_for_family(self.store, kind, any_family=True)
+        if sizes:
+            if tell_sizes:
+                shown = ", ".join(f"{name} {getattr(self.store, name)} -> {value}" for name, value in sizes.items())
+                self.notes.append(f"sized for {_MODEL_LABELS[kind].split(' (')[0]}: {shown}")
+            self.set(**sizes)
+        return kind
 
     def _optimizer(self) -> None:
         self.section = "Optimizer"
@@ -400,7 +444,8 @@ class TrainingWizard:
         step = (self.store.bucket_reso_steps or 64) if self.store.buckets else 8
         multiple = (lambda v: None if v % step == 0 else
                     f"must be a multiple of {step}, e.g. {max(step, round(v / step) * step)}")
-        width = self.ask_setting("train_resolution", "Training resolution (width)", low=step, check=multiple)
+        prompt = "Training resolution (width)" + ("; SDXL models train at 1024" if self.store.sdxl else "")
+        width = self.ask_setting("train_resolution", prompt, low=step, check=multiple)
         self.ask_setting("height_resolution", "Training height (empty: the same as the width)", low=step,
                          check=multiple, none_label=f"same as the width ({width})")
         if self.store.height_resolution == width:
@@ -462,16 +507,39 @@ class TrainingWizard:
 
     def _precision_and_caching(self) -> None:
         self.section = "Precision and caching"
-        self.ask_setting("mixed_precision", "Training precision (bf16 needs an RTX 30xx or newer)")
+        precision = self.ask_setting("mixed_precision", "Training precision (bf16 needs an RTX 30xx or newer)")
+        if self.store.sdxl and precision == "fp16":
+            self.ask_setting("no_half_vae", "Keep the VAE in float32 (the SDXL VAE overflows in fp16)?", default=True)
         if self.ask_setting("cache_latents", "Cache latents (faster; no random crop or colour augmentation)?"):
             self.ask_setting("cache_latents_to_disk", "Keep the latent cache on disk between runs?")
             self.set(random_crop=False, color_aug=False)
         else:
             self.set(cache_latents_to_disk=False)
             self.ask_setting("random_crop", "Random crops instead of centre crops?")
+        self._text_encoder_cache()
         self.section = "Loss"
         self.ask_setting("min_snr_gamma", "Min-SNR gamma (empty: off; 5 is common)", low=0, low_open=True,
                          none_label="off")
+
+    def _text_encoder_cache(self) -> None:
+        """Only for UNet-only training: a trained text encoder, or captions that change, make the cache wrong."""
+        if not self.store.unet_only:
+            self.set(cache_text_encoder_outputs=False, cache_text_encoder_outputs_to_disk=False)
+            return
+        changing = _changing_captions(self.store)
+
+        def fixed_captions(on: bool) -> str | None:
+            if on and changing:
+                return (f"the captions change during training ({', '.join(changing)}), so their encodings cannot be "
+                        "cached; answer no, or go Back and turn that off")
+            return None
+
+        if self.ask_setting("cache_text_encoder_outputs",
+                            "Cache the text encoder outputs (each caption encoded once; less GPU memory)?",
+                            default=self.store.cache_text_encoder_outputs and not changing, check=fixed_captions):
+            self.ask_setting("cache_text_encoder_outputs_to_disk", "Keep that cache on disk between runs?")
+        else:
+            self.set(cache_text_encoder_outputs_to_disk=False)
 
     def _samples(self) -> None:
         self.section = "Sample images"
@@ -575,6 +643,12 @@ def _worth_listing(store: Any, name: str) -> bool:
         return False
     value = getattr(store, name)
     return not (value is None or value is False) or name in ("v2", "cache_latents", "flip_aug")
+
+
+def _changing_captions(store: Any) -> list[str]:
+    """The settings that make captions change during training (they rule out the text-encoder cache)."""
+    return [name for name in ("shuffle_captions", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                              "caption_tag_dropout_rate", "token_warmup_step") if getattr(store, name)]
 
 
 def _arg_number(args: dict, key: str, fallback: float) -> float:

@@ -270,3 +270,113 @@ def test_hub_ids_and_dataset_config(tmp_path):
     store = ArgStore(base_model="runwayml/stable-diffusion-v1-5", img_folder=None,
                      dataset_config=str(tmp_path / "data.toml"), output_folder=str(tmp_path / "out"))
     validate_store(store)
+
+
+# ------------------------------------------------------------------------------------------ SDXL
+def fake_model(path, family: str, single_file: bool = False):
+    """A model whose family is told from its configs or header alone (no weights, no torch)."""
+    import struct
+
+    path = str(path)
+    if single_file:
+        keys = ["model.diffusion_model.input_blocks.0.0.weight"]
+        keys += (["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                  "conditioner.embedders.1.model.ln_final.weight"] if family == "sdxl"
+                 else ["cond_stage_model.transformer.text_model.final_layer_norm.weight"])
+        header = {k: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(keys)}
+        raw = json.dumps(header).encode("utf-8")
+        with open(path, "wb") as handle:
+            handle.write(struct.pack("<Q", len(raw)) + raw + b"\0" * 4 * len(keys))
+        return path
+    os.makedirs(os.path.join(path, "unet"), exist_ok=True)
+    index = {"_class_name": "StableDiffusionPipeline"}
+    unet = {"cross_attention_dim": 768}
+    if family == "sdxl":
+        index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+        unet = {"cross_attention_dim": 2048, "addition_embed_type": "text_time"}
+    with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as handle:
+        json.dump(index, handle)
+    with open(os.path.join(path, "unet", "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(unet, handle)
+    return path
+
+
+SD_SIZES = (512, 320, 960)
+XL_SIZES = (1024, 512, 2048)
+
+
+def _sizes(store):
+    return store.train_resolution, store.min_bucket_resolution, store.max_bucket_resolution
+
+
+def test_sdxl_settings_reach_the_engine():
+    config = to_train_config(ArgStore(), has_cuda=True, has_xformers=True).config
+    assert config.sdxl is None  # false in ArgsList.py: the engine detects the family
+    assert (config.no_half_vae, config.cache_text_encoder_outputs, config.cache_text_encoder_outputs_to_disk) == \
+        (False, False, False)
+    store = ArgStore(sdxl=True, no_half_vae=True, cache_text_encoder_outputs=True,
+                     cache_text_encoder_outputs_to_disk=True, unet_only=True)
+    config = to_train_config(store, has_cuda=True, has_xformers=True).config
+    assert (config.sdxl, config.no_half_vae, config.cache_text_encoder_outputs,
+            config.cache_text_encoder_outputs_to_disk, config.network_train_unet_only) == (True, True, True, True, True)
+    infos = {info.name: info for info in ArgStore.settings()}
+    assert infos["sdxl"].group == "Base model" and infos["sdxl"].kind == "bool" and infos["sdxl"].default is False
+    assert "unet_only" in infos["cache_text_encoder_outputs"].help and "shuffle" in infos["cache_text_encoder_outputs"].help
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_an_sdxl_model_gets_sdxl_sized_defaults_in_one_note(tmp_path, single_file):
+    name = "xl.safetensors" if single_file else "xl"
+    model = fake_model(tmp_path / name, "sdxl", single_file)
+    resolved = resolve_settings({"base_model": model})
+    assert _sizes(resolved.store) == XL_SIZES and resolved.store.sdxl is False  # sdxl stays "detect"
+    (note,) = [n for n in resolved.notes if "SDXL" in n]
+    assert f"detected from {name}" in note and "train_resolution 512 -> 1024" in note
+    assert "min_bucket_resolution 320 -> 512" in note and "max_bucket_resolution 960 -> 2048" in note
+    assert "\n" not in note
+    config = to_train_config(resolved.store, has_cuda=True, has_xformers=True).config
+    assert (config.resolution, config.min_bucket_reso, config.max_bucket_reso) == ("1024", 512, 2048)
+
+
+def test_sd_models_and_models_not_read_cheaply_keep_the_sd_sizes(tmp_path):
+    for model in (fake_model(tmp_path / "sd1", "sd1"), fake_model(tmp_path / "sd1.safetensors", "sd1", True)):
+        resolved = resolve_settings({"base_model": model})
+        assert _sizes(resolved.store) == SD_SIZES and resolved.notes == []
+    ckpt = tmp_path / "xl.ckpt"  # a pickle must be loaded with torch: the engine tells its family later
+    ckpt.write_bytes(b"not read here")
+    for model in (str(ckpt), "stabilityai/stable-diffusion-xl-base-1.0", str(tmp_path / "missing.safetensors")):
+        assert _sizes(resolve_settings({"base_model": model}).store) == SD_SIZES
+    # the sdxl setting is enough, whatever the file
+    resolved = resolve_settings({"base_model": str(ckpt), "sdxl": True})
+    assert _sizes(resolved.store) == XL_SIZES and "(sdxl is set)" in resolved.notes[-1]
+
+
+def test_sdxl_sizes_never_replace_what_the_user_set(tmp_path, monkeypatch):
+    model = fake_model(tmp_path / "xl", "sdxl")
+    store = resolve_settings({"base_model": model, "train_resolution": 512}).store  # given on the command line
+    assert _sizes(store) == (512, 512, 2048)
+    store = resolve_settings({"base_model": model, "max_bucket_resolution": 960}).store
+    assert _sizes(store) == (512, 512, 960)  # 1024 would not fit in the user's bucket range
+    store = resolve_settings({"base_model": model, "height_resolution": 768}).store
+    assert _sizes(store) == (512, 512, 2048)  # a non-square resolution is the user's own
+    store = resolve_settings({"base_model": model}, ArgStore(train_resolution=768)).store  # an ArgsList.py edit
+    assert _sizes(store) == (768, 512, 2048)
+    # a JSON file sets every size it holds (ours hold them all), even at the SD values
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"base_model": model, "train_resolution": 512, "net_dim": 8}), encoding="utf-8")
+    resolved = resolve_settings({"load_json_path": str(job)})
+    assert _sizes(resolved.store) == (512, 512, 2048) and resolved.store.net_dim == 8
+    assert "train_resolution" not in resolved.notes[-1]
+
+
+def test_sdxl_sizing_reads_no_weights_and_imports_no_torch(tmp_path):
+    model = fake_model(tmp_path / "xl.safetensors", "sdxl", single_file=True)
+    code = ("import sys\nfrom frontend.resolve import resolve_settings\n"
+            f"store = resolve_settings({{'base_model': {model!r}}}).store\n"
+            "assert store.train_resolution == 1024, store\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

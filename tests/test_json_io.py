@@ -201,6 +201,31 @@ def test_kohya_ss_standard_lora_with_block_weights(tmp_path):
                                       "block_dims": data["block_dims"]}
 
 
+def test_kohya_ss_sdxl_file_is_converted(tmp_path):
+    """A GUI SDXL config (2024 layout): sdxl, the sdxl_-prefixed options, UNet-only, SDXL sizes."""
+    data = dict(KOHYA_APRIL_2023, sdxl=True, sdxl_no_half_vae=True, sdxl_cache_text_encoder_outputs=True,
+                network_train_unet_only=True, shuffle_caption=False, max_resolution="1024,1024", min_bucket_reso=256,
+                max_bucket_reso=2048)
+    loaded = load_settings_file(_write(tmp_path / "xl.json", data))
+    values = loaded.values
+    assert (values["sdxl"], values["no_half_vae"], values["cache_text_encoder_outputs"], values["unet_only"]) == \
+        (True, True, True, True)
+    assert (values["train_resolution"], values["min_bucket_resolution"], values["max_bucket_resolution"]) == \
+        (1024, 256, 2048)
+    assert not [key for key in loaded.ignored if "sdxl" in key]
+    # with the SDXL box unticked the GUI ignores its SDXL options, and so do we (listed as ignored when on)
+    data.update(sdxl=False, sdxl_cache_text_encoder_outputs=False)
+    loaded = load_settings_file(_write(tmp_path / "sd.json", data))
+    assert loaded.values["sdxl"] is False and "no_half_vae" not in loaded.values
+    assert "cache_text_encoder_outputs" not in loaded.values and "sdxl_no_half_vae" in loaded.ignored
+    assert "sdxl_cache_text_encoder_outputs" not in loaded.ignored  # off: nothing to mention
+    # plain kohya names, as keys or in additional_parameters, are taken as they are
+    data.update(cache_text_encoder_outputs=True, additional_parameters="--no_half_vae --cache_text_encoder_outputs_to_disk")
+    values = load_settings_file(_write(tmp_path / "plain.json", data)).values
+    assert (values["cache_text_encoder_outputs"], values["no_half_vae"], values["cache_text_encoder_outputs_to_disk"]) == \
+        (True, True, True)
+
+
 def test_kohya_ss_old_lowercase_optimizer_switch(tmp_path):
     data = {k: v for k, v in KOHYA_APRIL_2023.items() if k != "optimizer"}
     data["use_8bit_adam"] = True

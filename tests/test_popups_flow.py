@@ -52,8 +52,8 @@ def run_wizard(script, defaults=None):
 def test_new_setup_asks_in_order_with_arglist_help_and_defaults(paths):
     store, asker = run_wizard(answers(paths))
     keys = asker.keys
-    order = ["start", "save_json", "base_model", "img_folder", "use_reg", "output_folder", "change_output_name", "v2",
-             "clip_skip", "optimizer_type", "network_type", "net_dim", "alpha", "train_parts", "learning_rate",
+    order = ["start", "save_json", "base_model", "model_type", "img_folder", "use_reg", "output_folder",
+             "change_output_name", "clip_skip", "optimizer_type", "network_type", "net_dim", "alpha", "train_parts", "learning_rate",
              "unet_lr", "text_encoder_lr", "scheduler", "warmup_lr_ratio", "train_resolution", "height_resolution",
              "batch_size", "length_mode", "num_epochs", "save_every_n_epochs", "save_precision", "caption_extension",
              "shuffle_captions", "flip_aug", "mixed_precision", "cache_latents", "min_snr_gamma", "sample_images",
@@ -307,9 +307,9 @@ def test_captions_and_caching_branches(paths):
 
 
 def test_sd2_v_parameterization(paths):
-    store, asker = run_wizard(answers(paths, v2=True, v_parameterization=True))
-    assert store.v2 and store.v_parameterization
-    store, asker = run_wizard(answers(paths, v2=False), ArgStore(v_parameterization=True))
+    store, asker = run_wizard(answers(paths, model_type="sd2", v_parameterization=True))
+    assert store.v2 and store.v_parameterization and not store.sdxl
+    store, asker = run_wizard(answers(paths, model_type="sd1"), ArgStore(v_parameterization=True))
     assert not store.v_parameterization and "v_parameterization" not in asker.keys
 
 
