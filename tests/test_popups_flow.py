@@ -492,15 +492,16 @@ def test_without_a_display_one_line_points_to_the_command_line(tmp_path):
         assert hint in lines[0], (name, lines[0])
 
 
-def test_the_wizard_imports_neither_torch_nor_diffusers(paths):
+def test_the_wizard_imports_neither_torch_nor_diffusers(paths, xl_model):
     code = (
         "import sys\n"
         "from ArgsList import ArgStore\n"
         "from popups.asker import ScriptedAsker\n"
         "from popups.training_flow import TrainingWizard\n"
-        f"asker = ScriptedAsker({answers(paths)!r})\n"
+        f"asker = ScriptedAsker({answers(paths, base_model=xl_model)!r})\n"
         "store = TrainingWizard(asker, ArgStore()).run()\n"
         "assert store is not None and asker.keys[-1] == 'summary'\n"
+        "assert store.sdxl and store.train_resolution == 1024  # the family was read from the header\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_no_display_env(), capture_output=True, text=True,
@@ -680,3 +681,123 @@ def test_question_checks_directly():
     hub = Question(key="m", kind="path", prompt="?", path_kind="model")
     assert hub.check_answer("runwayml/stable-diffusion-v1-5")[0] == "runwayml/stable-diffusion-v1-5"
     assert ask(ScriptedAsker({"c": ["z", "B"]}), choice) == "b"
+
+
+# ------------------------------------------------------------------------------------------ SDXL in the wizard
+@pytest.fixture
+def xl_model(tmp_path):
+    """An SDXL checkpoint as far as its header goes (detection reads nothing else)."""
+    from tests.test_argstore import fake_model
+
+    return fake_model(tmp_path / "xl.safetensors", "sdxl", single_file=True)
+
+
+def _sizes(store):
+    return store.train_resolution, store.min_bucket_resolution, store.max_bucket_resolution
+
+
+def test_an_sdxl_model_is_preselected_and_gets_sdxl_sized_questions(paths, xl_model):
+    store, asker = run_wizard(answers(paths, base_model=xl_model))
+    keys = asker.keys
+    assert keys.index("model_type") == keys.index("base_model") + 1  # right after the model, before the images
+    question = asker.questions("model_type")[0]
+    assert question.default == "sdxl" and question.help.startswith("the model file says SDXL")
+    assert set(question.options) == {"sd1", "sd2", "sdxl"} and "Pony" in question.label("sdxl")
+    resolution = asker.questions("train_resolution")[0]
+    assert resolution.default == 1024 and "SDXL models train at 1024" in resolution.prompt
+    assert "clip_skip" not in keys  # SDXL always uses the penultimate layers
+    assert asker.questions("no_half_vae")[0].default is True  # fp16: the SDXL VAE overflows
+    assert (store.sdxl, store.v2, store.no_half_vae) == (True, False, True)
+    assert _sizes(store) == (1024, 512, 2048)
+    assert "cache_text_encoder_outputs" not in keys and store.cache_text_encoder_outputs is False
+    details = asker.questions("summary")[0].details
+    assert "  sdxl: True" in details and "  max_bucket_resolution: 2048" in details
+
+
+def test_model_type_default_without_a_readable_header(paths, tmp_path):
+    from tests.test_argstore import fake_model
+
+    store, asker = run_wizard(answers(paths, base_model=fake_model(tmp_path / "sd1", "sd1")))
+    assert asker.questions("model_type")[0].default == "sd1" and _sizes(store) == (512, 320, 960)
+    # a .ckpt (pickle: torch would be needed) or an unreadable file: asked, preselected from the settings
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    for model in (str(ckpt), paths["base_model"]):
+        store, asker = run_wizard(answers(paths, base_model=model), ArgStore(sdxl=True))
+        question = asker.questions("model_type")[0]
+        assert question.default == "sdxl" and question.help.startswith("could not be told from the file")
+        assert store.sdxl and _sizes(store) == (1024, 512, 2048)
+
+
+def test_sdxl_sizes_follow_the_model_type_and_leave_the_users_own(paths, xl_model):
+    # told it is SD 1.x after all: the SD sizes, clip skip asked
+    store, asker = run_wizard(answers(paths, base_model=xl_model, model_type="sd1"))
+    assert (store.sdxl, _sizes(store)) == (False, (512, 320, 960)) and "clip_skip" in asker.keys
+    # Back from the summary with another answer: sizes follow again
+    store, asker = run_wizard(answers(paths, base_model=xl_model, model_type=["sdxl", "sd1"], summary=["back", "start"]))
+    assert [q.default for q in asker.questions("train_resolution")] == [1024, 512] and _sizes(store) == (512, 320, 960)
+    # sizes the user chose are theirs
+    store, asker = run_wizard(answers(paths, base_model=xl_model), ArgStore(train_resolution=768))
+    assert asker.questions("train_resolution")[0].default == 768 and _sizes(store) == (768, 512, 2048)
+    store, _ = run_wizard(answers(paths, base_model=xl_model, train_resolution=512))
+    assert _sizes(store) == (512, 512, 2048)
+    # no_half_vae is only asked about for SDXL under fp16
+    store, asker = run_wizard(answers(paths, base_model=xl_model, mixed_precision="bf16"))
+    assert "no_half_vae" not in asker.keys and not store.no_half_vae
+    _, asker = run_wizard(answers(paths))
+    assert "no_half_vae" not in asker.keys and "model_type" in asker.keys
+
+
+def test_text_encoder_cache_only_for_unet_only_and_fixed_captions(paths, xl_model):
+    store, asker = run_wizard(answers(paths, base_model=xl_model),
+                              ArgStore(cache_text_encoder_outputs=True, cache_text_encoder_outputs_to_disk=True))
+    assert "cache_text_encoder_outputs" not in asker.keys  # the text encoder is trained: its outputs change
+    assert (store.cache_text_encoder_outputs, store.cache_text_encoder_outputs_to_disk) == (False, False)
+    store, asker = run_wizard(answers(paths, base_model=xl_model, train_parts="unet", cache_text_encoder_outputs=True,
+                                      cache_text_encoder_outputs_to_disk=True))
+    question = asker.questions("cache_text_encoder_outputs")[0]
+    assert question.help == INFOS["cache_text_encoder_outputs"].help and "shuffle_captions" in question.help
+    assert (store.unet_only, store.cache_text_encoder_outputs, store.cache_text_encoder_outputs_to_disk) == \
+        (True, True, True)
+    # shuffled captions change every epoch: yes is refused with the reason, no goes on
+    store, asker = run_wizard(answers(paths, train_parts="unet", shuffle_captions=True,
+                                      cache_text_encoder_outputs=[True, False]))
+    refused = asker.questions("cache_text_encoder_outputs")[1].error
+    assert "captions change during training (shuffle_captions)" in refused and "answer no" in refused
+    assert store.shuffle_captions and not store.cache_text_encoder_outputs
+    assert "cache_text_encoder_outputs_to_disk" not in asker.keys
+    # a loaded setup with caption dropout: the question starts at no
+    _, asker = run_wizard(answers(paths, train_parts="unet"),
+                          ArgStore(caption_dropout_rate=0.1, cache_text_encoder_outputs=True))
+    assert asker.questions("cache_text_encoder_outputs")[0].default is False
+
+
+def test_load_json_with_a_new_sdxl_model_sizes_the_file_and_says_so(paths, xl_model):
+    job = _saved_job(paths)
+    store, asker = run_wizard({"start": "load_json", "load_json_path": job, "reask_paths": True,
+                               "base_model": xl_model})
+    assert asker.questions("model_type")[0].default == "sdxl" and "train_resolution" not in asker.keys
+    assert store.sdxl and _sizes(store) == (1024, 512, 2048) and store.net_dim == 8
+    details = asker.questions("summary")[0].details
+    assert ("note: sized for SDXL: train_resolution 512 -> 1024, min_bucket_resolution 320 -> 512, "
+            "max_bucket_resolution 960 -> 2048") in details
+
+
+def test_the_json_of_an_sdxl_wizard_run_equals_the_command_lines(paths, xl_model, monkeypatch):
+    import popups
+    from frontend.app import run_main
+
+    tmp = paths["tmp"]
+    asker = ScriptedAsker(answers(paths, base_model=xl_model, save_json=True, save_json_folder=str(tmp / "wizard"),
+                                  save_json_only=True, train_parts="unet", cache_text_encoder_outputs=True))
+    monkeypatch.setattr(popups, "open_asker", lambda *a, **k: asker)
+    assert run_main(["--popup"]) == 0
+    # the command line gets the same 1024 px and 512-2048 buckets from the model's header
+    assert run_main(["--base_model", xl_model, "--img_folder", paths["img_folder"], "--output_folder",
+                     paths["output_folder"], "--save_json_path", str(tmp / "cli"), "--save_json_only", "--sdxl",
+                     "--no_half_vae", "--unet_only", "--cache_text_encoder_outputs"]) == 0
+    (wizard_file,), (cli_file,) = list((tmp / "wizard").iterdir()), list((tmp / "cli").iterdir())
+    wizard_json = json.loads(wizard_file.read_text(encoding="utf-8"))
+    cli_json = json.loads(cli_file.read_text(encoding="utf-8"))
+    assert wizard_json.pop("save_json_folder") != cli_json.pop("save_json_folder")
+    assert wizard_json == cli_json and wizard_json["train_resolution"] == 1024
