@@ -761,14 +761,13 @@ class _Trainer:
         saved: list[str] = []
         state = None
         if p.global_step > 0 and self._consistent:
-            path = self._save_lora(f"{config.output_name or 'last'}-interrupted.{config.save_model_as}")
-            if path:
-                saved.append(path)
+            # paths from the bookkeeping every process keeps (only the main process writes)
+            self._save_lora(f"{config.output_name or 'last'}-interrupted.{config.save_model_as}")
+            saved.append(self._last_lora)
             if config.save_state and self._at_boundary:
-                if self._last_state_step == p.global_step:
-                    state = self._last_state
-                else:
-                    state = self._save_state(_state_name(config.output_name, step=p.global_step))
+                if self._last_state_step != p.global_step:
+                    self._save_state(_state_name(config.output_name, step=p.global_step))
+                state = self._last_state
             self._write_plot()
         if state:
             text = f"interrupted at step {p.global_step}: saved {', '.join(saved)}; resume with resume={state}"
