@@ -75,19 +75,15 @@ def family_sizes(family: str | None) -> dict[str, int]:
 
 
 def resize_for_family(store: Any, family: str | None, fixed: frozenset[str] | set[str] = frozenset(),
-                      any_family: bool = False) -> dict[str, int]:
-    """The changes that size ``store`` for ``family``: settings at the SD value (with ``any_family``, at any
-    family's default: the wizard switching SDXL back to SD) and not in ``fixed`` take the family's value.
+                      previous: str | None = None) -> dict[str, int]:
+    """The changes that size ``store`` for ``family``: settings at the SD value (or at the sizes of ``previous``, the
+    family the store was sized for: the wizard switching SDXL back to SD) and not in ``fixed`` take the family's value.
 
     A change that would leave the training resolution outside the bucket range is left out, and a
     non-square resolution (``height_resolution`` set) is the user's own choice and left alone.
     """
     target = family_sizes(family) or dict(SD_SIZES)
-    sources = [dict(SD_SIZES)]
-    if any_family:
-        from sd_scripts.library.model_families import FAMILIES
-
-        sources += [sizes for sizes in (family_sizes(name) for name in FAMILIES) if sizes]
+    sources = [dict(SD_SIZES)] + ([family_sizes(previous)] if family_sizes(previous) else [])
     changes: dict[str, int] = {}
     for name in _SIZE_ORDER:
         value = getattr(store, name)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ArgsList import OPTIMIZERS, SAMPLERS, SCHEDULERS, ArgStore
 from frontend.fields import format_value
-from frontend.model_family import cheap_family, resize_for_family
+from frontend.model_family import cheap_family, model_family_of, resize_for_family
 
 from .asker import Asker, Cancelled, Question, ask
 from .dataset_check import DatasetReport, check_dataset, estimate_steps, scan_key
@@ -134,6 +134,7 @@ class TrainingWizard:
         self.report: DatasetReport | None = None
         self._report_key: tuple | None = None
         self.notes: list[str] = []
+        self._sized_for: str | None = None  # the model family whose sizes the resolution settings hold
 
     # ----------------------------------------------------------------------------- plumbing
     def question(self, name: str, prompt: str, **extra: Any) -> Question:
@@ -326,8 +327,11 @@ class TrainingWizard:
         else:
             # v_parameterization false: told from the model files (an SDXL v-pred model says so in its metadata)
             self.set(v2=False, sdxl=kind == "sdxl", v_parameterization=False)
-        # resolution and buckets still at a family's defaults follow the model: SDXL 1024 px, buckets 512-2048
-        sizes = resize_for_family(self.store, kind, any_family=True)
+        # resolution and buckets still at their defaults follow the model: SDXL 1024 px, buckets 512-2048
+        if self._sized_for is None:  # sizes the command line gave an SDXL model count as defaults too
+            self._sized_for = model_family_of(self.defaults)[0]
+        sizes = resize_for_family(self.store, kind, previous=self._sized_for)
+        self._sized_for = kind
         if sizes:
             if tell_sizes:
                 shown = ", ".join(f"{name} {getattr(self.store, name)} -> {value}" for name, value in sizes.items())

@@ -741,6 +741,15 @@ def test_sdxl_sizes_follow_the_model_type_and_leave_the_users_own(paths, xl_mode
     assert asker.questions("train_resolution")[0].default == 768 and _sizes(store) == (768, 512, 2048)
     store, _ = run_wizard(answers(paths, base_model=xl_model, train_resolution=512))
     assert _sizes(store) == (512, 512, 2048)
+    store, _ = run_wizard(answers(paths, model_type="sd1"), ArgStore(train_resolution=1024))  # an ArgsList.py edit
+    assert _sizes(store) == (1024, 320, 1024)  # the bucket range widened to hold it, as for any resolution
+    # the sizes the command line gave an SDXL model are its defaults: another model type takes them back
+    from frontend.resolve import resolve_settings
+
+    defaults = resolve_settings({"base_model": xl_model}).store
+    assert _sizes(defaults) == (1024, 512, 2048)
+    store, _ = run_wizard(answers(paths, model_type="sd1"), defaults)
+    assert _sizes(store) == (512, 320, 960)
     # no_half_vae is only asked about for SDXL under fp16
     store, asker = run_wizard(answers(paths, base_model=xl_model, mixed_precision="bf16"))
     assert "no_half_vae" not in asker.keys and not store.no_half_vae
