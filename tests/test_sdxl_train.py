@@ -156,3 +156,21 @@ def test_caching_conflicts_stop_in_preflight(tiny_sdxl_diffusers, dataset, tmp_p
     assert any("cache_text_encoder_outputs" in t and "network_train_unet_only" in t for t in texts)
     assert any("cache_text_encoder_outputs" in t and "shuffle_caption" in t for t in texts)
     assert not (tmp_path / "out" / "tiny.safetensors").exists()
+
+
+def test_text_encoder_cache_gives_the_same_lora_and_frees_the_encoders(tiny_sdxl_diffusers, tmp_path):
+    """cache_text_encoder_outputs: same LoRA as encoding on the fly; the text encoders leave the device."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sd_scripts.library.train_loop import train
+    from tests.helpers import make_dataset, tiny_config
+
+    data = make_dataset(tmp_path / "data", count=2)
+    common = dict(network_train_unet_only=True, max_train_steps=2, bucket_reso_steps=32, no_half_vae=True)
+    plain = train(tiny_config(tiny_sdxl_diffusers, data, tmp_path / "a", **common))
+    cached = train(tiny_config(tiny_sdxl_diffusers, data, tmp_path / "b", cache_text_encoder_outputs=True, **common))
+    sa, sb = load_file(plain.output_path), load_file(cached.output_path)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6), k

@@ -223,6 +223,7 @@ class _Trainer:
         from .dataset import TrainDataset
         from .model_loading import load_model
         from .noise import make_noise_scheduler
+        from .te_cache import build_text_encoder_cache, wants_text_encoder_cache
         from .train_state import TrainProgress, load_train_state, read_progress, recover_output_folder
 
         config = self.config
@@ -263,7 +264,8 @@ class _Trainer:
             module.requires_grad_(False)
         if config.xformers:
             model.unet.enable_xformers_memory_efficient_attention()
-        vae_dtype = torch.float32 if device.type != "cuda" else weight_dtype
+        # no_half_vae keeps the VAE in float32 (SDXL's VAE overflows in fp16)
+        vae_dtype = torch.float32 if device.type != "cuda" or config.no_half_vae else weight_dtype
         model.vae.to(device, dtype=vae_dtype).eval()
         self.vae_dtype = vae_dtype
 
@@ -292,6 +294,17 @@ class _Trainer:
         model.unet.to(device, dtype=weight_dtype)
         for te in model.text_encoders:
             te.to(device, dtype=weight_dtype)
+        self._te_cache_complete = False
+        if not train_te and wants_text_encoder_cache(config):
+            # cache_text_encoder_outputs: encode every caption once now, then free the text encoders' memory
+            self.cb.on_message("caching text encoder outputs")
+            key = f"{os.path.abspath(config.pretrained_model_name_or_path or model.model_path)}|{weight_dtype}"
+            cache = build_text_encoder_cache(config, plan.dataset, model, settings_key=key,
+                                             context=self.accelerator.autocast)
+            self._prompt_cache = cache.rows
+            self._te_cache_complete = True
+            for te in model.text_encoders:
+                te.to("cpu")
         if config.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             model.unet.train()
@@ -708,11 +721,12 @@ class _Trainer:
             with torch.no_grad(), self.accelerator.autocast():
                 cond = self.family.encode_prompts(self.model, [caption], config.clip_skip, config.max_token_length,
                                                   config.weighted_captions)
-            if len(self._prompt_cache) >= 1024:
+            if len(self._prompt_cache) >= 1024 and not self._te_cache_complete:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
             self._prompt_cache[caption] = cond
         rows = [self._prompt_cache[c] for c in captions]
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        device = self.accelerator.device
+        return {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
 
     def _all_reduce_grads(self):
         for p in self.trainable_params:
