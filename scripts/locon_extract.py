@@ -33,7 +33,7 @@ _ALIASES = {"dim": "fixed", "threshold": "threshold", "ratio": "ratio", "quantil
 def build_parser():
     p = cli.ToolParser(prog="locon_extract.py", description=__doc__.split("\n\n")[0],
                        epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("--base", "--model_org", dest="base", help="the original checkpoint (single-file SD1/SD2)")
+    p.add_argument("--base", "--model_org", dest="base", help="the original checkpoint (single-file SD1/SD2/SDXL)")
     p.add_argument("--tuned", "--model_tuned", dest="tuned", help="the fine-tuned checkpoint")
     p.add_argument("--save_to", help="output file; with several values or --queue, a folder or a base name")
     p.add_argument("--mode", choices=MODES, default=None, help="how each module's rank is chosen (default fixed)")

@@ -4,7 +4,7 @@
     python scripts/locon_loha_merge.py --base model.safetensors --lycoris loha.safetensors \\
         --save_to merged.safetensors --weight 0.8
 
-The base is a single-file SD1/SD2 checkpoint; the output keeps its other keys and dtypes (or
+The base is a single-file SD1/SD2/SDXL checkpoint; the output keeps its other keys and dtypes (or
 --dtype casts every floating tensor). LoHa and decomposed LoKr are scaled by alpha/rank once (the
 LyCORIS library's own merge squares it).
 """
@@ -24,7 +24,7 @@ TOOL = "locon_loha_merge"
 def build_parser():
     p = cli.ToolParser(prog="locon_loha_merge.py", description=__doc__.split("\n\n")[0],
                        epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("--base", help="single-file SD1/SD2 checkpoint (.safetensors or .ckpt)")
+    p.add_argument("--base", help="single-file SD1/SD2/SDXL checkpoint (.safetensors or .ckpt)")
     p.add_argument("--lycoris", help="the network file")
     p.add_argument("--save_to", help="output checkpoint (.safetensors or .ckpt)")
     p.add_argument("--weight", type=float, default=1.0, help="multiplier of the network (any real number; default 1)")

@@ -1,9 +1,11 @@
-"""Extract a kohya LoRA/LoCon from two single-file SD1/SD2 checkpoints: ``tuned - base`` by SVD.
+"""Extract a kohya LoRA/LoCon from two single-file SD1/SD2/SDXL checkpoints: ``tuned - base`` by SVD.
 
 Modules are the layers kohya's LoRA (and with a conv parameter, LoCon) trains: attention and
 feed-forward linears and 1x1 projections of the UNet's transformer blocks, the resnet convs,
 time-embedding projections and shortcuts, the down/upsampler convs, and the text encoder's
-attention and MLP linears (SD2: the q/k/v thirds of OpenCLIP's packed ``in_proj``).
+attention and MLP linears (SD2 and SDXL's bigG: the q/k/v thirds of OpenCLIP's packed ``in_proj``). SDXL
+files use kohya's SDXL names: SGM UNet paths (``lora_unet_input_blocks_4_1_...``), ``lora_te1_`` / ``lora_te2_``,
+``ss_base_model_version`` ``sdxl_base_v1-0`` and the ``stable-diffusion-xl-v1-base/lora`` modelspec.
 
 Rank per module, as LyCORIS' extract tool defines the modes (:func:`lora_math.select_rank`):
 ``fixed`` (linear/conv dims), ``threshold`` (singular values above an absolute value), ``ratio``
@@ -106,12 +108,13 @@ def extract_network(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.
     with_conv = conv_param is not None and not (mode == "fixed" and int(conv_param) == 0)
     names = lora_target_names(lora_map, conv=with_conv, shapes=shapes)
     if not names:
-        raise ConfigError(f"base: {base_name} has no layers a LoRA can target; is it an SD1/SD2 checkpoint?", setting="base")
+        raise ConfigError(f"base: {base_name} has no layers a LoRA can target; is it an SD1/SD2/SDXL checkpoint?",
+                          setting="base")
     for name in names:
         key = lora_map[name].weight_key
         if key not in tuned:
             raise ConfigError(f"tuned: {tuned_name} has no {key}; the two checkpoints have different layouts "
-                              "(SD1 vs SD2?)", setting="tuned")
+                              "(SD1 vs SD2 vs SDXL?)", setting="tuned")
         if tuple(tuned[key].shape) != shapes[key]:
             raise ConfigError(f"tuned: {key} is {tuple(tuned[key].shape)} in {tuned_name} but {shapes[key]} in {base_name}; "
                               "the checkpoints have different shapes", setting="tuned")
@@ -167,13 +170,14 @@ def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_par
     from sd_scripts.library.lora_file import build_modelspec
 
     v2 = family == "sd2"
+    sdxl = family == "sdxl"
     fixed = mode == "fixed"
     md = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(linear_param)) if fixed else "Dynamic",
         "ss_network_alpha": str(float(result.alpha)) if result.alpha is not None else "Dynamic",
         "ss_v2": str(v2),
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v2" if v2 else "sd_v1",
         "ss_sd_model_name": Path(base_path).name,
         "ss_training_comment": f"extracted ({mode}: linear {linear_param}, conv {conv_param}) "
                                f"from {Path(tuned_path).name} - {Path(base_path).name}",
@@ -181,7 +185,10 @@ def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_par
     if any(m.conv for m in result.modules):
         md["ss_network_args"] = json.dumps({"conv_dim": str(int(conv_param)) if fixed else "Dynamic",
                                             "conv_alpha": md["ss_network_alpha"]})
-    md.update(build_modelspec("stable-diffusion-v2-512" if v2 else "stable-diffusion-v1", title, 512))
+    if sdxl:
+        md.update(build_modelspec("stable-diffusion-xl-v1-base", title, 1024))
+    else:
+        md.update(build_modelspec("stable-diffusion-v2-512" if v2 else "stable-diffusion-v1", title, 512))
     return md
 
 
@@ -208,7 +215,8 @@ def extract_lora_file(base, tuned, save_to, mode: str = "fixed", linear_param=4,
     else:
         base_sd, tuned_sd, family = checkpoints
     if v2 and family != "sd2":
-        raise ConfigError(f"is_v2: --is_v2 was given but {base} is an SD1 checkpoint; drop --is_v2", setting="is_v2")
+        what = "an SDXL" if family == "sdxl" else "an SD1"
+        raise ConfigError(f"is_v2: --is_v2 was given but {base} is {what} checkpoint; drop --is_v2", setting="is_v2")
     result = extract_network(base_sd, tuned_sd, mode, linear_param, conv_param, clamp_quantile, min_diff, device,
                              randomized, progress, str(base), str(tuned))
     md = extracted_metadata(result, family, mode, linear_param, conv_param, base, tuned, Path(out).stem)

@@ -1,4 +1,4 @@
-"""Which weight of a single-file (LDM layout) SD1/SD2 checkpoint each kohya LoRA module modifies.
+"""Which weight of a single-file (LDM/SGM layout) SD1/SD2/SDXL checkpoint each kohya LoRA module modifies.
 
 Driven by the checkpoint's own keys, so it needs no model config and works for any block count and
 layers per block (full-size and tiny models alike). The UNet's LDM paths are turned into the
@@ -18,6 +18,15 @@ diffusers paths kohya names its SD1/SD2 modules by (reference kohya §6.2, the i
 Text encoders: SD1 CLIP (``cond_stage_model.transformer[.text_model].*``) keeps HF names; SD2 OpenCLIP
 (``cond_stage_model.model.transformer.resblocks.N.*``) packs q/k/v into ``attn.in_proj_weight``, so those
 three modules modify a third of its rows each.
+
+SDXL (family detected from the keys: ``conditioner.embedders.*``): kohya names SDXL UNet modules by their
+SGM paths, which are the checkpoint's own ``model.diffusion_model.*`` paths
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), so every UNet weight maps 1:1 (norms and
+``label_emb`` included, for LyCORIS full/norm modules); the diffusers spelling
+(``lora_unet_down_blocks_1_attentions_0_...``) is accepted as an alias (``lora_target`` False, so it is
+never counted or extracted twice). ``lora_te1_*`` is CLIP-L (``conditioner.embedders.0.transformer.text_model.*``,
+HF names), ``lora_te2_*`` OpenCLIP bigG (``conditioner.embedders.1.model.transformer.resblocks.N.*``, packed
+q/k/v as for SD2); every bigG block is a LoRA target (SDXL uses its last block through the pooled output).
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ __all__ = ["LdmTarget", "build_lora_map", "checkpoint_family", "lora_target_name
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_PREFIX = "conditioner.embedders."
 
 _RESNET = {
     "in_layers.0": "norm1",
@@ -78,13 +90,16 @@ class LdmTarget:
 
 
 def checkpoint_family(keys) -> str | None:
-    """``"sd1"`` (CLIP text encoder), ``"sd2"`` (OpenCLIP) or None, from an LDM checkpoint's keys."""
+    """``"sd1"`` (CLIP text encoder), ``"sd2"`` (OpenCLIP), ``"sdxl"`` (SGM conditioner with two text encoders)
+    or None, from an LDM checkpoint's keys."""
     has_unet = False
     family = None
     for key in keys:
         if key.startswith(UNET_PREFIX):
             has_unet = True
-        if key.startswith(OPENCLIP_PREFIX + "transformer.resblocks."):
+        if key.startswith(SDXL_PREFIX):
+            family = "sdxl"
+        elif key.startswith(OPENCLIP_PREFIX + "transformer.resblocks.") and family != "sdxl":
             family = "sd2"
         elif key.startswith(CLIP_PREFIX) and family is None:
             family = "sd1"
@@ -157,38 +172,24 @@ def _name(prefix: str, path: str) -> str:
     return f"{prefix}_{path}".replace(".", "_")
 
 
-def build_lora_map(shapes: Mapping[str, tuple]) -> dict[str, LdmTarget]:
-    """``{kohya module name: LdmTarget}`` for every weight of an SD1/SD2 LDM checkpoint.
-
-    ``shapes`` maps checkpoint keys to shapes (a state dict works too: only ``.shape`` of the
-    packed OpenCLIP q/k/v weight is read)."""
-    out: dict[str, LdmTarget] = {}
-    keys = list(shapes)
-    key_set = set(keys)
-    unet_paths = {k[len(UNET_PREFIX):-len(".weight")] for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".weight")}
-    down, ops, up = _block_tables(unet_paths)
-    for path in sorted(unet_paths):
-        dpath = _unet_path(path, down, ops, up)
-        if dpath is None:
-            continue
-        key = f"{UNET_PREFIX}{path}.weight"
-        bias = f"{UNET_PREFIX}{path}.bias"
-        name = _name("lora_unet", dpath)
-        out[name] = LdmTarget(name, key, bias if bias in key_set else None, None, "unet", bool(_UNET_TARGET.search(dpath)))
+def _clip_targets(out: dict, keys, key_set, ckpt_prefix: str, lora_prefix: str) -> None:
+    """HF-named CLIP text encoder weights (SD1, SDXL's CLIP-L)."""
     for key in keys:
-        if not key.endswith(".weight") or not key.startswith(CLIP_PREFIX):
+        if not key.endswith(".weight") or not key.startswith(ckpt_prefix):
             continue
-        path = key[len(CLIP_PREFIX):-len(".weight")]
+        path = key[len(ckpt_prefix):-len(".weight")]
         if path.startswith("text_model."):
             path = path[len("text_model."):]
-        name = _name("lora_te", "text_model." + path)
+        name = _name(lora_prefix, "text_model." + path)
         bias = key[: -len("weight")] + "bias"
         out[name] = LdmTarget(name, key, bias if bias in key_set else None, None, "te", bool(_TE_TARGET.search(path)))
-    layer = re.compile(re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)$")
-    # The last OpenCLIP block is not part of the text encoder SD2 trains on (kohya drops it: its
-    # output is never used with the penultimate layer), so it is mapped but not a LoRA target.
+
+
+def _openclip_targets(out: dict, shapes, keys, key_set, ckpt_prefix: str, lora_prefix: str, skip_last: bool) -> None:
+    """OpenCLIP text encoder weights (SD2, SDXL's bigG): packed q/k/v as row ranges of ``in_proj_weight``."""
+    layer = re.compile(re.escape(ckpt_prefix) + r"transformer\.resblocks\.(\d+)\.(.+)$")
     blocks = [int(m[1]) for k in keys if (m := layer.match(k))]
-    last_block = str(max(blocks)) if blocks else None
+    last_block = str(max(blocks)) if blocks and skip_last else None
     for key in keys:
         m = layer.match(key)
         if not m:
@@ -200,7 +201,7 @@ def build_lora_map(shapes: Mapping[str, tuple]) -> dict[str, LdmTarget]:
             bias = key[: -len("weight")] + "bias"
             for i, part in enumerate("qkv"):
                 path = f"encoder.layers.{n}.self_attn.{part}_proj"
-                name = _name("lora_te", "text_model." + path)
+                name = _name(lora_prefix, "text_model." + path)
                 out[name] = LdmTarget(name, key, bias if bias in key_set else None, (i * d, (i + 1) * d), "te",
                                       n != last_block)
             continue
@@ -210,16 +211,59 @@ def build_lora_map(shapes: Mapping[str, tuple]) -> dict[str, LdmTarget]:
         if sub not in _OPENCLIP:
             continue
         path = f"encoder.layers.{n}.{_OPENCLIP[sub]}"
-        name = _name("lora_te", "text_model." + path)
+        name = _name(lora_prefix, "text_model." + path)
         bias = key[: -len("weight")] + "bias"
         out[name] = LdmTarget(name, key, bias if bias in key_set else None, None, "te",
                               n != last_block and bool(_TE_TARGET.search(path)))
     for sub, path in (("ln_final", "final_layer_norm"), ("token_embedding", "embeddings.token_embedding")):
-        key = f"{OPENCLIP_PREFIX}{sub}.weight"
+        key = f"{ckpt_prefix}{sub}.weight"
         if key in key_set:
-            name = _name("lora_te", "text_model." + path)
-            bias = f"{OPENCLIP_PREFIX}{sub}.bias"
+            name = _name(lora_prefix, "text_model." + path)
+            bias = f"{ckpt_prefix}{sub}.bias"
             out[name] = LdmTarget(name, key, bias if bias in key_set else None, None, "te", False)
+
+
+def build_lora_map(shapes: Mapping[str, tuple], family: str | None = None) -> dict[str, LdmTarget]:
+    """``{kohya module name: LdmTarget}`` for every weight of an SD1/SD2/SDXL LDM checkpoint.
+
+    ``shapes`` maps checkpoint keys to shapes (a state dict works too: only ``.shape`` of the
+    packed OpenCLIP q/k/v weight is read). ``family`` defaults to :func:`checkpoint_family` of the keys."""
+    out: dict[str, LdmTarget] = {}
+    keys = list(shapes)
+    key_set = set(keys)
+    if family is None:
+        family = checkpoint_family(keys)
+    sdxl = family == "sdxl"
+    unet_paths = {k[len(UNET_PREFIX):-len(".weight")] for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".weight")}
+    down, ops, up = _block_tables(unet_paths)
+    aliases: dict[str, LdmTarget] = {}
+    for path in sorted(unet_paths):
+        dpath = _unet_path(path, down, ops, up)
+        if dpath is None and not sdxl:
+            continue
+        key = f"{UNET_PREFIX}{path}.weight"
+        bias = f"{UNET_PREFIX}{path}.bias"
+        bias = bias if bias in key_set else None
+        is_target = dpath is not None and bool(_UNET_TARGET.search(dpath))
+        if sdxl:
+            name = _name("lora_unet", path)
+            out[name] = LdmTarget(name, key, bias, None, "unet", is_target)
+            if dpath is not None:
+                alias = _name("lora_unet", dpath)
+                aliases[alias] = LdmTarget(alias, key, bias, None, "unet", False)
+        else:
+            name = _name("lora_unet", dpath)
+            out[name] = LdmTarget(name, key, bias, None, "unet", is_target)
+    for alias, target in aliases.items():
+        out.setdefault(alias, target)
+    if sdxl:
+        _clip_targets(out, keys, key_set, SDXL_CLIP_PREFIX, "lora_te1")
+        _openclip_targets(out, shapes, keys, key_set, SDXL_OPENCLIP_PREFIX, "lora_te2", skip_last=False)
+        return out
+    _clip_targets(out, keys, key_set, CLIP_PREFIX, "lora_te")
+    # The last OpenCLIP block is not part of the text encoder SD2 trains on (kohya drops it: its
+    # output is never used with the penultimate layer), so it is mapped but not a LoRA target.
+    _openclip_targets(out, shapes, keys, key_set, OPENCLIP_PREFIX, "lora_te", skip_last=True)
     return out
 
 

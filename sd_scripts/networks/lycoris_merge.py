@@ -1,4 +1,7 @@
-"""Merge LoRA / LoCon / LoHa / LoKr / IA3 / full / norm networks into a single-file SD1/SD2 checkpoint.
+"""Merge LoRA / LoCon / LoHa / LoKr / IA3 / full / norm networks into a single-file SD1/SD2/SDXL checkpoint.
+
+The module -> weight map is :mod:`sd_scripts.networks.ldm_lora_map` (family detected from the checkpoint's
+keys; SDXL networks use kohya's SGM UNet names and ``lora_te1_`` / ``lora_te2_``).
 
 ``W' = W + sum_i ratio_i * delta_i`` per weight, computed in float32 and cast back to the
 weight's own dtype once, whatever the number of networks. The deltas (reference D.2):
@@ -23,7 +26,7 @@ import torch
 
 from sd_scripts.library.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
-from sd_scripts.networks.ldm_lora_map import LdmTarget, build_lora_map
+from sd_scripts.networks.ldm_lora_map import LdmTarget, build_lora_map, checkpoint_family
 from sd_scripts.networks.lora_keys import lora_name_spellings
 from sd_scripts.networks.network_state import NetModule
 
@@ -60,7 +63,7 @@ def _find(lora_map: Mapping[str, LdmTarget], name: str) -> LdmTarget | None:
     return None
 
 
-def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str) -> None:
+def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str, family: str | None = None) -> None:
     if mod.algo == "ia3":
         w = mod.parts["weight"]
         on_input = bool(int(mod.parts["on_input"].reshape(-1)[0])) if "on_input" in mod.parts else False
@@ -71,7 +74,8 @@ def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str) -> No
         return
     own = mod.weight_shape()
     if _numel(own) != _numel(region_shape) or int(own[0]) != int(region_shape[0]):
-        hint = " (an SD1 network on an SD2 model or the reverse?)"
+        hint = (" (a network for SD1/SD2 on an SDXL model?)" if family == "sdxl"
+                else " (an SD1 network on an SD2 model or the reverse?)")
         raise ConfigError(f"{label}: module {mod.name} is shaped {tuple(own)} but the {ckpt_name} weight is "
                           f"{tuple(region_shape)}{hint}")
 
@@ -80,7 +84,8 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
                           progress: Callable[[int, int], None] | None = None) -> CheckpointMergeReport:
     """Add every network's deltas to ``checkpoint`` (modified in place; see the module docstring)."""
     shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
-    lora_map = build_lora_map(shapes)
+    family = checkpoint_family(shapes)
+    lora_map = build_lora_map(shapes, family)
     report = CheckpointMergeReport()
     # weight key -> [(network input, module, target)]
     plan: dict[str, list[tuple[NetworkInput, NetModule, LdmTarget]]] = {}
@@ -95,12 +100,12 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
             region = shapes[target.weight_key]
             if target.rows is not None:
                 region = (target.rows[1] - target.rows[0],) + tuple(region[1:])
-            _check_shape(net.label, mod, region, ckpt_name)
+            _check_shape(net.label, mod, region, ckpt_name, family)
             plan.setdefault(target.weight_key, []).append((net, mod, target))
             count += 1
         if count == 0:
             raise ConfigError(f"{net.label}: none of its {len(net.modules)} modules matches a layer of {ckpt_name} "
-                              "(is it a network for SDXL or another model?)")
+                              f"(is it a network for {'SD1/SD2' if family == 'sdxl' else 'SDXL'} or another model?)")
         report.merged[net.label] = count
         report.unmatched[net.label] = unmatched
     total = len(plan)
@@ -137,8 +142,8 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
 
 def _check_v2(family: str, v2: bool | None, setting: str, path) -> None:
     if v2 and family != "sd2":
-        raise ConfigError(f"{setting}: --v2 was given but {path} is an SD1 checkpoint (CLIP text encoder); drop --v2",
-                          setting=setting)
+        what = "an SDXL checkpoint (two text encoders)" if family == "sdxl" else "an SD1 checkpoint (CLIP text encoder)"
+        raise ConfigError(f"{setting}: --v2 was given but {path} is {what}; drop --v2", setting=setting)
 
 
 def merge_lycoris_file(base, lycoris, save_to, weight: float = 1.0, v2: bool | None = None, dtype=None, device=None,

@@ -45,7 +45,8 @@ def load_network(path, setting: str):
 
 
 def read_sd_checkpoint(path, setting: str):
-    """``(state_dict, metadata, family)`` of a single-file SD1/SD2 checkpoint; ConfigError/ModelLoadError if not one."""
+    """``(state_dict, metadata, family)`` of a single-file SD1/SD2/SDXL checkpoint (family ``"sd1"``, ``"sd2"`` or
+    ``"sdxl"``, from the keys); ConfigError/ModelLoadError if not one."""
     from sd_scripts.library.model_loading import read_checkpoint
     from sd_scripts.networks.ldm_lora_map import checkpoint_family
 
@@ -56,11 +57,9 @@ def read_sd_checkpoint(path, setting: str):
     state, metadata = read_checkpoint(str(p), setting)
     family = checkpoint_family(state)
     if family is None:
-        if any(k.startswith("conditioner.embedders.") for k in state):
-            raise ConfigError(f"{setting}: {p} is an SDXL checkpoint; these tools handle SD1 and SD2 checkpoints",
-                              setting=setting)
-        raise ConfigError(f"{setting}: {p} is not an SD1/SD2 single-file checkpoint (no model.diffusion_model.* and "
-                          "cond_stage_model.* weights; is it a LoRA or a diffusers file?)", setting=setting)
+        raise ConfigError(f"{setting}: {p} is not an SD1/SD2/SDXL single-file checkpoint (no model.diffusion_model.* and "
+                          "cond_stage_model.* / conditioner.embedders.* weights; is it a LoRA or a diffusers file?)",
+                          setting=setting)
     return state, metadata, family
 
 
