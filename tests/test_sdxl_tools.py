@@ -65,6 +65,8 @@ def test_map_detects_sdxl_and_names_modules_like_kohya(base):
     assert lmap[Q_NAME].weight_key == Q and lmap[Q_NAME].lora_target
     assert lmap[Q_DIFFUSERS].weight_key == Q and not lmap[Q_DIFFUSERS].lora_target  # accepted, never extracted twice
     assert lmap[CONV_NAME].weight_key == CONV
+    assert lmap[CONV_NAME].conv_only and lmap["lora_unet_input_blocks_3_0_op"].conv_only
+    assert not lmap[Q_NAME].conv_only and not lmap[TE1_NAME].conv_only
     assert lmap["lora_unet_input_blocks_3_0_op"].lora_target
     assert lmap["lora_unet_output_blocks_2_2_conv"].lora_target
     assert lmap[TE1_NAME].weight_key == TE1
@@ -249,3 +251,39 @@ def load_file_metadata(path):
 
     with safe_open(str(path), "pt") as f:
         return f.metadata()
+
+
+def test_command_lines_on_sdxl(tmp_path, base):
+    """locon_extract.py and lora_merge.py --sd_model as subprocesses on tiny SDXL single files."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(root))
+
+    def run(tool, *args):
+        proc = subprocess.run([sys.executable, str(root / "scripts" / f"{tool}.py"), *map(str, args)], env=env,
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    path, state = base
+    g = ls.gen(11)
+    d = state[IN_PROJ].shape[0] // 3
+    net = {}
+    net.update(_lora(Q_NAME, state[Q].shape, 2, g, scale=0.3))
+    net.update(_lora(TE2_V_NAME, (d, state[IN_PROJ].shape[1]), 2, g, scale=0.3))
+    lora_path = tmp_path / "l.safetensors"
+    save_lora_file(lora_path, net, {})
+    tuned = tmp_path / "tuned.safetensors"
+    run("lora_merge", "--models", lora_path, "--ratios", 0.8, "--sd_model", path, "--save_to", tuned)
+    tuned_sd = load_file(str(tuned))
+    torch.testing.assert_close(tuned_sd[Q], state[Q] + 0.8 * _delta(net, Q_NAME), rtol=1e-5, atol=1e-6)
+    extracted = tmp_path / "x.safetensors"
+    run("locon_extract", "--base", path, "--tuned", tuned, "--save_to", extracted, "--linear_param", 4)
+    sd, md = load_lora_file(extracted)
+    assert {k.split(".")[0] for k in sd} == {Q_NAME, TE2_V_NAME}
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+    torch.testing.assert_close(_delta(sd, TE2_V_NAME), 0.8 * _delta(net, TE2_V_NAME), rtol=1e-3, atol=1e-5)

@@ -87,6 +87,9 @@ class LdmTarget:
     rows: tuple[int, int] | None
     part: str  # "unet" or "te"
     lora_target: bool  # one of the layers kohya's LoRA/LoCon trains (what extraction covers)
+    # a ResnetBlock2D / Down- or Upsample2D layer: kohya trains it only with conv_dim (LoCon), whatever the
+    # module name's spelling (SDXL names are SGM paths, which do not say "resnets" / "samplers")
+    conv_only: bool = False
 
 
 def checkpoint_family(keys) -> str | None:
@@ -245,15 +248,16 @@ def build_lora_map(shapes: Mapping[str, tuple], family: str | None = None) -> di
         bias = f"{UNET_PREFIX}{path}.bias"
         bias = bias if bias in key_set else None
         is_target = dpath is not None and bool(_UNET_TARGET.search(dpath))
+        conv_only = dpath is not None and ("resnets." in dpath or "samplers." in dpath)
         if sdxl:
             name = _name("lora_unet", path)
-            out[name] = LdmTarget(name, key, bias, None, "unet", is_target)
+            out[name] = LdmTarget(name, key, bias, None, "unet", is_target, conv_only)
             if dpath is not None:
                 alias = _name("lora_unet", dpath)
-                aliases[alias] = LdmTarget(alias, key, bias, None, "unet", False)
+                aliases[alias] = LdmTarget(alias, key, bias, None, "unet", False, conv_only)
         else:
             name = _name("lora_unet", dpath)
-            out[name] = LdmTarget(name, key, bias, None, "unet", is_target)
+            out[name] = LdmTarget(name, key, bias, None, "unet", is_target, conv_only)
     for alias, target in aliases.items():
         out.setdefault(alias, target)
     if sdxl:
