@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
         config = config_from_args(argv)
         result = train(config, ConsoleCallbacks())
-        print(f"LoRA written: {result.output_path}")
+        if result.output_path:  # only the main process writes the file
+            print(f"LoRA written: {result.output_path}")
         return 0
 
     return run_cli(_run)

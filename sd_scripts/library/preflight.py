@@ -360,9 +360,11 @@ def _lora_params_from_shapes(shapes: dict, linear_rank: int, conv_rank: int | No
             return rank * (shape[1] * shape[2] * shape[3] + shape[0])
         return 0
 
-    def wanted(shape: tuple, name: str = "") -> int | None:
+    def wanted(shape: tuple, name: str = "", conv_only: bool | None = None) -> int | None:
         # kohya: ResnetBlock2D / Down- and Upsample2D layers are trained only with conv_dim (LoCon)
-        if ("resnets" in name or "samplers" in name) and not conv_rank:
+        if conv_only is None:
+            conv_only = "resnets" in name or "samplers" in name
+        if conv_only and not conv_rank:
             return None
         if len(shape) == 4 and (shape[2] > 1 or shape[3] > 1):
             return conv_rank
@@ -375,7 +377,7 @@ def _lora_params_from_shapes(shapes: dict, linear_rank: int, conv_rank: int | No
             shape = tuple(shapes[target.weight_key])
             if target.rows is not None:
                 shape = (target.rows[1] - target.rows[0], *shape[1:])
-            rank = wanted(shape, name)
+            rank = wanted(shape, name, getattr(target, "conv_only", None))
             if rank:
                 total += module_params(shape, rank)
         return total
