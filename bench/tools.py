@@ -173,8 +173,6 @@ def _delta_difference(ours_sd, modules, baseline) -> float:
 
 
 def stage_resize(args) -> dict:
-    import torch
-
     from sd_scripts.networks.network_state import parse_network
     from sd_scripts.networks.resize import resize_network
 
@@ -190,6 +188,7 @@ def stage_resize(args) -> dict:
                               param=param, device=args.device)
         _sync(args.device)
         t_ours = time.perf_counter() - t0
+        peak_ours = _peak(args.device)  # before the baseline's dense matrices and LAPACK workspaces
         t0 = time.perf_counter()
         base = full_matrix_resize(modules, 32 if method == "fixed" else 128, method, param, args.device)
         _sync(args.device)
@@ -199,9 +198,9 @@ def stage_resize(args) -> dict:
             "ours_s": round(t_ours, 3), "full_matrix_s": round(t_full, 3), "speedup": round(t_full / t_ours, 1),
             "same_ranks": same_ranks, "max_rel_delta_difference": _delta_difference(ours.state_dict, modules, base),
             "mean_rank": round(sum(m.new_rank for m in ours.modules) / len(ours.modules), 1),
+            "peak_rss_gib_after_ours": round(peak_ours["peak_rss_gib"], 2),
         }
     result.update(_peak(args.device))
-    del torch
     return result
 
 
@@ -225,8 +224,6 @@ def _tuned_from(base, shapes, lmap, names, seed=1):
 
 
 def stage_extract(args) -> dict:
-    import torch
-
     from sd_scripts.networks import lora_math as lm
     from sd_scripts.networks.extract import extract_network
 
@@ -250,7 +247,6 @@ def stage_extract(args) -> dict:
     out = {"modules": len(res.modules), "wall_s": round(elapsed, 2),
            "randomized_modules": sum(1 for m in res.modules if not m.exact), "largest_layers": checks}
     out.update(_peak(args.device))
-    del torch
     return out
 
 
