@@ -2,7 +2,10 @@
 
     python bench/train_step.py                 tiny model (64 px) and full-size SD1.5-shaped UNet (128 px), CPU
     python bench/train_step.py --only tiny     just the tiny model
-    python bench/train_step.py --gpu           on CUDA: SD1.5-shaped at 512 px, batch 1/4/8, images/s, share of bf16 peak
+    python bench/train_step.py --only sdxl     full-size SDXL-shaped UNet at 256 px, CPU (needs ~20 GB of RAM)
+    python bench/train_step.py --gpu           on CUDA: SD1.5-shaped at 512 px, batch 1/4/8, and SDXL-shaped at
+                                               1024 px, batch 1/4, with and without gradient checkpointing:
+                                               images/s, peak VRAM, share of the GPU's bf16 peak
 
 "ours" is ``sd_scripts.library.train_loop.train`` (dataset with cached latents, noise, timesteps,
 text conditioning, loss, clipping, optimizer and scheduler, progress callbacks). "bare" is the
@@ -30,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SD15_FLOP_PER_IMAGE_512 = 1.73e12  # one SD1.5 training step at 512 px, per image (forward + backward)
+SDXL_FLOP_PER_IMAGE_1024 = 14.3e12  # one SDXL training step at 1024 px, per image
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
@@ -43,6 +47,8 @@ def build_model(kind: str):
     from sd_scripts.library.model_loading import LoadedModel
     from sd_scripts.library.tiny_models import build_tiny_components
 
+    if kind == "sdxl":
+        return _build_sdxl()
     family = get_family("sd1")
     torch.manual_seed(0)
     if kind == "tiny":
@@ -56,6 +62,33 @@ def build_model(kind: str):
                                       bos_token_id=tiny["tokenizer"].bos_token_id, eos_token_id=tiny["tokenizer"].eos_token_id,
                                       pad_token_id=tiny["tokenizer"].pad_token_id))
     return LoadedModel(family, unet, vae, [te], [tiny["tokenizer"]], False, "sd15-random")
+
+
+def _build_sdxl():
+    """Full-size SDXL-shaped UNet and VAE; text encoders of the right widths but one layer each (their
+    outputs are cached before training, so their depth does not change the step time)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sd_scripts.library.model_families import get_family
+    from sd_scripts.library.model_loading import LoadedModel
+    from sd_scripts.library.tiny_models import build_tiny_components
+
+    family = get_family("sdxl")
+    torch.manual_seed(0)
+    tiny = build_tiny_components("sdxl", seed=0)
+    tok1, tok2 = tiny["tokenizer"], tiny["tokenizer_2"]
+    common = dict(vocab_size=49408, max_position_embeddings=77, num_hidden_layers=1, bos_token_id=tok1.bos_token_id,
+                  eos_token_id=tok1.eos_token_id)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                       hidden_act="quick_gelu", pad_token_id=tok1.pad_token_id, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                     hidden_act="gelu", projection_dim=1280, pad_token_id=tok2.pad_token_id,
+                                                     **common))
+    unet = UNet2DConditionModel(**family.diffusers_unet_config(False))
+    vae = AutoencoderKL(**family.diffusers_vae_config(False))
+    return LoadedModel(family, unet, vae, [te1, te2], [tok1, tok2], False, "sdxl-random")
 
 
 def make_images(folder: Path, size: int, count: int) -> Path:
@@ -82,17 +115,21 @@ class StepTimer:
         self.times.append(time.perf_counter())
 
 
-def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no") -> float:
+def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
+              copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
     from sd_scripts.library.config import TrainConfig
     from sd_scripts.library.train_loop import train
 
     model = copy.copy(base)
-    model.unet = copy.deepcopy(base.unet)
+    if copy_unet:
+        model.unet = copy.deepcopy(base.unet)
+    sdxl = base.family.name == "sdxl"
     config = TrainConfig(
         pretrained_model_name_or_path=base.model_path, train_data_dir=str(data), output_dir=str(out), output_name="bench",
         resolution=str(size), min_bucket_reso=size, max_bucket_reso=size, train_batch_size=batch, max_train_steps=steps,
         network_dim=16, network_alpha=8, network_train_unet_only=True, cache_latents=True, optimizer_type="AdamW",
-        seed=1, mixed_precision=mixed_precision, max_grad_norm=1.0,
+        seed=1, mixed_precision=mixed_precision, max_grad_norm=1.0, gradient_checkpointing=gradient_checkpointing,
+        bucket_reso_steps=32 if sdxl else 64, cache_text_encoder_outputs=sdxl, no_half_vae=sdxl,
     )
     timer = StepTimer()
     train(config, timer, model=model)
@@ -100,15 +137,20 @@ def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mi
     return statistics.median(gaps)
 
 
-def time_bare(base, size: int, batch: int, steps: int, device, dtype) -> float:
+def time_bare(base, size: int, batch: int, steps: int, device, dtype, copy_unet: bool = True,
+              gradient_checkpointing: bool = False) -> float:
     import torch
     import torch.nn.functional as F
 
     from sd_scripts.networks.lora import create_network
 
-    unet = copy.deepcopy(base.unet).to(device, dtype=dtype)
+    unet = (copy.deepcopy(base.unet) if copy_unet else base.unet).to(device, dtype=dtype)
     unet.requires_grad_(False)
-    unet.eval()  # as the training loop runs it without gradient checkpointing
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    else:
+        unet.eval()  # as the training loop runs it without gradient checkpointing
     network = create_network(unet, None, network_dim=16, network_alpha=8, train_text_encoder=False)
     network.apply_to()
     network.to(device)
@@ -117,6 +159,12 @@ def time_bare(base, size: int, batch: int, steps: int, device, dtype) -> float:
     latents = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=dtype)
     hidden = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), device=device)
+    extra = {}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + size conditioning
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                      "time_ids": time_ids}
     times = []
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     for _ in range(steps):
@@ -124,7 +172,7 @@ def time_bare(base, size: int, batch: int, steps: int, device, dtype) -> float:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with autocast:
-            pred = unet(latents, t, hidden).sample
+            pred = unet(latents, t, hidden, **extra).sample
         loss = F.mse_loss(pred.float(), latents.float())
         loss.backward()
         opt.step()
@@ -141,12 +189,13 @@ def compare(kind: str, size: int, batch: int, steps: int, rounds: int) -> None:
 
     device = torch.device("cpu")
     base = build_model(kind)
+    copy_unet = kind != "sdxl"  # a second SDXL UNet would not fit in RAM: bare first, then ours on the same UNet
     with tempfile.TemporaryDirectory() as tmp:
         data = make_images(Path(tmp) / "data", size, count=max(4, batch * 2))
         ours, bare = [], []
-        for r in range(rounds):
-            bare.append(time_bare(base, size, batch, steps, device, torch.float32))
-            ours.append(time_ours(base, data, Path(tmp) / f"out{r}", size, batch, steps))
+        for r in range(rounds if copy_unet else 1):
+            bare.append(time_bare(base, size, batch, steps, device, torch.float32, copy_unet=copy_unet))
+            ours.append(time_ours(base, data, Path(tmp) / f"out{r}", size, batch, steps, copy_unet=copy_unet))
         o, b = min(ours), min(bare)
         print(f"{kind:5s} {size:4d}px batch {batch}: ours {o:.3f} s/step, bare {b:.3f} s/step, "
               f"ratio {o / b:.3f}, peak RSS {peak_memory_mb(device):.0f} MiB  (min of {rounds} rounds, median of {steps - 1} steps)")
@@ -165,20 +214,41 @@ def gpu(batches: list[int], steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_images(Path(tmp) / "data", 512, count=16)
         for batch in batches:
-            torch.cuda.reset_peak_memory_stats()
-            ours = time_ours(base, data, Path(tmp) / f"out{batch}", 512, batch, steps, mixed_precision="bf16")
-            mem = peak_memory_mb(device)
-            torch.cuda.reset_peak_memory_stats()
-            bare = time_bare(base, 512, batch, steps, device, torch.bfloat16)
-            ips = batch / ours
-            share = f", {ips * SD15_FLOP_PER_IMAGE_512 / peak * 100:.1f}% of bf16 peak" if peak else ""
-            print(f"{name} sd15 512px batch {batch}: ours {ours:.3f} s/step ({ips:.2f} img/s{share}), "
-                  f"bare {bare:.3f} s/step, ratio {ours / bare:.3f}, peak VRAM {mem:.0f} MiB")
+            _gpu_case(name, peak, "sd15", base, data, Path(tmp), 512, batch, steps, False, SD15_FLOP_PER_IMAGE_512)
+    del base
+    torch.cuda.empty_cache()
+    base = build_model("sdxl")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_images(Path(tmp) / "data", 1024, count=8)
+        for batch in (1, 4):
+            for ckpt in (False, True):
+                _gpu_case(name, peak, "sdxl", base, data, Path(tmp), 1024, batch, steps, ckpt, SDXL_FLOP_PER_IMAGE_1024)
+
+
+def _gpu_case(name, peak, kind, base, data, tmp, size, batch, steps, ckpt, flop_per_image) -> None:
+    import torch
+
+    device = torch.device("cuda")
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        ours = time_ours(base, data, tmp / f"out{kind}{batch}{ckpt}", size, batch, steps, mixed_precision="bf16",
+                         gradient_checkpointing=ckpt)
+        mem = peak_memory_mb(device)
+        torch.cuda.reset_peak_memory_stats()
+        bare = time_bare(base, size, batch, steps, device, torch.bfloat16, gradient_checkpointing=ckpt)
+    except torch.cuda.OutOfMemoryError:
+        print(f"{name} {kind} {size}px batch {batch} checkpointing {ckpt}: out of memory")
+        torch.cuda.empty_cache()
+        return
+    ips = batch / ours
+    share = f", {ips * flop_per_image / peak * 100:.1f}% of bf16 peak" if peak else ""
+    print(f"{name} {kind} {size}px batch {batch} checkpointing {ckpt}: ours {ours:.3f} s/step ({ips:.2f} img/s{share}), "
+          f"bare {bare:.3f} s/step, ratio {ours / bare:.3f}, peak VRAM {mem:.0f} MiB")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["tiny", "sd15"], help="run one CPU case")
+    parser.add_argument("--only", choices=["tiny", "sd15", "sdxl"], help="run one CPU case")
     parser.add_argument("--gpu", action="store_true", help="GPU benchmark at 512 px (needs CUDA)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
@@ -191,6 +261,8 @@ def main() -> int:
             compare("tiny", 64, batch, max(args.steps, 12), args.rounds)
     if args.only in (None, "sd15"):
         compare("sd15", 128, 2, args.steps, args.rounds)
+    if args.only == "sdxl":
+        compare("sdxl", 256, 2, args.steps, 1)
     return 0
 
 
