@@ -111,7 +111,7 @@ def _prepare_tensors(state_dict: Mapping[str, Any], save_dtype) -> dict[str, Any
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"state dict value {key!r} is a {type(value).__name__}, not a tensor")
         t = value.detach()
-        if save_dtype is not None and t.is_floating_point():  # integer flags (IA3 on_input) stay integers
+        if save_dtype is not None and (t.is_floating_point() or key.endswith(".alpha")):  # IA3 on_input stays an integer
             t = t.to(save_dtype)
         out[key] = t.to("cpu").contiguous().clone()
     return out
