@@ -187,21 +187,6 @@ def _settings_of(config) -> dict[str, Any]:
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_train_state(folder: str | os.PathLike, *, network_state: dict, optimizer_state: dict | None,
                      scheduler_state: dict | None, scaler_state: dict | None, rng_states: list[dict],
                      progress: TrainProgress, config) -> str:
@@ -213,7 +198,7 @@ def save_train_state(folder: str | os.PathLike, *, network_state: dict, optimize
     import torch
     from safetensors.torch import save as st_save
 
-    from .atomic import atomic_save_bytes, atomic_save_text, atomic_write
+    from .atomic import fsync_dir, atomic_save_bytes, atomic_save_text, atomic_write
 
     final = Path(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +237,7 @@ def save_train_state(folder: str | os.PathLike, *, network_state: dict, optimize
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         atomic_save_text(tmp / STATE_FILE, json.dumps(info, indent=1))  # written last: marks the folder complete
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.{tag}.old")
             os.replace(final, old)
@@ -260,7 +245,7 @@ def save_train_state(folder: str | os.PathLike, *, network_state: dict, optimize
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
