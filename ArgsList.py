@@ -359,6 +359,25 @@ class ArgStore:
         False, "keep the text-encoder output cache on disk between runs (implies cache_text_encoder_outputs)",
         group=AUGMENT)
 
+    # ------------------------------------------------------------------ engine settings added 2026
+    save_last_n_steps: int | None = setting(
+        None, "with save_every_n_steps: keep only the LoRAs saved in the last N steps", group=SAVING)
+    save_last_n_steps_state: int | None = setting(
+        None, "keep only the training states saved in the last N steps (default: save_last_n_steps)",
+        group=SAVING)
+    save_state_on_train_end: bool = setting(
+        False, "save the training state once at the end, even without save_state", group=SAVING)
+    skip_nonfinite_steps: bool = setting(
+        False, "skip a step whose loss or gradients are NaN/inf (with a warning) instead of stopping the run",
+        group=NOISE)
+    full_fp16: bool = setting(
+        False, "keep the LoRA weights in fp16 too (needs mixed_precision fp16; saves memory, less stable)",
+        group=PRECISION)
+    full_bf16: bool = setting(
+        False, "keep the LoRA weights in bf16 too (needs mixed_precision bf16)", group=PRECISION)
+    wandb_run_name: str | None = setting(
+        None, "Weights & Biases run name (default: log_prefix, output name and start time)", group=LOGGING)
+
     # ------------------------------------------------------------------ helpers
     @classmethod
     def settings(cls) -> list[SettingInfo]:

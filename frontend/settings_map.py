@@ -137,6 +137,9 @@ def apply_fallbacks(store: Any, has_cuda: bool, has_xformers: bool) -> tuple[Any
         if store.mixed_precision == "fp16":
             updates["mixed_precision"] = "no"
             changes.append("mixed_precision fp16 -> no")
+            if getattr(store, "full_fp16", False):
+                updates["full_fp16"] = False
+                changes.append("full_fp16 -> off")
         if store.optimizer_type in _EIGHT_BIT_FALLBACK:
             updates["optimizer_type"] = _EIGHT_BIT_FALLBACK[store.optimizer_type]
             changes.append(f"optimizer_type {store.optimizer_type} -> {updates['optimizer_type']}")

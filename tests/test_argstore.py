@@ -380,3 +380,79 @@ def test_sdxl_sizing_reads_no_weights_and_imports_no_torch(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ newer engine settings
+# ArgStore setting -> (TrainConfig field, a set value, its 0/False/unset value)
+NEW_ENGINE_SETTINGS = {
+    "skip_nonfinite_steps": ("skip_nonfinite_steps", True, False),
+    "save_last_n_steps": ("save_last_n_steps", 5, 0),
+    "save_last_n_steps_state": ("save_last_n_steps_state", 3, 0),
+    "save_state_on_train_end": ("save_state_on_train_end", True, False),
+    "full_fp16": ("full_fp16", True, False),
+    "full_bf16": ("full_bf16", True, False),
+    "wandb_run_name": ("wandb_run_name", "my run", None),  # empty text means "not set"
+}
+
+
+def _cli_words(name, value):
+    if value is None:
+        return [f"--{name}", ""]  # free text: an empty value unsets it ("none" is literal text)
+    if isinstance(value, bool):
+        return [f"--{name}", "true" if value else "false"]
+    return [f"--{name}", str(value)]
+
+
+def test_every_user_facing_engine_setting_is_offered():
+    mapped = {NAME_MAP.get(name, name) for name in ArgStore.setting_names()}
+    missing = {f.name for f in dataclasses.fields(TrainConfig)} - mapped
+    # engine-internal: the family is detected (sdxl/v2 force it), SDPA is the xformers fallback,
+    # the deprecated optimizer switches are migrated to optimizer_type
+    assert missing <= {"model_family", "sdpa", "use_8bit_adam", "use_lion_optimizer"}
+    infos = {info.name: info for info in ArgStore.settings()}
+    for name, (field_name, _, _) in NEW_ENGINE_SETTINGS.items():
+        info = infos[name]
+        assert info.help and info.group in GROUPS and not info.deprecated, name
+        default = next(f for f in dataclasses.fields(TrainConfig) if f.name == field_name).default
+        assert info.default == default, name
+
+
+@pytest.mark.parametrize("name", sorted(NEW_ENGINE_SETTINGS))
+def test_new_engine_settings_reach_trainconfig_from_the_command_line(name):
+    from frontend.cli import parse_command_line
+
+    field_name, value, zero = NEW_ENGINE_SETTINGS[name]
+    mixed = {"full_fp16": "fp16", "full_bf16": "bf16"}.get(name)
+    for given in (value, zero):
+        argv = _cli_words(name, given) + (["--mixed_precision", mixed] if mixed else [])
+        cli_values, _ = parse_command_line(argv)
+        store = resolve_settings(cli_values).store
+        assert getattr(store, name) == given, (name, given)
+        config = to_train_config(store, has_cuda=True, has_xformers=True).config
+        assert getattr(config, field_name) == given, (name, given)
+        assert type(getattr(config, field_name)) is type(given), (name, given)
+
+
+@pytest.mark.parametrize("name", sorted(NEW_ENGINE_SETTINGS))
+def test_new_engine_settings_reach_trainconfig_from_json(tmp_path, name):
+    field_name, value, zero = NEW_ENGINE_SETTINGS[name]
+    for given in (value, zero):
+        path = tmp_path / f"{name}-{given!r}.json".replace(" ", "_").replace("'", "")
+        path.write_text(json.dumps({name: given}), encoding="utf-8")
+        store = resolve_settings({"load_json_path": str(path)}).store
+        assert getattr(store, name) == given, (name, given)
+        config = to_train_config(store, has_cuda=True, has_xformers=True).config
+        assert getattr(config, field_name) == given, (name, given)
+    # a JSON value is overridden by the command line, 0/False included
+    path = tmp_path / f"{name}-set.json"
+    path.write_text(json.dumps({name: value}), encoding="utf-8")
+    store = resolve_settings({"load_json_path": str(path), name: zero}).store
+    assert getattr(to_train_config(store, has_cuda=True, has_xformers=True).config, field_name) == zero
+
+
+def test_full_fp16_falls_back_with_fp16_when_there_is_no_cuda():
+    store = ArgStore(mixed_precision="fp16", full_fp16=True)
+    mapped = to_train_config(store, has_cuda=False, has_xformers=False)
+    assert (mapped.config.mixed_precision, mapped.config.full_fp16) == ("no", False)
+    assert "full_fp16 -> off" in mapped.notes[0]
+    assert to_train_config(store, has_cuda=True, has_xformers=True).config.full_fp16 is True
