@@ -17,7 +17,7 @@ from PIL import Image
 from sd_scripts.library.config import TrainConfig
 from sd_scripts.library.dataset import TrainDataset, color_aug, hsv_to_rgb, rgb_to_hsv
 from sd_scripts.library.dataset_layout import parse_resolution, scan_dataset
-from sd_scripts.library.errors import ConfigError, DatasetError, UserError
+from sd_scripts.library.errors import ConfigError, DatasetError, UserError, UserErrors
 from sd_scripts.library.images import ImageProblem, bomb_warnings_as_errors, is_image_file, load_image, probe_image
 
 # --------------------------------------------------------------------------- helpers
@@ -393,6 +393,45 @@ def test_non_utf8_caption(data):
         scan_dataset(cfg(train_data_dir=str(data)))
     one_line_error(e, "b.txt", "UTF-8")
     assert snapshot(data) == before
+
+
+def test_independent_problems_are_reported_together(data, tmp_path):
+    """A bad resolution, a non-UTF-8 caption and a reg folder with only misnamed subfolders: all at once."""
+    (data / "10_sks dog" / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    save(data / "junk" / "z.png")  # misnamed beside valid folders: a warning, not an error
+    reg = tmp_path / "reg"
+    save(reg / "dogs" / "r.png")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserErrors) as e:
+        scan_dataset(cfg(train_data_dir=str(data), reg_data_dir=str(reg), resolution="100", enable_bucket=True))
+    lines = [str(x) for x in e.value.errors]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("resolution:") and "not a multiple of bucket_reso_steps (64)" in lines[0]
+    assert lines[1].startswith("reg_data_dir:") and "'dogs'" in lines[1]
+    assert lines[2].startswith("train_data_dir:") and "b.txt" in lines[2] and "UTF-8" in lines[2]
+    assert all("\n" not in line for line in lines)
+    assert "3 problems: " in str(e.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_many_non_utf8_captions_are_capped(tmp_path):
+    root = tmp_path / "t"
+    for i in range(8):
+        save(root / "10_x" / f"i{i}.png")
+        (root / "10_x" / f"i{i}.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(UserErrors) as e:
+        scan_dataset(cfg(train_data_dir=str(root)))
+    lines = [str(x) for x in e.value.errors]
+    assert len(lines) == 6, lines
+    assert all("is not UTF-8 text" in line for line in lines[:5])
+    assert "and 3 more caption file(s)" in lines[5] and lines[5].startswith("train_data_dir:")
+
+
+def test_missing_train_data_dir_stops_but_keeps_settings_errors(tmp_path):
+    with pytest.raises(UserErrors) as e:
+        scan_dataset(cfg(train_data_dir=str(tmp_path / "nope"), train_batch_size=0))
+    lines = [str(x) for x in e.value.errors]
+    assert lines[0].startswith("train_batch_size:") and "does not exist" in lines[1] and len(lines) == 2
 
 
 # --------------------------------------------------------------------------- broken images
@@ -789,3 +828,26 @@ def test_json_dataset_config_and_duplicate_dirs(tmp_path, data):
     assert any("appears twice" in w for w in plan.warnings)
     assert plan.dataset_dirs == {"2_cat": {"n_repeats": 2, "img_count": 1}, "2_cat (2)": {"n_repeats": 1, "img_count": 1}}
     assert plan.num_train_images == 3
+
+
+def test_preflight_reports_every_dataset_problem(tmp_path, monkeypatch):
+    """preflight lists each scan_dataset problem on its own line, beside the other settings' problems."""
+    from sd_scripts.library.preflight import preflight
+    from sd_scripts.library.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
+    from tests.helpers import make_dataset, tiny_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = save_tiny_single_file(tmp_path / "model.safetensors", "sd1")
+    data = make_dataset(tmp_path / "data", count=2)
+    (data / "5_sks shape" / "img00.txt").write_bytes(b"caf\xe9")
+    (data / "5_sks shape" / "img01.txt").write_bytes(b"\xff bad")
+    save(data / "notes" / "z.png")
+    config = tiny_config(model, data, tmp_path / "out", tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(model)),
+                         resolution="100", enable_bucket=True, bucket_reso_steps=64, network_dim=0)
+    with pytest.raises(UserErrors) as e:
+        preflight(config)
+    lines = [str(x) for x in e.value.errors]
+    for start in ("network_dim:", "resolution:", "train_data_dir: caption file"):
+        assert any(line.startswith(start) for line in lines), (start, lines)
+    assert sum("is not UTF-8 text" in line for line in lines) == 2, lines
+    assert all("\n" not in line for line in lines) and len(lines) == len(set(lines))

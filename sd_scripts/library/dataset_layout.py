@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .buckets import BucketManager, snap_bucket_range
 from .captions import CaptionSettings, count_tags
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, UserError, UserErrors
 from .images import (
     IMAGE_EXTENSIONS,
     RESIZE_INTERPOLATIONS,
@@ -445,50 +445,81 @@ def _check_range(lookup: _Lookup, key: str, low: float | None = None, high: floa
     return value
 
 
+def _combine(errors: list[UserError]) -> UserError:
+    """One error as itself, several (deduplicated, order kept) as :class:`UserErrors`."""
+    flat: list[UserError] = []
+    seen: set[str] = set()
+    for e in errors:
+        for one in (e.errors if isinstance(e, UserErrors) else [e]):
+            if str(one) not in seen:
+                seen.add(str(one))
+                flat.append(one)
+    return flat[0] if len(flat) == 1 else UserErrors(flat)
+
+
 def _dataset_spec(lookup: _Lookup) -> DatasetSpec:
+    errs: list[UserError] = []
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            errs.append(e)
+            return None
+
     res_value, res_where = lookup.get("resolution")
+    resolution = None
     if res_value is None:
-        raise ConfigError("resolution: not set; give the training resolution, e.g. 512 or 512,768", "resolution")
-    try:
-        resolution = parse_resolution(res_value)
-    except ConfigError as e:
-        if res_where:
-            raise _setting_error("resolution", res_where, str(e).split(": ", 1)[1]) from None
-        raise
-    batch_size = _check_range(lookup, "batch_size", 1)
+        errs.append(ConfigError("resolution: not set; give the training resolution, e.g. 512 or 512,768", "resolution"))
+    else:
+        try:
+            resolution = parse_resolution(res_value)
+        except ConfigError as e:
+            errs.append(_setting_error("resolution", res_where, str(e).split(": ", 1)[1]) if res_where else e)
+    batch_size, batch_where = lookup.get("batch_size")
+    if batch_where is not None:  # from config, train_batch_size is checked by _dataset_settings_errors
+        batch_size = attempt(_check_range, lookup, "batch_size", 1)
     enable_bucket = bool(lookup.value("enable_bucket"))
     steps, steps_where = lookup.get("bucket_reso_steps")
-    steps = _check_range(lookup, "bucket_reso_steps", 8)
-    if steps % 8 != 0:
-        raise _setting_error("bucket_reso_steps", steps_where, f"{steps} is not a multiple of 8 (latents are 1/8 size); use 64")
+    steps = attempt(_check_range, lookup, "bucket_reso_steps", 8)
+    if steps is not None and steps % 8 != 0:
+        errs.append(_setting_error("bucket_reso_steps", steps_where, f"{steps} is not a multiple of 8 (latents are 1/8 size); use 64"))
+        steps = None
     no_upscale = bool(lookup.value("bucket_no_upscale"))
     min_reso, min_where = lookup.get("min_bucket_reso")
     max_reso, max_where = lookup.get("max_bucket_reso")
-    w, h = resolution
     if enable_bucket:
-        if w % steps or h % steps:
-            raise _setting_error(
-                "resolution",
-                res_where,
-                f"{w},{h} is not a multiple of bucket_reso_steps ({steps}); use e.g. {max(steps, round(w / steps) * steps)}",
-            )
-        min_reso, max_reso = snap_bucket_range(int(min_reso), int(max_reso), steps)
-        if min_reso <= 0:
-            raise _setting_error("min_bucket_reso", min_where, f"must be at least bucket_reso_steps ({steps})")
-        if min_reso > max_reso:
-            raise _setting_error("min_bucket_reso", min_where, f"{min_reso} is larger than max_bucket_reso ({max_reso}); lower it")
-        if not no_upscale:
-            if min_reso > min(w, h):
-                raise _setting_error(
-                    "min_bucket_reso", min_where, f"{min_reso} is larger than the resolution's short side ({min(w, h)}); lower it"
-                )
-            if max_reso < max(w, h):
-                raise _setting_error(
-                    "max_bucket_reso", max_where, f"{max_reso} is smaller than the resolution's long side ({max(w, h)}); raise it"
-                )
-    elif w % 8 or h % 8:
-        raise _setting_error("resolution", res_where, f"{w},{h} is not a multiple of 8; use e.g. {round(w / 8) * 8}")
-    multiplier = _check_range(lookup, "network_multiplier")
+        if resolution is not None and steps is not None:
+            w, h = resolution
+            if w % steps or h % steps:
+                errs.append(_setting_error(
+                    "resolution",
+                    res_where,
+                    f"{w},{h} is not a multiple of bucket_reso_steps ({steps}); use e.g. {max(steps, round(w / steps) * steps)}",
+                ))
+        if steps is not None:
+            min_reso, max_reso = snap_bucket_range(int(min_reso), int(max_reso), steps)
+            if min_reso <= 0:
+                errs.append(_setting_error("min_bucket_reso", min_where, f"must be at least bucket_reso_steps ({steps})"))
+            elif min_reso > max_reso:
+                errs.append(_setting_error("min_bucket_reso", min_where, f"{min_reso} is larger than max_bucket_reso ({max_reso}); lower it"))
+            elif not no_upscale and resolution is not None:
+                w, h = resolution
+                if min_reso > min(w, h):
+                    errs.append(_setting_error(
+                        "min_bucket_reso", min_where, f"{min_reso} is larger than the resolution's short side ({min(w, h)}); lower it"
+                    ))
+                if max_reso < max(w, h):
+                    errs.append(_setting_error(
+                        "max_bucket_reso", max_where, f"{max_reso} is smaller than the resolution's long side ({max(w, h)}); raise it"
+                    ))
+    elif resolution is not None and (resolution[0] % 8 or resolution[1] % 8):
+        w, h = resolution
+        errs.append(_setting_error("resolution", res_where, f"{w},{h} is not a multiple of 8; use e.g. {round(w / 8) * 8}"))
+    multiplier = attempt(_check_range, lookup, "network_multiplier")
+    if errs:
+        raise _combine(errs)
+    w, h = resolution
     return DatasetSpec(
         resolution=resolution,
         batch_size=int(batch_size),
@@ -551,24 +582,32 @@ def _subset_spec(lookup: _Lookup, image_dir: str, dataset: int, num_repeats: int
 
 def check_dataset_settings(config: Any) -> None:
     """Config-level checks that need no folders (also run by :func:`scan_dataset`)."""
+    errors = _dataset_settings_errors(config)
+    if errors:
+        raise _combine(errors)
+
+
+def _dataset_settings_errors(config: Any) -> list[UserError]:
+    errors: list[UserError] = []
     cache = bool(getattr(config, "cache_latents", False) or getattr(config, "cache_latents_to_disk", False))
     if cache:
         for key in ("color_aug", "random_crop"):
             if getattr(config, key, False):
-                raise ConfigError(
+                errors.append(ConfigError(
                     f"cache_latents and {key} cannot be used together: cached latents cannot change every step; "
                     f"turn off {key} or cache_latents",
                     "cache_latents",
-                )
+                ))
     vae_bs = getattr(config, "vae_batch_size", 1)
     if vae_bs is not None and (not isinstance(vae_bs, int) or vae_bs < 1):
-        raise ConfigError(f"vae_batch_size: must be at least 1, got {vae_bs!r}", "vae_batch_size")
+        errors.append(ConfigError(f"vae_batch_size: must be at least 1, got {vae_bs!r}", "vae_batch_size"))
     bs = getattr(config, "train_batch_size", 1)
     if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-        raise ConfigError(f"train_batch_size: must be at least 1, got {bs!r}", "train_batch_size")
+        errors.append(ConfigError(f"train_batch_size: must be at least 1, got {bs!r}", "train_batch_size"))
     plw = getattr(config, "prior_loss_weight", 1.0)
     if plw is None or isinstance(plw, bool) or not isinstance(plw, (int, float)) or plw < 0 or not math.isfinite(plw):
-        raise ConfigError(f"prior_loss_weight: must be a number >= 0, got {plw!r}", "prior_loss_weight")
+        errors.append(ConfigError(f"prior_loss_weight: must be a number >= 0, got {plw!r}", "prior_loss_weight"))
+    return errors
 
 
 # --------------------------------------------------------------------------- folders
@@ -707,7 +746,8 @@ class _PendingImage:
     caption_source: str
 
 
-def _scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str]) -> list[_PendingImage]:
+def _scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str],
+                 caption_errors: list[UserError] | None = None) -> list[_PendingImage]:
     folder = subset.image_dir
     try:
         dirs, files = _folder_entries(folder)
@@ -744,7 +784,14 @@ def _scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[st
         stem = os.path.splitext(name)[0]
         cap_path = _find_caption_file(folder, stem, ext, names, lower_names)
         if cap_path is not None:
-            text = _caption_text(_read_caption(cap_path, setting), subset.captions.enable_wildcard)
+            try:
+                raw = _read_caption(cap_path, setting)
+            except DatasetError as e:
+                if caption_errors is None:
+                    raise
+                caption_errors.append(e)
+                continue
+            text = _caption_text(raw, subset.captions.enable_wildcard)
             if text:
                 pending.append(_PendingImage(os.path.join(folder, name), index, text, "file"))
                 continue
@@ -816,12 +863,34 @@ def _unique_key(table: dict, key: str) -> str:
 def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None) -> DatasetPlan:
     """Check the dataset settings and folders and return the :class:`DatasetPlan`.
 
-    Raises ``ConfigError`` / ``DatasetError`` (one line naming the setting and the fix).
+    Raises ``ConfigError`` / ``DatasetError`` (one line naming the setting and the fix) for one
+    problem, or :class:`UserErrors` holding every independent problem found when there are several.
     ``progress(done, total)`` is called as each image has been checked.
     """
-    check_dataset_settings(config)
+    errors: list[UserError] = _dataset_settings_errors(config)
+    try:
+        found = _collect_layout(config, errors)
+    except UserError as e:  # a problem that makes the remaining checks meaningless
+        errors.append(e)
+        found = None
+    if errors:
+        raise _combine(errors)
+    datasets, subsets, roots, subset_setting, pending, warnings, dataset_config = found
+    return _finish_scan(config, progress, datasets, subsets, roots, subset_setting, pending, warnings, dataset_config)
+
+
+def _collect_layout(config: Any, errors: list[UserError]):
+    """Settings, folders and captions; independent problems go to ``errors``, fatal ones raise."""
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            errors.append(e)
+            return None
+
     warnings: list[str] = []
-    datasets: list[DatasetSpec] = []
+    datasets: list[DatasetSpec | None] = []
     subsets: list[SubsetSpec] = []
     roots: list[str] = []
     subset_setting: list[str] = []  # setting named in messages about each subset
@@ -843,17 +912,18 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
             ds_where = f"[[datasets]] #{d + 1}"
             _check_table(ds_table, _DATASET_ALLOWED, ds_where, dataset_config)
             ds_lookup = _Lookup(config, [(ds_table, f"dataset_config {ds_where}"), (general, "dataset_config [general]")])
-            spec = _dataset_spec(ds_lookup)
+            spec = attempt(_dataset_spec, ds_lookup)
             datasets.append(spec)
             for key in ("validation_split", "validation_seed"):
                 if ds_lookup.levels and (ds_table.get(key) is not None or general.get(key) is not None):
                     warnings.append(f"dataset_config: '{key}' is not supported and is ignored (no validation split)")
             sub_tables = ds_table.get("subsets", [])
             if not sub_tables:
-                raise ConfigError(
+                errors.append(ConfigError(
                     f"dataset_config: {ds_where} of '{dataset_config}' has no [[datasets.subsets]]; add one with image_dir = \"...\"",
                     "dataset_config",
-                )
+                ))
+                continue
             seen_dirs: set[str] = set()
             for s, sub in enumerate(sub_tables):
                 where = f"{ds_where} subset #{s + 1}"
@@ -864,19 +934,22 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
                     warnings.append(f"dataset_config: face_crop_aug_range in {where} is not supported and is ignored")
                 image_dir = sub.get("image_dir")
                 if not image_dir:
-                    raise ConfigError(
+                    errors.append(ConfigError(
                         f"dataset_config: {where} of '{dataset_config}' has no image_dir; add image_dir = \"path/to/images\"",
                         "dataset_config",
-                    )
+                    ))
+                    continue
                 resolved = image_dir
                 if not os.path.isabs(image_dir) and not os.path.isdir(image_dir):
                     candidate = os.path.join(base_dir, image_dir)
                     if os.path.isdir(candidate):
                         resolved = candidate
                 if not os.path.exists(resolved):
-                    raise DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) does not exist; check the path", "dataset_config")
+                    errors.append(DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) does not exist; check the path", "dataset_config"))
+                    continue
                 if not os.path.isdir(resolved):
-                    raise DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) is not a folder; give the folder of images", "dataset_config")
+                    errors.append(DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) is not a folder; give the folder of images", "dataset_config"))
+                    continue
                 key = os.path.realpath(resolved)
                 if key in seen_dirs:
                     warnings.append(f"dataset_config: image_dir '{image_dir}' appears twice in {ds_where}; the second one is ignored")
@@ -887,42 +960,59 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
                     [(sub, f"dataset_config {where}"), (ds_table, f"dataset_config {ds_where}"), (general, "dataset_config [general]")],
                 )
                 class_tokens = lookup.value("class_tokens")
-                subsets.append(
-                    _subset_spec(lookup, resolved, d, None, class_tokens, bool(sub.get("is_reg", False)))
-                )
+                subset = attempt(_subset_spec, lookup, resolved, d, None, class_tokens, bool(sub.get("is_reg", False)))
+                if subset is None:
+                    continue
+                subsets.append(subset)
                 subset_setting.append("dataset_config")
                 roots.append(resolved)
     else:
         lookup = _Lookup(config, [])
-        spec = _dataset_spec(lookup)
-        datasets.append(spec)
+        datasets.append(attempt(_dataset_spec, lookup))
         root = _check_root(getattr(config, "train_data_dir", None), "train_data_dir")
         roots.append(root)
-        for path, repeats, tokens in _dreambooth_folders(root, "train_data_dir", warnings):
-            subsets.append(_subset_spec(lookup, path, 0, repeats, tokens, False))
-            subset_setting.append("train_data_dir")
+        for path, repeats, tokens in attempt(_dreambooth_folders, root, "train_data_dir", warnings) or []:
+            subset = attempt(_subset_spec, lookup, path, 0, repeats, tokens, False)
+            if subset is not None:
+                subsets.append(subset)
+                subset_setting.append("train_data_dir")
         reg_root = getattr(config, "reg_data_dir", None)
-        if reg_root:
-            _check_root(reg_root, "reg_data_dir")
+        if reg_root and attempt(_check_root, reg_root, "reg_data_dir") is not None:
             roots.append(reg_root)
-            for path, repeats, tokens in _dreambooth_folders(reg_root, "reg_data_dir", warnings):
-                subsets.append(_subset_spec(lookup, path, 0, repeats, tokens, True))
-                subset_setting.append("reg_data_dir")
+            for path, repeats, tokens in attempt(_dreambooth_folders, reg_root, "reg_data_dir", warnings) or []:
+                subset = attempt(_subset_spec, lookup, path, 0, repeats, tokens, True)
+                if subset is not None:
+                    subsets.append(subset)
+                    subset_setting.append("reg_data_dir")
 
     if getattr(config, "cache_latents", False) or getattr(config, "cache_latents_to_disk", False):
         for i, sub in enumerate(subsets):
             for key in ("color_aug", "random_crop"):
-                if getattr(sub, key):
-                    raise ConfigError(
+                if getattr(sub, key) and not getattr(config, key, False):  # set globally: reported already
+                    errors.append(ConfigError(
                         f"cache_latents and {key} (set for '{sub.name}' in {subset_setting[i]}) cannot be used together: "
                         f"cached latents cannot change every step; turn off {key} or cache_latents",
                         "cache_latents",
-                    )
+                    ))
 
-    # captions, then decode every image once
+    # captions (every unreadable caption file is reported, the list capped)
     pending: list[_PendingImage] = []
+    caption_errors: list[UserError] = []
     for i, sub in enumerate(subsets):
-        pending.extend(_scan_subset(sub, i, subset_setting[i], warnings))
+        try:
+            pending.extend(_scan_subset(sub, i, subset_setting[i], warnings, caption_errors))
+        except UserError as e:
+            errors.append(e)
+    errors.extend(caption_errors[:_MAX_LISTED])
+    if len(caption_errors) > _MAX_LISTED:
+        more = len(caption_errors) - _MAX_LISTED
+        setting = caption_errors[_MAX_LISTED].setting
+        errors.append(DatasetError(f"{setting}: and {more} more caption file(s) that cannot be read; open them and save them as UTF-8", setting))
+    return datasets, subsets, roots, subset_setting, pending, warnings, dataset_config
+
+
+def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting, pending, warnings, dataset_config) -> DatasetPlan:
+    """Decode every image once and build the plan (settings, folders and captions are known good)."""
     probed = _probe_all([p.path for p in pending], progress)
 
     skipped: list[tuple[str, str]] = []
