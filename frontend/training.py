@@ -118,7 +118,7 @@ def run_training(store: Any, *, callbacks: Any = None, before_train: Callable[[A
         from sd_scripts.library.callbacks import ConsoleCallbacks
 
         callbacks = ConsoleCallbacks(stream=sys.stderr)
-    result = train(mapped.config, callbacks)
+    result = train(mapped.config, callbacks, plan=plan)
     if result.output_path:
         say(f"LoRA saved to {result.output_path}")
     if mapped.store.huggingface_repo_id and is_main_process():

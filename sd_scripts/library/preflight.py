@@ -676,6 +676,12 @@ def preflight(config, model_given: bool = False) -> Plan:
         problem = _output_inside_dataset(config.output_dir, plan.dataset)
         if problem is not None:
             errors.append(problem)
+    from .sampling import check_sampling_settings
+    from .train_loop import check_loop_settings
+    from .train_state import check_resume_settings
+
+    # resume state, sampler packages and logging: checked here so every front end reports them with the rest
+    errors.extend(check_resume_settings(config) + check_sampling_settings(config) + check_loop_settings(config))
     if not errors:
         disk_errors, disk_warnings, plan.disk = check_disk_space(config, plan)
         errors.extend(disk_errors)

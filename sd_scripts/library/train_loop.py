@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .callbacks import CallbackDispatcher
-from .errors import ConfigError, UserError, UserErrors
+from .errors import ConfigError, UserError
 
 __all__ = ["TrainResult", "TrainingStopped", "TrainingInterrupted", "train", "lora_file_name", "loss_plot_name"]
 
@@ -98,22 +98,19 @@ def _weight_dtype(mixed_precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def train(config, callbacks: Any = None, *, model: Any = None) -> TrainResult:
+def train(config, callbacks: Any = None, *, model: Any = None, plan: Any = None) -> TrainResult:
     """Train a LoRA as ``config`` says; raise UserError subclasses for user mistakes.
 
     ``model`` (a ``LoadedModel``) skips loading ``pretrained_model_name_or_path``; benchmarks use it
-    to train a model built in memory. Ctrl+C raises :class:`TrainingInterrupted` after saving.
+    to train a model built in memory. ``plan`` is the result of ``preflight(config)`` when the caller
+    already ran it (so the dataset is not scanned twice). Ctrl+C raises :class:`TrainingInterrupted`
+    after saving.
     """
     from .preflight import preflight
-    from .train_state import check_resume_settings
 
     cb = CallbackDispatcher(callbacks)
-    plan = preflight(config, model_given=model is not None)
-    from .sampling import check_sampling_settings
-
-    late_errors = check_resume_settings(config) + check_sampling_settings(config) + _check_loop_settings(config)
-    if late_errors:  # checks preflight does not make (yet); still before the model loads
-        raise UserErrors(late_errors)
+    if plan is None:
+        plan = preflight(config, model_given=model is not None)
     for w in plan.warnings:
         cb.on_message(f"warning: {w}")
     return _Trainer(config, plan, cb, model).run()
@@ -1004,7 +1001,8 @@ def _state_name(output_name, *, step=None, epoch=None) -> str:
     return state_dir_name(output_name, step=step, epoch=epoch)
 
 
-def _check_loop_settings(config) -> list[UserError]:
+def check_loop_settings(config) -> list[UserError]:
+    """Logging and state-retention settings the loop needs (called by preflight)."""
     errors: list[UserError] = []
     if getattr(config, "log_with", None) in ("tensorboard", "all") and not getattr(config, "logging_dir", None):
         errors.append(ConfigError(f"log_with: {config.log_with} writes TensorBoard logs, which need logging_dir; set "
