@@ -92,6 +92,27 @@ def popup_arguments(tool: str) -> list[str] | None:
     return ask()
 
 
+def parse_args(build_parser, tool: str, argv=None):
+    """The tool's flags; with ``--popup`` they are asked in windows first. ``None`` means cancelled."""
+    args = build_parser().parse_args(argv)
+    while args.popup:
+        asked = popup_arguments(tool)
+        if asked is None:
+            print("cancelled")
+            return None
+        args = build_parser().parse_args(asked)
+    return args
+
+
+def require_args(args, names: tuple[str, ...]) -> None:
+    """One line naming the first missing path flag."""
+    from sd_scripts.library.errors import ConfigError
+
+    for name in names:
+        if not getattr(args, name):
+            raise ConfigError(f"{name}: missing; add --{name} PATH", setting=name)
+
+
 def run(main, argv=None) -> int:
     """Call ``main(argv)``; user errors become one line on stderr and exit code 2."""
     try:

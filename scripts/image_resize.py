@@ -38,13 +38,9 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.popup:
-        asked = cli.popup_arguments(TOOL)
-        if asked is None:
-            print("cancelled")
-            return 0
-        return main(asked)
+    args = cli.parse_args(build_parser, TOOL, argv)
+    if args is None:
+        return 0
     from sd_scripts.library.errors import ConfigError
     from sd_scripts.library.image_resize import resize_dataset
 

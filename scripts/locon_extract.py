@@ -111,18 +111,12 @@ def _entries(args, mode, linear, conv):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.popup:
-        asked = cli.popup_arguments(TOOL)
-        if asked is None:
-            print("cancelled")
-            return 0
-        return main(asked)
+    args = cli.parse_args(build_parser, TOOL, argv)
+    if args is None:
+        return 0
     from sd_scripts.library.errors import ConfigError, UserError
 
-    for name in ("base", "tuned", "save_to"):
-        if not getattr(args, name):
-            raise ConfigError(f"{name}: missing; add --{name} PATH", setting=name)
+    cli.require_args(args, ("base", "tuned", "save_to"))
     cli.require_file(args.base, "base", "checkpoint")
     cli.require_file(args.tuned, "tuned", "checkpoint")
     mode, linear, conv = _resolve(args)

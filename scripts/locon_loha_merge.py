@@ -36,18 +36,10 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.popup:
-        asked = cli.popup_arguments(TOOL)
-        if asked is None:
-            print("cancelled")
-            return 0
-        return main(asked)
-    from sd_scripts.library.errors import ConfigError
-
-    for name in ("base", "lycoris", "save_to"):
-        if not getattr(args, name):
-            raise ConfigError(f"{name}: missing; add --{name} PATH", setting=name)
+    args = cli.parse_args(build_parser, TOOL, argv)
+    if args is None:
+        return 0
+    cli.require_args(args, ("base", "lycoris", "save_to"))
     cli.require_file(args.base, "base", "checkpoint")
     cli.require_file(args.lycoris, "lycoris", "network file")
     from sd_scripts.networks.tool_io import check_output_path
