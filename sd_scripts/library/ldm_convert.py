@@ -393,15 +393,19 @@ def _meta_parameter_names(cls, config) -> list[str]:
     return list(model.state_dict().keys())
 
 
+def _parameter_names(model_or_config, class_name: str, config) -> list[str]:
+    """Parameter names of a live diffusers model, or of one built from ``config`` on the meta device."""
+    if hasattr(model_or_config, "state_dict"):
+        return list(model_or_config.state_dict().keys())
+    import diffusers
+
+    return _meta_parameter_names(getattr(diffusers, class_name), dict(config))
+
+
 def unet_ldm_key_map(unet_or_config) -> dict[str, str]:
     """``{diffusers parameter name: LDM checkpoint key}`` for a UNet (model or config; built on the meta device)."""
     config = _unet_config(unet_or_config)
-    if hasattr(unet_or_config, "state_dict"):
-        names = list(unet_or_config.state_dict().keys())
-    else:
-        from diffusers import UNet2DConditionModel
-
-        names = _meta_parameter_names(UNet2DConditionModel, dict(config))
+    names = _parameter_names(unet_or_config, "UNet2DConditionModel", config)
     layout = _unet_layout(config)
     return {n: LDM_UNET_PREFIX + unet_ldm_name(n, config, layout) for n in names}
 
@@ -409,12 +413,7 @@ def unet_ldm_key_map(unet_or_config) -> dict[str, str]:
 def vae_ldm_key_map(vae_or_config) -> dict[str, str]:
     """``{diffusers parameter name: LDM checkpoint key}`` for an ``AutoencoderKL`` (mid attention differs in shape)."""
     config = _unet_config(vae_or_config)
-    if hasattr(vae_or_config, "state_dict"):
-        names = list(vae_or_config.state_dict().keys())
-    else:
-        from diffusers import AutoencoderKL
-
-        names = _meta_parameter_names(AutoencoderKL, dict(config))
+    names = _parameter_names(vae_or_config, "AutoencoderKL", config)
     num_up = len(_get(config, "up_block_types"))
     return {n: LDM_VAE_PREFIX + vae_ldm_name(n, num_up) for n in names}
 
