@@ -1,5 +1,5 @@
 """LoRA files: formats and precisions, kohya hashes, atomic writes, metadata, and loading the
-files the way their consumers do (diffusers load_lora_weights, ComfyUI and A1111 key rules)."""
+files the way their consumers do (diffusers load_lora_weights, ComfyUI key rules; A1111's: test_a1111_rules.py)."""
 
 from __future__ import annotations
 
@@ -334,7 +334,7 @@ def test_text_encoder_only_file_loads_in_diffusers(tiny_sd1_diffusers, tmp_path)
     assert abs(got - expected).max() < 1e-4
 
 
-# --------------------------------------------------------------------------- consumers: ComfyUI and A1111 key rules
+# --------------------------------------------------------------------------- consumers: ComfyUI key rules
 
 COMFY_LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
                        "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
@@ -392,85 +392,3 @@ def test_comfyui_maps_every_key_of_a_full_size_sd1_locon():
     sd = create_network(unet, [te], conv_dim=4).kohya_state_dict()
     assert len(sd) == 3 * (278 + 72)
     assert comfy_unloaded_keys(sd, comfy_key_map_sd1(unet.state_dict(), 12)) == []
-
-
-# A1111 extensions-builtin/Lora/networks.py convert_diffusers_name_to_compvis (SD1 part).
-_A1111_RESNET_SUFFIX = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-                        "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
-
-
-def a1111_convert(key):
-    def suffix(kind, s):
-        return _A1111_RESNET_SUFFIX.get(s, s) if kind == "resnets" else s
-
-    if m := re.match(r"lora_unet_conv_in(.*)", key):
-        return f"diffusion_model_input_blocks_0_0{m[1]}"
-    if m := re.match(r"lora_unet_conv_out(.*)", key):
-        return f"diffusion_model_out_2{m[1]}"
-    if m := re.match(r"lora_unet_time_embedding_linear_(\d+)(.*)", key):
-        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"
-    if m := re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
-        return (f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_"
-                f"{suffix(m[2], m[4])}")
-    if m := re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
-        return f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{suffix(m[1], m[3])}"
-    if m := re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
-        return (f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_"
-                f"{suffix(m[2], m[4])}")
-    if m := re.match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key):
-        return f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"
-    if m := re.match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key):
-        return f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"
-    if m := re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key):
-        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
-    return key
-
-
-def ldm_sd1_layer_names():
-    """Linear/Conv module names of the SD1 LDM UNet and CLIP as A1111 indexes them (. -> _)."""
-    names = {"input_blocks_0_0", "out_2", "time_embed_0", "time_embed_2"}
-    attn = ["proj_in", "proj_out"] + [f"transformer_blocks_0_{a}_{p}" for a in ("attn1", "attn2")
-                                      for p in ("to_q", "to_k", "to_v", "to_out_0")]
-    attn += ["transformer_blocks_0_ff_net_0_proj", "transformer_blocks_0_ff_net_2"]
-    res = ["in_layers_2", "emb_layers_1", "out_layers_3"]
-
-    def block(prefix, with_skip, with_attn):
-        out = {f"{prefix}_0_{r}" for r in res}
-        if with_skip:
-            out.add(f"{prefix}_0_skip_connection")
-        if with_attn:
-            out |= {f"{prefix}_1_{a}" for a in attn}
-        return out
-
-    for level in range(4):  # channel mult 1, 2, 4, 4; attention on levels 0-2
-        for j in range(2):
-            names |= block(f"input_blocks_{1 + 3 * level + j}", level in (1, 2) and j == 0, level < 3)
-        if level < 3:
-            names.add(f"input_blocks_{3 + 3 * level}_0_op")
-    names |= {f"middle_block_0_{r}" for r in res} | {f"middle_block_2_{r}" for r in res}
-    names |= {f"middle_block_1_{a}" for a in attn}
-    for level in range(4):  # output level 0 has no attention
-        for j in range(3):
-            names |= block(f"output_blocks_{3 * level + j}", True, level > 0)
-        if level < 3:
-            names.add(f"output_blocks_{3 * level + 2}_{2 if level > 0 else 1}_conv")
-    unet = {"diffusion_model_" + n for n in names}
-    te = {f"transformer_text_model_encoder_layers_{b}_{p}" for b in range(12)
-          for p in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}
-    return unet | te
-
-
-def test_a1111_maps_every_module_of_a_full_size_sd1_locon():
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
-        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                          num_attention_heads=12))
-    net = create_network(unet, [te], conv_dim=4)
-    layers = ldm_sd1_layer_names()
-    converted = {lora.lora_name: a1111_convert(lora.lora_name) for lora in net.loras}
-    unmapped = sorted(n for n, c in converted.items() if c not in layers)
-    assert unmapped == []
-    assert len(set(converted.values())) == len(converted) == 278 + 72  # one LDM layer per module
