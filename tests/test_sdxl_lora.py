@@ -11,6 +11,7 @@ import torch
 from sd_scripts.library.lora_file import load_lora_file, precision_dtype, save_lora_file
 from sd_scripts.library.model_families import get_family
 from sd_scripts.networks.lora import create_network
+from tests.comfy_rules import comfy_key_map_sdxl, hf_text_encoder_shapes
 
 XL = get_family("sdxl")
 
@@ -152,28 +153,6 @@ def test_diffusers_sdxl_pipeline_reproduces_hand_merge(tiny_sdxl_diffusers, tmp_
 
 # --------------------------------------------------------------------------- ComfyUI's key rules
 
-COMFY_LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-                       "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-                       "self_attn.out_proj": "self_attn_out_proj"}
-
-
-def comfy_key_map_sdxl(ldm_unet_shapes, clip_l_shapes, clip_g_shapes):
-    """ComfyUI's SDXL key map (comfy/lora.py model_lora_keys_unet / model_lora_keys_clip): ``lora_unet_<LDM path>`` for
-    every ``diffusion_model.*`` weight, and ``lora_te1_`` / ``lora_te2_text_model_encoder_layers_<b>_<part>`` for the
-    CLIP-L and CLIP-G (HF layout) projections. Values are the target weight shapes."""
-    key_map = {}
-    for k, shape in ldm_unet_shapes.items():
-        if k.startswith("model.diffusion_model.") and k.endswith(".weight"):
-            key_map["lora_unet_" + k[len("model.diffusion_model."):-len(".weight")].replace(".", "_")] = shape
-    for prefix, shapes in (("lora_te1", clip_l_shapes), ("lora_te2", clip_g_shapes)):
-        for b in range(32):
-            for c, short in COMFY_LORA_CLIP_MAP.items():
-                k = f"text_model.encoder.layers.{b}.{c}.weight"
-                if k in shapes:
-                    key_map[f"{prefix}_text_model_encoder_layers_{b}_{short}"] = shapes[k]
-    return key_map
-
-
 def _check_comfy(sd, key_map):
     consumed = {name + s for name in key_map for s in (".lora_up.weight", ".lora_down.weight", ".alpha")
                 if name + s in sd}
@@ -183,10 +162,6 @@ def _check_comfy(sd, key_map):
         assert tuple(key_map[name]) == (up.shape[0], *down.shape[1:]), name
 
 
-def _hf(te):
-    return {k if k.startswith("text_model.") else "text_model." + k: tuple(v.shape) for k, v in te.state_dict().items()}
-
-
 def test_comfyui_maps_every_key_of_a_tiny_sdxl_locon(tiny_sdxl_single_file, tiny_sdxl_diffusers):
     from safetensors import safe_open
 
@@ -194,7 +169,8 @@ def test_comfyui_maps_every_key_of_a_tiny_sdxl_locon(tiny_sdxl_single_file, tiny
         ldm_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     pipe = _pipe(tiny_sdxl_diffusers)
     sd = _network(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, conv_dim=2).kohya_state_dict()
-    _check_comfy(sd, comfy_key_map_sdxl(ldm_shapes, _hf(pipe.text_encoder), _hf(pipe.text_encoder_2)))
+    _check_comfy(sd, comfy_key_map_sdxl(ldm_shapes, hf_text_encoder_shapes(pipe.text_encoder),
+                                        hf_text_encoder_shapes(pipe.text_encoder_2)))
 
 
 def test_full_size_sdxl_module_counts_and_comfyui_map():
@@ -215,7 +191,8 @@ def test_full_size_sdxl_module_counts_and_comfyui_map():
     assert len(net.unet_loras) == 722 + 66
     weights = unet.state_dict()
     shapes = {v: tuple(weights[k].shape) for k, v in unet_ldm_key_map(unet).items()}
-    _check_comfy(net.kohya_state_dict(), comfy_key_map_sdxl(shapes, _hf(te1), _hf(te2)))
+    _check_comfy(net.kohya_state_dict(),
+                 comfy_key_map_sdxl(shapes, hf_text_encoder_shapes(te1), hf_text_encoder_shapes(te2)))
     names = {lora.lora_name for lora in net.loras}
     assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_v" in names
     assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in names

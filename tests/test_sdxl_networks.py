@@ -1,0 +1,210 @@
+"""Every network type and a spread of optimizers train on a tiny SDXL model through ``train_loop.train``: kohya LoCon,
+kohya DyLoRA and LyCORIS (locon, loha, lokr, ia3, dylora, full) write SDXL files (lora_te1_/lora_te2_, SGM UNet names,
+SDXL metadata) whose every module ComfyUI places and the checkpoint merge applies; the optimizers move the weights;
+text-encoder training gives each text encoder its own parameter group at text_encoder_lr."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.comfy_rules import comfy_key_map_sdxl, hf_text_encoder_shapes
+from tests.helpers import make_dataset, tiny_config
+
+pytestmark = pytest.mark.slow
+
+# case -> (network_module, network_args, tensor parts every module of the file has, the part(s) that start at zero
+# and that training moves)
+NETWORKS = {
+    "locon": ("networks.lora", ["conv_dim=2", "conv_alpha=1"], {"lora_down.weight", "lora_up.weight", "alpha"},
+              "lora_up.weight"),
+    "dylora": ("networks.dylora", ["unit=2"], {"lora_down.weight", "lora_up.weight", "alpha"}, "lora_up.weight"),
+    "lycoris-locon": ("lycoris.kohya", ["algo=locon", "conv_dim=2", "conv_alpha=1"],
+                      {"lora_down.weight", "lora_up.weight", "alpha"}, "lora_up.weight"),
+    "loha": ("lycoris.kohya", ["algo=loha", "conv_dim=2"], {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+             "hada_w2_a"),
+    "lokr": ("lycoris.kohya", ["algo=lokr", "factor=4"], {"lokr_w1", "alpha"}, ("lokr_w2", "lokr_w2_b")),
+    "ia3": ("lycoris.kohya", ["algo=ia3", "preset=ia3"], {"weight", "on_input"}, "weight"),
+    "lycoris-dylora": ("lycoris.kohya", ["algo=dylora", "block_size=2"], {"lora_down.weight", "lora_up.weight", "alpha"},
+                       "lora_up.weight"),
+    "full": ("lycoris.kohya", ["algo=full", "preset=attn-mlp"], {"diff"}, "diff"),
+}
+# SGM (checkpoint) spellings of UNet modules; the diffusers spellings must never appear in an SDXL file
+SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_unet_time_embed_",
+            "lora_unet_label_emb_", "lora_unet_out_")
+DIFFUSERS_WORDS = re.compile(r"down_blocks|up_blocks|mid_block|attentions_|resnets_|time_embedding|conv_in|conv_out")
+TE_PREFIXES = ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("xl_net_data") / "data", count=2)
+
+
+@pytest.fixture(scope="module")
+def comfy_map(tiny_sdxl_single_file, tiny_sdxl_diffusers) -> dict[str, tuple]:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with safe_open(str(tiny_sdxl_single_file), "pt") as f:
+        ldm_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    te1 = CLIPTextModel.from_pretrained(str(tiny_sdxl_diffusers / "text_encoder"))
+    te2 = CLIPTextModelWithProjection.from_pretrained(str(tiny_sdxl_diffusers / "text_encoder_2"))
+    return comfy_key_map_sdxl(ldm_shapes, hf_text_encoder_shapes(te1), hf_text_encoder_shapes(te2))
+
+
+def _train(model, data, out, **kw):
+    from sd_scripts.library.train_loop import train
+
+    values = dict(max_train_steps=2, train_batch_size=1, bucket_reso_steps=32, network_dim=4, network_alpha=2.0)
+    values.update(kw)
+    return train(tiny_config(model, data, out, **values))
+
+
+def _modules(sd) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for key in sd:
+        name, _, part = key.partition(".")
+        out.setdefault(name, set()).add(part)
+    return out
+
+
+def _moved(sd, name: str, moving) -> bool:
+    parts = (moving,) if isinstance(moving, str) else moving
+    return any(float(sd[f"{name}.{p}"].abs().max()) > 0 for p in parts if f"{name}.{p}" in sd)
+
+
+def _metadata(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+# --------------------------------------------------------------------------- every network type
+
+@pytest.mark.parametrize("case", list(NETWORKS))
+def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_diffusers, tiny_sdxl_single_file, dataset,
+                                                            comfy_map, tmp_path):
+    from sd_scripts.networks.ldm_lora_map import build_lora_map
+    from sd_scripts.networks.lycoris_merge import merge_networks_into_checkpoint_file
+
+    module, args, parts, moving = NETWORKS[case]
+    lr = 1e-2 if case == "ia3" else 1e-3
+    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "out", network_module=module, network_args=args,
+                    learning_rate=lr)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    sd = load_file(result.output_path)
+    assert all(torch.isfinite(v.float()).all() for v in sd.values())
+    modules = _modules(sd)
+
+    # kohya's SDXL names: both text encoders, SGM UNet paths
+    unet = [n for n in modules if n.startswith("lora_unet_")]
+    te1 = [n for n in modules if n.startswith(TE_PREFIXES[0])]
+    te2 = [n for n in modules if n.startswith(TE_PREFIXES[1])]
+    assert len(unet) + len(te1) + len(te2) == len(modules), sorted(set(modules) - set(unet) - set(te1) - set(te2))[:5]
+    assert te1 and te2, "both text encoders carry modules"
+    assert all(n.startswith(SGM_UNET) and not DIFFUSERS_WORDS.search(n) for n in unet), sorted(unet)[:5]
+    for block in ("input_blocks", "middle_block", "output_blocks"):
+        assert any(n.startswith(f"lora_unet_{block}_") for n in unet), block
+    for name, have in modules.items():
+        assert parts <= have, (name, have)
+    trained = {n for n in modules if _moved(sd, n, moving)}
+    assert any(n.startswith("lora_unet_") for n in trained) and any(n.startswith(TE_PREFIXES[1]) for n in trained)
+
+    md = _metadata(result.output_path)
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["ss_v2"] == "False"
+    assert md["ss_network_module"] == module
+    # kohya writes "/lora" for every network its trainer saves, LyCORIS included (as this project does on SD1)
+    assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    # ComfyUI places every module on the SDXL model
+    assert sorted(set(modules) - set(comfy_map)) == []
+    for name in modules:
+        if f"{name}.lora_down.weight" in sd:
+            down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
+            assert tuple(comfy_map[name]) == (up.shape[0], *down.shape[1:]), name
+        elif f"{name}.diff" in sd:
+            assert tuple(comfy_map[name]) == tuple(sd[f"{name}.diff"].shape), name
+
+    # merged into the single-file checkpoint: exactly the targeted weights change, every trained module's does
+    merged_path = tmp_path / "merged.safetensors"
+    report = merge_networks_into_checkpoint_file(tiny_sdxl_single_file, [result.output_path], [1.0], merged_path)
+    label = str(result.output_path)
+    assert report.merged[label] == len(modules) and report.unmatched[label] == []
+    base, merged = load_file(str(tiny_sdxl_single_file)), load_file(str(merged_path))
+    assert merged.keys() == base.keys()
+    lora_map = build_lora_map({k: tuple(v.shape) for k, v in base.items()})
+    targets = {lora_map[n].weight_key for n in modules} | {lora_map[n].bias_key for n in modules}
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and changed <= targets, sorted(changed - targets)[:5]
+    for name in trained:
+        target = lora_map[name]
+        rows = slice(*target.rows) if target.rows is not None else slice(None)
+        assert not torch.equal(base[target.weight_key][rows], merged[target.weight_key][rows]), name
+
+
+# --------------------------------------------------------------------------- optimizers
+
+# optimizer_type -> (optimizer_args, learning_rate, lr_scheduler, package)
+OPTIMIZERS = {
+    "AdamW8bit": ([], 1e-3, "constant", "bitsandbytes"),
+    "Lion": ([], 1e-4, "constant", "lion_pytorch"),
+    "Prodigy": (["d_coef=2.0"], 1.0, "constant", "prodigyopt"),
+    "DAdaptAdam": ([], 1.0, "constant", "dadaptation"),
+    "AdaFactor": (["scale_parameter=True", "relative_step=True", "warmup_init=True"], 1e-3, "adafactor",
+                  "transformers"),
+    "SGDNesterov": (["momentum=0.9"], 1e-2, "cosine", "torch"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_optimizer_trains_an_sdxl_lora(name, tiny_sdxl_diffusers, dataset, tmp_path):
+    args, lr, scheduler, package = OPTIMIZERS[name]
+    pytest.importorskip(package)
+    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "out", optimizer_type=name, optimizer_args=args,
+                    learning_rate=lr, lr_scheduler=scheduler)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    sd = load_file(result.output_path)
+    assert all(torch.isfinite(v.float()).all() for v in sd.values())
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        ups = [v for k, v in sd.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and any(float(v.abs().max()) > 0 for v in ups), (name, prefix)
+    md = _metadata(result.output_path)
+    assert md["ss_optimizer"].split("(")[0].lower().endswith(name.lower().replace("sgdnesterov", "sgd"))
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+# --------------------------------------------------------------------------- text encoders at their own lr
+
+def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, tmp_path, monkeypatch):
+    """Both SDXL text encoders train, each in its own parameter group at text_encoder_lr; the UNet at unet_lr."""
+    from sd_scripts.library import optimizers
+    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+
+    built = []
+    original = optimizers.build_optimizer
+
+    def recording(config, param_groups, *a, **kw):
+        out = original(config, param_groups, *a, **kw)
+        built.append((param_groups, out[0]))
+        return out
+
+    monkeypatch.setattr(optimizers, "build_optimizer", recording)
+    result = _train(tiny_sdxl_single_file, dataset, tmp_path / "out", text_encoder_lr=5e-4, unet_lr=2e-3,
+                    learning_rate=1e-3, tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(tiny_sdxl_single_file)))
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    (groups, optimizer), = built
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4, 2e-3]
+    sd = load_file(result.output_path)
+    counts = [sum(1 for k in sd if k.startswith(p) and k.endswith(".weight")) for p in ("lora_te1_", "lora_te2_", "lora_unet_")]
+    assert [len(g["params"]) for g in groups] == counts and all(counts)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    for prefix in ("lora_te1_", "lora_te2_"):
+        assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.startswith(prefix) and "lora_up" in k), prefix
+    md = _metadata(result.output_path)
+    assert md["ss_text_encoder_lr"] == "0.0005" and md["ss_unet_lr"] == "0.002"
