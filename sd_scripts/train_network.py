@@ -1,4 +1,5 @@
-"""kohya-compatible command line for the engine: ``python -m sd_scripts.train_network --flag value ...``.
+"""kohya-compatible command line for the engine: ``python -m sd_scripts.train_network --flag value ...``
+(``sd_scripts.sdxl_train_network`` is the same command with the model family fixed to SDXL, as kohya's script).
 
 Every flag is a field of :class:`sd_scripts.library.config.TrainConfig` under kohya's name.
 Booleans are ``--flag`` (on) and ``--no-flag`` (off); list settings take several values.
@@ -35,8 +36,8 @@ def _resolved_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in config_fields()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a kohya-compatible LoRA.")
+def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a kohya-compatible LoRA.")
     parser.add_argument("--config_file", help="TOML file with settings (command line wins)")
     types = _resolved_types()
     for f in config_fields():
@@ -55,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+def config_from_args(argv: list[str] | None = None, *, prog: str = "train_network.py",
+                     fixed: dict | None = None) -> TrainConfig:
+    """Settings from the command line (and ``--config_file``); ``fixed`` settings are the script's own
+    (``sdxl`` for sdxl_train_network.py): given the other way, they are a one-line error."""
     from sd_scripts.library.errors import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     values: dict = {}
     if args.config_file:
         import toml
@@ -83,18 +87,41 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
             except ValueError:
                 raise ConfigError(f"lr_warmup_steps: {text!r} is not a number of steps, a ratio below 1 or N%") from None
             values["lr_warmup_steps"] = int(number) if number >= 1 else number
+    for name, value in (fixed or {}).items():
+        if values.get(name, value) != value:
+            raise ConfigError(f"{name}: {prog} always uses {name}={value}; use train_network.py for other models")
+        values[name] = value
     return TrainConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _with_script_fix(err, prog: str, fixed: dict):
+    """A setting this script fixes cannot be "unset": point to the general script instead."""
+    from sd_scripts.library.errors import ConfigError, UserErrors
+
+    def fix(e):
+        if getattr(e, "setting", None) not in fixed:
+            return e
+        problem = str(e).split(";")[0]
+        return ConfigError(f"{problem}; {prog} is for {e.setting}={fixed[e.setting]} models only, "
+                           f"use train_network.py for this one", e.setting)
+
+    errors = [fix(e) for e in (getattr(err, "errors", None) or [err])]
+    return errors[0] if len(errors) == 1 else UserErrors(errors)
+
+
+def main(argv: list[str] | None = None, *, prog: str = "train_network.py", fixed: dict | None = None) -> int:
     from sd_scripts.cli_common import run_cli
+    from sd_scripts.library.errors import UserError
 
     def _run() -> int:
         from sd_scripts.library.callbacks import ConsoleCallbacks
         from sd_scripts.library.train_loop import train
 
-        config = config_from_args(argv)
-        result = train(config, ConsoleCallbacks())
+        config = config_from_args(argv, prog=prog, fixed=fixed)
+        try:
+            result = train(config, ConsoleCallbacks())
+        except UserError as err:
+            raise _with_script_fix(err, prog, fixed or {}) from None
         if result.output_path:  # only the main process writes the file
             print(f"LoRA written: {result.output_path}")
         return 0

@@ -33,6 +33,8 @@ class TrainConfig:
     vae: str | None = _f(None, "VAE to use instead of the model's: .safetensors/.ckpt/.pt file or diffusers folder")
     tokenizer_cache_dir: str | None = _f(None, "folder holding a CLIP tokenizer, for offline use")
     no_half_vae: bool = _f(False, "keep the VAE in float32 under mixed precision (the SDXL VAE overflows in fp16)")
+    disable_mmap_load_safetensors: bool = _f(False, "read a .safetensors model in one go instead of memory-mapping it "
+                                                    "(faster from network drives and some Windows disks)")
 
     # --- dataset ---
     train_data_dir: str | None = _f(None, "folder holding <repeats>_<class tokens> subfolders of images")

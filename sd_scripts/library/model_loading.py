@@ -155,13 +155,20 @@ def _unwrap_state_dict(obj: Any, path: str, setting: str) -> dict:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def read_checkpoint(path: str, setting: str = SETTING) -> tuple[dict, dict]:
-    """``(state_dict, safetensors metadata)`` of a single-file checkpoint (pickles loaded with weights_only)."""
+def read_checkpoint(path: str, setting: str = SETTING, mmap: bool = True) -> tuple[dict, dict]:
+    """``(state_dict, safetensors metadata)`` of a single-file checkpoint (pickles loaded with weights_only).
+
+    ``mmap=False`` reads a .safetensors file into memory with one sequential read (kohya's
+    ``disable_mmap_load_safetensors``) instead of paging it in tensor by tensor."""
     if _is_safetensors(path):
-        _read_safetensors_header(path, setting)  # a clear error for a broken file
+        _, metadata = _read_safetensors_header(path, setting)  # a clear error for a broken file
         from safetensors import safe_open
 
         try:
+            if not mmap:
+                from safetensors.torch import load
+
+                return load(Path(path).read_bytes()), metadata
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
                 return {k: f.get_tensor(k) for k in f.keys()}, metadata
@@ -595,7 +602,7 @@ def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list,
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
 
     path = info["path"]
-    checkpoint, _ = read_checkpoint(path)
+    checkpoint, _ = read_checkpoint(path, mmap=not getattr(config, "disable_mmap_load_safetensors", False))
     v_param = info["v_parameterization"]
     if info.get("yaml"):
         ldm_config = _read_yaml(Path(info["yaml"]))
