@@ -661,3 +661,25 @@ def test_full_size_builtin_configs_on_meta_device():
     te_loaded = ml._text_encoder_from_ldm(sd2, ldm2, None, "sd21", torch.float32)
     assert (te_loaded.config.num_hidden_layers, te_loaded.config.num_attention_heads) == (23, 16)
     assert te_loaded.config.hidden_act == "gelu"
+
+
+def test_a_hub_id_already_in_the_hugging_face_cache_loads_offline(tmp_path, tiny_sdxl_diffusers, monkeypatch):
+    """A model downloaded earlier (``models--org--name/snapshots/<hash>`` with ``refs/main``) is found by its hub id
+    without a network, as a user of a machine that went offline expects; its detection reads the cached configs."""
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-sdxl"
+    shutil.copytree(tiny_sdxl_diffusers, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision, encoding="utf-8")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    cfg = _cfg("tiny-org/tiny-sdxl")
+    family, _ = detect_family(cfg)
+    assert family.name == "sdxl"
+    model = load_model(cfg)
+    assert model.family.name == "sdxl" and model.text_encoder_2 is not None
+    with pytest.raises(ModelLoadError) as e:  # another id, not cached: one line naming the setting
+        load_model(_cfg("tiny-org/other"))
+    _one_line(e.value, SETTING, "tiny-org/other")

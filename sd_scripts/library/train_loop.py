@@ -40,6 +40,7 @@ from typing import Any
 
 from .callbacks import CallbackDispatcher
 from .errors import ConfigError, UserError
+from .validation import validation_due_at_epoch, validation_due_at_step
 
 __all__ = ["TrainResult", "TrainingStopped", "TrainingInterrupted", "train", "lora_file_name", "loss_plot_name"]
 
@@ -76,6 +77,7 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_from: str | None = None
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
 def lora_file_name(output_name: str | None, ext: str, *, epoch: int | None = None, step: int | None = None) -> str:
@@ -275,6 +277,8 @@ class _Trainer:
             self.cb.on_message("caching latents")
             dataset.cache_latents(self._encode_images, config.vae_batch_size, config.cache_latents_to_disk,
                                   self._vae_cache_key())
+        self._prepare_validation()
+        if config.cache_latents:
             if not config.sample_prompts:
                 model.vae.to("cpu")
 
@@ -430,12 +434,12 @@ class _Trainer:
         src = self.config.vae or self.config.pretrained_model_name_or_path
         return f"{self.family.name}|{os.path.abspath(src)}|{self.vae_dtype}"
 
-    def _encode_images(self, images):
+    def _encode_images(self, images, generator=None):
         import torch
 
         with torch.no_grad():
             images = images.to(self.accelerator.device, dtype=self.vae_dtype)
-            return self.model.vae.encode(images).latent_dist.sample().float()
+            return self.model.vae.encode(images).latent_dist.sample(generator=generator).float()
 
     def _prepare_metadata(self, built_net, num_batches, num_processes):
         from .lora_file import build_modelspec, file_sha256, legacy_model_hash
@@ -619,6 +623,8 @@ class _Trainer:
                     logs[f"lr/{name}"] = group_lr
                 logs.update(self._lr_free_logs())
                 self._log(logs, step)
+            if self.val_dataset is not None and validation_due_at_step(config, step):
+                self._validate("step")
             if config.save_every_n_steps and step % config.save_every_n_steps == 0 and step < self.max_train_steps:
                 self._save_checkpoint(step=step)
             if self._sampling_by_steps() and step % config.sample_every_n_steps == 0:
@@ -633,6 +639,8 @@ class _Trainer:
         """After a full epoch that is not the last: epoch average, per-epoch save and samples."""
         config, p = self.config, self.progress
         p.epoch_end_done = True
+        if self.val_dataset is not None and validation_due_at_epoch(config, epoch):
+            self._validate("epoch")
         self._log_epoch_average(epoch)
         if self.save_every_n_epochs and epoch % self.save_every_n_epochs == 0:
             self._save_checkpoint(epoch=epoch)
@@ -648,6 +656,8 @@ class _Trainer:
 
     def _finish(self) -> None:
         config, p = self.config, self.progress
+        if self.val_dataset is not None and validation_due_at_epoch(config, p.epoch):
+            self._validate("epoch")
         self._log_epoch_average(p.epoch)
         self.result.global_step = p.global_step
         self.result.epochs = p.epoch
@@ -951,12 +961,102 @@ class _Trainer:
         p, config = self.progress, self.config
         path = os.path.join(config.output_dir, loss_plot_name(config.output_name))
         try:
-            save_loss_plot(path, p.losses, p.lrs, self.group_names,
+            save_loss_plot(path, p.losses, p.lrs, self.group_names, validation=self.result.validation_losses,
                            title=f"{config.output_name or 'LoRA'}: {p.global_step} steps, {p.epoch} epochs")
         except OSError as e:
             self._warn(f"could not write the loss plot {path} ({e.strerror or e})")
             return
         self.result.plot_path = path
+
+    # ------------------------------------------------------------ validation
+    def _prepare_validation(self) -> None:
+        """The held-out images (validation_split) as a dataset of their own, latents cached like the training ones."""
+        import torch
+
+        from .dataset import TrainDataset
+        from .validation import resolve_validation_seed, validation_plan
+
+        config = self.config
+        self.val_dataset = None
+        self._last_validation: tuple[int, float] | None = None
+        val_plan = validation_plan(self.plan.dataset)
+        if val_plan is None:
+            return
+        self.validation_seed = resolve_validation_seed(config)
+        self.val_dataset = TrainDataset(val_plan, config, self.validation_seed)
+        if config.cache_latents:
+            # a generator of its own: caching the held-out images draws nothing from the training random streams
+            generator = torch.Generator().manual_seed(self.validation_seed)
+            self.val_dataset.cache_latents(lambda images: self._encode_images(images, generator), config.vae_batch_size,
+                                           config.cache_latents_to_disk, self._vae_cache_key())
+
+    def _validate(self, *kinds: str) -> None:
+        """Compute (or reuse, when the weights have not moved since) the validation loss and log it under
+        ``loss/validation`` and kohya's ``loss/validation/<kind>_average|_divergence`` for each kind
+        ("step", "epoch")."""
+        if self.val_dataset is None:
+            return
+        p = self.progress
+        if self._last_validation is not None and self._last_validation[0] == p.global_step:
+            value = self._last_validation[1]
+        else:
+            value = self._validation_loss()
+            self._last_validation = (p.global_step, value)
+            self.result.validation_losses.append((p.global_step, value))
+            self.cb.on_message(f"validation loss {value:.5f} at step {p.global_step} (epoch {p.epoch}, "
+                               f"{len(self.val_dataset.plan.images)} held-out images)")
+        train_average = sum(self._recent) / len(self._recent) if self._recent else float("nan")
+        logs = {"loss/validation": value}
+        for kind in kinds:
+            logs[f"loss/validation/{kind}_average"] = value
+            logs[f"loss/validation/{kind}_divergence"] = value - train_average
+        self._log(logs, p.global_step)
+
+    def _validation_loss(self) -> float:
+        """Mean loss over the held-out images at the fixed timesteps (see :mod:`.validation`). Each process
+        takes its share of the batches; the sums are added up."""
+        import torch
+
+        from .noise import add_noise, per_sample_mse, velocity_target
+        from .validation import VALIDATION_TIMESTEPS, batch_generator_seed
+
+        accelerator, device = self.accelerator, self.accelerator.device
+        count = len(self.val_dataset)
+        if self.config.max_validation_steps:
+            count = min(count, self.config.max_validation_steps)
+        # the network last: its modes are the ones training set after the base models'
+        modules = [self.model.unet, *self.model.text_encoders, self.network]
+        modes = [m.training for m in modules]
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        try:
+            for m in modules:
+                m.eval()
+            with torch.no_grad(), self._eval_weights():
+                for index in range(accelerator.process_index, count, accelerator.num_processes):
+                    batch = self.val_dataset[index]
+                    generator = torch.Generator().manual_seed(batch_generator_seed(self.validation_seed, index))
+                    if batch.get("latents") is not None:
+                        latents = batch["latents"].to(device)
+                    else:
+                        latents = self._encode_images(batch["images"], generator)
+                    latents = (latents * self.family.latent_scale).to(self.weight_dtype)
+                    cond = self._encode_prompts(batch["captions"])
+                    for t in VALIDATION_TIMESTEPS:
+                        timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
+                        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+                        noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
+                        with accelerator.autocast():
+                            pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
+                        target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
+                        losses = per_sample_mse(pred, target)
+                        total[0] += losses.double().sum()
+                        total[1] += losses.numel()
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        if accelerator.num_processes > 1:
+            total = accelerator.reduce(total, reduction="sum")
+        return float(total[0] / total[1]) if float(total[1]) else float("nan")
 
     def _sample(self, label: str, step: int):
         self._last_sample_step = step
