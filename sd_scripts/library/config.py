@@ -141,6 +141,13 @@ class TrainConfig:
     network_train_unet_only: bool = _f(False, "train only the UNet part")
     network_train_text_encoder_only: bool = _f(False, "train only the text encoder part")
 
+    # --- validation ---
+    validation_split: float = _f(0.0, "fraction of each training folder's images held out for a validation loss (0 = off)")
+    validation_seed: int | None = _f(None, "seed choosing the held-out images and the validation noise (default: seed)")
+    validate_every_n_steps: int | None = _f(None, "also compute the validation loss every N steps")
+    validate_every_n_epochs: int | None = _f(None, "compute the validation loss every N epochs (default: every epoch)")
+    max_validation_steps: int | None = _f(None, "at most N validation batches per validation (default: all)")
+
     # --- sampling ---
     sample_prompts: str | None = _f(None, "file of sample prompts (kohya syntax)")
     sample_sampler: str = _f("ddim", "sampler for sample images")

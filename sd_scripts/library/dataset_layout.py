@@ -12,7 +12,8 @@ Two ways to describe a dataset (kohya-ss/sd-scripts compatible):
 :func:`scan_dataset` checks settings and folders (one-line ``ConfigError``/``DatasetError`` on a
 mistake), reads captions (UTF-8), decodes every image once to find broken ones (skipped with a
 warning; an error if none remain), balances regularization images 1:1 with training images
-(kohya's rule) and returns the plan. Warnings are returned in ``plan.warnings``. It never writes.
+(kohya's rule), holds out ``validation_split`` of each training folder's images for the validation loss
+(:mod:`.validation`; listed in ``plan.validation_images``, never trained on) and returns the plan. Warnings are returned in ``plan.warnings``. It never writes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable
 from .buckets import BucketManager, snap_bucket_range
 from .captions import CaptionSettings, count_tags
 from .errors import ConfigError, DatasetError, UserError, UserErrors
+from .validation import split_held_out
 from .images import (
     IMAGE_EXTENSIONS,
     RESIZE_INTERPOLATIONS,
@@ -110,8 +112,11 @@ class DatasetSpec:
     bucket_reso_steps: int
     bucket_no_upscale: bool
     network_multiplier: float = 1.0
+    validation_split: float = 0.0
+    validation_seed: int = 0
     num_train_images: int = 0
     num_reg_images: int = 0
+    num_validation_images: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def bucket_manager(self) -> BucketManager:
@@ -150,9 +155,11 @@ class DatasetPlan:
     subsets: list[SubsetSpec]
     images: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    validation_images: list[ImageRecord] = field(default_factory=list)  # held out (validation_split), never trained on
     warnings: list[str] = field(default_factory=list)
     num_train_images: int = 0
     num_reg_images: int = 0
+    num_validation_images: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     tag_frequency_cased: dict[str, dict[str, int]] = field(default_factory=dict)
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -517,6 +524,15 @@ def _dataset_spec(lookup: _Lookup) -> DatasetSpec:
         w, h = resolution
         errs.append(_setting_error("resolution", res_where, f"{w},{h} is not a multiple of 8; use e.g. {round(w / 8) * 8}"))
     multiplier = attempt(_check_range, lookup, "network_multiplier")
+    # from the config, validation_split/validation_seed are checked by preflight's check_validation_settings
+    split, split_where = lookup.get("validation_split")
+    if split_where is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1):
+        errs.append(_setting_error("validation_split", split_where, f"must be from 0 (off) to below 1 (the share of "
+                                   f"images held out, e.g. 0.1), got {split!r}"))
+        split = None
+    val_seed, seed_where = lookup.get("validation_seed")
+    if seed_where is not None and (isinstance(val_seed, bool) or not isinstance(val_seed, int)):
+        errs.append(_setting_error("validation_seed", seed_where, f"must be a whole number, got {val_seed!r}"))
     if errs:
         raise _combine(errs)
     w, h = resolution
@@ -529,6 +545,8 @@ def _dataset_spec(lookup: _Lookup) -> DatasetSpec:
         bucket_reso_steps=int(steps),
         bucket_no_upscale=no_upscale,
         network_multiplier=float(multiplier if multiplier is not None else 1.0),
+        validation_split=float(split) if isinstance(split, (int, float)) and 0 <= split < 1 else 0.0,
+        validation_seed=int(val_seed) if isinstance(val_seed, int) else int(lookup.value("seed") or 0),
     )
 
 
@@ -914,9 +932,6 @@ def _collect_layout(config: Any, errors: list[UserError]):
             ds_lookup = _Lookup(config, [(ds_table, f"dataset_config {ds_where}"), (general, "dataset_config [general]")])
             spec = attempt(_dataset_spec, ds_lookup)
             datasets.append(spec)
-            for key in ("validation_split", "validation_seed"):
-                if ds_lookup.levels and (ds_table.get(key) is not None or general.get(key) is not None):
-                    warnings.append(f"dataset_config: '{key}' is not supported and is ignored (no validation split)")
             sub_tables = ds_table.get("subsets", [])
             if not sub_tables:
                 errors.append(ConfigError(
@@ -1067,12 +1082,20 @@ def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting
     plan_tags_cased: dict[str, dict[str, int]] = {}
     dataset_dirs: dict[str, dict[str, int]] = {}
     reg_dirs: dict[str, dict[str, int]] = {}
+    held_out: list[ImageRecord] = []
+    too_small: list[str] = []
     for d, spec in enumerate(datasets):
         train_records, reg_records = [], []
         for i, sub in enumerate(subsets):
             if sub.dataset != d:
                 continue
             records = per_subset[i]
+            if spec.validation_split and not sub.is_reg and records:
+                records, held = split_held_out(records, spec.validation_split, spec.validation_seed, f"{d}/{sub.name}")
+                if not held:
+                    too_small.append(f"{sub.name} ({len(records)})")
+                held_out.extend(held)
+                spec.num_validation_images += len(held)
             sub.img_count = len(records)
             captions = [r.caption for r in records]
             freq = count_tags(captions, into=spec.tag_frequency.setdefault(sub.name, {}))
@@ -1098,6 +1121,19 @@ def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting
                 )
             images.extend(used)
 
+    if too_small:
+        warnings.append(f"validation_split: {len(too_small)} folder(s) have too few images to hold one out, so all "
+                        f"their images are trained on: {_listing(too_small)}")
+    if too_small and not held_out:
+        warnings.append("validation_split: no image is held out, so no validation loss is computed; raise "
+                        "validation_split or add images")
+    elif not held_out and any(getattr(config, k, None) for k in ("validate_every_n_steps", "validate_every_n_epochs",
+                                                                 "max_validation_steps")):
+        warnings.append("validate_every_n_steps/validate_every_n_epochs/max_validation_steps are set but "
+                        "validation_split is 0, so no validation loss is computed; set validation_split, e.g. 0.1")
+    if held_out and not any(not r.is_reg for r in images):
+        raise DatasetError("validation_split: holding images out leaves no training image; lower validation_split",
+                           "validation_split")
     if not any(not r.is_reg for r in images):
         if skipped:
             raise DatasetError(
@@ -1122,6 +1158,8 @@ def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting
         warnings=warnings,
         num_train_images=sum(s.num_train_images for s in datasets),
         num_reg_images=sum(s.num_reg_images for s in datasets),
+        num_validation_images=len(held_out),
+        validation_images=held_out,
         tag_frequency=plan_tags,
         tag_frequency_cased=plan_tags_cased,
         dataset_dirs=dataset_dirs,

@@ -1,8 +1,8 @@
 """A loss-and-learning-rate chart as a PNG, drawn with PIL (no plotting library needed).
 
-``save_loss_plot(path, losses, lrs, group_names)``: the loss of every step (light), its moving
-average (dark) on the left axis, and the learning rate of each parameter group on the right axis.
-Skipped steps (NaN) leave gaps. The file is written atomically.
+``save_loss_plot(path, losses, lrs, group_names, validation=)``: the loss of every step (light), its moving
+average (dark) and the validation losses (``(step, loss)`` points, joined) on the left axis, and the learning
+rate of each parameter group on the right axis. Skipped steps (NaN) leave gaps. The file is written atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["save_loss_plot", "moving_average"]
 
 _W, _H = 1000, 560
 _LEFT, _RIGHT, _TOP, _BOTTOM = 78, 86, 46, 54
-_LOSS, _AVG = (150, 180, 225), (25, 70, 160)
+_LOSS, _AVG, _VAL = (150, 180, 225), (25, 70, 160), (0, 155, 165)
 _LR_COLORS = [(230, 120, 20), (40, 150, 70), (170, 50, 160), (200, 40, 40)]
 
 
@@ -71,7 +71,8 @@ def _range(values: list[float]) -> tuple[float, float]:
 
 
 def save_loss_plot(path: str | os.PathLike, losses: Sequence[float], lrs: Sequence[Sequence[float]] | None = None,
-                   group_names: Sequence[str] | None = None, title: str = "", first_step: int = 1) -> str:
+                   group_names: Sequence[str] | None = None, title: str = "", first_step: int = 1,
+                   validation: Sequence[tuple[int, float]] | None = None) -> str:
     """Draw the chart and write it to ``path`` (PNG, atomically); returns the path."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -98,7 +99,8 @@ def save_loss_plot(path: str | os.PathLike, losses: Sequence[float], lrs: Sequen
     d.text(((x0 + x1) / 2, _H - 14), "step", fill=(40, 40, 40), font=font, anchor="mm")
 
     # loss, left axis
-    lo, hi = _range(losses)
+    val_points = [(int(step), float(v)) for step, v in (validation or []) if math.isfinite(float(v))]
+    lo, hi = _range(losses + [v for _, v in val_points])
 
     def ypos(v: float) -> float:
         v = min(max(v, lo), hi)
@@ -114,9 +116,15 @@ def save_loss_plot(path: str | os.PathLike, losses: Sequence[float], lrs: Sequen
     avg = moving_average(losses, window)
     _polyline(d, [(xpos(i), ypos(v)) for i, v in enumerate(losses)], _LOSS, 1)
     _polyline(d, [(xpos(i), ypos(v)) for i, v in enumerate(avg)], _AVG, 2)
+    val_xy = [(xpos(step - first_step), ypos(v)) for step, v in val_points]
+    _polyline(d, val_xy, _VAL, 2)
+    for x, y in val_xy:
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_VAL)
 
     # learning rates, right axis
     legend = [("loss", _LOSS), (f"loss, average of {window}", _AVG)]
+    if val_points:
+        legend.append(("validation loss", _VAL))
     rows = [list(map(float, r)) for r in (lrs or [])]
     if rows and any(rows):
         groups = max(len(r) for r in rows)

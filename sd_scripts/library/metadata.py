@@ -35,6 +35,7 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
         "ss_unet_lr": config.unet_lr,
         "ss_num_train_images": dataset.num_train_images,
         "ss_num_reg_images": dataset.num_reg_images,
+        "ss_num_validation_images": getattr(getattr(dataset, "plan", None), "num_validation_images", 0),
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_num_epochs": num_train_epochs,
         "ss_gradient_checkpointing": config.gradient_checkpointing,
@@ -84,6 +85,11 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
         "ss_reg_dataset_dirs": json.dumps(getattr(dataset, "reg_dataset_dirs", {}) or {}),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency),
         "ss_bucket_info": json.dumps(dataset.bucket_info),
+        "ss_validation_seed": getattr(config, "validation_seed", None),
+        "ss_validation_split": getattr(config, "validation_split", 0.0),
+        "ss_max_validation_steps": getattr(config, "max_validation_steps", None),
+        "ss_validate_every_n_epochs": getattr(config, "validate_every_n_epochs", None),
+        "ss_validate_every_n_steps": getattr(config, "validate_every_n_steps", None),
     }
     if network_args:
         md["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})

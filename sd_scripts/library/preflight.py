@@ -171,6 +171,9 @@ def check_settings(config) -> list[UserError]:
 
         if str(config.sample_sampler).lower() not in SAMPLERS:
             bad("sample_sampler", f"unknown sampler {config.sample_sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    from .validation import check_validation_settings
+
+    errors.extend(check_validation_settings(config))
     # output
     _check_output(config, bad)
     # CUDA-only options
@@ -601,6 +604,9 @@ def dataset_summary(dataset) -> list[str]:
         line += f"; {len(no_caption)} without a caption file"
         if tokens:
             line += f" ({tokens} use their folder's class tokens)"
+    held_out = getattr(dataset, "validation_images", []) or []
+    if held_out:
+        line += f"; {len(held_out)} held out for the validation loss"
     skipped = getattr(dataset, "skipped", []) or []
     if skipped:
         line += f"; {len(skipped)} skipped"

@@ -45,8 +45,8 @@ def fixed_captions(plan) -> list[str]:
     from .captions import process_caption
 
     rng = random.Random(0)
-    captions = [process_caption(record.caption, plan.subsets[record.subset].captions, rng)
-                for record in plan.images]
+    records = [*plan.images, *(getattr(plan, "validation_images", None) or [])]  # held-out images are validated
+    captions = [process_caption(record.caption, plan.subsets[record.subset].captions, rng) for record in records]
     return list(dict.fromkeys(captions))
 
 
