@@ -36,12 +36,13 @@ PRECISION = "Precision and speed"
 NOISE = "Noise and loss"
 SAVING = "Saving"
 SAMPLES = "Sample images during training"
+VALIDATION = "Validation loss"
 LOGGING = "Logging"
 HUB = "Hugging Face upload"
 DEPRECATED = "Deprecated (still read from old files)"
 
 GROUPS = [PATHS, JSON_QUEUE, MODEL, NETWORK, OPTIMIZER, SCHEDULER, LENGTH, RESOLUTION, CAPTIONS, AUGMENT,
-          PRECISION, NOISE, SAVING, SAMPLES, LOGGING, HUB, DEPRECATED]
+          PRECISION, NOISE, SAVING, SAMPLES, VALIDATION, LOGGING, HUB, DEPRECATED]
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit",
               "DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD", "DAdaptAdan", "Prodigy",
@@ -377,6 +378,20 @@ class ArgStore:
         False, "keep the LoRA weights in bf16 too (needs mixed_precision bf16)", group=PRECISION)
     wandb_run_name: str | None = setting(
         None, "Weights & Biases run name (default: log_prefix, output name and start time)", group=LOGGING)
+
+    # ------------------------------------------------------------------ validation loss (kohya's names)
+    validation_split: float = setting(
+        0.0, "share of each training folder's images held out to measure a validation loss, e.g. 0.1 (0 = off); "
+        "they are not trained on", group=VALIDATION)
+    validation_seed: int | None = setting(
+        None, "seed choosing the held-out images and the validation noise (default: the training seed)",
+        group=VALIDATION)
+    validate_every_n_steps: int | None = setting(
+        None, "also measure the validation loss every N steps", group=VALIDATION)
+    validate_every_n_epochs: int | None = setting(
+        None, "measure the validation loss every N epochs (default: every epoch)", group=VALIDATION)
+    max_validation_steps: int | None = setting(
+        None, "at most N validation batches each time (default: all held-out images)", group=VALIDATION)
 
     # ------------------------------------------------------------------ helpers
     @classmethod

@@ -69,7 +69,8 @@ _SDXL_KEYS = {"sdxl_no_half_vae": "no_half_vae", "sdxl_cache_text_encoder_output
 _ZERO_IS_UNSET = {"save_every_n_epochs", "sample_every_n_steps", "sample_every_n_epochs", "max_steps",
                   "min_snr_gamma", "unet_lr", "text_encoder_lr", "multires_noise_iterations", "network_dropout",
                   "save_every_n_steps", "save_last_n_epochs", "save_last_n_epochs_state", "vae_batch_size",
-                  "caption_dropout_every_n_epochs", "gradient_acc_steps"}
+                  "caption_dropout_every_n_epochs", "gradient_acc_steps", "validate_every_n_steps",
+                  "validate_every_n_epochs", "max_validation_steps"}
 
 # LoRA_type -> (lyco, algo or None, uses conv_dim/conv_alpha)
 LORA_TYPES = {

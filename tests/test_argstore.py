@@ -392,6 +392,11 @@ NEW_ENGINE_SETTINGS = {
     "full_fp16": ("full_fp16", True, False),
     "full_bf16": ("full_bf16", True, False),
     "wandb_run_name": ("wandb_run_name", "my run", None),  # empty text means "not set"
+    "validation_split": ("validation_split", 0.2, 0.0),
+    "validation_seed": ("validation_seed", 7, 0),
+    "validate_every_n_steps": ("validate_every_n_steps", 50, 0),
+    "validate_every_n_epochs": ("validate_every_n_epochs", 2, 0),
+    "max_validation_steps": ("max_validation_steps", 10, 0),
 }
 
 
