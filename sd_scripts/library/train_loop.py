@@ -14,6 +14,11 @@ Reliability rules the loop keeps:
   continues bit for bit: a run stopped after a saved state and resumed ends with the same LoRA.
   The data loader has its own random generator, so starting an epoch draws nothing from torch's
   global generator, and sampling saves and restores every random state.
+* **Several processes.** Every process is seeded with the run's seed while models, latents and
+  network are built (same weights everywhere), and agrees on the data order; when training
+  starts, each process but 0 switches to its own stream (``train_state.process_seed``), so the
+  GPUs draw different noise, timesteps and dropout. Process 0 keeps the single-process stream.
+  States hold every process's random states.
 * **Ctrl+C.** The first Ctrl+C finishes the current step (or abandons the sample image being
   drawn), saves ``<output_name>-interrupted.<ext>`` and, with ``save_state``, the state, then
   raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``: command lines exit with 130).
@@ -473,6 +478,8 @@ class _Trainer:
 
     def _restore(self, state) -> None:
         """Put the saved network, optimizer, scheduler, counters and history in place."""
+        from .train_state import saved_rng_of
+
         p = state.progress
         own = self.network.state_dict()
         missing = sorted(set(own) - set(state.network))
@@ -507,24 +514,28 @@ class _Trainer:
         self.progress.epoch_start_step = p.epoch_start_step
         self.progress.losses, self.progress.lrs = list(p.losses), list(p.lrs)
         self.result.losses = [v for v in p.losses if math.isfinite(v)]
-        rng = state.rng
-        index = self.accelerator.process_index
-        self.resumed_rng = rng[index] if index < len(rng) else (rng[0] if rng else None)
+        self.resumed_rng = saved_rng_of(state.rng, self.accelerator.process_index)
         self.result.resumed_from = state.path
         self._last_state, self._last_state_step = state.path, p.global_step
         self.cb.on_message(f"resuming from {state.path}: step {p.global_step}, epoch {p.epoch}")
 
     # ------------------------------------------------------------------ loop
     def _loop(self):
-        from .train_state import restore_rng
+        from accelerate.utils import set_seed
+
+        from .train_state import process_seed, restore_rng
 
         config, p = self.config, self.progress
         try:
             if config.sample_at_first and not config.resume:
                 self._sample(label=f"{0:06d}", step=0)
                 self._check_stop()
+            index = self.accelerator.process_index
             if self.resumed_rng is not None:
                 restore_rng(self.resumed_rng)
+            elif index > 0:
+                # its own noise, timesteps and dropout; everything built so far came from the shared seed
+                set_seed(process_seed(self.seed, index, p.global_step))
             epoch, skip = p.epoch, p.batches_done
             self._recent = deque((v for v in p.losses[-len(self.dataloader):] if math.isfinite(v)), maxlen=len(self.dataloader))
             if config.resume and skip >= len(self.dataloader):

@@ -42,7 +42,8 @@ from .errors import ConfigError, UserError
 __all__ = [
     "STATE_FILE", "TrainProgress", "LoadedState", "DiskFullError", "state_dir_name", "save_train_state",
     "load_train_state", "read_progress", "find_latest_state", "check_resume_settings", "recover_output_folder",
-    "capture_rng", "restore_rng", "is_disk_full", "disk_full_error", "folder_bytes", "MATCHING_SETTINGS",
+    "capture_rng", "restore_rng", "process_seed", "saved_rng_of", "is_disk_full", "disk_full_error", "folder_bytes",
+    "MATCHING_SETTINGS",
 ]
 
 STATE_FILE = "train_state.json"
@@ -134,6 +135,34 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
         else:  # another GPU count: the first device's state at least
             torch.cuda.set_rng_state(cuda[0])
+
+
+def process_seed(seed: int, process_index: int, step: int = 0) -> int:
+    """The seed of process ``process_index``'s own random stream, started at optimizer step ``step``.
+
+    With several processes (``accelerate launch``), every process is seeded with the run's seed
+    while the models and the network are built, so they start from the same weights; when
+    training starts, each process other than 0 switches to this stream, so that it draws its own
+    noise, timesteps and dropout (kohya gets the same effect from ``set_seed(seed,
+    device_specific=True)``). Process 0 keeps the run's stream, which is what a single process
+    draws. The value is a 32-bit hash of the three numbers (numpy seeds are 32-bit): the same
+    inputs always start the same stream.
+    """
+    return random.Random(f"lets-process/{seed}/{process_index}/{step}").getrandbits(32)
+
+
+def saved_rng_of(rng_states: list[dict], process_index: int) -> dict | None:
+    """The random states a state folder holds for process ``process_index``, or None: the process then
+    starts its stream from :func:`process_seed`. None too for a process other than 0 whose saved
+    states equal process 0's (saved by a version whose processes all drew the same numbers)."""
+    import torch
+
+    if process_index >= len(rng_states):
+        return None
+    mine = rng_states[process_index]
+    if process_index > 0 and torch.equal(mine["torch"], rng_states[0]["torch"]):
+        return None
+    return mine
 
 
 # ----------------------------------------------------------------------------- disk full
