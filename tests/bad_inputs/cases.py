@@ -129,6 +129,8 @@ _PROMPTS_BAD_VALUE = "a photo of sks shape --w wide\n"
 _TOML_MALFORMED = "[general]\nshuffle_caption = true\n[[datasets]\nresolution = 64\n"
 _TOML_UNKNOWN_KEY = ("[general]\nshuffle_captions = true\n[[datasets]]\nresolution = 64\n"
                      "[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\nnum_repeats = 2\n")
+_TOML_BAD_VALIDATION_SPLIT = ("[general]\nvalidation_split = 1.5\n[[datasets]]\nresolution = 64\n"
+                              "[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n")
 
 
 def _evil_payload(path: Path):
@@ -260,6 +262,16 @@ CASES: list[Case] = [
     Case("network_args_bad_conv_dim", ("conv_dim", "abc"), ["--network_args", "conv_dim=abc"]),
     Case("vae_missing", ("vae", "not found"), ["--vae", "{ws}/vae.safetensors"]),
     Case("resume_missing", ("resume", "not found"), ["--resume", "{ws}/state"]),
+    # ---------------------------------------------------------------- validation loss
+    Case("validation_split_negative", ("validation_split", "from 0", "-0.1"), ["--validation_split", "-0.1"]),
+    Case("validation_split_one", ("validation_split", "below 1"), ["--validation_split", "1"]),
+    Case("validate_every_n_steps_zero", ("validate_every_n_steps", "1 or more"), ["--validate_every_n_steps", "0"]),
+    Case("max_validation_steps_negative", ("max_validation_steps", "1 or more"), ["--max_validation_steps", "-2"]),
+    Case("json_validation_split_above_1", ("validation_split", "below 1"), json={"validation_split": 1.5}),
+    Case("dataset_config_validation_split_above_1", ("validation_split", "dataset_config [general]", "below 1"),
+         ["--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_BAD_VALIDATION_SPLIT}),
+    Case("engine_validation_split_one", ("validation_split", "below 1"), ["--validation_split", "1.0"],
+         runner="engine"),
     # ---------------------------------------------------------------- samples
     Case("sample_sampler_unknown", ("sample_sampler", "ddim"), ["--sample_sampler", "magic"]),
     Case("sample_prompt_bad_option", ("sample_prompts", "line 1", "--x"), ["--sample_prompts", "{ws}/p.txt"],
