@@ -159,6 +159,31 @@ def test_disk_need_counts_saves_states_and_cache(model, tmp_path, monkeypatch):
     assert cached.disk[0].bytes - one >= 4 * 2 * 4 * 16 * 16 * 4
 
 
+def test_disk_need_counts_samples_logs_and_text_encoder_cache(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = make_dataset(tmp_path / "data", count=4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shape --w 64 --h 64\na blue shape --w 128 --h 64\n", encoding="utf-8")
+    _free(monkeypatch, 10**15)
+    common = dict(max_train_steps=10)
+    one = preflight(_config(model, data, tmp_path / "out", **common)).disk[0].bytes
+    sampled = preflight(_config(model, data, tmp_path / "out", sample_prompts=str(prompts), sample_every_n_steps=2,
+                                sample_at_first=True, logging_dir=str(tmp_path / "logs"), **common)).disk[0]
+    # 5 + 1 sampling points x (64x64 + 128x64 px, and the grid again) x 2 bytes per pixel; 10 steps of logs
+    assert sampled.bytes - one == 6 * 2 * (64 * 64 + 128 * 64) * 2 + 10 * 512
+    assert any(p.startswith("sample images of about") for p in sampled.parts)
+    assert any(p.startswith("training logs of about") for p in sampled.parts)
+    unet_only = preflight(_config(model, data, tmp_path / "out", network_train_unet_only=True, **common)).disk[0]
+    cached = preflight(_config(model, data, tmp_path / "out", cache_text_encoder_outputs_to_disk=True,
+                               network_train_unet_only=True, **common)).disk[0]
+    assert cached.bytes - unet_only.bytes >= 4 * 77 * 768 * 4 and any("text-encoder cache" in p for p in cached.parts)
+    _free(monkeypatch, one + 1000)  # the LoRA fits, the samples do not: the line says what takes the space
+    with pytest.raises(UserErrors) as e:
+        preflight(_config(model, data, tmp_path / "out", sample_prompts=str(prompts), sample_every_n_steps=2,
+                          **common))
+    assert str(e.value).startswith("output_dir: not enough free disk space") and "sample images" in str(e.value)
+
+
 def test_existing_latent_cache_is_not_counted_again(model, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = make_dataset(tmp_path / "data", count=4)

@@ -14,8 +14,8 @@ What is checked:
   offline, whether its CLIP tokenizer can be found;
 * the sample prompt file and sampler;
 * the dataset (``dataset_layout.scan_dataset``): layout, captions, every image decoded once;
-* free disk space (:func:`check_disk_space`) for the LoRA files, training states and the on-disk
-  latent cache, estimated from the model's layer shapes and ``network_dim``.
+* free disk space (:func:`check_disk_space`) for the LoRA files and training states (estimated from the
+  model's layer shapes and ``network_dim``), the on-disk latent and text-encoder caches, sample images and logs.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ _BAD_NAME_CHARS = '/\\:*?"<>|'
 _PARAMS_PER_RANK = {"sd1": 600_000, "sd2": 700_000, "sdxl": 2_900_000}
 _CONV_PARAMS_PER_RANK = {"sd1": 1_600_000, "sd2": 1_600_000, "sdxl": 4_000_000}
 _LATENT_CHANNELS = 4
+_PNG_BYTES_PER_PIXEL = 2.0  # generated sample images compress little: about 2 of the 3 bytes per RGB pixel
+_LOG_BYTES_PER_STEP = 512  # TensorBoard scalars per step: losses and one lr per parameter group
 
 
 @dataclass
@@ -443,7 +445,7 @@ def estimate_lora_bytes(config, family=None, model_info: dict | None = None) -> 
             params = total if found else None
     except Exception:  # noqa: BLE001 - an estimate must never stop a run
         params = None
-    if not params:  # unreadable shapes, or key names this estimate does not know (e.g. SDXL's)
+    if not params:  # unreadable shapes, or key names this estimate does not know
         name = getattr(family, "name", "sd1")
         share = (0.75 if unet else 0.0) + (0.25 if te else 0.0)
         params = int(_PARAMS_PER_RANK.get(name, 600_000) * dim * share)
@@ -498,6 +500,36 @@ def _latent_cache_bytes(config, dataset) -> int:
     return images * (per_image * copies + 2048)
 
 
+def _sample_bytes(config, steps: int, epochs: int) -> int:
+    """Sample images (and one grid per sampling point) written to ``<output_dir>/sample`` over the run."""
+    events = 0
+    if _is_int(config.sample_every_n_epochs) and config.sample_every_n_epochs > 0:
+        events = epochs // config.sample_every_n_epochs
+    elif _is_int(config.sample_every_n_steps) and config.sample_every_n_steps > 0:
+        events = steps // config.sample_every_n_steps
+    events += 1 if config.sample_at_first else 0
+    if not events or not config.sample_prompts or not os.path.isfile(config.sample_prompts):
+        return 0
+    from .sampling import load_sample_prompts
+
+    try:
+        prompts = [p.normalise() for p in load_sample_prompts(config.sample_prompts)]
+    except Exception:  # noqa: BLE001 - a bad prompt file is reported by preflight; an estimate never stops a run
+        return 0
+    pixels = sum(p.width * p.height for p in prompts)
+    if len(prompts) > 1:
+        pixels *= 2  # the grid holds every image again
+    return int(events * pixels * _PNG_BYTES_PER_PIXEL)
+
+
+def _te_cache_bytes(config, family, dataset) -> int:
+    """Text-encoder outputs on disk: float32 hidden states (and a pooled vector) per caption, one caption per image
+    at most."""
+    tokens = config.max_token_length + 2 if _is_int(config.max_token_length) else 77
+    per_caption = tokens * getattr(family, "context_dim", 768) * 4 + 1280 * 4 + 1024
+    return len(getattr(dataset, "images", []) or []) * per_caption
+
+
 def _folder_bytes(folder: str) -> int:
     total = 0
     for dirpath, _, files in os.walk(folder):
@@ -518,7 +550,8 @@ def _human(n: float) -> str:
 
 
 def check_disk_space(config, plan: Plan) -> tuple[list[UserError], list[str], list[DiskNeed]]:
-    """(errors, warnings, needs): free space for the LoRA files, states and latent cache.
+    """(errors, warnings, needs): free space for the LoRA files, states, latent and text-encoder caches, sample
+    images and logs.
 
     An error names the setting whose folder is on the full disk when the free space is below the
     estimate; a warning when it is below twice the estimate. Uses ``shutil.disk_usage`` (tests
@@ -564,6 +597,23 @@ def check_disk_space(config, plan: Plan) -> tuple[list[UserError], list[str], li
             if os.path.isdir(cache_dir):
                 amount -= _folder_bytes(cache_dir)  # a previous run's cache is mostly reused
             add(cache_dir, setting, amount, f"a latent cache of about {_human(max(amount, 0))}")
+    samples = _sample_bytes(config, steps, epochs)
+    add(os.path.join(config.output_dir, "sample"), "output_dir", samples, f"sample images of about {_human(samples)}")
+    if getattr(config, "cache_text_encoder_outputs_to_disk", False) and plan.dataset is not None:
+        from .te_cache import resolve_te_cache_dir
+
+        try:
+            te_dir = resolve_te_cache_dir(config, plan.dataset)
+        except UserError:
+            te_dir = None
+        if te_dir:
+            amount = _te_cache_bytes(config, plan.family, plan.dataset)
+            if os.path.isdir(te_dir):
+                amount -= _folder_bytes(te_dir)
+            add(te_dir, "output_dir", amount, f"a text-encoder cache of about {_human(max(amount, 0))}")
+    if config.logging_dir:
+        logs = steps * _LOG_BYTES_PER_STEP
+        add(config.logging_dir, "logging_dir", logs, f"training logs of about {_human(logs)}")
     errors: list[UserError] = []
     warnings: list[str] = []
     for need in needs.values():
