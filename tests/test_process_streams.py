@@ -77,9 +77,9 @@ def test_two_processes_draw_their_own_noise_and_resume_exactly(tiny_sd1_diffuser
     # torchrun-style processes (--multi_gpu) that accelerate runs on the CPU with gloo (ACCELERATE_USE_CPU)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"), ACCELERATE_USE_CPU="1")
     cmd = [str(launcher if launcher.exists() else "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "multiprocess_train.py"), str(tiny_sd1_diffusers),
-           str(same_images), str(out)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
+           str(ROOT / "tests" / "multiprocess_train.py"), str(tiny_sd1_diffusers), str(same_images), str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads((out / f"losses-{i}.json").read_text()) for i in range(2)]
@@ -90,13 +90,15 @@ def test_two_processes_draw_their_own_noise_and_resume_exactly(tiny_sd1_diffuser
     assert all(a != b for a, b in zip(ref0, ref1)), (ref0, ref1)
 
     # process 0 draws what a single process draws (its first loss comes before any update)
-    single = train(tiny_config(tiny_sd1_diffusers, same_images, tmp_path / "single", **{**SETTINGS, "max_train_steps": 1}))
+    one_step = {**SETTINGS, "max_train_steps": 1}
+    single = train(tiny_config(tiny_sd1_diffusers, same_images, tmp_path / "single", **one_step))
     assert single.losses[0] == ref0[0]
 
     # exact resume: every process continues its own stream from the state
     for log in logs:
         assert log["resumed"] == log["reference"][RESUME_STEP:]
-    ref_sd, resumed_sd = load_file(out / "reference" / "tiny.safetensors"), load_file(out / "resumed" / "tiny.safetensors")
+    ref_sd = load_file(out / "reference" / "tiny.safetensors")
+    resumed_sd = load_file(out / "resumed" / "tiny.safetensors")
     assert ref_sd.keys() == resumed_sd.keys()
     for key in ref_sd:
         assert torch.equal(ref_sd[key], resumed_sd[key]), f"{key} differs after resuming"
