@@ -237,11 +237,23 @@ def test_string_values_become_real_values():
     assert kw["algo"] == "lokr"
     assert kw["decompose_both"] is False and kw["use_scalar"] is False and kw["dora_wd"] is True
     assert kw["factor"] == 8 and isinstance(kw["factor"], int)
-    assert kw["conv_dim"] == 8 and kw["conv_alpha"] == 4.0 and kw["dropout"] == 0.1
+    assert kw["conv_dim"] == 8 and kw["conv_alpha"] == 4.0 and "dropout" not in kw  # LoKr: see below
     assert kw["constraint"] == 0.5
+    assert la.parse_lycoris_args({"dropout": "0.1"}).kwargs["dropout"] == 0.1
     # network_dropout fills dropout when network_args has none (as kohya's trainer)
     assert la.parse_lycoris_args({}, network_dropout=0.2).kwargs["dropout"] == 0.2
     assert la.parse_lycoris_args({"dropout": "0.05"}, network_dropout=0.2).kwargs["dropout"] == 0.05
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_dropout_with_loha_lokr_is_one_warning(algo, capsys):
+    """LyCORIS ignores neuron dropout in LoHa/LoKr and prints a line per module: the engine drops it with one warning."""
+    parsed = la.parse_lycoris_args({"algo": algo, "rank_dropout": "0.1"}, network_dropout=0.2)
+    assert "dropout" not in parsed.kwargs and parsed.kwargs["rank_dropout"] == 0.1
+    assert [w for w in parsed.warnings if "dropout" in w] == [
+        f"network_args: dropout (network_dropout) does nothing with algo={algo}; use rank_dropout or module_dropout"]
+    _build([f"algo={algo}", "dropout=0.1"])
+    assert "dropout" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, tucker", [

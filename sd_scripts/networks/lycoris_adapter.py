@@ -212,6 +212,11 @@ def parse_lycoris_args(args: Mapping[str, Any], *, network_dim: int | None = Non
                                                                    "(LyCORIS cannot build Tucker GLoRA); turn it off")
     if algo == "full" and kw.get("bypass_mode"):
         raise bad_arg("bypass_mode", raw["bypass_mode"], "cannot be used with algo=full; turn it off")
+    if algo in ("loha", "lokr") and kw.get("dropout"):
+        # LyCORIS 4.x ignores it there and prints a warning line per module
+        kw.pop("dropout")
+        out.warnings.append(f"network_args: dropout (network_dropout) does nothing with algo={algo}; "
+                            "use rank_dropout or module_dropout")
     if algo in _RANKLESS and (kw.get("use_tucker") or kw.get("dora_wd")):
         which = "use_tucker" if kw.get("use_tucker") else "dora_wd"
         out.warnings.append(f"network_args: {which} does nothing with algo={algo}")
