@@ -210,3 +210,34 @@ def test_the_lora_is_bit_identical_with_and_without_validation(tiny_sd1_diffuser
     for k in a:
         assert torch.equal(a[k], b[k]), k
         assert torch.equal(a[k], c[k]), k
+
+
+def test_kohya_command_line_flags():
+    from sd_scripts.train_network import config_from_args
+
+    config = config_from_args(["--validation_split", "0.2", "--validation_seed", "3", "--validate_every_n_steps", "10",
+                               "--validate_every_n_epochs", "2", "--max_validation_steps", "4"])
+    assert (config.validation_split, config.validation_seed, config.validate_every_n_steps,
+            config.validate_every_n_epochs, config.max_validation_steps) == (0.2, 3, 10, 2, 4)
+    assert config_from_args([]).validation_split == 0.0
+
+
+@pytest.mark.slow
+def test_sdxl_with_cached_text_encoder_outputs_and_latents(tiny_sdxl_diffusers, tmp_path):
+    """The held-out images' captions are in the text-encoder output cache and their latents in the latent cache."""
+    data = make_dataset(tmp_path / "data", folder="1_sks shape", count=4)
+    for i, caption in enumerate(sorted((data / "1_sks shape").glob("*.txt"))):
+        caption.write_text(f"sks shape, picture {i}", encoding="utf-8")  # every caption its own
+    config = tiny_config(tiny_sdxl_diffusers, data, tmp_path / "out", resolution="64", min_bucket_reso=32,
+                         max_bucket_reso=128, bucket_reso_steps=32, validation_split=0.5, validate_every_n_steps=1,
+                         max_train_steps=2, network_train_unet_only=True, cache_text_encoder_outputs=True,
+                         cache_latents=True)
+    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.library.te_cache import fixed_captions
+
+    plan = scan_dataset(config)
+    assert len(plan.validation_images) == 2
+    assert sorted(fixed_captions(plan)) == [f"sks shape, picture {i}" for i in range(4)]
+    result = _train(config)
+    values = [v for _, v in result.validation_losses]
+    assert len(values) == 2 and all(v > 0 and v == v for v in values)
