@@ -35,6 +35,8 @@ NETWORKS = {
                        "lora_up.weight"),
     "full": ("lycoris.kohya", ["algo=full", "preset=attn-mlp"], {"diff"}, "diff"),
 }
+# these train on the single-file model, the others on the diffusers folder
+ON_SINGLE_FILE = ("loha", "dylora")
 # SGM (checkpoint) spellings of UNet modules; the diffusers spellings must never appear in an SDXL file
 SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_unet_time_embed_",
             "lora_unet_label_emb_", "lora_unet_out_")
@@ -93,9 +95,14 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
     from sd_scripts.networks.lycoris_merge import merge_networks_into_checkpoint_file
 
     module, args, parts, moving = NETWORKS[case]
-    lr = 1e-2 if case == "ia3" else 1e-3
-    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "out", network_module=module, network_args=args,
-                    learning_rate=lr)
+    settings = dict(network_module=module, network_args=args, learning_rate=1e-2 if case == "ia3" else 1e-3)
+    model = tiny_sdxl_diffusers
+    if case in ON_SINGLE_FILE:
+        from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+
+        model = tiny_sdxl_single_file
+        settings["tokenizer_cache_dir"] = str(tiny_tokenizer_cache_dir(model))
+    result = _train(model, dataset, tmp_path / "out", **settings)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     sd = load_file(result.output_path)
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
@@ -120,6 +127,17 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
     assert md["ss_network_module"] == module
     # kohya writes "/lora" for every network its trainer saves, LyCORIS included (as this project does on SD1)
     assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    # the file loads back (network_weights) into the network the same settings build, value for value
+    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.networks.factory import build_network
+
+    config = tiny_config(model, dataset, tmp_path / "again", network_weights=result.output_path, **settings)
+    again = build_network(config, load_model(config), train_unet=True, train_text_encoder=True).network
+    reloaded = again.kohya_state_dict()
+    assert reloaded.keys() == sd.keys()
+    for key, value in sd.items():
+        assert torch.equal(reloaded[key].to(value.dtype).reshape(value.shape), value), key
 
     # ComfyUI places every module on the SDXL model
     assert sorted(set(modules) - set(comfy_map)) == []
