@@ -300,6 +300,7 @@ class TrainingWizard:
         self._captions()
         self._precision_and_caching()
         self._samples()
+        self._validation()
 
     def _model(self) -> None:
         self.section = "Model"
@@ -565,6 +566,15 @@ class TrainingWizard:
             self.ask_setting("sample_every_n_epochs", "Make samples every N epochs", low=1, optional=False,
                              default=self.store.sample_every_n_epochs or 1)
             self.set(sample_every_n_steps=None)
+
+    def _validation(self) -> None:
+        self.section = "Validation loss"
+
+        def below_one(value: float | None) -> str | None:
+            return "give a share below 1, e.g. 0.1" if value is not None and value >= 1 else None
+
+        self.ask_setting("validation_split", "Hold out a share of each folder's images to measure a validation loss "
+                         "(0: no; 0.1 is common)", low=0, check=below_one)
 
     # ----------------------------------------------------------------------------- the end
     def summary_lines(self) -> list[str]:

@@ -241,3 +241,21 @@ def test_sdxl_with_cached_text_encoder_outputs_and_latents(tiny_sdxl_diffusers, 
     result = _train(config)
     values = [v for _, v in result.validation_losses]
     assert len(values) == 2 and all(v > 0 and v == v for v in values)
+
+
+def test_the_wizard_asks_for_a_validation_split(tmp_path):
+    from ArgsList import ArgStore
+    from popups.asker import ScriptedAsker
+    from popups.training_flow import TrainingWizard
+
+    data = make_dataset(tmp_path / "data")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not read by the wizard")
+    script = {"base_model": str(model), "img_folder": str(data), "output_folder": str(tmp_path / "out"),
+              "validation_split": [1.5, 0.25]}
+    asker = ScriptedAsker(script)
+    store = TrainingWizard(asker, ArgStore()).run()
+    assert store.validation_split == 0.25
+    asked = asker.questions("validation_split")
+    assert len(asked) == 2 and "below 1" in asked[1].error
+    assert asker.keys.index("validation_split") < asker.keys.index("summary")
