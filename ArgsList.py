@@ -221,6 +221,9 @@ class ArgStore:
         False, "random crops instead of centre crops (needs cache_latents false)", group=AUGMENT)
     flip_aug: bool = setting(
         False, "random horizontal flips (avoid for asymmetric subjects)", group=AUGMENT)
+    alpha_mask: bool = setting(
+        False, "train on transparent images: the alpha channel masks the loss, transparent parts do not count",
+        group=AUGMENT)
     v2: bool = setting(
         False, "the base model is SD 2.x (false: detected from the checkpoint)", group=MODEL)
     v_parameterization: bool = setting(
@@ -235,6 +238,8 @@ class ArgStore:
         False, "memory-efficient attention", group=PRECISION)
     min_snr_gamma: float | None = setting(
         None, "min-SNR loss weighting; 5 is common", group=NOISE)
+    masked_loss: bool = setting(
+        False, "mask the loss (the masks here are alpha channels, so it needs alpha_mask)", group=NOISE)
 
     # ------------------------------------------------------------------ Hugging Face
     huggingface_repo_id: str | None = setting(

@@ -58,6 +58,8 @@ class TrainConfig:
     flip_aug: bool = _f(False, "random horizontal flips")
     color_aug: bool = _f(False, "random hue/gamma changes (not with cache_latents)")
     random_crop: bool = _f(False, "random crop instead of centre crop (not with cache_latents)")
+    alpha_mask: bool = _f(False, "use each image's alpha channel as a loss mask (transparent parts do not count); "
+                          "applies to every subset")
     cache_latents: bool = _f(False, "encode images once before training")
     cache_latents_to_disk: bool = _f(False, "keep the latent cache in .npz files next to the images' cache folder")
     vae_batch_size: int = _f(1, "images per VAE batch when caching latents")
@@ -106,6 +108,7 @@ class TrainConfig:
     multires_noise_iterations: int | None = _f(None, "multi-resolution (pyramid) noise iterations")
     multires_noise_discount: float = _f(0.3, "multi-resolution noise discount")
     min_snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5 is typical)")
+    masked_loss: bool = _f(False, "mask the loss; here the masks are alpha channels, so it needs alpha_mask")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     skip_nonfinite_steps: bool = _f(False, "skip a step whose loss or gradients are NaN/inf (with a warning) instead of stopping")
     lowram: bool = _f(False, "load models straight to the GPU")

@@ -31,7 +31,7 @@ from .buckets import BucketManager, bucket_info as make_bucket_info, crop_ltrb, 
 from .captions import process_caption
 from .dataset_layout import DatasetPlan, ImageRecord
 from .errors import DatasetError
-from .images import ImageProblem, load_image, resize_image
+from .images import ImageProblem, load_image, load_image_with_alpha, resize_image
 from .latent_cache import DiskLatentCache, cache_key, file_digest, resolve_cache_dir
 
 __all__ = ["TrainDataset", "color_aug", "rgb_to_hsv", "hsv_to_rgb"]
@@ -116,6 +116,7 @@ class TrainDataset:
         self._built_epoch = 0
         self._latents: dict[int, Any] | None = None
         self._latents_flipped: dict[int, Any] = {}
+        self._masks: dict[int, Any] = {}  # cached alpha masks (float32 [H, W], unflipped) of alpha_mask subsets
 
         self._items: list[_Item] = []
         self._managers: list[BucketManager] = []
@@ -261,10 +262,26 @@ class TrainDataset:
         color_rng: random.Random | None = None,
         flip: bool = False,
     ) -> np.ndarray:
+        return self._image_and_mask(item, crop_rng, color_rng, flip)[0]
+
+    def _image_and_mask(
+        self,
+        item: _Item,
+        crop_rng: random.Random | None = None,
+        color_rng: random.Random | None = None,
+        flip: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The bucket-sized uint8 RGB array and, for an ``alpha_mask`` subset, its alpha mask (float32
+        ``[H, W]`` in 0..1, all ones for an opaque image) resized, cropped and flipped like the image;
+        else ``None``."""
         record = item.record
         subset = self.plan.subsets[record.subset]
+        alpha = None
         try:
-            img = load_image(record.path)
+            if subset.alpha_mask:
+                img, alpha = load_image_with_alpha(record.path)
+            else:
+                img = load_image(record.path)
         except (ImageProblem, OSError) as e:
             raise DatasetError(
                 f"train_data_dir: image '{record.path}' cannot be read any more ({e}); restore it or restart to rescan"
@@ -275,15 +292,26 @@ class TrainDataset:
                 f"({record.size[0]}x{record.size[1]} -> {img.size[0]}x{img.size[1]}); restart to rescan"
             )
         img = resize_image(img, item.resized, subset.resize_interpolation)
+        if alpha is not None:  # the alpha as its own channel: RGBA resizing would premultiply the colours
+            alpha = resize_image(alpha, item.resized, subset.resize_interpolation)
         left, top = crop_offsets(item.resized, item.bucket, crop_rng)
+        box = (left, top, left + item.bucket[0], top + item.bucket[1])
         if (left, top, *item.bucket) != (0, 0, *img.size):
-            img = img.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
+            img = img.crop(box)
+            alpha = alpha.crop(box) if alpha is not None else None
         arr = np.asarray(img, dtype=np.uint8)
         if color_rng is not None:
             arr = color_aug(arr, color_rng)
+        mask = None
+        if subset.alpha_mask:
+            if alpha is None:
+                mask = np.ones((item.bucket[1], item.bucket[0]), dtype=np.float32)
+            else:
+                mask = np.asarray(alpha, dtype=np.float32) / 255.0
         if flip:
             arr = arr[:, ::-1]
-        return np.ascontiguousarray(arr)
+            mask = mask[:, ::-1] if mask is not None else None
+        return np.ascontiguousarray(arr), (np.ascontiguousarray(mask) if mask is not None else None)
 
     @staticmethod
     def _to_tensor(arrays: list[np.ndarray]):
@@ -315,6 +343,7 @@ class TrainDataset:
         original_hw, crop_tl, target_hw = [], [], []
         arrays: list[np.ndarray] = []
         latents = []
+        masks: list[Any] = []  # per image: float32 [H, W] tensor, or None (no alpha_mask: all ones)
         for item_index in self._batches[index]:
             item = self._items[item_index]
             record = item.record
@@ -325,15 +354,17 @@ class TrainDataset:
             flip = bool(subset.flip_aug and rng.random() < 0.5)
             if self._latents is not None:
                 latents.append((self._latents_flipped[item_index] if flip else self._latents[item_index]).float())
+                mask = self._masks.get(item_index)
+                masks.append(None if mask is None else (torch.flip(mask, dims=[1]) if flip else mask))
             else:
-                arrays.append(
-                    self._image_array(
-                        item,
-                        crop_rng=rng if subset.random_crop else None,
-                        color_rng=rng if subset.color_aug else None,
-                        flip=flip,
-                    )
+                arr, mask = self._image_and_mask(
+                    item,
+                    crop_rng=rng if subset.random_crop else None,
+                    color_rng=rng if subset.color_aug else None,
+                    flip=flip,
                 )
+                arrays.append(arr)
+                masks.append(None if mask is None else torch.from_numpy(mask))
             bw, bh = item.bucket
             left, top, right, _bottom = item.crop_ltrb
             if flip:
@@ -345,9 +376,14 @@ class TrainDataset:
             original_hw.append((int(record.size[1]), int(record.size[0])))
             crop_tl.append((int(top), int(left)))
             target_hw.append((int(bh), int(bw)))
+        alpha_masks = None
+        if any(m is not None for m in masks):  # images of subsets without alpha_mask count fully
+            bw, bh = self._items[self._batches[index][0]].bucket
+            alpha_masks = torch.stack([torch.ones(bh, bw) if m is None else m for m in masks])
         return {
             "latents": torch.stack(latents) if latents else None,
             "images": self._to_tensor(arrays) if arrays else None,
+            "alpha_masks": alpha_masks,
             "captions": captions,
             "loss_weights": torch.tensor(weights, dtype=torch.float32),
             "image_paths": paths,
@@ -368,6 +404,7 @@ class TrainDataset:
             "crop": list(crop_offsets(item.resized, item.bucket)),
             "interpolation": subset.resize_interpolation or "auto",
             "vae": settings_key,
+            **({"alpha_mask": True} if subset.alpha_mask else {}),
         }
 
     def cache_latents(
@@ -383,7 +420,8 @@ class TrainDataset:
         ``encode_fn`` maps a float tensor ``[B, 3, H, W]`` in [-1, 1] (on the CPU) to unscaled
         latents ``[B, C, H/8, W/8]``. With ``to_disk`` the latents are also kept in the disk cache
         (:mod:`.latent_cache`), reused when the image content and ``settings_key`` (the VAE's
-        identity) and the bucket placement are unchanged. ``progress(done, total)`` is called after
+        identity) and the bucket placement are unchanged. The alpha masks of ``alpha_mask`` subsets are
+        kept with the latents (in memory and in the disk files). ``progress(done, total)`` is called after
         each VAE batch. Raises ``DatasetError`` naming the image when latents are not finite.
         """
         import torch
@@ -399,6 +437,7 @@ class TrainDataset:
         vae_batch_size = max(1, int(vae_batch_size or 1))
         latents: dict[int, Any] = {}
         flipped: dict[int, Any] = {}
+        masks: dict[int, Any] = {}
         cache = DiskLatentCache(resolve_cache_dir(self.config, self.plan)) if to_disk else None
         keys: dict[int, str] = {}
         digests: dict[str, str] = {}
@@ -417,11 +456,14 @@ class TrainDataset:
                 key = cache_key(digests[path], self._cache_settings(item, settings_key))
                 keys[index] = key
                 spatial = (item.bucket[1] // 8, item.bucket[0] // 8)
-                found = cache.load(key, spatial, need_flip)
+                need_mask = self.plan.subsets[item.record.subset].alpha_mask
+                found = cache.load(key, spatial, need_flip, (item.bucket[1], item.bucket[0]) if need_mask else None)
                 if found is not None:
                     latents[index] = torch.from_numpy(found[0])
                     if need_flip:
                         flipped[index] = torch.from_numpy(found[1])
+                    if need_mask:
+                        masks[index] = torch.from_numpy(found[2])
                     continue
             todo.append(index)
 
@@ -437,8 +479,11 @@ class TrainDataset:
         done = 0
         total = len(todo)
         for group in groups:
-            arrays = [self._image_array(self._items[i]) for i in group]
-            images = self._to_tensor(arrays)
+            pairs = [self._image_and_mask(self._items[i]) for i in group]
+            images = self._to_tensor([arr for arr, _mask in pairs])
+            for i, (_arr, mask) in zip(group, pairs):
+                if mask is not None:
+                    masks[i] = torch.from_numpy(mask)
             out = self._encode(encode_fn, images, group)
             flip_members = [k for k, i in enumerate(group) if self.plan.subsets[self._items[i].record.subset].flip_aug]
             out_flip = None
@@ -459,12 +504,14 @@ class TrainDataset:
                         None if f is None else f.float().numpy(),
                         item.record.size,
                         item.crop_ltrb,
+                        None if i not in masks else masks[i].numpy(),
                     )
             done += len(group)
             if progress is not None:
                 progress(done, total)
         self._latents = latents
         self._latents_flipped = flipped
+        self._masks = masks
 
     def _encode(self, encode_fn: EncodeFn, images, indices: list[int]):
         import torch

@@ -76,6 +76,7 @@ class SubsetSpec:
     random_crop: bool = False
     resize_interpolation: str | None = None
     img_count: int = 0
+    alpha_mask: bool = False
 
     def metadata(self) -> dict:
         """The subset's entry in kohya's ``ss_datasets`` metadata."""
@@ -97,6 +98,7 @@ class SubsetSpec:
             "image_dir": self.name,
             "class_tokens": self.class_tokens,
             "is_reg": self.is_reg,
+            **({"alpha_mask": True} if self.alpha_mask else {}),
         }
 
 
@@ -271,7 +273,8 @@ _SUBSET_KEYS: dict[str, str] = {
 _SUBSET_ONLY_KEYS: dict[str, str] = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
 _UNSUPPORTED_SUBSET_KEYS = {
     "metadata_file": "fine-tuning metadata datasets are not supported; use image_dir with caption files",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
+    "conditioning_data_dir": "ControlNet datasets and conditioning-image masks are not supported; for masked_loss "
+                             "use transparent images with alpha_mask = true",
 }
 
 _GENERAL_ALLOWED = {**_DATASET_KEYS, **_SUBSET_KEYS}
@@ -310,6 +313,7 @@ _DEFAULTS: dict[str, Any] = {
     "caption_extension": ".txt",
     "class_tokens": None,
     "is_reg": False,
+    "alpha_mask": False,
 }
 
 
@@ -595,6 +599,7 @@ def _subset_spec(lookup: _Lookup, image_dir: str, dataset: int, num_repeats: int
         color_aug=bool(lookup.value("color_aug")),
         random_crop=bool(lookup.value("random_crop")),
         resize_interpolation=str(interp).lower() if interp else None,
+        alpha_mask=bool(lookup.value("alpha_mask")),
     )
 
 
@@ -943,8 +948,6 @@ def _collect_layout(config: Any, errors: list[UserError]):
             for s, sub in enumerate(sub_tables):
                 where = f"{ds_where} subset #{s + 1}"
                 _check_table(sub, _SUBSET_ALLOWED, where, dataset_config)
-                if sub.get("alpha_mask"):
-                    warnings.append(f"dataset_config: alpha_mask in {where} is not supported; the alpha channel is composited on white")
                 if sub.get("face_crop_aug_range") is not None or ds_table.get("face_crop_aug_range") is not None:
                     warnings.append(f"dataset_config: face_crop_aug_range in {where} is not supported and is ignored")
                 image_dir = sub.get("image_dir")
@@ -999,6 +1002,13 @@ def _collect_layout(config: Any, errors: list[UserError]):
                 if subset is not None:
                     subsets.append(subset)
                     subset_setting.append("reg_data_dir")
+
+    if getattr(config, "masked_loss", False) and subsets and not any(sub.alpha_mask for sub in subsets):
+        errors.append(ConfigError(
+            "masked_loss: the masks come from the images' alpha channels here, and no subset has alpha_mask; "
+            "set alpha_mask (or alpha_mask = true in the dataset_config subsets), or turn masked_loss off",
+            "masked_loss",
+        ))
 
     if getattr(config, "cache_latents", False) or getattr(config, "cache_latents_to_disk", False):
         for i, sub in enumerate(subsets):

@@ -7,6 +7,8 @@
   returns the size after EXIF orientation, or raises :class:`ImageProblem` with a short reason.
 * :func:`load_image` / :func:`to_rgb`: RGB with EXIF orientation applied; palette, CMYK, 16-bit
   and transparent images (composited on white) converted correctly.
+* :func:`load_image_with_alpha`: for kohya's ``alpha_mask``: the colour channels as stored (not
+  composited, as kohya uses them) and the alpha channel as an ``L`` image (``None`` without alpha).
 
 Nothing here writes files.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "probe_image",
     "bomb_warnings_as_errors",
     "load_image",
+    "load_image_with_alpha",
     "to_rgb",
     "resize_image",
     "RESIZE_INTERPOLATIONS",
@@ -189,6 +192,34 @@ def load_image(path: str) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return to_rgb(img)
+    except ImageProblem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageProblem(f"larger than the decompression-bomb limit ({_pixel_limit()} pixels); downscale it") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageProblem(f"cannot be decoded ({str(e).strip() or type(e).__name__})") from e
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def load_image_with_alpha(path: str) -> tuple[Image.Image, Image.Image | None]:
+    """``(rgb, alpha)`` of ``path`` with its EXIF orientation applied, for kohya's ``alpha_mask``.
+
+    ``rgb`` holds the colour channels as stored, not composited (kohya loads RGBA and drops the alpha,
+    so the VAE sees what the file keeps under transparent pixels); ``alpha`` is an 8-bit ``L`` image,
+    or ``None`` for an image without transparency (an all-opaque mask). Raises :class:`ImageProblem`.
+    """
+    try:
+        with Image.open(path) as img:
+            _check_pixels(*img.size)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            if not _has_alpha(img):
+                return to_rgb(img), None
+            rgba = img.convert("RGBA")
+            return rgba.convert("RGB"), rgba.getchannel("A")
     except ImageProblem:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

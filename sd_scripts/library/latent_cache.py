@@ -9,12 +9,16 @@ What: one ``<key>.npz`` per image and bucket placement, ``key = sha256`` of
 * the sha256 of the image file's bytes (not its name or modification time),
 * the bucket size, the resized size, the crop offset and the resize interpolation,
 * the caller's ``settings_key`` (the VAE's identity: model/VAE file hash, dtype, ...),
+* ``alpha_mask: true`` when the image's subset uses its alpha channel as a loss mask (absent
+  otherwise, so caches written without masks keep their keys and are never taken for masked ones),
 * a format version.
 
 The file holds ``latents`` (float32 ``[C, h, w]``, unscaled), ``latents_flipped`` when flip
 augmentation was on, ``original_size`` ``[W, H]``, ``crop_ltrb`` and ``key``. A file is reused only
 when its key, shapes and values (finite) check out, and when ``latents_flipped`` is present if
-flips are needed; otherwise it is recomputed and replaced. Files are written atomically (a
+flips are needed; with ``alpha_mask`` it also holds ``alpha_mask`` (float32 ``[H, W]`` in 0..1, at
+image resolution and unflipped, kohya's npz key), required when masks are needed. Otherwise a file
+is recomputed and replaced. Files are written atomically (a
 temporary name in the same folder, then ``os.replace``). Stale files of older settings are left
 in place; deleting the folder is always safe.
 """
@@ -94,10 +98,13 @@ class DiskLatentCache:
     def path_for(self, key: str) -> str:
         return os.path.join(self.folder, key + ".npz")
 
-    def load(self, key: str, spatial: tuple[int, int], need_flipped: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """``(latents, latents_flipped or None)`` when a valid file exists, else ``None``.
+    def load(
+        self, key: str, spatial: tuple[int, int], need_flipped: bool, mask_hw: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+        """``(latents, latents_flipped or None, alpha_mask or None)`` when a valid file exists, else ``None``.
 
-        ``spatial`` is the expected latent ``(h, w)``.
+        ``spatial`` is the expected latent ``(h, w)``; ``mask_hw`` the image ``(H, W)`` when an alpha
+        mask is needed.
         """
         path = self.path_for(key)
         if not os.path.isfile(path):
@@ -108,16 +115,22 @@ class DiskLatentCache:
                     return None
                 latents = np.array(data["latents"], dtype=np.float32)
                 flipped = np.array(data["latents_flipped"], dtype=np.float32) if "latents_flipped" in data.files else None
+                mask = np.array(data["alpha_mask"], dtype=np.float32) if "alpha_mask" in data.files else None
         except Exception:  # unreadable / partial / foreign file: recompute
             return None
         if need_flipped and flipped is None:
             return None
+        if mask_hw is not None:
+            if mask is None or tuple(mask.shape) != tuple(mask_hw) or not np.isfinite(mask).all():
+                return None
+        else:
+            mask = None
         for arr in (latents, flipped):
             if arr is None:
                 continue
             if arr.ndim != 3 or tuple(arr.shape[1:]) != tuple(spatial) or not np.isfinite(arr).all():
                 return None
-        return latents, flipped
+        return latents, flipped, mask
 
     def save(
         self,
@@ -126,6 +139,7 @@ class DiskLatentCache:
         flipped: np.ndarray | None,
         original_size: tuple[int, int],
         crop_ltrb: tuple[int, int, int, int],
+        alpha_mask: np.ndarray | None = None,
     ) -> str:
         """Write ``<key>.npz`` atomically; return its path."""
         os.makedirs(self.folder, exist_ok=True)
@@ -137,6 +151,8 @@ class DiskLatentCache:
         }
         if flipped is not None:
             arrays["latents_flipped"] = np.asarray(flipped, dtype=np.float32)
+        if alpha_mask is not None:
+            arrays["alpha_mask"] = np.asarray(alpha_mask, dtype=np.float32)
         final = self.path_for(key)
         with atomic_write(final, "wb") as f:
             np.savez(f, **arrays)

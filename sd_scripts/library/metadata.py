@@ -91,6 +91,13 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
         "ss_validate_every_n_epochs": getattr(config, "validate_every_n_epochs", None),
         "ss_validate_every_n_steps": getattr(config, "validate_every_n_steps", None),
     }
+    # kohya's current train_network.py writes neither key; LoRA metadata viewers show ss_masked_loss, so a
+    # masked run says so (only then, so unmasked files keep kohya's key set)
+    subsets = getattr(getattr(dataset, "plan", None), "subsets", None) or []
+    if getattr(config, "alpha_mask", False):
+        md["ss_alpha_mask"] = True
+    if getattr(config, "masked_loss", False) or any(getattr(s, "alpha_mask", False) for s in subsets):
+        md["ss_masked_loss"] = True
     if network_args:
         md["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
     model_path = config.pretrained_model_name_or_path

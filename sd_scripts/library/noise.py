@@ -19,6 +19,7 @@ __all__ = [
     "snr_of",
     "min_snr_weights",
     "per_sample_mse",
+    "apply_masked_loss",
 ]
 
 
@@ -89,6 +90,18 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torc
     return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error averaged over every dimension but the batch."""
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+def apply_masked_loss(loss: torch.Tensor, alpha_masks: torch.Tensor | None) -> torch.Tensor:
+    """kohya's ``apply_masked_loss``: the element-wise ``loss`` ``[B, C, h, w]`` times the masks ``[B, H, W]``
+    (0..1, image resolution) resized to ``(h, w)`` with area interpolation; ``None`` leaves it as it is."""
+    if alpha_masks is None:
+        return loss
+    mask = alpha_masks.to(device=loss.device, dtype=loss.dtype).unsqueeze(1)
+    mask = F.interpolate(mask, size=loss.shape[2:], mode="area")
+    return loss * mask
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, alpha_masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error averaged over every dimension but the batch; with ``alpha_masks`` each element is
+    first weighted by its mask (:func:`apply_masked_loss`; the mean still divides by every element, as kohya's)."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    return apply_masked_loss(loss, alpha_masks).mean(dim=list(range(1, pred.dim())))

@@ -720,7 +720,7 @@ class _Trainer:
         with self.accelerator.autocast():
             pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
         target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
-        loss = per_sample_mse(pred, target) * batch["loss_weights"].to(device)
+        loss = per_sample_mse(pred, target, batch.get("alpha_masks")) * batch["loss_weights"].to(device)
         if config.min_snr_gamma:
             loss = loss * min_snr_weights(snr_of(self.alphas_cumprod, timesteps), config.min_snr_gamma, self.v_param)
         return loss.mean()
@@ -1059,7 +1059,7 @@ class _Trainer:
                         with accelerator.autocast():
                             pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
                         target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
-                        losses = per_sample_mse(pred, target)
+                        losses = per_sample_mse(pred, target, batch.get("alpha_masks"))
                         total[0] += losses.double().sum()
                         total[1] += losses.numel()
         finally:

@@ -131,6 +131,12 @@ _TOML_UNKNOWN_KEY = ("[general]\nshuffle_captions = true\n[[datasets]]\nresoluti
                      "[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\nnum_repeats = 2\n")
 _TOML_BAD_VALIDATION_SPLIT = ("[general]\nvalidation_split = 1.5\n[[datasets]]\nresolution = 64\n"
                               "[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n")
+_TOML_CONDITIONING_DIR = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n"
+                          "conditioning_data_dir = '{data}/5_sks shape'\n")
+_TOML_ALPHA_MASK_IN_GENERAL = ("[general]\nalpha_mask = true\n[[datasets]]\nresolution = 64\n"
+                               "[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n")
+_TOML_MASKED_LOSS_NO_ALPHA = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n"
+                              "alpha_mask = false\n")
 
 
 def _evil_payload(path: Path):
@@ -272,6 +278,16 @@ CASES: list[Case] = [
          ["--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_BAD_VALIDATION_SPLIT}),
     Case("engine_validation_split_one", ("validation_split", "below 1"), ["--validation_split", "1.0"],
          runner="engine"),
+    # ---------------------------------------------------------------- alpha masks
+    Case("masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"), ["--masked_loss"]),
+    Case("json_masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"), json={"masked_loss": True}),
+    Case("engine_masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"), ["--masked_loss"], runner="engine"),
+    Case("dataset_config_masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"),
+         ["--masked_loss", "--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_MASKED_LOSS_NO_ALPHA}),
+    Case("dataset_config_conditioning_data_dir", ("dataset_config", "conditioning_data_dir", "alpha_mask"),
+         ["--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_CONDITIONING_DIR}),
+    Case("dataset_config_alpha_mask_in_general", ("dataset_config", "alpha_mask", "datasets.subsets"),
+         ["--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_ALPHA_MASK_IN_GENERAL}),
     # ---------------------------------------------------------------- samples
     Case("sample_sampler_unknown", ("sample_sampler", "ddim"), ["--sample_sampler", "magic"]),
     Case("sample_prompt_bad_option", ("sample_prompts", "line 1", "--x"), ["--sample_prompts", "{ws}/p.txt"],
