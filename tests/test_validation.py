@@ -259,3 +259,24 @@ def test_the_wizard_asks_for_a_validation_split(tmp_path):
     asked = asker.questions("validation_split")
     assert len(asked) == 2 and "below 1" in asked[1].error
     assert asker.keys.index("validation_split") < asker.keys.index("summary")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step, first_validated", [(3, 4), (4, 4)])
+def test_resume_with_validation_is_bit_identical(tiny_sd1_diffusers, data, tmp_path, step, first_validated):
+    """Resumed mid-epoch (3) and after an epoch's last step (4: that state was saved before the epoch's end,
+    so the resumed run ends the epoch, its validation included)."""
+    from safetensors.torch import load_file
+
+    settings = dict(validation_split=0.25, validate_every_n_steps=3, max_train_steps=8, network_dropout=0.1,
+                    lr_scheduler="cosine")
+    reference = _train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "a", save_state=True, save_every_n_steps=1,
+                                   **settings))
+    assert [s for s, _ in reference.validation_losses] == [3, 4, 6, 8]
+    resumed = _train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "b",
+                                 resume=str(tmp_path / "a" / f"tiny-step{step:08d}-state"), **settings))
+    a, b = load_file(reference.output_path), load_file(resumed.output_path)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    after = [(s, v) for s, v in reference.validation_losses if s >= first_validated]
+    assert resumed.validation_losses == after
