@@ -108,6 +108,26 @@ class TrainConfig:
     multires_noise_iterations: int | None = _f(None, "multi-resolution (pyramid) noise iterations")
     multires_noise_discount: float = _f(0.3, "multi-resolution noise discount")
     min_snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5 is typical)")
+    noise_offset_random_strength: bool = _f(False, "random offset strength in [0, noise_offset]")
+    adaptive_noise_scale: float | None = _f(None, "adds mean(|latent|) x this to noise_offset per sample and "
+                                            "channel (needs noise_offset)")
+    ip_noise_gamma: float | None = _f(None, "input-perturbation noise (regularization); about 0.1 is usual "
+                                      "(arxiv.org/abs/2301.11706)")
+    ip_noise_gamma_random_strength: bool = _f(False, "random input-perturbation strength in [0, ip_noise_gamma]")
+    zero_terminal_snr: bool = _f(False, "rescale the noise schedule's betas so the last timestep has zero SNR "
+                                 "(for v-prediction models such as NoobAI-XL v-pred; sample images too)")
+    min_timestep: int | None = _f(None, "lowest training timestep, 0-999 (default 0)")
+    max_timestep: int | None = _f(None, "timesteps are drawn below this, 1-1000 (default 1000); equal to "
+                                  "min_timestep: that one timestep")
+    loss_type: str = _f("l2", "loss function", choices=["l1", "l2", "huber", "smooth_l1"])
+    huber_schedule: str = _f("snr", "Huber threshold schedule over timesteps (huber and smooth_l1 only)",
+                             choices=["constant", "exponential", "snr"])
+    huber_c: float = _f(0.1, "Huber threshold (huber and smooth_l1 only)")
+    huber_scale: float = _f(1.0, "Huber threshold scale (huber and smooth_l1 only)")
+    scale_v_pred_loss_like_noise_pred: bool = _f(False, "weight the v-prediction loss like the noise-prediction "
+                                                 "loss (needs v_parameterization)")
+    v_pred_like_loss: float | None = _f(None, "add a v-prediction-like loss times this (not with v_parameterization)")
+    debiased_estimation_loss: bool = _f(False, "debiased estimation loss weighting (1/sqrt(SNR); v: 1/(SNR+1))")
     masked_loss: bool = _f(False, "mask the loss; here the masks are alpha channels, so it needs alpha_mask")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     skip_nonfinite_steps: bool = _f(False, "skip a step whose loss or gradients are NaN/inf (with a warning) instead of stopping")
