@@ -241,3 +241,16 @@ def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, 
         assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.startswith(prefix) and "lora_up" in k), prefix
     md = _metadata(result.output_path)
     assert md["ss_text_encoder_lr"] == "0.0005" and md["ss_unet_lr"] == "0.002"
+
+
+# --------------------------------------------------------------------------- precision
+
+def test_bf16_after_a_float32_run_in_the_same_process(tiny_sdxl_diffusers, dataset, tmp_path):
+    """accelerate keeps one mixed precision per process: train() must still take another one on a later call."""
+    first = _train(tiny_sdxl_diffusers, dataset, tmp_path / "a", max_train_steps=1, mixed_precision="no")
+    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "b", mixed_precision="bf16", save_precision="fp16",
+                    network_module="lycoris.kohya", network_args=["algo=loha", "conv_dim=2"])
+    assert first.losses and len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    sd = load_file(result.output_path)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert _metadata(result.output_path)["ss_mixed_precision"] == "bf16"

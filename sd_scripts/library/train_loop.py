@@ -105,6 +105,18 @@ def _weight_dtype(mixed_precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def _forget_other_precision(mixed_precision: str | None) -> None:
+    """accelerate keeps one mixed precision per process and raises when a later Accelerator asks for another, so a
+    second ``train()`` in the same process (a library caller, a benchmark) could not change it. In a single process,
+    forget the previous run's state; processes started by a distributed launch keep theirs."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")  # accelerate's own tests reset it this way
+    if previous is None or str(previous) == str(mixed_precision or "no") or PartialState().num_processes != 1:
+        return
+    AcceleratorState._reset_state()
+
+
 def train(config, callbacks: Any = None, *, model: Any = None, plan: Any = None) -> TrainResult:
     """Train a LoRA as ``config`` says; raise UserError subclasses for user mistakes.
 
@@ -242,6 +254,7 @@ class _Trainer:
         # kohya's log layout: <logging_dir>/<log_prefix><start time>/<log_tracker_name or network_train>/
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
         log_dir = os.path.join(config.logging_dir, (config.log_prefix or "") + self.run_stamp) if config.logging_dir else None
+        _forget_other_precision(config.mixed_precision)
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
