@@ -262,10 +262,10 @@ def test_the_wizard_asks_for_a_validation_split(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step, first_validated", [(3, 4), (4, 4)])
-def test_resume_with_validation_is_bit_identical(tiny_sd1_diffusers, data, tmp_path, step, first_validated):
+@pytest.mark.parametrize("step", [3, 4])
+def test_resume_with_validation_is_bit_identical(tiny_sd1_diffusers, data, tmp_path, step):
     """Resumed mid-epoch (3) and after an epoch's last step (4: that state was saved before the epoch's end,
-    so the resumed run ends the epoch, its validation included)."""
+    so the resumed run ends the epoch, its validation included). The validation history continues."""
     from safetensors.torch import load_file
 
     settings = dict(validation_split=0.25, validate_every_n_steps=3, max_train_steps=8, network_dropout=0.1,
@@ -278,5 +278,4 @@ def test_resume_with_validation_is_bit_identical(tiny_sd1_diffusers, data, tmp_p
     a, b = load_file(reference.output_path), load_file(resumed.output_path)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    after = [(s, v) for s, v in reference.validation_losses if s >= first_validated]
-    assert resumed.validation_losses == after
+    assert resumed.validation_losses == reference.validation_losses  # the same numbers, the history from the state

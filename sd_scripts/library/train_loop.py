@@ -526,6 +526,8 @@ class _Trainer:
         self.progress.batches_done, self.progress.epoch_end_done = p.batches_done, p.epoch_end_done
         self.progress.epoch_start_step = p.epoch_start_step
         self.progress.losses, self.progress.lrs = list(p.losses), list(p.lrs)
+        self.progress.validations = list(p.validations)
+        self.result.validation_losses = list(p.validations)
         self.result.losses = [v for v in p.losses if math.isfinite(v)]
         self.resumed_rng = saved_rng_of(state.rng, self.accelerator.process_index)
         self.result.resumed_from = state.path
@@ -1026,6 +1028,7 @@ class _Trainer:
         else:
             value = self._validation_loss()
             self._last_validation = (p.global_step, value)
+            p.validations.append((p.global_step, value))
             self.result.validation_losses.append((p.global_step, value))
             self.cb.on_message(f"validation loss {value:.5f} at step {p.global_step} (epoch {p.epoch}, "
                                f"{len(self.val_dataset.plan.images)} held-out images)")

@@ -86,6 +86,7 @@ class TrainProgress:
     losses: list[float] = field(default_factory=list)  # one per step; NaN for a skipped step
     lrs: list[list[float]] = field(default_factory=list)  # one row per step, one value per group
     group_names: list[str] = field(default_factory=list)
+    validations: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss), for the loss plot
 
 
 @dataclass
@@ -244,6 +245,7 @@ def save_train_state(folder: str | os.PathLike, *, network_state: dict, optimize
             "rng": rng_states,
             "losses": torch.tensor(progress.losses, dtype=torch.float64),
             "lrs": torch.tensor(progress.lrs, dtype=torch.float64) if progress.lrs else torch.zeros(0, 0, dtype=torch.float64),
+            "validations": torch.tensor(progress.validations, dtype=torch.float64).reshape(-1, 2),
         }
         with atomic_write(tmp / TRAINING_FILE) as f:
             torch.save(training, f)
@@ -349,12 +351,14 @@ def load_train_state(path: str | os.PathLike, device: str | None = None) -> Load
         raise ConfigError(f"resume: {p} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                           "give another state folder", "resume") from None
     lrs = training.get("lrs")
+    validations = training.get("validations")
     progress = TrainProgress(
         global_step=int(info["global_step"]), epoch=int(info["epoch"]), batches_done=int(info["batches_done"]),
         epoch_end_done=bool(info.get("epoch_end_done", False)), epoch_start_step=int(info.get("epoch_start_step", 0)),
         num_batches_per_epoch=int(info.get("num_batches_per_epoch", 0)), max_train_steps=int(info.get("max_train_steps", 0)),
         seed=int(info.get("seed", 0)), losses=[float(x) for x in training.get("losses", [])],
         lrs=lrs.tolist() if lrs is not None and lrs.numel() else [], group_names=list(info.get("group_names") or []),
+        validations=[(int(step), float(v)) for step, v in validations.tolist()] if validations is not None else [],
     )
     return LoadedState(str(p), progress, info, network, training.get("optimizer"), training.get("scheduler"),
                        training.get("scaler"), list(training.get("rng") or []))
