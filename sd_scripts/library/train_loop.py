@@ -1004,7 +1004,6 @@ class _Trainer:
 
         config = self.config
         self.val_dataset = None
-        self._last_validation: tuple[int, float] | None = None
         val_plan = validation_plan(self.plan.dataset)
         if val_plan is None:
             return
@@ -1023,11 +1022,10 @@ class _Trainer:
         if self.val_dataset is None:
             return
         p = self.progress
-        if self._last_validation is not None and self._last_validation[0] == p.global_step:
-            value = self._last_validation[1]
+        if p.validations and p.validations[-1][0] == p.global_step:  # no optimizer step since: the same number
+            value = p.validations[-1][1]
         else:
             value = self._validation_loss()
-            self._last_validation = (p.global_step, value)
             p.validations.append((p.global_step, value))
             self.result.validation_losses.append((p.global_step, value))
             self.cb.on_message(f"validation loss {value:.5f} at step {p.global_step} (epoch {p.epoch}, "
