@@ -279,3 +279,13 @@ def test_resume_with_validation_is_bit_identical(tiny_sd1_diffusers, data, tmp_p
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed.validation_losses == reference.validation_losses  # the same numbers, the history from the state
+
+
+def test_fixed_timesteps_follow_kohya():
+    from types import SimpleNamespace
+
+    from sd_scripts.library.validation import VALIDATION_TIMESTEPS, validation_timesteps
+
+    assert validation_timesteps(SimpleNamespace()) == VALIDATION_TIMESTEPS == (200, 400, 600, 800)
+    assert validation_timesteps(SimpleNamespace(min_timestep=100, max_timestep=600)) == (200, 300, 400, 500)
+    assert validation_timesteps(SimpleNamespace(min_timestep=500, max_timestep=500)) == (500,)

@@ -1043,7 +1043,7 @@ class _Trainer:
         import torch
 
         from .noise import add_noise, per_sample_mse, velocity_target
-        from .validation import VALIDATION_TIMESTEPS, batch_generator_seed
+        from .validation import batch_generator_seed, validation_timesteps
 
         accelerator, device = self.accelerator, self.accelerator.device
         count = len(self.val_dataset)
@@ -1066,7 +1066,7 @@ class _Trainer:
                         latents = self._encode_images(batch["images"], generator)
                     latents = (latents * self.family.latent_scale).to(self.weight_dtype)
                     cond = self._encode_prompts(batch["captions"])
-                    for t in VALIDATION_TIMESTEPS:
+                    for t in validation_timesteps(self.config):
                         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
                         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
                         noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)

@@ -11,7 +11,8 @@ every epoch) and ``max_validation_steps`` (cap on validation batches).
   of them. Held-out images are never trained on; the dataset plan lists them in ``validation_images``.
 * **The measure** is comparable from one validation to the next: no gradients, every network in eval mode
   (no dropout), the schedule-free optimizers' evaluation weights, captions and crops without random
-  augmentation, each batch evaluated at the fixed timesteps :data:`VALIDATION_TIMESTEPS` with Gaussian noise
+  augmentation, each batch evaluated at fixed timesteps (:func:`validation_timesteps`: :data:`VALIDATION_TIMESTEPS`
+  unless min_timestep/max_timestep narrow the range) with Gaussian noise
   from a generator seeded by the validation seed and the batch index. The loss is the plain mean squared
   error against the model's target (no min-SNR weighting), averaged over images and timesteps. Nothing is
   drawn from the training random streams, so a run trains exactly the same LoRA with or without validations.
@@ -27,7 +28,8 @@ from typing import Any
 from .errors import ConfigError, UserError
 
 __all__ = ["VALIDATION_TIMESTEPS", "check_validation_settings", "resolve_validation_seed", "split_held_out",
-           "validation_plan", "validation_due_at_step", "validation_due_at_epoch", "batch_generator_seed"]
+           "validation_plan", "validation_due_at_step", "validation_due_at_epoch", "validation_timesteps",
+           "batch_generator_seed"]
 
 # kohya: linspace(min_timestep, max_timestep, 6)[1:-1] over the 1000 training timesteps
 VALIDATION_TIMESTEPS = (200, 400, 600, 800)
@@ -103,6 +105,19 @@ def validation_due_at_step(config: Any, step: int) -> bool:
 def validation_due_at_epoch(config: Any, epoch: int) -> bool:
     every = getattr(config, "validate_every_n_epochs", None)
     return not every or epoch % every == 0
+
+
+def validation_timesteps(config: Any, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """kohya's ``linspace(min_timestep, max_timestep, 6)[1:-1]``: (200, 400, 600, 800) by default; the one
+    timestep when min_timestep equals max_timestep."""
+    low = getattr(config, "min_timestep", None)
+    high = getattr(config, "max_timestep", None)
+    low = 0 if low is None else int(low)
+    high = num_train_timesteps if high is None else int(high)
+    if high <= low:
+        return (min(low, num_train_timesteps - 1),)
+    steps = [low + (high - low) * i / 5 for i in range(1, 5)]
+    return tuple(dict.fromkeys(min(int(round(t)), num_train_timesteps - 1) for t in steps))
 
 
 def batch_generator_seed(seed: int, index: int) -> int:
