@@ -494,10 +494,14 @@ def _latent_cache_bytes(config, dataset) -> int:
         width, height = parse_resolution(config.resolution)
     except UserError:
         width = height = 512
-    images = len(getattr(dataset, "images", []) or [])
+    records = getattr(dataset, "images", []) or []
+    images = len(records)
     per_image = _LATENT_CHANNELS * (width // 8) * (height // 8) * 4  # float32, bucket area ~ resolution area
     copies = 2 if config.flip_aug else 1
-    return images * (per_image * copies + 2048)
+    subsets = getattr(dataset, "subsets", []) or []
+    masked = sum(1 for r in records if getattr(r, "subset", None) is not None and r.subset < len(subsets)
+                 and getattr(subsets[r.subset], "alpha_mask", False))
+    return images * (per_image * copies + 2048) + masked * width * height * 4  # alpha masks: float32 at image size
 
 
 def _sample_bytes(config, steps: int, epochs: int) -> int:
