@@ -35,7 +35,7 @@ NETWORKS = {
     "ia3": ("lycoris.kohya", ["algo=ia3", "preset=ia3"], {"weight", "on_input"}, "weight"),
     "lycoris-dylora": ("lycoris.kohya", ["algo=dylora", "block_size=2"], {"lora_down.weight", "lora_up.weight", "alpha"},
                        "lora_up.weight"),
-    "full": ("lycoris.kohya", ["algo=full", "preset=attn-mlp"], {"diff"}, "diff"),
+    "full": ("lycoris.kohya", ["algo=full"], {"diff"}, "diff"),
     "glora": ("lycoris.kohya", ["algo=glora"], {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"},
               ("a2.weight", "b2.weight")),
     "diag-oft": ("lycoris.kohya", ["algo=diag-oft"], {"oft_blocks"}, "oft_blocks"),
@@ -174,6 +174,7 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
     targets = {lora_map[n].weight_key for n in modules} | {lora_map[n].bias_key for n in modules}
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and changed <= targets, sorted(changed - targets)[:5]
+    assert any(k.endswith(".bias") for k in changed) == any(k.endswith(".diff_b") for k in sd)
     for name in trained:
         target = lora_map[name]
         rows = slice(*target.rows) if target.rows is not None else slice(None)
