@@ -398,6 +398,42 @@ class ArgStore:
     max_validation_steps: int | None = setting(
         None, "at most N validation batches each time (default: all held-out images)", group=VALIDATION)
 
+    # ------------------------------------------------------------------ noise and loss (kohya's names)
+    noise_offset_random_strength: bool = setting(
+        False, "draw the noise offset's strength at random between 0 and noise_offset, each step", group=NOISE)
+    adaptive_noise_scale: float | None = setting(
+        None, "add mean(|latent|) times this to noise_offset, per image and channel (needs noise_offset)",
+        group=NOISE)
+    ip_noise_gamma: float | None = setting(
+        None, "input-perturbation noise, a regularization; about 0.1 is common", group=NOISE)
+    ip_noise_gamma_random_strength: bool = setting(
+        False, "draw the input-perturbation strength at random between 0 and ip_noise_gamma", group=NOISE)
+    zero_terminal_snr: bool = setting(
+        False, "rescale the noise schedule so the last timestep is pure noise, for training and sample images "
+        "(v-prediction models such as NoobAI-XL v-pred: with v_parameterization)", group=NOISE)
+    min_timestep: int | None = setting(
+        None, "lowest training timestep, 0-999 (default 0)", group=NOISE)
+    max_timestep: int | None = setting(
+        None, "timesteps are drawn below this, 1-1000 (default 1000); equal to min_timestep: only that timestep",
+        group=NOISE)
+    loss_type: str = setting(
+        "l2", "loss function: l2 (squared error), l1, huber or smooth_l1", group=NOISE,
+        choices=("l1", "l2", "huber", "smooth_l1"))
+    huber_schedule: str = setting(
+        "snr", "how the Huber threshold changes with the timestep (huber and smooth_l1 only)", group=NOISE,
+        choices=("constant", "exponential", "snr"))
+    huber_c: float = setting(
+        0.1, "Huber threshold, above 0 and at most 1 (huber and smooth_l1 only)", group=NOISE)
+    huber_scale: float = setting(
+        1.0, "Huber threshold scale (huber and smooth_l1 only)", group=NOISE)
+    scale_v_pred_loss_like_noise_pred: bool = setting(
+        False, "weight the v-prediction loss like the noise-prediction loss (needs v_parameterization)",
+        group=NOISE)
+    v_pred_like_loss: float | None = setting(
+        None, "add a v-prediction-like loss times this (not with v_parameterization)", group=NOISE)
+    debiased_estimation_loss: bool = setting(
+        False, "debiased estimation loss weighting: 1/sqrt(SNR), with v_parameterization 1/(SNR+1)", group=NOISE)
+
     # ------------------------------------------------------------------ helpers
     @classmethod
     def settings(cls) -> list[SettingInfo]:

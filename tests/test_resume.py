@@ -157,8 +157,10 @@ def test_gradient_accumulation_resume(tiny_sd1_diffusers, data, tmp_path):
         dict(token_warmup_step=4, token_warmup_min=1, shuffle_caption=True, caption_tag_dropout_rate=0.2),
         dict(cache_latents=True, network_train_unet_only=True, flip_aug=True),
         dict(max_data_loader_n_workers=1, persistent_data_loader_workers=True),
+        dict(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, noise_offset=0.1,
+             noise_offset_random_strength=True, adaptive_noise_scale=0.01, loss_type="huber"),
     ],
-    ids=["token-warmup", "cached-latents-frozen-te", "loader-worker"],
+    ids=["token-warmup", "cached-latents-frozen-te", "loader-worker", "random-noise-strengths"],
 )
 def test_resume_variants(tiny_sd1_diffusers, data, tmp_path, extra):
     a = _train(tiny_sd1_diffusers, data, tmp_path / "a", save_state=True, save_every_n_steps=3, **extra)

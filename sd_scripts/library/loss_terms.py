@@ -26,7 +26,8 @@ from .errors import ConfigError, UserError
 from .noise import apply_masked_loss, min_snr_weights
 
 __all__ = ["LOSS_TYPES", "HUBER_SCHEDULES", "huber_threshold", "elementwise_loss", "per_sample_loss",
-           "snr_loss_weights", "check_noise_loss_settings", "prediction_type_problems"]
+           "snr_loss_weights", "huber_c_for", "loss_weights_for", "check_noise_loss_settings",
+           "prediction_type_problems"]
 
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -188,3 +189,18 @@ def prediction_type_problems(config: Any, v_parameterization: bool) -> tuple[lis
                                       "NaN/inf); set max_timestep 999 or lower, use a v_parameterization model, or "
                                       f"turn {divides[0]} off", divides[0]))
     return errors, warnings
+
+
+def huber_c_for(config: Any, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample Huber ``c`` of a training step under ``config``; None unless loss_type is huber or smooth_l1."""
+    if config.loss_type not in ("huber", "smooth_l1"):
+        return None
+    return huber_threshold(timesteps, alphas_cumprod, config.huber_schedule, config.huber_c, config.huber_scale)
+
+
+def loss_weights_for(config: Any, snr: torch.Tensor, v_prediction: bool) -> torch.Tensor | None:
+    """:func:`snr_loss_weights` of a training step under ``config``."""
+    return snr_loss_weights(snr, v_prediction, min_snr_gamma=config.min_snr_gamma,
+                            scale_v_pred_loss_like_noise_pred=config.scale_v_pred_loss_like_noise_pred,
+                            v_pred_like_loss=config.v_pred_like_loss,
+                            debiased_estimation_loss=config.debiased_estimation_loss)

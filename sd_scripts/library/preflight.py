@@ -10,6 +10,8 @@ What is checked:
 * settings alone (:func:`check_settings`): ranges, choices, combinations, paths that must exist,
   output folder and name, CUDA-only options on a machine without CUDA;
 * optimizer and scheduler settings (``optimizers.check_optimizer_settings``);
+* noise and loss settings (``loss_terms.check_noise_loss_settings``) and, once the model's prediction type is
+  read, those that need epsilon or v prediction (``loss_terms.prediction_type_problems``);
 * the base model (family detected from a safetensors header or a diffusers folder's configs) and,
   offline, whether its CLIP tokenizer can be found;
 * the sample prompt file and sampler;
@@ -680,6 +682,7 @@ def _collect(errors: list[UserError], exc: UserError) -> None:
 def preflight(config, model_given: bool = False) -> Plan:
     """Check everything that can be checked before the model loads; raise UserErrors on any problem."""
     from .dataset_layout import scan_dataset
+    from .loss_terms import check_noise_loss_settings, prediction_type_problems
     from .model_families import check_family_settings
     from .model_loading import detect_family
     from .optimizers import check_optimizer_settings
@@ -687,6 +690,9 @@ def preflight(config, model_given: bool = False) -> Plan:
 
     errors = check_settings(config)
     plan = Plan()
+    noise_errors, noise_warnings = check_noise_loss_settings(config)
+    errors.extend(noise_errors)
+    plan.warnings.extend(noise_warnings)
     try:
         plan.warnings.extend(check_optimizer_settings(config) or [])
     except UserError as e:
@@ -703,6 +709,10 @@ def preflight(config, model_given: bool = False) -> Plan:
             problem = _check_tokenizer_offline(config, plan.family, plan.model_info)
             if problem is not None:
                 errors.append(problem)
+            if "v_parameterization" in plan.model_info:  # else the loop checks them once the model is loaded
+                v_errors, v_warnings = prediction_type_problems(config, bool(plan.model_info["v_parameterization"]))
+                errors.extend(v_errors)
+                plan.warnings.extend(v_warnings)
         except UserError as e:
             _collect(errors, e)
     errors.extend(_check_weight_files(config))

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 __all__ = ["SamplePrompt", "SAMPLERS", "SamplingAborted", "parse_prompt_line", "load_sample_prompts", "make_sampler",
-           "generate_samples", "sample_file_name", "sampler_problem", "check_sampling_settings"]
+           "zero_terminal_snr_sampler", "generate_samples", "sample_file_name", "sampler_problem", "check_sampling_settings"]
 
 # kohya sampler names -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -253,6 +253,26 @@ def make_sampler(name: str, v_parameterization: bool):
         return cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
+def zero_terminal_snr_sampler(scheduler):
+    """The same sampler on the zero-terminal-SNR schedule a ``zero_terminal_snr`` LoRA trains on, with "trailing"
+    timestep spacing so that sampling starts from the pure-noise timestep (Lin et al. 2023, arXiv 2305.08891).
+    The last alphas_cumprod is 2**-24 rather than 0, as diffusers' ``rescale_betas_zero_snr`` makes it for its
+    sigma samplers: every sampler can start there (an epsilon prediction at SNR 0 gives no image)."""
+    import inspect
+
+    import torch
+
+    from .noise import make_noise_scheduler
+
+    alphas_cumprod = make_noise_scheduler(False, zero_terminal_snr=True).alphas_cumprod.clone()
+    alphas_cumprod[-1] = 2**-24
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    changes: dict[str, Any] = {"trained_betas": (1.0 - alphas).tolist()}
+    if "timestep_spacing" in inspect.signature(type(scheduler).__init__).parameters:
+        changes["timestep_spacing"] = "trailing"
+    return type(scheduler).from_config(scheduler.config, **changes)
+
+
 def sample_file_name(output_name: str | None, label: str, index: int, stamp: str, seed: int | None) -> str:
     """kohya's sample image name: ``{output_name}_{label}_{index:02d}_{stamp}[_{seed}].png``."""
     prefix = f"{output_name}_" if output_name else ""
@@ -281,12 +301,13 @@ def preserved_rng():
 def generate_samples(model, prompts: list[SamplePrompt], *, out_dir: str, output_name: str | None, label: str,
                      default_sampler: str, v_parameterization: bool, clip_skip: int | None, device,
                      autocast: Callable[[], Any] | None = None, should_stop: Callable[[], bool] | None = None,
-                     header: str | None = None) -> list[str]:
+                     header: str | None = None, zero_terminal_snr: bool = False) -> list[str]:
     """Generate one image per prompt with the current (training) weights; return the file paths
     (the images, then the grid when there are several prompts).
 
     ``autocast`` is a context-manager factory (the accelerator's) for mixed precision;
     ``should_stop`` is polled between denoising steps and raises :class:`SamplingAborted` when true.
+    ``zero_terminal_snr`` samples on that schedule (:func:`zero_terminal_snr_sampler`), as the LoRA was trained.
     """
     import torch
     from PIL import Image
@@ -308,6 +329,8 @@ def generate_samples(model, prompts: list[SamplePrompt], *, out_dir: str, output
             if should_stop is not None and should_stop():
                 raise SamplingAborted()
             scheduler = make_sampler(sp.sampler or default_sampler, v_parameterization)
+            if zero_terminal_snr:
+                scheduler = zero_terminal_snr_sampler(scheduler)
             pipe = model.family.build_pipeline(model, scheduler)
             pipe.set_progress_bar_config(disable=True)
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())

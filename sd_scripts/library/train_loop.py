@@ -273,7 +273,8 @@ class _Trainer:
         family = model.family
         self.family = family
         self.v_param = model.v_parameterization
-        self.noise_scheduler = make_noise_scheduler(self.v_param)
+        self._check_prediction_type()
+        self.noise_scheduler = make_noise_scheduler(self.v_param, config.zero_terminal_snr)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
 
         # Frozen base models.
@@ -716,10 +717,23 @@ class _Trainer:
                     pass
         return out
 
+    def _check_prediction_type(self) -> None:
+        """Settings that depend on epsilon or v prediction; preflight checks them when it can read the model."""
+        from .errors import UserErrors
+        from .loss_terms import prediction_type_problems
+
+        errors, warnings = prediction_type_problems(self.config, self.v_param)
+        if errors:
+            raise errors[0] if len(errors) == 1 else UserErrors(errors)
+        if "v_parameterization" not in self.plan.model_info:  # preflight could not warn
+            for w in warnings:
+                self._warn(w)
+
     def _step_loss(self, batch):
         import torch
 
-        from .noise import add_noise, min_snr_weights, per_sample_mse, sample_noise, sample_timesteps, snr_of, velocity_target
+        from .loss_terms import huber_c_for, loss_weights_for, per_sample_loss
+        from .noise import add_noise, perturb_noise, sample_noise, sample_timesteps, snr_of, velocity_target
 
         config, device = self.config, self.accelerator.device
         with torch.no_grad():
@@ -729,15 +743,23 @@ class _Trainer:
                 latents = self._encode_images(batch["images"])
             latents = (latents * self.family.latent_scale).to(self.weight_dtype)
         cond = self._encode_prompts(batch["captions"])
-        noise = sample_noise(latents, config.noise_offset, config.multires_noise_iterations, config.multires_noise_discount)
-        timesteps = sample_timesteps(latents.shape[0], device)
-        noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
+        noise = sample_noise(latents, config.noise_offset, config.multires_noise_iterations, config.multires_noise_discount,
+                             random_strength=config.noise_offset_random_strength,
+                             adaptive_noise_scale=config.adaptive_noise_scale)
+        timesteps = sample_timesteps(latents.shape[0], device, min_timestep=config.min_timestep,
+                                     max_timestep=config.max_timestep)
+        # input perturbation (ip_noise_gamma) noises the latents with more than the target noise
+        noisy = add_noise(self.alphas_cumprod, latents,
+                          perturb_noise(noise, config.ip_noise_gamma, config.ip_noise_gamma_random_strength), timesteps)
         with self.accelerator.autocast():
             pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
         target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
-        loss = per_sample_mse(pred, target, batch.get("alpha_masks")) * batch["loss_weights"].to(device)
-        if config.min_snr_gamma:
-            loss = loss * min_snr_weights(snr_of(self.alphas_cumprod, timesteps), config.min_snr_gamma, self.v_param)
+        huber_c = huber_c_for(config, timesteps, self.alphas_cumprod)
+        loss = per_sample_loss(pred, target, config.loss_type, huber_c, batch.get("alpha_masks"))
+        loss = loss * batch["loss_weights"].to(device)
+        weights = loss_weights_for(config, snr_of(self.alphas_cumprod, timesteps), self.v_param)
+        if weights is not None:
+            loss = loss * weights
         return loss.mean()
 
     def _encode_prompts(self, captions: list[str]):
@@ -1099,6 +1121,7 @@ class _Trainer:
                     output_name=self.config.output_name, label=label, default_sampler=self.config.sample_sampler,
                     v_parameterization=self.v_param, clip_skip=self.config.clip_skip, device=self.accelerator.device,
                     autocast=self.accelerator.autocast, should_stop=lambda: self._stop.requested,
+                    zero_terminal_snr=self.config.zero_terminal_snr,
                     header=f"{self.config.output_name or ''} step {step}".strip(),
                 )
         except SamplingAborted:
