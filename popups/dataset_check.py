@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps", "scan_key"]
+__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps", "scan_key", "has_transparent_images"]
 
 
 @dataclass
@@ -67,6 +67,32 @@ def check_dataset(store: Any, progress: Callable[[int, int], None] | None = None
                            images=s.img_count, captions=captioned.get(i, 0), is_reg=s.is_reg)
                for i, s in enumerate(plan.subsets)]
     return DatasetReport(folders, plan.num_train_images, plan.num_reg_images, plan, list(plan.warnings))
+
+
+def has_transparent_images(folder: str | None, limit: int = 2000) -> bool:
+    """True when an image in the ``<n>_<name>`` subfolders of ``folder`` has an alpha channel (or a transparent
+    colour): the wizard then offers ``alpha_mask``. Reads file headers only, of at most ``limit`` images."""
+    from PIL import Image
+
+    from sd_scripts.library.images import list_images
+
+    if not folder or not os.path.isdir(folder):
+        return False
+    seen = 0
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        for path in list_images(entry.path):
+            seen += 1
+            if seen > limit:
+                return False
+            try:
+                with Image.open(path) as img:
+                    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                        return True
+            except Exception:  # noqa: BLE001 - an unreadable image is the dataset check's to report
+                continue
+    return False
 
 
 def _current_spec(store: Any) -> Any:

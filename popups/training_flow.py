@@ -24,7 +24,7 @@ from frontend.fields import format_value
 from frontend.model_family import cheap_family, model_family_of, resize_for_family
 
 from .asker import Asker, Cancelled, Question, ask
-from .dataset_check import DatasetReport, check_dataset, estimate_steps, scan_key
+from .dataset_check import DatasetReport, check_dataset, estimate_steps, has_transparent_images, scan_key
 
 __all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS", "MODEL_TYPES"]
 
@@ -68,8 +68,8 @@ _SUMMARY_SECTIONS = [
     ("Resolution and length", ["train_resolution", "height_resolution", "min_bucket_resolution",
                                "max_bucket_resolution", "bucket_no_upscale", "batch_size", "num_epochs", "max_steps"]),
     ("Saving", ["save_every_n_epochs", "save_every_n_steps", "save_precision", "training_comment"]),
-    ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "tag_occurrence_txt_file",
-                  "sort_tag_occurrence_alphabetically"]),
+    ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "alpha_mask",
+                  "tag_occurrence_txt_file", "sort_tag_occurrence_alphabetically"]),
     ("Precision and caching", ["mixed_precision", "no_half_vae", "cache_latents", "cache_latents_to_disk", "random_crop",
                                "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"]),
     ("Loss", ["min_snr_gamma"]),
@@ -502,6 +502,9 @@ class TrainingWizard:
         if self.ask_setting("shuffle_captions", "Shuffle the tags of each caption?"):
             self.ask_setting("keep_tokens", "Keep the first N tags in place (empty: none)", low=0, none_label="none")
         self.ask_setting("flip_aug", "Flip images horizontally at random?")
+        store = self.store
+        if store.alpha_mask or (not store.dataset_config and has_transparent_images(store.img_folder)):
+            self.ask_setting("alpha_mask", "Some images are transparent: let only their opaque parts count?")
         if self.ask_setting("tag_occurrence_txt_file", "Write a list of every tag with its count beside the LoRA?"):
             order = self.ask_plain("tag_order", "choice", "Sort the tag list", "alphabetically" if
                                    self.store.sort_tag_occurrence_alphabetically else "count",

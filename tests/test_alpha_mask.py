@@ -171,6 +171,27 @@ def test_argstore_setting_reaches_the_engine():
     assert config.alpha_mask is True and config.masked_loss is True
 
 
+def test_the_wizard_offers_alpha_mask_only_for_transparent_images(tmp_path):
+    from ArgsList import ArgStore
+    from popups.asker import ScriptedAsker
+    from popups.training_flow import TrainingWizard
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not read by the wizard")
+    data = make_dataset(tmp_path / "data", SUBSET, count=2)
+
+    def run(**more):
+        script = {"base_model": str(model), "img_folder": str(data), "output_folder": str(tmp_path / "out"), **more}
+        asker = ScriptedAsker(script)
+        return TrainingWizard(asker, ArgStore()).run(), asker.keys
+
+    store, keys = run()
+    assert "alpha_mask" not in keys and store.alpha_mask is False
+    rect_image(data / SUBSET / "t.png")
+    store, keys = run(alpha_mask=True)
+    assert keys.index("alpha_mask") == keys.index("flip_aug") + 1 and store.alpha_mask is True
+
+
 # ------------------------------------------------------------------------------------------- the loss
 
 
@@ -195,7 +216,8 @@ def test_masked_mse_equals_the_hand_computed_loss_and_ignores_masked_elements():
 
 
 @pytest.mark.slow
-def test_training_step_loss_is_the_masked_loss_with_loss_weights_and_min_snr(tiny_sd1_diffusers, tmp_path, monkeypatch):
+def test_training_step_loss_is_the_masked_loss_with_loss_weights_and_min_snr(tiny_sd1_diffusers, tmp_path,
+                                                                              monkeypatch):
     """Spies on the masking step (wherever the loop's loss function calls it) and the SNR, and rebuilds the
     step's loss by hand: mean over C, H, W of loss x area-resized mask, x loss weight x min-SNR weight."""
     import importlib
