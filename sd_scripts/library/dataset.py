@@ -10,7 +10,10 @@
   from ``seed`` and ``e`` alone, so a run and its resume see the same order;
 * ``__getitem__(i)`` draws its random choices (caption dropout/shuffle, flips, random crops,
   colour changes) from a generator seeded by ``(seed, epoch, i)``: the same batch index in the
-  same epoch always gives the same batch, in any process and in any order of access.
+  same epoch always gives the same batch, in any process and in any order of access;
+* subsets with ``alpha_mask`` (kohya's) add ``alpha_masks`` to the batch: each image's alpha channel
+  (ones without one) resized, cropped and flipped with the image, float32 ``[B, H, W]`` in 0..1; their
+  colour channels are used as stored, not composited on white.
 
 Iterate it in index order (``DataLoader(ds, batch_size=1, shuffle=False, collate_fn=lambda b: b[0])``);
 the shuffling is done here. The epoch and step live in a small shared-memory array, so DataLoader
