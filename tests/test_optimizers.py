@@ -263,13 +263,30 @@ def test_adafactor_relative_step_default_uses_own_schedule():
     assert any("unet_lr and text_encoder_lr are ignored" in w for w in warns)
     assert any("lr_scheduler cosine is replaced" in w for w in warns)
     sched = build_lr_scheduler(config, opt, 10, warnings=[])
-    assert type(sched).__name__ == "AdafactorSchedule"
+    from transformers.optimization import AdafactorSchedule
+
+    assert isinstance(sched, AdafactorSchedule)
     assert sched.get_last_lr() == [1e-3, 1e-3]
     take_steps(opt, params)
     with pytest.raises(ConfigError, match="lr_warmup_steps"):
         build_lr_scheduler(config.replace(lr_warmup_steps=5), opt, 10)
     with pytest.raises(ConfigError, match="lr_warmup_steps"):
         check_optimizer_settings(config.replace(lr_warmup_steps=5))
+
+
+@pytest.mark.skipif(not has("transformers"), reason="transformers not installed")
+def test_adafactor_schedule_when_a_group_sits_a_step_out():
+    """DyLoRA trains one rank slice per step: a group whose first parameter got no gradient still has an lr."""
+    params, groups = two_groups()
+    config = cfg(optimizer_type="AdaFactor", learning_rate=1e-3)
+    opt, _ = build_optimizer(config, groups, warnings=[])
+    sched = build_lr_scheduler(config, opt, 10, warnings=[])
+    take_steps(opt, params, n=1)
+    params[1].sum().backward()  # only the second group has a gradient
+    opt.step()
+    sched.step()
+    lrs = sched.get_last_lr()
+    assert len(lrs) == 2 and all(lr > 0 for lr in lrs)
 
 
 @pytest.mark.skipif(not has("transformers"), reason="transformers not installed")

@@ -212,6 +212,14 @@ def test_optimizer_trains_an_sdxl_lora(name, tiny_sdxl_diffusers, dataset, tmp_p
     assert md["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
+def test_adafactor_own_schedule_with_dylora(tiny_sdxl_diffusers, dataset, tmp_path):
+    """AdaFactor's relative-step schedule with DyLoRA, whose untrained rank slices get no gradient in a step."""
+    pytest.importorskip("transformers")
+    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "out", optimizer_type="AdaFactor", lr_scheduler="adafactor",
+                    network_module="networks.dylora", network_args=["unit=2"], text_encoder_lr=1e-4, unet_lr=1e-3)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
 # --------------------------------------------------------------------------- text encoders at their own lr
 
 def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, tmp_path, monkeypatch):

@@ -301,6 +301,26 @@ def _is_relative_step_adafactor(optimizer) -> bool:
     return cls.__name__ == "Adafactor" and cls.__module__.startswith("transformers") and bool(optimizer.defaults.get("relative_step"))
 
 
+def _adafactor_schedule(optimizer, initial_lr: float):
+    """transformers' ``AdafactorSchedule`` with one lr per parameter group.
+
+    transformers reports lrs only for the groups whose first parameter got a gradient, so when some parameters sit a
+    step out (DyLoRA trains one rank slice at a time) it returns fewer lrs than groups and torch's LambdaLR raises.
+    Here each group reports the lr of its first parameter that has optimizer state, else the starting lr."""
+    from transformers.optimization import AdafactorSchedule
+
+    class _PerGroupAdafactorSchedule(AdafactorSchedule):
+        def get_lr(self):
+            opt = self.optimizer
+            lrs = []
+            for group, base in zip(opt.param_groups, self.base_lrs):
+                state = next((opt.state[p] for p in group["params"] if opt.state.get(p)), None)
+                lrs.append(opt._get_lr(group, state) if state else base)
+            return lrs
+
+    return _PerGroupAdafactorSchedule(optimizer, initial_lr)
+
+
 def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):
     """Create the lr scheduler for ``optimizer`` (see the module docstring for the step units).
 
@@ -329,15 +349,13 @@ def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes
         except (TypeError, ValueError) as e:
             raise ConfigError(f"lr_scheduler_args: {custom} rejected the settings ({' '.join(str(e).split())}); fix lr_scheduler_args", "lr_scheduler_args") from None
     elif relative:
-        from transformers.optimization import AdafactorSchedule
-
         initial_lr = getattr(config, "learning_rate", None) or 0.0
         if name.startswith("adafactor:"):
             try:
                 initial_lr = float(name.split(":", 1)[1])
             except ValueError:
                 pass
-        sched = AdafactorSchedule(optimizer, initial_lr)
+        sched = _adafactor_schedule(optimizer, initial_lr)
     elif name == "piecewise_constant":
         from diffusers.optimization import get_piecewise_constant_schedule
 
