@@ -364,6 +364,9 @@ class ArgStore:
     cache_text_encoder_outputs_to_disk: bool = setting(
         False, "keep the text-encoder output cache on disk between runs (implies cache_text_encoder_outputs)",
         group=AUGMENT)
+    disable_mmap_load_safetensors: bool = setting(
+        False, "read a .safetensors base model in one go instead of memory-mapping it (faster from network drives "
+        "and some Windows disks)", group=MODEL)
 
     # ------------------------------------------------------------------ engine settings added 2026
     save_last_n_steps: int | None = setting(

@@ -397,6 +397,7 @@ NEW_ENGINE_SETTINGS = {
     "validate_every_n_steps": ("validate_every_n_steps", 50, 0),
     "validate_every_n_epochs": ("validate_every_n_epochs", 2, 0),
     "max_validation_steps": ("max_validation_steps", 10, 0),
+    "disable_mmap_load_safetensors": ("disable_mmap_load_safetensors", True, False),
 }
 
 

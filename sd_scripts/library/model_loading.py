@@ -462,7 +462,10 @@ def _find_tokenizer(family: ModelFamily, config, model_folder, index: int):
 
 
 def _fit_state(model, state: dict, setting: str, where: str, what: str, fix: str, dtype) -> dict:
-    """Check keys and shapes against ``model`` (1x1 conv <-> linear reshaped) and cast floats to ``dtype``."""
+    """Check keys and shapes against ``model`` (1x1 conv <-> linear reshaped) and cast floats to ``dtype``.
+
+    Empties ``state`` while it builds the result, so a caller holding no other reference to the source tensors
+    keeps one copy of each weight at a time, not two."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -475,7 +478,7 @@ def _fit_state(model, state: dict, setting: str, where: str, what: str, fix: str
         raise _fail(setting, f"{where}: the {what} weights do not match ({'; '.join(detail)}); {fix}")
     out = {}
     for key, target in expected.items():
-        value = state[key]
+        value = state.pop(key)  # the source tensor is freed as soon as its cast copy exists (peak memory)
         if tuple(value.shape) != tuple(target.shape):
             if value.numel() == target.numel() and value.squeeze().shape == target.squeeze().shape:
                 value = value.reshape(target.shape)
@@ -495,6 +498,11 @@ def _build_module(factory, state: dict, setting: str, where: str, what: str, fix
         model = factory()
     model.load_state_dict(_fit_state(model, state, setting, where, what, fix, dtype), strict=True, assign=True)
     return model.eval()
+
+
+def _take(checkpoint: dict, prefix: str) -> dict:
+    """Move the ``prefix`` keys out of ``checkpoint``: once a part is built, nothing holds its source tensors."""
+    return {k: checkpoint.pop(k) for k in [k for k in checkpoint if k.startswith(prefix)]}
 
 
 def _ldm_text_encoder_state(family: ModelFamily, checkpoint: dict, index: int = 0) -> dict:
@@ -539,7 +547,7 @@ def _text_encoder_from_ldm(family: ModelFamily, checkpoint: dict, tokenizer, whe
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     spec = family.text_encoder_specs[index]
-    state = _ldm_text_encoder_state(family, checkpoint, index)
+    state = _ldm_text_encoder_state(family, _take(checkpoint, spec.ldm_prefix), index)
     what = "text encoder" if len(family.text_encoder_specs) == 1 else f"text encoder {index + 1}"
     if "embeddings.token_embedding.weight" not in state or "encoder.layers.0.mlp.fc1.weight" not in state:
         raise _fail(SETTING, f"{where} has no {family.name} {what} weights ({spec.ldm_prefix}*); "
@@ -586,7 +594,9 @@ def _unet_from_ldm(checkpoint: dict, ldm_config: dict, where: str, fix: str, dty
         unet_config = family.unet_config_from_ldm(ldm_config, checkpoint)
     except (KeyError, TypeError, ValueError) as e:
         raise _fail(SETTING, f"{where}: its model config has no usable UNet description ({type(e).__name__}: {e}); {fix}")
-    state = convert_ldm_unet_checkpoint(checkpoint, unet_config)
+    from .ldm_convert import LDM_UNET_PREFIX
+
+    state = convert_ldm_unet_checkpoint(_take(checkpoint, LDM_UNET_PREFIX), unet_config)
     return _build_module(lambda: UNet2DConditionModel.from_config(unet_config), state, SETTING, where, "UNet", fix, dtype)
 
 
@@ -598,8 +608,12 @@ def _vae_from_ldm(checkpoint: dict, vae_config: dict, setting: str, where: str, 
     return _build_module(lambda: AutoencoderKL.from_config(vae_config), state, setting, where, "VAE", fix, dtype)
 
 
-def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list, dtype):
+def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list, dtype, vae_dtype):
+    """The parts of a single-file checkpoint; each part's tensors leave ``checkpoint`` as it is built, so the
+    peak memory is about one copy of the weights (plus the largest part's cast), not the file plus the model."""
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+
+    from .ldm_convert import LDM_VAE_PREFIX
 
     path = info["path"]
     checkpoint, _ = read_checkpoint(path, mmap=not getattr(config, "disable_mmap_load_safetensors", False))
@@ -618,13 +632,13 @@ def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list,
     vae_config = create_vae_diffusers_config_from_ldm(ldm_config, checkpoint)
     vae = None
     if has_vae:
-        vae = _vae_from_ldm(checkpoint, vae_config, SETTING, path, fix, dtype)
+        vae = _vae_from_ldm(_take(checkpoint, LDM_VAE_PREFIX), vae_config, SETTING, path, fix, vae_dtype)
     elif not config.vae:
         raise _fail(SETTING, f"{path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder")
     return unet, vae, text_encoders, vae_config
 
 
-def _load_diffusers(family: ModelFamily, folder: str, dtype):
+def _load_diffusers(family: ModelFamily, folder: str, dtype, vae_dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -640,7 +654,7 @@ def _load_diffusers(family: ModelFamily, folder: str, dtype):
     vae = None
     if (Path(folder) / "vae").is_dir():
         vae = load("VAE", lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
-                                                                torch_dtype=dtype))
+                                                                torch_dtype=vae_dtype))
     text_encoders = []
     for spec in family.text_encoder_specs:
         cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
@@ -696,26 +710,28 @@ def load_vae(path: str, base_config: dict | None = None, dtype=None, setting: st
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_model(config, dtype=None) -> LoadedModel:
+def load_model(config, dtype=None, vae_dtype=None) -> LoadedModel:
     """Load the base model named by ``config.pretrained_model_name_or_path`` (and ``config.vae``), offline.
 
-    All parts come back on the CPU in eval mode, floats as ``dtype`` (float32 by default).
+    All parts come back on the CPU in eval mode, floats as ``dtype`` (float32 by default), the VAE as ``vae_dtype``
+    (default ``dtype``). Loading straight into the training's half precision halves the memory the load needs.
     """
     import torch
 
     dtype = dtype or torch.float32
+    vae_dtype = vae_dtype or dtype
     family, info = detect_family(config)
     if info["kind"] == "diffusers" and info.get("repo_id"):
         info["path"] = str(_resolve_hub_repo(info["repo_id"], with_weights=True))
     model_folder = info["path"] if info["kind"] == "diffusers" else None
     tokenizers = [load_tokenizer(family, config, model_folder, i) for i in range(len(family.text_encoder_specs))]
     if info["kind"] == "single_file":
-        unet, vae, text_encoders, vae_config = _load_single_file(family, info, config, tokenizers, dtype)
+        unet, vae, text_encoders, vae_config = _load_single_file(family, info, config, tokenizers, dtype, vae_dtype)
     else:
-        unet, vae, text_encoders = _load_diffusers(family, info["path"], dtype)
+        unet, vae, text_encoders = _load_diffusers(family, info["path"], dtype, vae_dtype)
         vae_config = dict(vae.config) if vae is not None else None
     if config.vae:
-        vae = load_vae(config.vae, dict(vae.config) if vae is not None else vae_config, dtype)
+        vae = load_vae(config.vae, dict(vae.config) if vae is not None else vae_config, vae_dtype)
     elif vae is None:
         raise _fail(SETTING, f"{info['path']} has no VAE; set vae to a VAE file or folder")
     for module in (unet, vae, *text_encoders):

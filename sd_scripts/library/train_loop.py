@@ -105,6 +105,15 @@ def _weight_dtype(mixed_precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def _base_dtypes(config, device):
+    """(frozen weights, VAE) dtypes: the mixed precision on CUDA, float32 elsewhere; ``no_half_vae`` keeps the VAE
+    in float32 (SDXL's VAE overflows in fp16)."""
+    import torch
+
+    weight_dtype = _weight_dtype(config.mixed_precision) if device.type == "cuda" else torch.float32
+    return weight_dtype, torch.float32 if config.no_half_vae else weight_dtype
+
+
 def _forget_other_precision(mixed_precision: str | None) -> None:
     """accelerate keeps one mixed precision per process and raises when a later Accelerator asks for another, so a
     second ``train()`` in the same process (a library caller, a benchmark) could not change it. In a single process,
@@ -263,12 +272,14 @@ class _Trainer:
         )
         set_seed(seed)
         device = accelerator.device
-        self.weight_dtype = weight_dtype = _weight_dtype(config.mixed_precision) if device.type == "cuda" else torch.float32
+        self.weight_dtype, self.vae_dtype = weight_dtype, vae_dtype = _base_dtypes(config, device)
         if accelerator.is_main_process and config.output_dir:
             for line in recover_output_folder(config.output_dir, config.output_name):
                 self.cb.on_message(f"cleaned up after an interrupted run: {line}")
 
-        model = self.preloaded_model if self.preloaded_model is not None else load_model(config)
+        # frozen weights straight in the training precision: a float32 copy of SDXL alone is 13.5 GB of RAM
+        model = self.preloaded_model if self.preloaded_model is not None else \
+            load_model(config, dtype=weight_dtype, vae_dtype=vae_dtype)
         self.model = model
         family = model.family
         self.family = family
@@ -282,10 +293,7 @@ class _Trainer:
             module.requires_grad_(False)
         if config.xformers:
             model.unet.enable_xformers_memory_efficient_attention()
-        # no_half_vae keeps the VAE in float32 (SDXL's VAE overflows in fp16)
-        vae_dtype = torch.float32 if device.type != "cuda" or config.no_half_vae else weight_dtype
         model.vae.to(device, dtype=vae_dtype).eval()
-        self.vae_dtype = vae_dtype
 
         # Dataset and latent cache.
         plan = self.plan
@@ -309,7 +317,7 @@ class _Trainer:
         for w in built_net.warnings:
             self._warn(w)
         self.network = network = built_net.network
-        network.to(device)
+        network.to(device, dtype=torch.float32)  # trainable weights in float32, whatever the base model's dtype
 
         model.unet.to(device, dtype=weight_dtype)
         for te in model.text_encoders:

@@ -1,0 +1,52 @@
+"""With mixed precision on a GPU the frozen base model is loaded straight in the training dtype (half the RAM of a
+float32 load: SDXL's float32 copy alone is 13.5 GB) and the VAE in float32 with ``no_half_vae``, while the trained
+network stays float32. A CPU stands in for the GPU here: the dtype choice is forced to bfloat16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import make_dataset, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("module, args", [("networks.lora", ["conv_dim=2"]), ("lycoris.kohya", ["algo=loha"])])
+def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module, args, tiny_sd1_single_file,
+                                                                           tmp_path, monkeypatch):
+    from sd_scripts.library import model_loading, train_loop
+    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.networks import factory
+
+    monkeypatch.setattr(train_loop, "_base_dtypes",
+                        lambda config, device: (torch.bfloat16, torch.float32 if config.no_half_vae else torch.bfloat16))
+    loads, networks = [], []
+    real_load, real_build = model_loading.load_model, factory.build_network
+
+    def spy_load(config, dtype=None, vae_dtype=None):
+        model = real_load(config, dtype=dtype, vae_dtype=vae_dtype)
+        loads.append((dtype, vae_dtype, model.unet.dtype, model.vae.dtype, model.text_encoders[0].dtype))
+        return model
+
+    def spy_build(*a, **kw):
+        built = real_build(*a, **kw)
+        networks.append(built.network)
+        return built
+
+    monkeypatch.setattr(model_loading, "load_model", spy_load)
+    monkeypatch.setattr(factory, "build_network", spy_build)
+    data = make_dataset(tmp_path / "data", count=2)
+    result = train_loop.train(tiny_config(tiny_sd1_single_file, data, tmp_path / "out", mixed_precision="bf16",
+                                          no_half_vae=True, max_train_steps=2, network_module=module,
+                                          network_args=args, tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(
+                                              tiny_sd1_single_file))))
+    assert loads == [(torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)]
+    params = list(networks[0].parameters())
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert all(math.isfinite(x) for x in result.losses)
+    sd = load_file(result.output_path)
+    assert sd and all(torch.isfinite(v.float()).all() for v in sd.values())
