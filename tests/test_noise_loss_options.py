@@ -315,3 +315,53 @@ def test_prediction_type_checked_for_an_in_memory_model(tiny_sd1_diffusers, data
     with pytest.raises(ConfigError, match="^scale_v_pred_loss_like_noise_pred: needs a v-prediction model"):
         train(config, model=load_model(config))
     assert not (tmp_path / "out" / "tiny.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------- front end
+
+
+def test_main_flags_json_and_kohya_ss_files_reach_the_engine(tmp_path):
+    import json
+
+    from frontend.cli import parse_command_line
+    from frontend.json_io import load_settings_file
+    from frontend.resolve import resolve_settings
+    from frontend.settings_map import to_train_config
+
+    given, _ = parse_command_line(["--zero_terminal_snr", "--v_parameterization", "--loss_type", "huber",
+                                   "--huber_schedule", "exponential", "--ip_noise_gamma", "0.1",
+                                   "--min_timestep", "100", "--debiased_estimation_loss"])
+    config = to_train_config(resolve_settings(given).store, has_cuda=False, has_xformers=False).config
+    assert (config.zero_terminal_snr, config.v_parameterization, config.loss_type, config.huber_schedule) == (
+        True, True, "huber", "exponential")
+    assert (config.ip_noise_gamma, config.min_timestep, config.max_timestep, config.debiased_estimation_loss) == (
+        0.1, 100, None, True)
+    assert (config.huber_c, config.huber_scale, config.adaptive_noise_scale) == (0.1, 1.0, None)  # kohya's defaults
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"loss_type": "smooth_l1", "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
+                               "noise_offset_random_strength": True}), encoding="utf-8")
+    config = to_train_config(resolve_settings({"load_json_path": str(job)}).store, has_cuda=False,
+                             has_xformers=False).config
+    assert (config.loss_type, config.adaptive_noise_scale, config.noise_offset_random_strength) == (
+        "smooth_l1", 0.01, True)
+    # a kohya_ss GUI file writes 0 for "off" in these boxes
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "pretrained_model_name_or_path": "m.safetensors",
+                               "train_data_dir": "IMGS", "noise_offset_type": "Original", "noise_offset": 0,
+                               "adaptive_noise_scale": 0, "ip_noise_gamma": 0, "v_pred_like_loss": 0,
+                               "loss_type": "huber", "huber_c": 0.2, "min_timestep": 0, "max_timestep": 1000,
+                               "debiased_estimation_loss": True}), encoding="utf-8")
+    values = load_settings_file(str(gui)).values
+    assert not {"adaptive_noise_scale", "ip_noise_gamma", "v_pred_like_loss"} & set(values)
+    assert (values["loss_type"], values["huber_c"], values["max_timestep"]) == ("huber", 0.2, 1000)
+
+
+def test_kohya_command_line_has_the_flags():
+    from sd_scripts.train_network import config_from_args
+
+    config = config_from_args(["--zero_terminal_snr", "--loss_type", "smooth_l1", "--huber_c", "0.2",
+                               "--ip_noise_gamma_random_strength", "--max_timestep", "900", "--v_pred_like_loss",
+                               "0.1"])
+    assert (config.zero_terminal_snr, config.loss_type, config.huber_c) == (True, "smooth_l1", 0.2)
+    assert (config.ip_noise_gamma_random_strength, config.max_timestep, config.v_pred_like_loss) == (True, 900, 0.1)
