@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): mixed precision, xformers, 8-bit AdamW, VRAM of SD1.5.
+"""GPU-only checks (skipped without CUDA): mixed precision (also full_fp16/full_bf16), xformers, 8-bit AdamW, VRAM
+of SD1.5.
 
 Run on a CUDA machine with ``bash run_tests.sh -m gpu``.
 """
@@ -29,6 +30,18 @@ def test_mixed_precision_trains(tiny_sd1_diffusers, tmp_path, precision):
     sd = load_file(result.output_path)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     assert all(v.dtype == dtype for v in sd.values())
+    assert any(float(v.float().abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_full_half_precision_network_trains(tiny_sd1_diffusers, tmp_path, precision):
+    """full_fp16/full_bf16: the network itself in half precision (fp16 gradients through the loss scaler)."""
+    data = make_dataset(tmp_path / "data")
+    result = _train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision=precision,
+                                full_fp16=precision == "fp16", full_bf16=precision == "bf16", max_train_steps=6,
+                                learning_rate=1e-2))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    sd = load_file(result.output_path)
     assert any(float(v.float().abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
 
 

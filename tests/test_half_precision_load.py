@@ -1,6 +1,7 @@
 """With mixed precision on a GPU the frozen base model is loaded straight in the training dtype (half the RAM of a
 float32 load: SDXL's float32 copy alone is 13.5 GB) and the VAE in float32 with ``no_half_vae``, while the trained
-network stays float32. A CPU stands in for the GPU here: the dtype choice is forced to bfloat16."""
+network stays float32, or takes the training dtype with kohya's ``full_bf16``. A CPU stands in for the GPU here: the
+dtype choice is forced to bfloat16 (fp16 needs CUDA's loss scaler: tests/test_gpu.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from tests.helpers import make_dataset, tiny_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("module, args", [("networks.lora", ["conv_dim=2"]), ("lycoris.kohya", ["algo=loha"])])
-def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module, args, tiny_sd1_single_file,
+@pytest.mark.parametrize("module, args, full_bf16", [("networks.lora", ["conv_dim=2"], False),
+                                                     ("lycoris.kohya", ["algo=loha"], False),
+                                                     ("networks.lora", [], True)])
+def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module, args, full_bf16, tiny_sd1_single_file,
                                                                            tmp_path, monkeypatch):
     from sd_scripts.library import model_loading, train_loop
     from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
@@ -41,12 +44,21 @@ def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module,
     monkeypatch.setattr(factory, "build_network", spy_build)
     data = make_dataset(tmp_path / "data", count=2)
     result = train_loop.train(tiny_config(tiny_sd1_single_file, data, tmp_path / "out", mixed_precision="bf16",
-                                          no_half_vae=True, max_train_steps=2, network_module=module,
+                                          no_half_vae=True, max_train_steps=2, network_module=module, full_bf16=full_bf16,
                                           network_args=args, tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(
                                               tiny_sd1_single_file))))
     assert loads == [(torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)]
     params = list(networks[0].parameters())
-    assert params and all(p.dtype == torch.float32 for p in params)
+    assert params and all(p.dtype == (torch.bfloat16 if full_bf16 else torch.float32) for p in params)
     assert all(math.isfinite(x) for x in result.losses)
     sd = load_file(result.output_path)
     assert sd and all(torch.isfinite(v.float()).all() for v in sd.values())
+
+
+def test_full_bf16_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path):
+    from sd_scripts.library.train_loop import train
+
+    data = make_dataset(tmp_path / "data", count=2)
+    result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision="bf16", full_bf16=True,
+                               max_train_steps=1))
+    assert any(w.startswith("full_bf16: has no effect here") for w in result.warnings), result.warnings

@@ -105,6 +105,17 @@ def _weight_dtype(mixed_precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def _allow_fp16_gradients(scaler) -> None:
+    """full_fp16: the gradients of fp16 network weights go through the loss scaler, which refuses to unscale fp16
+    gradients unless told to (kohya's patch_accelerator_for_fp16_training)."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_fp16_too(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_fp16_too
+
+
 def _base_dtypes(config, device):
     """(frozen weights, VAE) dtypes: the mixed precision on CUDA, float32 elsewhere; ``no_half_vae`` keeps the VAE
     in float32 (SDXL's VAE overflows in fp16)."""
@@ -317,7 +328,13 @@ class _Trainer:
         for w in built_net.warnings:
             self._warn(w)
         self.network = network = built_net.network
-        network.to(device, dtype=torch.float32)  # trainable weights in float32, whatever the base model's dtype
+        # trainable weights in float32 whatever the base model's dtype; full_fp16/full_bf16 (kohya) put them in the
+        # training precision too, for the memory
+        full_half = (config.full_fp16 or config.full_bf16) and weight_dtype != torch.float32
+        network.to(device, dtype=weight_dtype if full_half else torch.float32)
+        if (config.full_fp16 or config.full_bf16) and not full_half:
+            self._warn(f"{'full_fp16' if config.full_fp16 else 'full_bf16'}: has no effect here (no CUDA device: the "
+                       "network trains in float32)")
 
         model.unet.to(device, dtype=weight_dtype)
         for te in model.text_encoders:
@@ -386,6 +403,8 @@ class _Trainer:
         for w in sched_warnings:
             self._warn(w)
         optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
+        if full_half and accelerator.scaler is not None:
+            _allow_fp16_gradients(accelerator.scaler)
         self.optimizer, self.dataloader, self.lr_scheduler = optimizer, dataloader, lr_scheduler
         self.steps_per_epoch = math.ceil(len(dataloader) / ga)
         self.num_train_epochs = math.ceil(max_train_steps / self.steps_per_epoch)
