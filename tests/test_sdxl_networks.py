@@ -226,26 +226,31 @@ def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, 
     """Both SDXL text encoders train, each in its own parameter group at text_encoder_lr; the UNet at unet_lr."""
     from sd_scripts.library import optimizers
     from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.networks import factory
 
-    built = []
-    original = optimizers.build_optimizer
+    built: dict[str, object] = {}
+    build_network, build_optimizer = factory.build_network, optimizers.build_optimizer
 
-    def recording(config, param_groups, *a, **kw):
-        out = original(config, param_groups, *a, **kw)
-        built.append((param_groups, out[0]))
-        return out
+    def recording_network(*a, **kw):
+        built["network"] = build_network(*a, **kw)
+        return built["network"]
 
-    monkeypatch.setattr(optimizers, "build_optimizer", recording)
+    def recording_optimizer(*a, **kw):
+        built["optimizer"] = build_optimizer(*a, **kw)
+        return built["optimizer"]
+
+    monkeypatch.setattr(factory, "build_network", recording_network)
+    monkeypatch.setattr(optimizers, "build_optimizer", recording_optimizer)
     result = _train(tiny_sdxl_single_file, dataset, tmp_path / "out", text_encoder_lr=5e-4, unet_lr=2e-3,
                     learning_rate=1e-3, tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(tiny_sdxl_single_file)))
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
-    (groups, optimizer), = built
+    network, optimizer = built["network"].network, built["optimizer"][0]
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4, 2e-3]
+    # group i holds exactly the parameters of text encoder 1, text encoder 2, the UNet
+    for group, prefix in zip(optimizer.param_groups, ("lora_te1_", "lora_te2_", "lora_unet_")):
+        want = {id(p) for lora in network.loras if lora.lora_name.startswith(prefix) for p in lora.parameters()}
+        assert want and {id(p) for p in group["params"]} == want, prefix
     sd = load_file(result.output_path)
-    counts = [sum(1 for k in sd if k.startswith(p) and k.endswith(".weight")) for p in ("lora_te1_", "lora_te2_", "lora_unet_")]
-    assert [len(g["params"]) for g in groups] == counts and all(counts)
-    ids = [{id(p) for p in g["params"]} for g in groups]
-    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     for prefix in ("lora_te1_", "lora_te2_"):
         assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.startswith(prefix) and "lora_up" in k), prefix
     md = _metadata(result.output_path)
