@@ -365,3 +365,23 @@ def test_kohya_command_line_has_the_flags():
                                "0.1"])
     assert (config.zero_terminal_snr, config.loss_type, config.huber_c) == (True, "smooth_l1", 0.2)
     assert (config.ip_noise_gamma_random_strength, config.max_timestep, config.v_pred_like_loss) == (True, 900, 0.1)
+
+
+def test_a_zero_terminal_snr_checkpoint_is_recognised(data, tmp_path):
+    """NoobAI-XL v-pred style: ``v_pred`` and ``ztsnr`` marker keys in a single-file checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from sd_scripts.library.model_loading import detect_family
+    from sd_scripts.library.preflight import preflight
+    from sd_scripts.library.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
+
+    path = save_tiny_single_file(tmp_path / "model.safetensors", "sd1")
+    path.with_suffix(".yaml").unlink()
+    weights = load_file(str(path))
+    save_file({**weights, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, str(path))
+    config = tiny_config(path, data, tmp_path / "out", tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(path)))
+    _, info = detect_family(config)
+    assert info["v_parameterization"] and info["trained_zero_terminal_snr"]
+    assert any(w.startswith("zero_terminal_snr: the model was trained with zero terminal SNR")
+               for w in preflight(config).warnings)
+    assert not any("zero_terminal_snr" in w for w in preflight(config.replace(zero_terminal_snr=True)).warnings)

@@ -333,7 +333,8 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
 
     Reads a safetensors header, a sibling ``<stem>.yaml`` or a diffusers folder's configs (a ``.ckpt`` has to be
     unpickled). ``info``: ``kind`` ('single_file' | 'diffusers'), ``path``, ``format``, ``yaml`` (path or None),
-    ``v_parameterization`` (resolved: the setting, else what the files say, else False), ``v_source``, ``family``
+    ``v_parameterization`` (resolved: the setting, else what the files say, else False), ``v_source``,
+    ``trained_zero_terminal_snr`` (a ``ztsnr`` key, or ``rescale_betas_zero_snr`` in the scheduler config), ``family``
     and ``warnings`` (one-line notes for the user, e.g. an SD2 model whose prediction type cannot be told).
     Raises ModelLoadError / ConfigError with one line naming the setting.
     """
@@ -351,11 +352,13 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
         info.update(format="safetensors" if _is_safetensors(path) else "ckpt",
                     yaml=str(yaml_path) if yaml_config is not None else None)
         file_v = _v_from_single_file(shapes, metadata, yaml_config, detected)
+        info["trained_zero_terminal_snr"] = "ztsnr" in shapes  # NoobAI-XL v-pred marks itself so
     else:
         folder = Path(path)
         detected, _, _ = _family_of_diffusers(folder)
         scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
         file_v = scheduler.get("prediction_type") == "v_prediction" if scheduler else None
+        info["trained_zero_terminal_snr"] = bool(scheduler and scheduler.get("rescale_betas_zero_snr"))
         info["format"] = "diffusers"
     family = _apply_family_settings(config, detected, path)
     if config.v_parameterization is not None:

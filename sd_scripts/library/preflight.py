@@ -713,6 +713,9 @@ def preflight(config, model_given: bool = False) -> Plan:
                 v_errors, v_warnings = prediction_type_problems(config, bool(plan.model_info["v_parameterization"]))
                 errors.extend(v_errors)
                 plan.warnings.extend(v_warnings)
+            if plan.model_info.get("trained_zero_terminal_snr") and not config.zero_terminal_snr:
+                plan.warnings.append("zero_terminal_snr: the model was trained with zero terminal SNR (its files "
+                                     "say so); turn zero_terminal_snr on to train on the same noise schedule")
         except UserError as e:
             _collect(errors, e)
     errors.extend(_check_weight_files(config))
