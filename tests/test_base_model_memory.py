@@ -1,7 +1,8 @@
 """With mixed precision on a GPU the frozen base model is loaded straight in the training dtype (half the RAM of a
 float32 load: SDXL's float32 copy alone is 13.5 GB) and the VAE in float32 with ``no_half_vae``, while the trained
 network stays float32, or takes the training dtype with kohya's ``full_bf16``. A CPU stands in for the GPU here: the
-dtype choice is forced to bfloat16 (fp16 needs CUDA's loss scaler: tests/test_gpu.py)."""
+dtype choice is forced to bfloat16 (fp16 needs CUDA's loss scaler: tests/test_gpu.py). ``lowram`` moves each part to
+the device as soon as it is built."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module,
     loads, networks = [], []
     real_load, real_build = model_loading.load_model, factory.build_network
 
-    def spy_load(config, dtype=None, vae_dtype=None):
-        model = real_load(config, dtype=dtype, vae_dtype=vae_dtype)
+    def spy_load(config, dtype=None, vae_dtype=None, device=None):
+        model = real_load(config, dtype=dtype, vae_dtype=vae_dtype, device=device)
         loads.append((dtype, vae_dtype, model.unet.dtype, model.vae.dtype, model.text_encoders[0].dtype))
         return model
 
@@ -62,3 +63,26 @@ def test_full_bf16_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_pa
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision="bf16", full_bf16=True,
                                max_train_steps=1))
     assert any(w.startswith("full_bf16: has no effect here") for w in result.warnings), result.warnings
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd1_single_file", "tiny_sdxl_diffusers"])
+def test_lowram_moves_each_part_as_it_is_built(fixture, request):
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+
+    path = request.getfixturevalue(fixture)
+    config = TrainConfig(pretrained_model_name_or_path=str(path))
+    if path.is_file():
+        config.tokenizer_cache_dir = str(tiny_tokenizer_cache_dir(path))
+    model = load_model(config, device=torch.device("meta"))  # "meta" stands in for the GPU
+    parts = [model.unet, model.vae, *model.text_encoders]
+    assert all(p.device.type == "meta" for part in parts for p in part.parameters())
+
+
+def test_lowram_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path):
+    from sd_scripts.library.train_loop import train
+
+    data = make_dataset(tmp_path / "data", count=2)
+    result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", lowram=True, max_train_steps=1))
+    assert any(w.startswith("lowram: has no effect here") for w in result.warnings), result.warnings

@@ -35,11 +35,12 @@ def test_mixed_precision_trains(tiny_sd1_diffusers, tmp_path, precision):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_full_half_precision_network_trains(tiny_sd1_diffusers, tmp_path, precision):
-    """full_fp16/full_bf16: the network itself in half precision (fp16 gradients through the loss scaler)."""
+    """full_fp16/full_bf16: the network itself in half precision (fp16 gradients through the loss scaler); lowram
+    loads the model part by part into the GPU."""
     data = make_dataset(tmp_path / "data")
     result = _train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision=precision,
                                 full_fp16=precision == "fp16", full_bf16=precision == "bf16", max_train_steps=6,
-                                learning_rate=1e-2))
+                                learning_rate=1e-2, lowram=True))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     sd = load_file(result.output_path)
     assert any(float(v.float().abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))

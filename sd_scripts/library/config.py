@@ -131,7 +131,7 @@ class TrainConfig:
     masked_loss: bool = _f(False, "mask the loss; here the masks are alpha channels, so it needs alpha_mask")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     skip_nonfinite_steps: bool = _f(False, "skip a step whose loss or gradients are NaN/inf (with a warning) instead of stopping")
-    lowram: bool = _f(False, "load models straight to the GPU")
+    lowram: bool = _f(False, "move each part of the model to the GPU as soon as it is loaded (less system RAM)")
     logging_dir: str | None = _f(None, "TensorBoard log folder")
     log_prefix: str | None = _f(None, "prefix of the log run name")
     log_with: str | None = _f(None, "tensorboard, wandb or all")

@@ -611,7 +611,13 @@ def _vae_from_ldm(checkpoint: dict, vae_config: dict, setting: str, where: str, 
     return _build_module(lambda: AutoencoderKL.from_config(vae_config), state, setting, where, "VAE", fix, dtype)
 
 
-def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list, dtype, vae_dtype):
+def _placed(module, device):
+    """``module`` moved to ``device`` at once (lowram: the next part is built while this one is already off the
+    system RAM); unchanged without a device."""
+    return module if module is None or device is None else module.to(device)
+
+
+def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list, dtype, vae_dtype, device=None):
     """The parts of a single-file checkpoint; each part's tensors leave ``checkpoint`` as it is built, so the
     peak memory is about one copy of the weights (plus the largest part's cast), not the file plus the model."""
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
@@ -628,20 +634,21 @@ def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list,
         ldm_config = family.builtin_ldm_config(v_param)
         fix = (f"it is not a standard full-size {family.name} model; put its LDM config next to it as "
                f"{Path(path).with_suffix('.yaml').name}")
-    unet = _unet_from_ldm(checkpoint, ldm_config, path, fix, dtype, family)
-    text_encoders = [_text_encoder_from_ldm(family, checkpoint, tokenizer, path, dtype, i)
+    unet = _placed(_unet_from_ldm(checkpoint, ldm_config, path, fix, dtype, family), device)
+    text_encoders = [_placed(_text_encoder_from_ldm(family, checkpoint, tokenizer, path, dtype, i), device)
                      for i, tokenizer in enumerate(tokenizers)]
     has_vae = any(k.startswith("first_stage_model.") for k in checkpoint)
     vae_config = create_vae_diffusers_config_from_ldm(ldm_config, checkpoint)
     vae = None
     if has_vae:
-        vae = _vae_from_ldm(_take(checkpoint, LDM_VAE_PREFIX), vae_config, SETTING, path, fix, vae_dtype)
+        vae = _placed(_vae_from_ldm(_take(checkpoint, LDM_VAE_PREFIX), vae_config, SETTING, path, fix, vae_dtype),
+                      device)
     elif not config.vae:
         raise _fail(SETTING, f"{path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder")
     return unet, vae, text_encoders, vae_config
 
 
-def _load_diffusers(family: ModelFamily, folder: str, dtype, vae_dtype):
+def _load_diffusers(family: ModelFamily, folder: str, dtype, vae_dtype, device=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -652,18 +659,18 @@ def _load_diffusers(family: ModelFamily, folder: str, dtype, vae_dtype):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise _fail(SETTING, f"{folder}: the {what} cannot be loaded ({first}); check the diffusers folder")
 
-    unet = load("UNet", lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                                                     torch_dtype=dtype))
+    unet = _placed(load("UNet", lambda: UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)), device)
     vae = None
     if (Path(folder) / "vae").is_dir():
-        vae = load("VAE", lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
-                                                                torch_dtype=vae_dtype))
+        vae = _placed(load("VAE", lambda: AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)), device)
     text_encoders = []
     for spec in family.text_encoder_specs:
         cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
         what = "text encoder" if spec.subfolder == "text_encoder" else spec.subfolder.replace("_", " ")
-        text_encoders.append(load(what, lambda cls=cls, sub=spec.subfolder: cls.from_pretrained(
-            folder, subfolder=sub, local_files_only=True, dtype=dtype)).eval())
+        text_encoders.append(_placed(load(what, lambda cls=cls, sub=spec.subfolder: cls.from_pretrained(
+            folder, subfolder=sub, local_files_only=True, dtype=dtype)).eval(), device))
     return unet.eval(), vae, text_encoders
 
 
@@ -713,11 +720,12 @@ def load_vae(path: str, base_config: dict | None = None, dtype=None, setting: st
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_model(config, dtype=None, vae_dtype=None) -> LoadedModel:
+def load_model(config, dtype=None, vae_dtype=None, device=None) -> LoadedModel:
     """Load the base model named by ``config.pretrained_model_name_or_path`` (and ``config.vae``), offline.
 
-    All parts come back on the CPU in eval mode, floats as ``dtype`` (float32 by default), the VAE as ``vae_dtype``
-    (default ``dtype``). Loading straight into the training's half precision halves the memory the load needs.
+    All parts come back on the CPU (or, each as soon as it is built, on ``device``: kohya's ``lowram``) in eval mode,
+    floats as ``dtype`` (float32 by default), the VAE as ``vae_dtype`` (default ``dtype``). Loading straight into the
+    training's half precision halves the memory the load needs.
     """
     import torch
 
@@ -729,12 +737,13 @@ def load_model(config, dtype=None, vae_dtype=None) -> LoadedModel:
     model_folder = info["path"] if info["kind"] == "diffusers" else None
     tokenizers = [load_tokenizer(family, config, model_folder, i) for i in range(len(family.text_encoder_specs))]
     if info["kind"] == "single_file":
-        unet, vae, text_encoders, vae_config = _load_single_file(family, info, config, tokenizers, dtype, vae_dtype)
+        unet, vae, text_encoders, vae_config = _load_single_file(family, info, config, tokenizers, dtype, vae_dtype,
+                                                                 device)
     else:
-        unet, vae, text_encoders = _load_diffusers(family, info["path"], dtype, vae_dtype)
+        unet, vae, text_encoders = _load_diffusers(family, info["path"], dtype, vae_dtype, device)
         vae_config = dict(vae.config) if vae is not None else None
     if config.vae:
-        vae = load_vae(config.vae, dict(vae.config) if vae is not None else vae_config, vae_dtype)
+        vae = _placed(load_vae(config.vae, dict(vae.config) if vae is not None else vae_config, vae_dtype), device)
     elif vae is None:
         raise _fail(SETTING, f"{info['path']} has no VAE; set vae to a VAE file or folder")
     for module in (unet, vae, *text_encoders):

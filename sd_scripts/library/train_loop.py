@@ -290,7 +290,8 @@ class _Trainer:
 
         # frozen weights straight in the training precision: a float32 copy of SDXL alone is 13.5 GB of RAM
         model = self.preloaded_model if self.preloaded_model is not None else \
-            load_model(config, dtype=weight_dtype, vae_dtype=vae_dtype)
+            load_model(config, dtype=weight_dtype, vae_dtype=vae_dtype,
+                       device=device if config.lowram and device.type == "cuda" else None)
         self.model = model
         family = model.family
         self.family = family
@@ -332,6 +333,8 @@ class _Trainer:
         # training precision too, for the memory
         full_half = (config.full_fp16 or config.full_bf16) and weight_dtype != torch.float32
         network.to(device, dtype=weight_dtype if full_half else torch.float32)
+        if config.lowram and device.type != "cuda":
+            self._warn("lowram: has no effect here (no CUDA device to load the model into)")
         if (config.full_fp16 or config.full_bf16) and not full_half:
             self._warn(f"{'full_fp16' if config.full_fp16 else 'full_bf16'}: has no effect here (no CUDA device: the "
                        "network trains in float32)")
