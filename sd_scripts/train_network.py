@@ -31,6 +31,12 @@ def _base_type(tp) -> type:
     return tp
 
 
+def _numbers_or_number(tp) -> bool:
+    """``float | list[float] | None`` (text_encoder_lr: one value, or one per text encoder as kohya's nargs)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return float in args and any(typing.get_origin(a) is list for a in args)
+
+
 def _resolved_types() -> dict[str, type]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in config_fields()}
@@ -46,6 +52,8 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
         help_text = f.metadata.get("help", "").replace("%", "%%")
         if base is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif _numbers_or_number(tp):
+            parser.add_argument(f"--{f.name}", nargs="+", type=float, default=None, help=help_text)
         elif base is list or typing.get_origin(tp) is list:
             parser.add_argument(f"--{f.name}", nargs="*", default=None, help=help_text)
         else:
@@ -75,10 +83,11 @@ def config_from_args(argv: list[str] | None = None, *, prog: str = "train_networ
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"config_file: unknown settings {', '.join(unknown)}")
+    types = _resolved_types()
     for f in config_fields():
         v = getattr(args, f.name)
         if v is not None:
-            values[f.name] = v
+            values[f.name] = v[0] if _numbers_or_number(types[f.name]) and len(v) == 1 else v
     if "lr_warmup_steps" in values and isinstance(values["lr_warmup_steps"], str):
         text = values["lr_warmup_steps"].strip()
         if not text.endswith("%"):

@@ -222,8 +222,11 @@ def test_adafactor_own_schedule_with_dylora(tiny_sdxl_diffusers, dataset, tmp_pa
 
 # --------------------------------------------------------------------------- text encoders at their own lr
 
-def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, tmp_path, monkeypatch):
-    """Both SDXL text encoders train, each in its own parameter group at text_encoder_lr; the UNet at unet_lr."""
+@pytest.mark.parametrize("te_lr, group_lrs", [(5e-4, [5e-4, 5e-4]), ([5e-4, 2e-4], [5e-4, 2e-4])])
+def test_text_encoders_train_at_text_encoder_lr(te_lr, group_lrs, tiny_sdxl_single_file, dataset, tmp_path,
+                                                monkeypatch):
+    """Both SDXL text encoders train, each in its own parameter group at text_encoder_lr (one value for both, or one
+    per text encoder as kohya's list); the UNet at unet_lr."""
     from sd_scripts.library import optimizers
     from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
     from sd_scripts.networks import factory
@@ -241,11 +244,11 @@ def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, 
 
     monkeypatch.setattr(factory, "build_network", recording_network)
     monkeypatch.setattr(optimizers, "build_optimizer", recording_optimizer)
-    result = _train(tiny_sdxl_single_file, dataset, tmp_path / "out", text_encoder_lr=5e-4, unet_lr=2e-3,
+    result = _train(tiny_sdxl_single_file, dataset, tmp_path / "out", text_encoder_lr=te_lr, unet_lr=2e-3,
                     learning_rate=1e-3, tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(tiny_sdxl_single_file)))
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     network, optimizer = built["network"].network, built["optimizer"][0]
-    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4, 2e-3]
+    assert [g["lr"] for g in optimizer.param_groups] == [*group_lrs, 2e-3]
     # group i holds exactly the parameters of text encoder 1, text encoder 2, the UNet
     for group, prefix in zip(optimizer.param_groups, ("lora_te1_", "lora_te2_", "lora_unet_")):
         want = {id(p) for lora in network.loras if lora.lora_name.startswith(prefix) for p in lora.parameters()}
@@ -254,7 +257,30 @@ def test_text_encoders_train_at_text_encoder_lr(tiny_sdxl_single_file, dataset, 
     for prefix in ("lora_te1_", "lora_te2_"):
         assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.startswith(prefix) and "lora_up" in k), prefix
     md = _metadata(result.output_path)
-    assert md["ss_text_encoder_lr"] == "0.0005" and md["ss_unet_lr"] == "0.002"
+    assert md["ss_text_encoder_lr"] == str(te_lr) and md["ss_unet_lr"] == "0.002"
+
+
+def test_text_encoder_lr_values_are_checked_and_parsed():
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.model_families import check_family_settings, get_family
+    from sd_scripts.library.preflight import check_settings
+    from sd_scripts.train_network import config_from_args
+
+    def te_lr_errors(config, family):
+        found = [str(e) for e in check_settings(config) + check_family_settings(config, get_family(family))[0]]
+        return [text for text in found if text.startswith("text_encoder_lr")]
+
+    assert te_lr_errors(TrainConfig(text_encoder_lr=[1e-4, 5e-5]), "sdxl") == []
+    assert te_lr_errors(TrainConfig(text_encoder_lr=[1e-4]), "sd1") == []
+    assert te_lr_errors(TrainConfig(text_encoder_lr=[1e-4, 5e-5]), "sd1") == [
+        "text_encoder_lr: 2 values, but SD1 has 1 text encoder; give at most 1"]
+    assert te_lr_errors(TrainConfig(text_encoder_lr=[1e-4, 5e-5, 1e-5]), "sdxl") == [
+        "text_encoder_lr: 3 values, but SDXL has 2 text encoders; give at most 2"]
+    bad = te_lr_errors(TrainConfig(text_encoder_lr=[1e-4, -1.0]), "sdxl")
+    assert len(bad) == 1 and "one per text encoder" in bad[0] and "\n" not in bad[0]
+    # kohya's command line: one value is a number, several a list
+    assert config_from_args(["--text_encoder_lr", "1e-4"]).text_encoder_lr == 1e-4
+    assert config_from_args(["--text_encoder_lr", "1e-4", "5e-5"]).text_encoder_lr == [1e-4, 5e-5]
 
 
 # --------------------------------------------------------------------------- precision

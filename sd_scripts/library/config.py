@@ -143,7 +143,8 @@ class TrainConfig:
     optimizer_args: list = _f([], "optimizer arguments as key=value")
     learning_rate: float = _f(1e-4, "learning rate")
     unet_lr: float | None = _f(None, "UNet learning rate (default: learning_rate)")
-    text_encoder_lr: float | None = _f(None, "text encoder learning rate (default: learning_rate)")
+    text_encoder_lr: float | list[float] | None = _f(
+        None, "text encoder learning rate (default: learning_rate); SDXL: two values, one per text encoder")
     lr_scheduler: str = _f("constant", "learning-rate schedule")
     lr_warmup_steps: float | str = _f(0, "warm-up steps, a ratio < 1, or N%")
     lr_scheduler_num_cycles: int = _f(1, "restarts of cosine_with_restarts")

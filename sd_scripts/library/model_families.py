@@ -491,6 +491,11 @@ def check_family_settings(config, family: ModelFamily | None = None, dataset=Non
                         f"{setting}: subset {subset.name} changes its captions during training (shuffle, dropout, "
                         f"token warm-up or wildcards); turn those off for it or turn {setting} off", setting))
                     break
+    te_lr = getattr(config, "text_encoder_lr", None)
+    if family is not None and isinstance(te_lr, (list, tuple)) and len(te_lr) > len(family.te_lora_prefixes):
+        count = len(family.te_lora_prefixes)
+        errors.append(ConfigError(f"text_encoder_lr: {len(te_lr)} values, but {family.name.upper()} has {count} text "
+                                  f"encoder{'s' if count > 1 else ''}; give at most {count}", "text_encoder_lr"))
     if family is not None and family.name == "sdxl":
         if config.clip_skip not in (None, 1, 2):
             warnings.append(f"clip_skip: SDXL always uses the penultimate layers of its text encoders; clip_skip "

@@ -443,7 +443,11 @@ def _config_lrs(config) -> list[float]:
     if not getattr(config, "network_train_text_encoder_only", False):
         lrs.append(getattr(config, "unet_lr", None) if getattr(config, "unet_lr", None) is not None else lr)
     if not getattr(config, "network_train_unet_only", False):
-        lrs.append(getattr(config, "text_encoder_lr", None) if getattr(config, "text_encoder_lr", None) is not None else lr)
+        te_lr = getattr(config, "text_encoder_lr", None)
+        if isinstance(te_lr, (list, tuple)):  # one per text encoder
+            lrs.extend(te_lr or [lr])
+        else:
+            lrs.append(te_lr if te_lr is not None else lr)
     return lrs
 
 

@@ -108,9 +108,15 @@ def check_settings(config) -> list[UserError]:
         bad("learning_rate", "not set; give a learning rate such as 1e-4")
     else:
         at_least("learning_rate", 0)
-    for name in ("unet_lr", "text_encoder_lr", "max_grad_norm", "noise_offset", "prior_loss_weight",
+    for name in ("unet_lr", "max_grad_norm", "noise_offset", "prior_loss_weight",
                  "keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_step"):
         at_least(name, 0)
+    if isinstance(config.text_encoder_lr, (list, tuple)):  # one per text encoder (kohya's nargs)
+        if not config.text_encoder_lr or not all(_number(v) and v >= 0 for v in config.text_encoder_lr):
+            bad("text_encoder_lr", "give one learning rate, or one per text encoder (two for SDXL), each 0 or more; "
+                                   f"got {list(config.text_encoder_lr)}")
+    else:
+        at_least("text_encoder_lr", 0)
     if _number(config.lr_warmup_steps) and config.lr_warmup_steps < 0:
         bad("lr_warmup_steps", f"must be 0 or more, got {config.lr_warmup_steps:g}")
     if config.min_snr_gamma is not None and (not _number(config.min_snr_gamma) or config.min_snr_gamma <= 0):
