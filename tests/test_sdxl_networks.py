@@ -23,25 +23,22 @@ pytestmark = pytest.mark.slow
 
 # case -> (network_module, network_args, tensor parts every module of the file has, the part(s) that start at zero
 # and that training moves)
+LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 NETWORKS = {
-    "locon": ("networks.lora", ["conv_dim=2", "conv_alpha=1"], {"lora_down.weight", "lora_up.weight", "alpha"},
-              "lora_up.weight"),
-    "dylora": ("networks.dylora", ["unit=2"], {"lora_down.weight", "lora_up.weight", "alpha"}, "lora_up.weight"),
-    "lycoris-locon": ("lycoris.kohya", ["algo=locon", "conv_dim=2", "conv_alpha=1"],
-                      {"lora_down.weight", "lora_up.weight", "alpha"}, "lora_up.weight"),
-    "loha": ("lycoris.kohya", ["algo=loha", "conv_dim=2"], {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-             "hada_w2_a"),
+    "locon": ("networks.lora", ["conv_dim=2", "conv_alpha=1"], LORA_PARTS, "lora_up.weight"),
+    "dylora": ("networks.dylora", ["unit=2"], LORA_PARTS, "lora_up.weight"),
+    "lycoris-locon": ("lycoris.kohya", ["algo=locon", "conv_dim=2", "conv_alpha=1"], LORA_PARTS, "lora_up.weight"),
+    "loha": ("lycoris.kohya", ["algo=loha", "conv_dim=2"],
+             {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}, "hada_w2_a"),
     "lokr": ("lycoris.kohya", ["algo=lokr", "factor=4"], {"lokr_w1", "alpha"}, ("lokr_w2", "lokr_w2_b")),
     "ia3": ("lycoris.kohya", ["algo=ia3", "preset=ia3"], {"weight", "on_input"}, "weight"),
-    "lycoris-dylora": ("lycoris.kohya", ["algo=dylora", "block_size=2"], {"lora_down.weight", "lora_up.weight", "alpha"},
-                       "lora_up.weight"),
+    "lycoris-dylora": ("lycoris.kohya", ["algo=dylora", "block_size=2"], LORA_PARTS, "lora_up.weight"),
     "full": ("lycoris.kohya", ["algo=full"], {"diff"}, "diff"),
     "glora": ("lycoris.kohya", ["algo=glora"], {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"},
               ("a2.weight", "b2.weight")),
     "diag-oft": ("lycoris.kohya", ["algo=diag-oft"], {"oft_blocks"}, "oft_blocks"),
     "boft": ("lycoris.kohya", ["algo=boft"], {"oft_blocks"}, "oft_blocks"),
-    "dora": ("lycoris.kohya", ["algo=lora", "dora_wd=true"], {"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"},
-             "lora_up.weight"),
+    "dora": ("lycoris.kohya", ["algo=lora", "dora_wd=true"], LORA_PARTS | {"dora_scale"}, "lora_up.weight"),
 }
 # the checkpoint merge refuses these (one line naming the module); UIs that know them load the files
 NOT_MERGED = ("glora", "diag-oft", "boft", "dora")
@@ -215,8 +212,9 @@ def test_optimizer_trains_an_sdxl_lora(name, tiny_sdxl_diffusers, dataset, tmp_p
 def test_adafactor_own_schedule_with_dylora(tiny_sdxl_diffusers, dataset, tmp_path):
     """AdaFactor's relative-step schedule with DyLoRA, whose untrained rank slices get no gradient in a step."""
     pytest.importorskip("transformers")
-    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "out", optimizer_type="AdaFactor", lr_scheduler="adafactor",
-                    network_module="networks.dylora", network_args=["unit=2"], text_encoder_lr=1e-4, unet_lr=1e-3)
+    result = _train(tiny_sdxl_diffusers, dataset, tmp_path / "out", optimizer_type="AdaFactor",
+                    lr_scheduler="adafactor", network_module="networks.dylora", network_args=["unit=2"],
+                    text_encoder_lr=1e-4, unet_lr=1e-3)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
 
 
