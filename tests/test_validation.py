@@ -178,6 +178,19 @@ def test_validation_is_logged_and_repeats_exactly_when_weights_do_not_move(tiny_
     assert result.plot_path and os.path.isfile(result.plot_path)
 
 
+def test_validation_uses_the_training_loss_type_and_weightings(tiny_sd1_diffusers, data, tmp_path):
+    """As kohya's validation: loss_type and the SNR weightings apply (the noise stays plain Gaussian)."""
+    def validation(**kw):
+        config = tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", validation_split=0.25, max_train_steps=1,
+                             optimizer_type="tests.test_validation.FrozenAdamW", **kw)
+        return _train(config).validation_losses[-1][1]
+
+    plain = validation()
+    assert validation(loss_type="l1") != pytest.approx(plain, rel=1e-3)
+    # min-SNR with gamma 1 weighs every fixed timestep (SNR > 1 at t = 200) by 1/SNR < 1
+    assert validation(min_snr_gamma=1.0) < plain
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", [False, True])
 def test_the_lora_is_bit_identical_with_and_without_validation(tiny_sd1_diffusers, data, tmp_path, cache):

@@ -762,8 +762,7 @@ class _Trainer:
     def _step_loss(self, batch):
         import torch
 
-        from .loss_terms import huber_c_for, loss_weights_for, per_sample_loss
-        from .noise import add_noise, perturb_noise, sample_noise, sample_timesteps, snr_of, velocity_target
+        from .noise import add_noise, perturb_noise, sample_noise, sample_timesteps, velocity_target
 
         config, device = self.config, self.accelerator.device
         with torch.no_grad():
@@ -784,13 +783,22 @@ class _Trainer:
         with self.accelerator.autocast():
             pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
         target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
+        return self._per_sample_loss(pred, target, timesteps, batch).mean()
+
+    def _per_sample_loss(self, pred, target, timesteps, batch):
+        """kohya's loss of a batch, per sample: ``loss_type`` (Huber threshold per timestep), alpha masks, the
+        images' loss weights (prior_loss_weight) and the SNR weightings; training and validation share it."""
+        from .loss_terms import huber_c_for, loss_weights_for, per_sample_loss
+        from .noise import snr_of
+
+        config = self.config
         huber_c = huber_c_for(config, timesteps, self.alphas_cumprod)
         loss = per_sample_loss(pred, target, config.loss_type, huber_c, batch.get("alpha_masks"))
-        loss = loss * batch["loss_weights"].to(device)
+        loss = loss * batch["loss_weights"].to(loss.device)
         weights = loss_weights_for(config, snr_of(self.alphas_cumprod, timesteps), self.v_param)
         if weights is not None:
             loss = loss * weights
-        return loss.mean()
+        return loss
 
     def _encode_prompts(self, captions: list[str]):
         """Text conditioning; with a frozen text encoder, each caption is encoded once (alone, so its
@@ -1094,7 +1102,7 @@ class _Trainer:
         takes its share of the batches; the sums are added up."""
         import torch
 
-        from .noise import add_noise, per_sample_mse, velocity_target
+        from .noise import add_noise, velocity_target
         from .validation import batch_generator_seed, validation_timesteps
 
         accelerator, device = self.accelerator, self.accelerator.device
@@ -1125,7 +1133,7 @@ class _Trainer:
                         with accelerator.autocast():
                             pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
                         target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
-                        losses = per_sample_mse(pred, target, batch.get("alpha_masks"))
+                        losses = self._per_sample_loss(pred, target, timesteps, batch)
                         total[0] += losses.double().sum()
                         total[1] += losses.numel()
         finally:

@@ -13,8 +13,9 @@ every epoch) and ``max_validation_steps`` (cap on validation batches).
   (no dropout), the schedule-free optimizers' evaluation weights, captions and crops without random
   augmentation, each batch evaluated at fixed timesteps (:func:`validation_timesteps`: :data:`VALIDATION_TIMESTEPS`
   unless min_timestep/max_timestep narrow the range) with Gaussian noise
-  from a generator seeded by the validation seed and the batch index. The loss is the plain mean squared
-  error against the model's target (no min-SNR weighting), averaged over images and timesteps. Nothing is
+  from a generator seeded by the validation seed and the batch index (no noise offset or input perturbation). The
+  loss is the training's, as kohya's validation computes it (``loss_type``, alpha masks, the SNR weightings),
+  averaged over images and timesteps. Nothing is
   drawn from the training random streams, so a run trains exactly the same LoRA with or without validations.
 """
 
