@@ -88,6 +88,24 @@ class ArgStore:
         group=JSON_QUEUE)
     training_comment: str | None = setting(
         None, "comment stored in the LoRA's metadata (ss_training_comment)", group=SAVING)
+    metadata_title: str | None = setting(
+        None, "name of the LoRA that UIs and Civitai show (modelspec.title; default: the output name)",
+        group=SAVING)
+    metadata_author: str | None = setting(
+        None, "author stored in the LoRA (modelspec.author)", group=SAVING)
+    metadata_description: str | None = setting(
+        None, "description stored in the LoRA (modelspec.description)", group=SAVING)
+    metadata_license: str | None = setting(
+        None, "license stored in the LoRA (modelspec.license)", group=SAVING)
+    metadata_tags: str | None = setting(
+        None, "comma-separated tags stored in the LoRA (modelspec.tags)", group=SAVING)
+    metadata_trigger_phrase: str | None = setting(
+        None, "words that call up the LoRA, stored as modelspec.trigger_phrase", group=SAVING)
+    metadata_usage_hint: str | None = setting(
+        None, "how to use the LoRA, e.g. weight 0.8 (modelspec.usage_hint)", group=SAVING)
+    metadata_thumbnail: str | None = setting(
+        None, "preview image stored in the LoRA: an image file or a data:image/...;base64 URL "
+        "(modelspec.thumbnail)", group=SAVING)
     save_json_only: bool = setting(
         False, "save the JSON file and stop without training (to prepare a queue)", group=JSON_QUEUE,
         session=True)
@@ -207,6 +225,22 @@ class ArgStore:
         None, "tags used at the start of token warm-up", group=CAPTIONS)
     weighted_captions: bool = setting(
         False, "read (tag:1.2) weights in captions", group=CAPTIONS)
+    caption_prefix: str | None = setting(
+        None, "text put before every caption, e.g. a trigger word (it takes part in shuffling: use keep_tokens)",
+        group=CAPTIONS)
+    caption_suffix: str | None = setting(
+        None, "text put after every caption (it takes part in shuffling)", group=CAPTIONS)
+    caption_separator: str | None = setting(
+        ",", "separator of the tags in a caption, for shuffling, keep_tokens and tag dropout", group=CAPTIONS)
+    keep_tokens_separator: str | None = setting(
+        None, "e.g. |||: the tags before it (and after a second one) stay in place when shuffling; keep_tokens "
+        "applies to captions without it", group=CAPTIONS)
+    secondary_separator: str | None = setting(
+        None, "e.g. ;;;: joins tags that are shuffled and dropped as one (written as caption_separator)",
+        group=CAPTIONS)
+    enable_wildcard: bool = setting(
+        False, "{a|b|c} in captions picks one at random each step; a caption file of several lines gives one "
+        "random line", group=CAPTIONS)
 
     # ------------------------------------------------------------------ other
     xformers: bool = setting(
@@ -290,6 +324,8 @@ class ArgStore:
         False, "old switch for 8-bit Adam", group=DEPRECATED, deprecated="optimizer_type AdamW8bit")
     use_lion: bool = setting(
         False, "old switch for the Lion optimizer", group=DEPRECATED, deprecated="optimizer_type Lion")
+    caption_extention: str | None = setting(
+        None, "kohya's old misspelling of caption_extension", group=DEPRECATED, deprecated="caption_extension")
     caption_dropout_rate: float | None = setting(
         None, "chance of training an image with an empty caption", group=CAPTIONS)
     caption_dropout_every_n_epochs: int | None = setting(

@@ -83,6 +83,11 @@ def migrate_deprecated(values: dict[str, Any], lower: Any, source: str) -> list[
         notes.append(f"{source}: locon/locon_dim/locon_alpha are deprecated; using network_args {shown} (kohya LoCon)")
     elif locon_alpha is not None:
         notes.append(f"{source}: locon_alpha has no effect without locon or locon_dim; ignored")
+
+    misspelled = values.pop("caption_extention", None)
+    if misspelled:  # kohya's old spelling wins over caption_extension, as in kohya
+        values["caption_extension"] = misspelled
+        notes.append(f"{source}: caption_extention is kohya's old misspelling; using caption_extension {misspelled}")
     return notes
 
 

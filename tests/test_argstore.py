@@ -398,6 +398,20 @@ NEW_ENGINE_SETTINGS = {
     "validate_every_n_epochs": ("validate_every_n_epochs", 2, 0),
     "max_validation_steps": ("max_validation_steps", 10, 0),
     "disable_mmap_load_safetensors": ("disable_mmap_load_safetensors", True, False),
+    "caption_prefix": ("caption_prefix", "masterpiece", None),
+    "caption_suffix": ("caption_suffix", "best quality", None),
+    "caption_separator": ("caption_separator", ";", ","),
+    "keep_tokens_separator": ("keep_tokens_separator", "|||", None),
+    "secondary_separator": ("secondary_separator", ";;;", None),
+    "enable_wildcard": ("enable_wildcard", True, False),
+    "metadata_title": ("metadata_title", "My LoRA", None),
+    "metadata_author": ("metadata_author", "someone", None),
+    "metadata_description": ("metadata_description", "a test LoRA", None),
+    "metadata_license": ("metadata_license", "CC-BY-4.0", None),
+    "metadata_tags": ("metadata_tags", "style, test", None),
+    "metadata_trigger_phrase": ("metadata_trigger_phrase", "sks shape", None),
+    "metadata_usage_hint": ("metadata_usage_hint", "weight 0.8", None),
+    "metadata_thumbnail": ("metadata_thumbnail", "thumb.png", None),  # checked by preflight, not here
 }
 
 

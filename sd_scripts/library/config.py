@@ -41,6 +41,8 @@ class TrainConfig:
     reg_data_dir: str | None = _f(None, "folder of regularization <repeats>_<class> subfolders")
     dataset_config: str | None = _f(None, "dataset TOML in kohya's schema (instead of train_data_dir)")
     caption_extension: str = _f(".txt", "extension of caption files")
+    caption_extention: str | None = _f(None, "deprecated: kohya's old misspelling of caption_extension; when given "
+                                             "it replaces caption_extension")
     resolution: str = _f("512", "training resolution: W or W,H")
     enable_bucket: bool = _f(True, "aspect-ratio buckets")
     min_bucket_reso: int = _f(256, "smallest bucket side")
@@ -49,6 +51,15 @@ class TrainConfig:
     bucket_no_upscale: bool = _f(False, "never upscale images into buckets")
     shuffle_caption: bool = _f(False, "shuffle comma-separated tags")
     keep_tokens: int = _f(0, "keep the first N tags in place when shuffling")
+    caption_separator: str = _f(",", "separator of the tags in a caption (for shuffling, keep_tokens and tag dropout)")
+    keep_tokens_separator: str | None = _f(None, "e.g. |||: the tags before it (and after a second one) stay fixed "
+                                                 "when shuffling; keep_tokens applies when a caption has none")
+    secondary_separator: str | None = _f(None, "e.g. ;;;: joins tags that are shuffled and dropped as one; replaced "
+                                               "by caption_separator afterwards")
+    enable_wildcard: bool = _f(False, "{a|b|c} in captions picks one at random each step; a multi-line caption "
+                                      "file gives one random line")
+    caption_prefix: str | None = _f(None, "text put before every caption (takes part in shuffling)")
+    caption_suffix: str | None = _f(None, "text put after every caption (takes part in shuffling)")
     caption_dropout_rate: float = _f(0.0, "probability of training a sample with an empty caption")
     caption_dropout_every_n_epochs: int = _f(0, "drop all captions every N epochs")
     caption_tag_dropout_rate: float = _f(0.0, "probability of dropping each tag")
@@ -89,6 +100,15 @@ class TrainConfig:
     resume: str | None = _f(None, "training state folder to resume from")
     no_metadata: bool = _f(False, "write only the minimum metadata")
     training_comment: str | None = _f(None, "comment stored in the LoRA's metadata")
+    metadata_title: str | None = _f(None, "modelspec.title of the LoRA, the name UIs show (default: output_name)")
+    metadata_author: str | None = _f(None, "modelspec.author of the LoRA")
+    metadata_description: str | None = _f(None, "modelspec.description of the LoRA")
+    metadata_license: str | None = _f(None, "modelspec.license of the LoRA")
+    metadata_tags: str | None = _f(None, "modelspec.tags of the LoRA, comma-separated")
+    metadata_trigger_phrase: str | None = _f(None, "modelspec.trigger_phrase: the words that call up the LoRA")
+    metadata_usage_hint: str | None = _f(None, "modelspec.usage_hint: how to use the LoRA (weight, prompts)")
+    metadata_thumbnail: str | None = _f(None, "modelspec.thumbnail: an image file (stored as a data: URL) or a "
+                                              "data:image/...;base64 URL")
 
     # --- training ---
     max_train_steps: int = _f(1600, "training steps")

@@ -329,6 +329,8 @@ class _Lookup:
             if table.get(key) is not None:
                 return table[key], where
         value = getattr(self.config, _CONFIG_NAME.get(key, key), None)
+        if key == "caption_extension" and getattr(self.config, "caption_extention", None):
+            value = self.config.caption_extention  # kohya's old misspelling wins, as in kohya
         if value is not None:
             return value, None
         return _DEFAULTS.get(key), None
@@ -571,6 +573,10 @@ def _subset_spec(lookup: _Lookup, image_dir: str, dataset: int, num_repeats: int
     if interp is not None and str(interp).lower() not in RESIZE_INTERPOLATIONS:
         raise _setting_error("resize_interpolation", interp_where, f"{interp!r} is not one of {', '.join(RESIZE_INTERPOLATIONS)}")
     sep = lookup.value("caption_separator") or ","
+    keep_sep, keep_sep_where = lookup.get("keep_tokens_separator")
+    if keep_sep and keep_sep.strip() == sep.strip():
+        raise _setting_error("keep_tokens_separator", keep_sep_where, f"{keep_sep!r} is the caption_separator too, so "
+                             "every tag would be fixed; use a separator of its own such as |||")
     captions = CaptionSettings(
         shuffle_caption=bool(lookup.value("shuffle_caption")),
         keep_tokens=int(lookup.value("keep_tokens") or 0),
@@ -918,6 +924,8 @@ def _collect_layout(config: Any, errors: list[UserError]):
     roots: list[str] = []
     subset_setting: list[str] = []  # setting named in messages about each subset
 
+    if getattr(config, "caption_extention", None):
+        warnings.append("caption_extention is kohya's old misspelling; it still works, but write caption_extension")
     dataset_config = getattr(config, "dataset_config", None)
     if dataset_config:
         if getattr(config, "train_data_dir", None) or getattr(config, "reg_data_dir", None):

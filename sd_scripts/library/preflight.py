@@ -15,6 +15,7 @@ What is checked:
 * the base model (family detected from a safetensors header or a diffusers folder's configs) and,
   offline, whether its CLIP tokenizer can be found;
 * the sample prompt file and sampler;
+* the LoRA's metadata settings (``user_metadata.check_metadata_settings``: the thumbnail must be an image);
 * the dataset (``dataset_layout.scan_dataset``): layout, captions, every image decoded once;
 * free disk space (:func:`check_disk_space`) for the LoRA files and training states (estimated from the
   model's layer shapes and ``network_dim``), the on-disk latent and text-encoder caches, sample images and logs.
@@ -692,6 +693,7 @@ def preflight(config, model_given: bool = False) -> Plan:
     from .model_families import check_family_settings
     from .model_loading import detect_family
     from .optimizers import check_optimizer_settings
+    from .user_metadata import check_metadata_settings
     from ..networks.factory import check_network_settings
 
     errors = check_settings(config)
@@ -699,6 +701,9 @@ def preflight(config, model_given: bool = False) -> Plan:
     noise_errors, noise_warnings = check_noise_loss_settings(config)
     errors.extend(noise_errors)
     plan.warnings.extend(noise_warnings)
+    metadata_errors, metadata_warnings = check_metadata_settings(config)
+    errors.extend(metadata_errors)
+    plan.warnings.extend(metadata_warnings)
     try:
         plan.warnings.extend(check_optimizer_settings(config) or [])
     except UserError as e:

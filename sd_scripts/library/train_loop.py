@@ -493,6 +493,7 @@ class _Trainer:
     def _prepare_metadata(self, built_net, num_batches, num_processes):
         from .lora_file import build_modelspec, file_sha256, legacy_model_hash
         from .metadata import build_training_metadata
+        from .user_metadata import modelspec_title, user_modelspec
 
         hashes = {}
         path = self.config.pretrained_model_name_or_path
@@ -506,10 +507,14 @@ class _Trainer:
             num_processes=num_processes, model_hashes=hashes,
         )
         res = [int(p) for p in str(self.config.resolution).split(",")]
+        timesteps = None
+        if self.config.min_timestep is not None or self.config.max_timestep is not None:  # kohya writes it only then
+            high = self.config.max_timestep
+            timesteps = (self.config.min_timestep or 0, 1000 if high is None else high)
         self.metadata.update(build_modelspec(
-            self.family.modelspec_architecture(self.v_param), title=self.config.output_name or "LoRA",
+            self.family.modelspec_architecture(self.v_param), title=modelspec_title(self.config) or "LoRA",
             resolution=f"{res[0]}x{res[-1]}", prediction_type="v" if self.v_param else "epsilon",
-            clip_skip=self.config.clip_skip,
+            clip_skip=self.config.clip_skip, timestep_range=timesteps, extra=user_modelspec(self.config),
         ))
         self.result.metadata = self.metadata
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sd_scripts.library.errors import ConfigError
+from sd_scripts.library.user_metadata import merged_user_modelspec
 from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.network_state import NetModule, lora_module_state, unify_alpha
 
@@ -135,7 +136,8 @@ def merge_networks_svd(networks: Sequence[tuple[str, Mapping[str, NetModule], fl
 
 def merged_metadata(metadatas: Sequence[Mapping[str, str]], labels: Sequence[str], ratios: Sequence[float],
                     reports: Sequence[ModuleMerge], mode: str, alpha: float | None = None) -> dict[str, str]:
-    """kohya's minimum LoRA metadata for a merge; the base model keys come from the first file that has them."""
+    """kohya's minimum LoRA metadata for a merge; the base model keys come from the first file that has them,
+    the user's keys (trigger phrases, tags, author, ...) from :func:`merged_user_modelspec`."""
     md: dict[str, str] = {}
     for key in ("ss_v2", "ss_base_model_version", "modelspec.architecture", "modelspec.implementation",
                 "modelspec.resolution", "modelspec.prediction_type", "modelspec.sai_model_spec"):
@@ -154,6 +156,7 @@ def merged_metadata(metadatas: Sequence[Mapping[str, str]], labels: Sequence[str
     parts = [f"{label} x {ratio:g}" for label, ratio in zip(labels, ratios)]
     md["ss_training_comment"] = f"merged ({mode}): " + ", ".join(parts)
     md["modelspec.merged_from"] = ", ".join(str(label) for label in labels)
+    md.update(merged_user_modelspec(metadatas))
     return md
 
 
@@ -199,5 +202,6 @@ def merge_lora_files(models: Sequence, ratios: Sequence[float], save_to, new_ran
     alphas = {float(v) for k, v in sd.items() if k.endswith(".alpha")}
     md = merged_metadata(metadatas, labels, [float(r) for r in ratios], reports, "concat" if concat else f"svd rank {new_rank}",
                          alphas.pop() if len(alphas) == 1 else None)
+    md["modelspec.title"] = Path(out).stem  # a new model: named after its file, as kohya's merge tools do
     save_lora_file(out, sd, md, dtype, lora_format_of(out))
     return reports

@@ -326,6 +326,18 @@ CASES: list[Case] = [
     Case("disk_full_for_the_latent_cache", ("output_dir", "not enough free disk space", "a latent cache of about"),
          ["--cache_latents_to_disk", "--train_resolution", "1024", "--max_bucket_resolution", "1024"],
          disk_free=600_000),
+    # ---------------------------------------------------------------- LoRA metadata and caption options
+    Case("metadata_thumbnail_missing", ("metadata_thumbnail", "not found"), ["--metadata_thumbnail", "{ws}/thumb.png"]),
+    Case("metadata_thumbnail_not_an_image", ("metadata_thumbnail", "not an image"),
+         ["--metadata_thumbnail", "{ws}/thumb.png"], files={"thumb.png": "this is text, not a PNG"}),
+    Case("metadata_thumbnail_bad_data_url", ("metadata_thumbnail", "data URL"),
+         ["--metadata_thumbnail", "data:text/plain,hello"]),
+    Case("json_metadata_thumbnail_is_a_folder", ("metadata_thumbnail", "is a folder"),
+         json={"metadata_thumbnail": "{data}"}),
+    Case("engine_metadata_thumbnail_missing", ("metadata_thumbnail", "not found"),
+         ["--metadata_thumbnail", "{ws}/thumb.png"], runner="engine"),
+    Case("keep_tokens_separator_is_caption_separator", ("keep_tokens_separator", "caption_separator"),
+         ["--keep_tokens_separator", ","]),
     # ---------------------------------------------------------------- CUDA-only options (documented fallbacks in main.py)
     Case("engine_fp16_without_cuda", ("mixed_precision", "CUDA"), ["--mixed_precision", "fp16"], runner="engine",
          cpu_only=True),
