@@ -286,3 +286,12 @@ def test_caption_extention_is_kohyas_old_spelling(caption_data, tmp_path):
     resolved = resolve_settings(parse_command_line(["--caption_extention", ".cap"])[0])
     assert resolved.store.caption_extension == ".cap" and resolved.store.caption_extention is None
     assert any("caption_extention" in note for note in resolved.notes)
+
+
+def test_wildcards_cannot_go_with_cached_text_encoder_outputs():
+    from sd_scripts.library.model_families import check_family_settings
+
+    config = TrainConfig(cache_text_encoder_outputs=True, network_train_unet_only=True, enable_wildcard=True)
+    errors, _ = check_family_settings(config)
+    assert [str(e) for e in errors] == ["cache_text_encoder_outputs: cannot be used with enable_wildcard (captions "
+                                        "change during training); turn off enable_wildcard or cache_text_encoder_outputs"]

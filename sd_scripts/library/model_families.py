@@ -479,7 +479,8 @@ def check_family_settings(config, family: ModelFamily | None = None, dataset=Non
                      ("caption_dropout_rate", (config.caption_dropout_rate or 0) > 0),
                      ("caption_dropout_every_n_epochs", (config.caption_dropout_every_n_epochs or 0) > 0),
                      ("caption_tag_dropout_rate", (config.caption_tag_dropout_rate or 0) > 0),
-                     ("token_warmup_step", (config.token_warmup_step or 0) > 0)]
+                     ("token_warmup_step", (config.token_warmup_step or 0) > 0),
+                     ("enable_wildcard", bool(getattr(config, "enable_wildcard", False)))]
         for name, on in conflicts:
             if on:
                 errors.append(ConfigError(f"{setting}: cannot be used with {name} (captions change during training); "
