@@ -437,6 +437,25 @@ class ArgStore:
     max_validation_steps: int | None = setting(
         None, "at most N validation batches each time (default: all held-out images)", group=VALIDATION)
 
+    # ------------------------------------------------------------------ max norm, base weights, start step (kohya)
+    scale_weight_norms: float | None = setting(
+        None, "max-norm regularization: after each step, scale down every LoRA module whose weight change has a "
+        "norm above this (1 is a good start; against overcooked LoRAs)", group=NETWORK)
+    base_weights: list[str] | None = setting(
+        None, "LoRA files merged into the base model before training (the new LoRA learns on top of them)",
+        group=MODEL)
+    base_weights_multiplier: list[float] | None = setting(
+        None, "strength of each base_weights file, one number per file (default 1.0 each)", group=MODEL)
+    initial_epoch: int | None = setting(
+        None, "start counting at this epoch (1 = the first) without a saved state, e.g. to continue from "
+        "lora_model_for_resume; steps, file names and the learning-rate schedule start there", group=LENGTH)
+    initial_step: int | None = setting(
+        None, "start counting at this step (0 = the first) without a saved state; overrides initial_epoch; not "
+        "with resume", group=LENGTH)
+    skip_until_initial_step: bool = setting(
+        False, "with initial_step/initial_epoch: also skip the images the earlier run had already trained on in "
+        "that epoch", group=LENGTH)
+
     # ------------------------------------------------------------------ noise and loss (kohya's names)
     noise_offset_random_strength: bool = setting(
         False, "draw the noise offset's strength at random between 0 and noise_offset, each step", group=NOISE)

@@ -180,6 +180,8 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
             continue  # "not set": keep the engine's own default
         values[target] = value
 
+    if store.base_weights_multiplier is not None:  # a list setting holds text; preflight names what is no number
+        values["base_weights_multiplier"] = [_number_or_text(v) for v in store.base_weights_multiplier]
     width, height = store.train_resolution, store.height_resolution
     values["resolution"] = f"{width},{height}" if height and height != width else str(width)
     values["lr_warmup_steps"] = store.warmup_lr_ratio or 0
@@ -220,6 +222,13 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
 
     config = TrainConfig(**{k: v for k, v in values.items() if k in fields})
     return Mapped(config=config, store=store, notes=notes)
+
+
+def _number_or_text(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _field_default(f: dataclasses.Field) -> Any:

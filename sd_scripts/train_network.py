@@ -54,8 +54,10 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif _numbers_or_number(tp):
             parser.add_argument(f"--{f.name}", nargs="+", type=float, default=None, help=help_text)
-        elif base is list or typing.get_origin(tp) is list:
-            parser.add_argument(f"--{f.name}", nargs="*", default=None, help=help_text)
+        elif base is list or typing.get_origin(tp) is list or typing.get_origin(base) is list:
+            item = (typing.get_args(base) or (str,))[0]  # list[float]: numbers (base_weights_multiplier)
+            parser.add_argument(f"--{f.name}", nargs="*", type=float if item is float else str, default=None,
+                                help=help_text)
         else:
             conv = {int: int, float: float}.get(base, str)
             if f.name == "lr_warmup_steps":

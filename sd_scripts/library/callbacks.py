@@ -23,6 +23,10 @@ class TrainCallbacks:
     def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None:
         """After each optimizer step; ``loss`` is NaN for a step skipped because of NaN/inf (skip_nonfinite_steps)."""
 
+    def on_step_info(self, step: int, info: dict[str, Any]) -> None:
+        """Extra figures of the step about to be reported by ``on_progress`` (``keys_scaled`` and
+        ``average_key_norm`` with scale_weight_norms), for a progress display."""
+
     def on_save(self, path: str) -> None:
         """A LoRA file or a training-state folder was written."""
 
@@ -51,6 +55,7 @@ class ConsoleCallbacks(TrainCallbacks):
         self._stream = stream or sys.stderr
         self._bar = None
         self._disable = disable_bar
+        self._step_info: dict[str, Any] = {}
 
     def _write(self, text: str) -> None:
         if self._bar is not None:
@@ -72,7 +77,10 @@ class ConsoleCallbacks(TrainCallbacks):
     def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch, refresh=False)
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch, **self._step_info, refresh=False)
+
+    def on_step_info(self, step: int, info: dict[str, Any]) -> None:
+        self._step_info = {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in info.items()}
 
     def on_save(self, path: str) -> None:
         self._write(f"saved {path}")

@@ -113,6 +113,13 @@ class TrainConfig:
     # --- training ---
     max_train_steps: int = _f(1600, "training steps")
     max_train_epochs: int | None = _f(None, "training epochs (overrides max_train_steps)")
+    initial_epoch: int | None = _f(None, "start the epoch counter at this epoch (1 = the first) without a saved "
+                                   "state; the step counter and the learning-rate schedule start where that epoch "
+                                   "begins (kohya's schedule starts at 0)")
+    initial_step: int | None = _f(None, "start the step counter and the learning-rate schedule at this step (0 = "
+                                  "the first) without a saved state; overrides initial_epoch; not with resume")
+    skip_until_initial_step: bool = _f(False, "with initial_step/initial_epoch: also skip the batches before that "
+                                       "step, so training continues on the data the earlier run would have seen")
     seed: int | None = _f(None, "random seed; the same seed gives the same LoRA")
     gradient_checkpointing: bool = _f(False, "trade speed for memory")
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step")
@@ -184,6 +191,13 @@ class TrainConfig:
     dim_from_weights: bool = _f(False, "take rank and alpha from network_weights")
     network_train_unet_only: bool = _f(False, "train only the UNet part")
     network_train_text_encoder_only: bool = _f(False, "train only the text encoder part")
+    scale_weight_norms: float | None = _f(None, "max-norm regularization: after each step, scale down every LoRA "
+                                          "module whose weight change (up @ down x alpha/dim) has a norm above this "
+                                          "(1 is a good start); logs max_norm/*")
+    base_weights: list[str] | None = _f(None, "LoRA/LyCORIS files merged into the base model (UNet and text "
+                                        "encoders) before the network is built; several files allowed")
+    base_weights_multiplier: list[float] | None = _f(None, "strength of each base_weights file (default 1.0 each); "
+                                                     "one value per file")
 
     # --- validation ---
     validation_split: float = _f(0.0, "fraction of each training folder's images held out for a validation loss (0 = off)")

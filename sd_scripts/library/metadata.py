@@ -71,6 +71,7 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
         "ss_face_crop_aug_range": None,
         "ss_prior_loss_weight": config.prior_loss_weight,
         "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_scale_weight_norms": getattr(config, "scale_weight_norms", None),
         "ss_ip_noise_gamma": config.ip_noise_gamma,
         "ss_debiased_estimation": bool(config.debiased_estimation_loss),
         "ss_noise_offset_random_strength": config.noise_offset_random_strength,

@@ -140,6 +140,7 @@ def check_settings(config) -> list[UserError]:
     if config.dim_from_weights and not config.network_weights:
         bad("dim_from_weights", "needs network_weights (the LoRA file whose dim and alpha are used); set it or turn "
             "dim_from_weights off")
+    _check_extras(config, bad)
     # precision and text encoder
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         bad("mixed_precision", f"{config.mixed_precision!r} is not one of no, fp16, bf16")
@@ -215,6 +216,46 @@ def check_settings(config) -> list[UserError]:
     if config.logging_dir and os.path.exists(config.logging_dir) and not os.path.isdir(config.logging_dir):
         bad("logging_dir", f"{config.logging_dir} is a file, not a folder; give a folder for the logs")
     return errors
+
+
+# LyCORIS algorithms whose modules have no max-norm of their own (lycoris-lora 4.1.3)
+_NO_MAX_NORM_ALGOS = ("full", "ia3", "dylora", "glora")
+
+
+def _check_extras(config, bad) -> None:
+    """scale_weight_norms, initial_step/initial_epoch/skip_until_initial_step (base_weights files: preflight)."""
+    swn = getattr(config, "scale_weight_norms", None)
+    if swn is not None and (not _number(swn) or swn < 0):
+        bad("scale_weight_norms", f"must be above 0 (1 is a good start; unset or 0 turns it off), got {swn}")
+    elif swn:
+        from ..networks.factory import network_kind
+        from ..networks.network_args import split_network_args
+
+        try:
+            lycoris = network_kind(config.network_module) == "lycoris"
+            algo = str(split_network_args(config.network_args).get("algo", "lora")).strip().lower()
+        except UserError:
+            lycoris = False  # reported by the network checks
+        if lycoris and algo in _NO_MAX_NORM_ALGOS:
+            bad("scale_weight_norms", f"LyCORIS algo={algo} has no max-norm regularization (LoCon, LoHa, LoKr and "
+                "OFT have); turn scale_weight_norms off or change algo")
+    initial_step = getattr(config, "initial_step", None)
+    initial_epoch = getattr(config, "initial_epoch", None)
+    if initial_step is not None and (not _is_int(initial_step) or initial_step < 0):
+        bad("initial_step", f"must be a whole number of 0 or more (0 = the first step), got {initial_step}")
+    elif initial_step is not None and config.max_train_epochs is None and _is_int(config.max_train_steps) \
+            and initial_step >= config.max_train_steps:
+        bad("initial_step", f"{initial_step} is not below max_train_steps {config.max_train_steps}; raise "
+            "max_train_steps or start earlier")
+    if initial_epoch is not None and (not _is_int(initial_epoch) or initial_epoch < 1):
+        bad("initial_epoch", f"must be a whole number of 1 or more (1 = the first epoch), got {initial_epoch}")
+    elif initial_epoch is not None and initial_step is None and _is_int(config.max_train_epochs) \
+            and initial_epoch > config.max_train_epochs:
+        bad("initial_epoch", f"{initial_epoch} is after the last epoch ({config.max_train_epochs}); raise "
+            "max_train_epochs or start earlier")
+    if config.resume and (initial_step is not None or initial_epoch is not None):
+        which = "initial_step" if initial_step is not None else "initial_epoch"
+        bad(which, "cannot be combined with resume (the state holds the step to continue from); remove one")
 
 
 def _check_output(config, bad) -> None:
@@ -730,6 +771,10 @@ def preflight(config, model_given: bool = False) -> Plan:
         except UserError as e:
             _collect(errors, e)
     errors.extend(_check_weight_files(config))
+    if config.base_weights or config.base_weights_multiplier:
+        from ..networks.base_weights import check_base_weights
+
+        errors.extend(check_base_weights(config, plan.family))
     if config.sample_prompts and os.path.isfile(config.sample_prompts):
         from .sampling import load_sample_prompts
 

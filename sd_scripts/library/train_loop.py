@@ -295,6 +295,11 @@ class _Trainer:
         self.model = model
         family = model.family
         self.family = family
+        if config.base_weights:  # kohya: merged into the base model before the network is built
+            from ..networks.base_weights import merge_base_weights
+
+            for line in merge_base_weights(model, config.base_weights, config.base_weights_multiplier):
+                self.cb.on_message(line)
         self.v_param = model.v_parameterization
         self._check_prediction_type()
         self.noise_scheduler = make_noise_scheduler(self.v_param, config.zero_terminal_snr)
@@ -329,6 +334,10 @@ class _Trainer:
         for w in built_net.warnings:
             self._warn(w)
         self.network = network = built_net.network
+        if config.scale_weight_norms and not getattr(network, "supports_max_norm", lambda: True)():
+            raise ConfigError("scale_weight_norms: this LyCORIS network has no max-norm regularization (LyCORIS has "
+                              "it for LoCon, LoHa, LoKr and OFT); turn scale_weight_norms off or change algo",
+                              "scale_weight_norms")
         # trainable weights in float32 whatever the base model's dtype; full_fp16/full_bf16 (kohya) put them in the
         # training precision too, for the memory
         full_half = (config.full_fp16 or config.full_bf16) and weight_dtype != torch.float32
@@ -426,6 +435,8 @@ class _Trainer:
         self.resumed_rng = None
         if config.resume:
             self._restore(load_train_state(config.resume))
+        elif config.initial_step is not None or config.initial_epoch is not None:
+            self._start_at_initial_step()
         self.cb.on_start({
             "model": config.pretrained_model_name_or_path,
             "family": family.name + (" (v-prediction)" if self.v_param else ""),
@@ -570,6 +581,43 @@ class _Trainer:
         self._last_state, self._last_state_step = state.path, p.global_step
         self.cb.on_message(f"resuming from {state.path}: step {p.global_step}, epoch {p.epoch}")
 
+    def _start_at_initial_step(self) -> None:
+        """kohya's ``initial_step`` / ``initial_epoch`` without a saved state: the step and epoch counters (so file
+        names, logs and saves) and the learning-rate schedule start there; the run trains the steps left up to
+        max_train_steps. By default the epoch begins at its first batch (kohya advances only the epoch number);
+        ``skip_until_initial_step`` skips the batches the earlier run trained on in that epoch (the data order
+        depends only on the seed and the epoch). Unlike kohya, the schedule starts at the step, not at 0."""
+        import warnings
+
+        config, p = self.config, self.progress
+        per_epoch = self.steps_per_epoch
+        if config.initial_step is not None:
+            step, setting = int(config.initial_step), "initial_step"
+        else:
+            step, setting = (int(config.initial_epoch) - 1) * per_epoch, "initial_epoch"
+        if step <= 0:
+            return
+        if step >= self.max_train_steps:
+            raise ConfigError(f"{setting}: starts at step {step}, but the run has {self.max_train_steps} steps; raise "
+                              "max_train_steps or max_train_epochs, or start earlier", setting)
+        done_epochs = step // per_epoch
+        p.global_step, p.epoch = step, done_epochs + 1
+        if config.skip_until_initial_step:
+            p.batches_done = (step - done_epochs * per_epoch) * self.config.gradient_accumulation_steps
+            p.epoch_start_step = done_epochs * per_epoch
+        else:
+            p.batches_done, p.epoch_start_step = 0, step
+        # the history holds one (empty) row per step before the start, so it stays indexed by step
+        p.losses = [float("nan")] * step
+        p.lrs = [[float("nan")] * len(self.group_names) for _ in range(step)]
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore")
+            for _ in range(step * self.accelerator.num_processes):  # accelerate steps it once per process
+                scheduler.step()
+        skipped = f", skipping {p.batches_done} batches of it" if p.batches_done else ""
+        self.cb.on_message(f"{setting}: starting at step {step}, epoch {p.epoch}{skipped}")
+
     # ------------------------------------------------------------------ loop
     def _loop(self):
         from accelerate.utils import set_seed
@@ -628,6 +676,7 @@ class _Trainer:
         micro_losses: list = []
         images = 0
         skip_step = False
+        max_norm = None  # (keys scaled, mean norm, max norm) of the last scale_weight_norms pass
         t_last = time.perf_counter()
         for batch in loader:
             self._at_boundary = False
@@ -653,6 +702,9 @@ class _Trainer:
                 if not skip_step:
                     self._consistent = False
                     self.optimizer.step()
+                    if config.scale_weight_norms and accelerator.sync_gradients:
+                        max_norm = self.network.apply_max_norm_regularization(config.scale_weight_norms,
+                                                                              accelerator.device)
                     self._consistent = True
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -675,6 +727,8 @@ class _Trainer:
                 self.result.losses.append(value)
                 self._recent.append(value)
             now = time.perf_counter()
+            if max_norm is not None:
+                self.cb.on_step_info(step, {"keys_scaled": max_norm[0], "average_key_norm": max_norm[1]})
             self.cb.on_progress(step, self.max_train_steps, value, lrs[0] if lrs else 0.0, epoch)
             if self._trackers_on:
                 logs = {"loss/current": value,
@@ -684,6 +738,9 @@ class _Trainer:
                 for name, group_lr in zip(self.group_names, lrs):
                     logs[f"lr/{name}"] = group_lr
                 logs.update(self._lr_free_logs())
+                if max_norm is not None:  # kohya's names
+                    logs.update({"max_norm/keys_scaled": max_norm[0], "max_norm/average_key_norm": max_norm[1],
+                                 "max_norm/max_key_norm": max_norm[2]})
                 self._log(logs, step)
             if self.val_dataset is not None and validation_due_at_step(config, step):
                 self._validate("step")
@@ -692,7 +749,7 @@ class _Trainer:
             if self._sampling_by_steps() and step % config.sample_every_n_steps == 0:
                 self._sample(label=f"{step:06d}", step=step)
             self._check_stop()
-            images, t_last = 0, time.perf_counter()
+            images, t_last, max_norm = 0, time.perf_counter(), None
             if step >= self.max_train_steps:
                 break
         self.result.epochs = epoch

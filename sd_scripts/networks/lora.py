@@ -35,7 +35,8 @@ from sd_scripts.networks.network_args import parse_float, parse_int, split_netwo
 __all__ = [
     "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_MODULE_CONV2D_3X3", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
     "NETWORK_ARG_TYPES", "AdapterModule", "LoRAModule", "LoRANetwork", "LoadResult", "create_network", "create_network_from_weights",
-    "build_param_groups", "dims_from_state_dict", "lora_delta_weight", "parse_network_args", "split_network_args",
+    "build_param_groups", "dims_from_state_dict", "lora_delta_weight", "max_norm_ratio", "parse_network_args",
+    "split_network_args",
 ]
 
 UNET_TARGET_REPLACE_MODULE = ("Transformer2DModel",)
@@ -68,6 +69,13 @@ def lora_delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> tor
     up2 = up.reshape(up.shape[0], -1)
     down2 = down.reshape(down.shape[0], -1)
     return (up2 @ down2).reshape(up.shape[0], *down.shape[1:]) * scale
+
+
+def max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """kohya's max-norm factor for a delta of Frobenius norm ``norm``: ``min(n, max) / n`` with
+    ``n = max(norm, max / 2)`` (1 when the norm is within the limit; the clamp keeps a zero delta at 1)."""
+    clamped = norm.clamp(min=max_norm / 2)
+    return clamped.clamp(max=max_norm) / clamped
 
 
 # --------------------------------------------------------------------------- network_args
@@ -324,6 +332,29 @@ class LoRANetwork(nn.Module):
         for lora in self.loras:
             weight = lora.org_module.weight
             weight += (lora.delta_weight() * m).to(weight.device, weight.dtype)
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
+        """kohya's ``scale_weight_norms``: every module whose delta ``up @ down * alpha/dim`` has a Frobenius
+        norm above ``max_norm_value`` gets both factors multiplied by ``sqrt(ratio)``, so the norm becomes the
+        limit. Returns ``(keys_scaled, mean norm, max norm)`` of the norms after scaling (kohya's logs).
+
+        All ratios are computed before one transfer to the CPU; factors of modules within the limit are
+        multiplied by exactly 1, so they are unchanged."""
+        norms, ratios = [], []
+        for lora in self.loras:
+            norm = lora.delta_weight().norm()
+            ratio = max_norm_ratio(norm, max_norm_value)
+            root = ratio.sqrt()
+            for param in lora.parameters():
+                param.mul_(root.to(param.device))
+            norms.append(norm * ratio)
+            ratios.append(ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        scaled = torch.stack(norms).float().cpu()
+        keys_scaled = int((torch.stack(ratios).cpu() != 1).sum())
+        return keys_scaled, float(scaled.mean()), float(scaled.max())
 
     # ---- optimizer
     def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,

@@ -466,6 +466,23 @@ def _make_adapter_class():
             for lora in self.loras:
                 lora.multiplier = multiplier
 
+        def supports_max_norm(self) -> bool:
+            """True when some module has LyCORIS's own max-norm (LoCon, LoHa, LoKr, OFT; not full, IA3, DyLoRA...)."""
+            from lycoris.modules.base import LycorisBaseModule
+
+            base = LycorisBaseModule.apply_max_norm
+            return hasattr(self.lycoris, "apply_max_norm_regularization") and any(
+                getattr(type(lora), "apply_max_norm", base) is not base for lora in self.loras)
+
+        @torch.no_grad()
+        def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
+            """``scale_weight_norms`` through lycoris-lora's own ``apply_max_norm_regularization``:
+            ``(keys_scaled, mean norm, max norm)``; LyCORIS reports 0 norms when no module was scaled."""
+            keys, mean, largest = self.lycoris.apply_max_norm_regularization(max_norm_value, device)
+            for lora in self.loras:
+                _fold_scalar(lora)
+            return int(keys), float(mean), float(largest)
+
         # ---- optimizer
         def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
             """Groups as :func:`sd_scripts.networks.lora.build_param_groups` (``textencoder``, ``unet``,
@@ -603,6 +620,18 @@ def _make_adapter_class():
                           f"lacks {len(result.missing)} modules of this network (e.g. {result.missing[0]})")
                 raise ConfigError(f"{setting}: the file {detail}; use the settings it was trained with", setting=setting)
             return result
+
+    def _fold_scalar(lora) -> None:
+        """LoCon/LoHa max-norm scales a non-persistent ``scalar`` buffer, which a training state would not
+        keep: fold it into ``lora_up`` / ``hada_w1_a`` (the delta is linear in either) and set it back to 1."""
+        scalar = lora._buffers.get("scalar")
+        if scalar is None or "scalar" not in lora._non_persistent_buffers_set or bool((scalar == 1).all()):
+            return
+        factor = lora.lora_up.weight if hasattr(lora, "lora_up") else getattr(lora, "hada_w1_a", None)
+        if factor is None:
+            return
+        factor.mul_(scalar.to(factor))
+        scalar.fill_(1)
 
     def _load_dylora_part(lora, part: str, value: torch.Tensor) -> None:
         if part == "alpha":

@@ -179,6 +179,15 @@ def _random_safetensors(path: Path) -> None:
     save_file({"encoder.weight": torch.randn(8, 8), "decoder.bias": torch.randn(8)}, str(path))
 
 
+def _sdxl_lora(path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    name = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 32), f"{name}.lora_up.weight": torch.zeros(32, 2),
+               f"{name}.alpha": torch.tensor(2.0)}, str(path))
+
+
 CASES: list[Case] = [
     # ---------------------------------------------------------------- base model
     Case("model_missing", ("base_model", "not found"), ["--base_model", "{ws}/nope.safetensors"]),
@@ -315,6 +324,26 @@ CASES: list[Case] = [
          files={"p.txt": _PROMPTS_BAD_VALUE}),
     Case("sample_prompt_file_missing", ("sample_prompts", "not found"), ["--sample_prompts", "{ws}/prompts.txt"]),
     Case("sampling_without_prompt_file", ("sample_prompts", "no prompt file"), ["--sample_every_n_steps", "1"]),
+    # ---------------------------------------------------------------- base_weights, scale_weight_norms, initial_step
+    Case("base_weights_missing", ("base_weights", "not found"), ["--base_weights", "{ws}/nope.safetensors"]),
+    Case("base_weights_not_readable", ("base_weights", "could not be read as a LoRA file"),
+         ["--base_weights", "{ws}/text.safetensors"], files={"text.safetensors": b"this is not a safetensors file"}),
+    Case("base_weights_not_a_lora", ("base_weights", "not a LoRA"), ["--base_weights", "{model}"]),
+    Case("base_weights_for_another_family", ("base_weights", "for sdxl", "sd1"),
+         ["--base_weights", "{ws}/xl.safetensors"], files={"xl.safetensors": _sdxl_lora}),
+    Case("base_weights_multiplier_count", ("base_weights_multiplier", "one multiplier per file"),
+         ["--base_weights", "{lora}", "--base_weights_multiplier", "0.5", "1"]),
+    Case("base_weights_multiplier_not_a_number", ("base_weights_multiplier", "not a number"),
+         ["--base_weights", "{lora}", "--base_weights_multiplier", "strong"]),
+    Case("engine_base_weights_missing", ("base_weights", "not found"), ["--base_weights", "{ws}/nope.safetensors"],
+         runner="engine"),
+    Case("scale_weight_norms_negative", ("scale_weight_norms", "above 0"), ["--scale_weight_norms", "-1"]),
+    Case("scale_weight_norms_with_lycoris_ia3", ("scale_weight_norms", "algo=ia3"),
+         ["--lyco", "--network_args", "algo=ia3", "preset=ia3", "--scale_weight_norms", "1"]),
+    Case("initial_step_past_the_end", ("initial_step", "max_train_steps"), ["--initial_step", "2"]),
+    Case("engine_initial_epoch_zero", ("initial_epoch", "1 or more"), ["--initial_epoch", "0"], runner="engine"),
+    Case("initial_step_with_resume", ("initial_step", "resume"), ["--initial_step", "1", "--resume", "{ws}/state"],
+         files={"state": Path.mkdir}, errors=2, also=(("resume",),)),
     # ---------------------------------------------------------------- output
     Case("output_dir_is_a_file", ("output_folder", "is a file"), ["--output_folder", "{ws}/out.txt"],
          files={"out.txt": "a file"}),
