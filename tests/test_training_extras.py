@@ -236,6 +236,90 @@ def test_base_weights_multiplier_zero_equals_no_base_weights(tiny_sd1_diffusers,
     assert any(not torch.equal(sp[k], sf[k]) for k in sp), "a merged LoRA must change what is trained"
 
 
+def _randomize(network, seed: int, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    parts = {"unet": model.unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}}
+    return {f"{part}.{k}": v.detach().clone() for part, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def test_base_weights_merge_sdxl_files_in_either_unet_spelling(tiny_sdxl_diffusers):
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.networks.base_weights import merge_state_dict_into_model
+    from sd_scripts.networks.lora import create_network
+
+    config = TrainConfig(pretrained_model_name_or_path=str(tiny_sdxl_diffusers))
+    expected_model = load_model(config)
+    family = expected_model.family
+    common = dict(network_dim=2, network_alpha=1.0, conv_dim=2, conv_alpha=1.0, te_prefixes=family.te_lora_prefixes)
+    network = create_network(expected_model.unet, expected_model.text_encoders,
+                             unet_path_map=family.lora_unet_path_map(expected_model.unet), **common)
+    _randomize(network, 5)
+    sgm_file = network.kohya_state_dict()
+    assert any(k.startswith("lora_unet_input_blocks_") for k in sgm_file)
+    assert any(k.startswith("lora_te2_") for k in sgm_file) and any(k.startswith("lora_te1_") for k in sgm_file)
+    network.merge_to(0.5)  # the network's own merge is the reference
+    expected = _weights(expected_model)
+
+    model = load_model(config)
+    merged, unmatched = merge_state_dict_into_model(model, sgm_file, 0.5)
+    assert merged == len(network.loras) and not unmatched
+    got = _weights(model)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # the same LoRA written with diffusers UNet names (other trainers) merges the same way
+    other = load_model(config)
+    diffusers_named = create_network(other.unet, other.text_encoders, **common)
+    _randomize(diffusers_named, 5)
+    file = diffusers_named.kohya_state_dict()
+    assert any(k.startswith("lora_unet_down_blocks_") for k in file)
+    merge_state_dict_into_model(other, file, 0.5)
+    got = _weights(other)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_base_weights_merge_a_lycoris_file_like_the_applied_network(tiny_sd1_diffusers, algo):
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.networks.base_weights import merge_state_dict_into_model
+    from sd_scripts.networks.lycoris_adapter import create_lycoris_network, parse_lycoris_args
+
+    config = TrainConfig(pretrained_model_name_or_path=str(tiny_sd1_diffusers))
+    model = load_model(config)
+    args = parse_lycoris_args({"algo": algo, "conv_dim": "2", "conv_alpha": "1", "factor": "4"}, network_dim=2,
+                              network_alpha=1.0)
+    network, _ = create_lycoris_network(model.unet, model.text_encoders, args, network_dim=2, network_alpha=1.0)
+    network.apply_to()
+    _randomize(network, 9, scale=0.2)
+    network.eval()
+    file = network.kohya_state_dict()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    ids = torch.randint(0, model.text_encoders[0].config.vocab_size, (1, 8), generator=g)
+
+    def outputs(m):
+        with torch.no_grad():
+            states = m.text_encoders[0](ids)[0]
+            return states, m.unet(latents, torch.tensor([500]), encoder_hidden_states=states).sample
+
+    want_states, want = outputs(model)
+    fresh = load_model(config)
+    merge_state_dict_into_model(fresh, file, 1.0)
+    got_states, got = outputs(fresh)
+    torch.testing.assert_close(got_states, want_states, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(outputs(load_model(config))[1], want, atol=1e-4), "the LyCORIS network changes the output"
+
+
 def test_base_weights_file_family_and_settings_reach_the_engine(tmp_path):
     from sd_scripts.networks.base_weights import lora_file_family
 
@@ -344,6 +428,19 @@ def test_initial_epoch_and_skipping_with_gradient_accumulation(tiny_sd1_diffuser
                        skip_until_initial_step=True), rec)
     assert [(s, e) for s, _, e in rec.rows] == [(4, 2)]
     assert seen == [(2, 2), (2, 3)]  # the 2 batches of step 3 were skipped, not read
+
+
+def test_a_run_started_at_initial_step_resumes_exactly(tiny_sd1_diffusers, small_dataset, tmp_path):
+    common = dict(max_train_steps=6, lr_scheduler="cosine", initial_step=1, skip_until_initial_step=True)
+    whole = _train(tiny_config(tiny_sd1_diffusers, small_dataset, tmp_path / "whole", save_state=True,
+                               save_every_n_steps=4, **common))
+    state = tmp_path / "whole" / "tiny-step00000004-state"
+    assert state.is_dir()
+    resumed = _train(tiny_config(tiny_sd1_diffusers, small_dataset, tmp_path / "resumed", resume=str(state),
+                                 max_train_steps=6, lr_scheduler="cosine"))
+    assert resumed.global_step == 6 and resumed.losses == whole.losses
+    a, b = load_file(whole.output_path), load_file(resumed.output_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_initial_step_settings_are_checked(tmp_path):
