@@ -147,6 +147,38 @@ def test_scale_weight_norms_with_lycoris_uses_its_own_max_norm(tiny_sd1_diffuser
     assert max(norms.values()) <= limit * (1 + 1e-3) and max(norms.values()) > limit * 0.99
 
 
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_lycoris_max_norm_reaches_the_saved_file_and_the_training_state(tiny_sd1_diffusers, algo):
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.networks.lycoris_adapter import create_lycoris_network, parse_lycoris_args
+    from sd_scripts.networks.network_state import parse_network
+
+    model = load_model(TrainConfig(pretrained_model_name_or_path=str(tiny_sd1_diffusers)))
+    args = parse_lycoris_args({"algo": algo, "factor": "4"}, network_dim=2, network_alpha=1.0)
+    network, _ = create_lycoris_network(model.unet, model.text_encoders, args, network_dim=2, network_alpha=1.0)
+    network.apply_to()
+    assert network.supports_max_norm()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def norms():
+        return sorted(float(m.delta().norm()) for m in parse_network(network.kohya_state_dict()).values())
+
+    before = norms()
+    limit = before[len(before) // 2]
+    keys_scaled, _, largest = network.apply_max_norm_regularization(limit)
+    after = norms()
+    assert keys_scaled > 0 and max(after) <= limit * (1 + 1e-4) and largest == pytest.approx(limit, rel=1e-4)
+    # LoCon/LoHa scale a buffer a training state would not keep: it is folded into the factors
+    assert all(float(b) == 1.0 for name, b in network.named_buffers() if name.endswith("scalar"))
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    network.load_state_dict(state)
+    assert norms() == pytest.approx(after, rel=1e-6)
+
+
 def test_scale_weight_norms_is_refused_for_lycoris_algos_without_max_norm(tmp_path):
     from sd_scripts.library.config import TrainConfig
     from sd_scripts.library.preflight import check_settings
