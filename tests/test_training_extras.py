@@ -15,9 +15,6 @@ from torch import nn
 
 from tests.helpers import make_dataset, tiny_config
 
-pytestmark = pytest.mark.slow
-
-
 def _train(config, callbacks=None):
     from sd_scripts.library.train_loop import train
 
@@ -118,6 +115,7 @@ def _scalars(logdir: Path) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
 def test_scale_weight_norms_training_keeps_every_module_within_the_limit(tiny_sd1_diffusers, dataset, tmp_path):
     limit = 2e-4
     logs = tmp_path / "logs"
@@ -138,6 +136,7 @@ def test_scale_weight_norms_training_keeps_every_module_within_the_limit(tiny_sd
     assert [step for step, _ in recorder.infos] == [1, 2, 3] and recorder.infos[-1][1]["keys_scaled"] > 0
 
 
+@pytest.mark.slow
 def test_scale_weight_norms_with_lycoris_uses_its_own_max_norm(tiny_sd1_diffusers, dataset, tmp_path):
     limit = 2e-4
     config = tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "out", network_module="lycoris.kohya",
@@ -236,6 +235,7 @@ def _merge_by_hand(model_dir: Path, lora_path: Path, out_dir: Path, multiplier: 
     return out_dir
 
 
+@pytest.mark.slow
 def test_base_weights_equal_training_on_a_checkpoint_merged_by_hand(tiny_sd1_diffusers, dataset, tmp_path):
     lora = _base_lora(tiny_sd1_diffusers, tmp_path / "style.safetensors")
     merged = _merge_by_hand(tiny_sd1_diffusers, lora, tmp_path / "merged", 0.7)
@@ -256,6 +256,7 @@ def test_base_weights_equal_training_on_a_checkpoint_merged_by_hand(tiny_sd1_dif
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_base_weights_multiplier_zero_equals_no_base_weights(tiny_sd1_diffusers, dataset, tmp_path):
     lora = _base_lora(tiny_sd1_diffusers, tmp_path / "style.safetensors")
     plain = _train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "plain", max_train_steps=2))
@@ -408,6 +409,7 @@ def _fetches(monkeypatch) -> list[tuple[int, int]]:
     return seen
 
 
+@pytest.mark.slow
 def test_initial_step_starts_the_counters_and_the_lr_schedule_there(tiny_sd1_diffusers, small_dataset, tmp_path,
                                                                      monkeypatch):
     common = dict(max_train_steps=6, lr_scheduler="linear", save_every_n_epochs=1)
@@ -444,6 +446,7 @@ def test_initial_step_starts_the_counters_and_the_lr_schedule_there(tiny_sd1_dif
     assert len(result.losses) == 3
 
 
+@pytest.mark.slow
 def test_initial_epoch_and_skipping_with_gradient_accumulation(tiny_sd1_diffusers, small_dataset, tmp_path,
                                                                monkeypatch):
     seen = _fetches(monkeypatch)
@@ -462,6 +465,7 @@ def test_initial_epoch_and_skipping_with_gradient_accumulation(tiny_sd1_diffuser
     assert seen == [(2, 2), (2, 3)]  # the 2 batches of step 3 were skipped, not read
 
 
+@pytest.mark.slow
 def test_a_run_started_at_initial_step_resumes_exactly(tiny_sd1_diffusers, small_dataset, tmp_path):
     common = dict(max_train_steps=6, lr_scheduler="cosine", initial_step=1, skip_until_initial_step=True)
     whole = _train(tiny_config(tiny_sd1_diffusers, small_dataset, tmp_path / "whole", save_state=True,
