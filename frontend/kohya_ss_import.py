@@ -7,7 +7,7 @@ own names; ``max_resolution`` is "W,H"; the network kind is ``LoRA_type`` with `
 ``conv_alpha`` beside it; ``optimizer_args`` is one string of ``key=value`` pairs; ``sample_prompts``
 holds the prompt text itself; ``additional_parameters`` is a string of extra command-line flags.
 Where the GUI uses 0 for "off" (sample and save intervals, min SNR gamma, per-part learning
-rates, adaptive noise scale, ip noise gamma, v-pred-like loss) 0 becomes unset. ``sdxl`` is taken as it is; ``sdxl_no_half_vae`` and ``sdxl_cache_text_encoder_outputs``
+rates, adaptive noise scale, ip noise gamma, v-pred-like loss, max-norm) 0 becomes unset. ``sdxl`` is taken as it is; ``sdxl_no_half_vae`` and ``sdxl_cache_text_encoder_outputs``
 become ``no_half_vae`` and ``cache_text_encoder_outputs`` while ``sdxl`` is ticked (the GUI ignores them otherwise).
 Keys with no use here are listed in one warning.
 """
@@ -71,7 +71,7 @@ _ZERO_IS_UNSET = {"save_every_n_epochs", "sample_every_n_steps", "sample_every_n
                   "save_every_n_steps", "save_last_n_epochs", "save_last_n_epochs_state", "vae_batch_size",
                   "caption_dropout_every_n_epochs", "gradient_acc_steps", "validate_every_n_steps",
                   "validate_every_n_epochs", "max_validation_steps", "adaptive_noise_scale", "ip_noise_gamma",
-                  "v_pred_like_loss"}
+                  "v_pred_like_loss", "scale_weight_norms"}
 
 # LoRA_type -> (lyco, algo or None, uses conv_dim/conv_alpha)
 LORA_TYPES = {

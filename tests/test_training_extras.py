@@ -190,6 +190,18 @@ def test_scale_weight_norms_is_refused_for_lycoris_algos_without_max_norm(tmp_pa
                 if m.startswith("scale_weight_norms")]
 
 
+def test_kohya_ss_gui_scale_weight_norms_zero_is_unset(tmp_path):
+    import json
+
+    from frontend.json_io import load_settings_file
+    from tests.test_json_io import KOHYA_APRIL_2023
+
+    for given, expected in ((0, None), ("1.5", 1.5)):
+        path = tmp_path / "gui.json"
+        path.write_text(json.dumps({**KOHYA_APRIL_2023, "scale_weight_norms": given}), encoding="utf-8")
+        assert load_settings_file(path).values.get("scale_weight_norms") == expected
+
+
 # ------------------------------------------------------------------------------------------- base weights
 
 
