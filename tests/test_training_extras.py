@@ -178,9 +178,17 @@ def test_lycoris_max_norm_reaches_the_saved_file_and_the_training_state(tiny_sd1
     assert norms() == pytest.approx(after, rel=1e-6)
 
 
-def test_scale_weight_norms_is_refused_for_lycoris_algos_without_max_norm(tmp_path):
+def test_scale_weight_norms_is_refused_for_lycoris_algos_without_max_norm(tiny_sd1_diffusers, tmp_path):
     from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.model_loading import load_model
     from sd_scripts.library.preflight import check_settings
+    from sd_scripts.networks.lycoris_adapter import create_lycoris_network, parse_lycoris_args
+
+    model = load_model(TrainConfig(pretrained_model_name_or_path=str(tiny_sd1_diffusers)))
+    network, _ = create_lycoris_network(model.unet, model.text_encoders, parse_lycoris_args({"algo": "full"}),
+                                        network_dim=2, network_alpha=1.0)
+    network.apply_to()
+    assert not network.supports_max_norm()  # the loop refuses it in one line, whatever preset chose the algo
 
     config = TrainConfig(output_dir=str(tmp_path), network_module="lycoris.kohya", network_args=["algo=full"],
                          scale_weight_norms=1.0)

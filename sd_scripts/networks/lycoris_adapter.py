@@ -468,11 +468,14 @@ def _make_adapter_class():
 
         def supports_max_norm(self) -> bool:
             """True when some module has LyCORIS's own max-norm (LoCon, LoHa, LoKr, OFT; not full, IA3, DyLoRA...)."""
-            from lycoris.modules.base import LycorisBaseModule
-
+            if not hasattr(self.lycoris, "apply_max_norm_regularization"):
+                return False
+            try:
+                from lycoris.modules.base import LycorisBaseModule
+            except ImportError:  # another layout of lycoris-lora: trust its network method
+                return True
             base = LycorisBaseModule.apply_max_norm
-            return hasattr(self.lycoris, "apply_max_norm_regularization") and any(
-                getattr(type(lora), "apply_max_norm", base) is not base for lora in self.loras)
+            return any(getattr(type(lora), "apply_max_norm", base) is not base for lora in self.loras)
 
         @torch.no_grad()
         def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
