@@ -226,7 +226,7 @@ def _check_extras(config, bad) -> None:
     """scale_weight_norms, initial_step/initial_epoch/skip_until_initial_step (base_weights files: preflight)."""
     swn = getattr(config, "scale_weight_norms", None)
     if swn is not None and (not _number(swn) or swn < 0):
-        bad("scale_weight_norms", f"must be above 0 (1 is a good start; unset or 0 turns it off), got {swn}")
+        bad("scale_weight_norms", f"must be a limit above 0 (1 is a good start), or 0/unset for off; got {swn}")
     elif swn:
         from ..networks.factory import network_kind
         from ..networks.network_args import split_network_args
