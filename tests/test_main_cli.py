@@ -52,8 +52,10 @@ def test_every_setting_is_a_flag_and_is_honoured(tmp_path):
     store = resolve_settings({k: v for k, v in given.items() if k not in skip}).store
     for name, value in expected.items():
         if name not in ("load_json_path", "multi_run_folder", "use_8bit_adam", "use_lion", "locon", "locon_dim",
-                        "locon_alpha", "optimizer_type", "network_args"):
+                        "locon_alpha", "optimizer_type", "network_args", "caption_extention", "caption_extension"):
             assert getattr(store, name) == value, name
+    # kohya's old misspelling is migrated, and wins over caption_extension as in kohya
+    assert store.caption_extention is None and store.caption_extension == expected["caption_extention"]
 
 
 def test_flag_spellings():
