@@ -59,3 +59,12 @@ def tiny_config(model: Path, data: Path, out: Path, **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def modules_of(state_dict) -> dict[str, set[str]]:
+    """``{module name: {tensor parts}}`` of a kohya/LyCORIS file's state dict (``name.part`` keys)."""
+    out: dict[str, set[str]] = {}
+    for key in state_dict:
+        name, _, part = key.partition(".")
+        out.setdefault(name, set()).add(part)
+    return out

@@ -18,7 +18,7 @@ from sd_scripts.library.errors import ConfigError
 from sd_scripts.networks import lycoris_adapter as la
 from sd_scripts.networks.factory import check_network_settings, plan_network
 from sd_scripts.networks.network_args import split_network_args
-from tests.helpers import make_dataset, tiny_config
+from tests.helpers import make_dataset, modules_of, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +53,6 @@ def _models_from(folder: Path):
             CLIPTextModel.from_pretrained(str(folder / "text_encoder")))
 
 
-def _modules(sd) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for key in sd:
-        name, _, part = key.partition(".")
-        out.setdefault(name, set()).add(part)
-    return out
-
-
 def _build(args, unet=None, te=None, dim=4, alpha=2.0, **kw):
     if unet is None:
         unet, te = _components()
@@ -83,7 +75,7 @@ def test_algo_trains_saves_and_reloads_in_lycoris(algo, tiny_sd1_diffusers, data
     result = train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "out", network_module="lycoris.kohya",
                                network_args=args, max_train_steps=2, train_batch_size=1, learning_rate=lr))
     sd = load_file(result.output_path)
-    modules = _modules(sd)
+    modules = modules_of(sd)
     assert modules, "the file must hold LyCORIS modules"
     # kohya / A1111 / ComfyUI names, whatever transformers calls its CLIP modules
     assert all(name.startswith(("lora_unet_", "lora_te_text_model_encoder_")) for name in modules), sorted(modules)[:3]
@@ -143,7 +135,7 @@ def test_locon_file_loads_in_diffusers_like_a_hand_merge(tiny_sd1_diffusers, dat
                                network_args=["algo=locon", "conv_dim=2", "conv_alpha=1"], max_train_steps=2,
                                train_batch_size=1, learning_rate=5e-2))
     sd = load_file(result.output_path)
-    names = set(_modules(sd))
+    names = set(modules_of(sd))
     assert {"lora_unet_conv_in", "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_time_embedding_linear_1"} <= names
     assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[:2] == (2, 32)
 
@@ -433,7 +425,7 @@ def test_sdxl_lycoris_names_and_reload():
     prefixes = ("lora_te1", "lora_te2")
     net, _ = _build(["algo=loha"], unet, tes, te_prefixes=prefixes, unet_path_map=sgm_path_mapper(unet))
     sd = net.kohya_state_dict()
-    names = set(_modules(sd))
+    names = set(modules_of(sd))
     assert any(n.startswith("lora_te1_text_model_encoder_") for n in names)
     assert any(n.startswith("lora_te2_text_model_encoder_") for n in names)
     unet_names = [n for n in names if n.startswith("lora_unet_")]

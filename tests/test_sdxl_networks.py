@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from sd_scripts.library.errors import ConfigError
 from tests.comfy_rules import comfy_key_map_sdxl, hf_text_encoder_shapes
-from tests.helpers import make_dataset, tiny_config
+from tests.helpers import make_dataset, modules_of, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +75,6 @@ def _train(model, data, out, **kw):
     return train(tiny_config(model, data, out, **values))
 
 
-def _modules(sd) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for key in sd:
-        name, _, part = key.partition(".")
-        out.setdefault(name, set()).add(part)
-    return out
-
-
 def _moved(sd, name: str, moving) -> bool:
     parts = (moving,) if isinstance(moving, str) else moving
     return any(float(sd[f"{name}.{p}"].abs().max()) > 0 for p in parts if f"{name}.{p}" in sd)
@@ -113,7 +105,7 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     sd = load_file(result.output_path)
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
-    modules = _modules(sd)
+    modules = modules_of(sd)
 
     # kohya's SDXL names: both text encoders, SGM UNet paths
     unet = [n for n in modules if n.startswith("lora_unet_")]

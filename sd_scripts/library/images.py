@@ -186,12 +186,19 @@ def load_image(path: str) -> Image.Image:
 
     Raises :class:`ImageProblem` when the file cannot be decoded.
     """
+    with _decoded(path) as img:
+        return to_rgb(img)
+
+
+@contextlib.contextmanager
+def _decoded(path: str):
+    """The image at ``path``, decoded and turned upright by its EXIF orientation; any decoding problem (also while
+    the caller converts it) becomes an :class:`ImageProblem`."""
     try:
         with Image.open(path) as img:
             _check_pixels(*img.size)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+            yield ImageOps.exif_transpose(img) or img
     except ImageProblem:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -211,21 +218,11 @@ def load_image_with_alpha(path: str) -> tuple[Image.Image, Image.Image | None]:
     so the VAE sees what the file keeps under transparent pixels); ``alpha`` is an 8-bit ``L`` image,
     or ``None`` for an image without transparency (an all-opaque mask). Raises :class:`ImageProblem`.
     """
-    try:
-        with Image.open(path) as img:
-            _check_pixels(*img.size)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            if not _has_alpha(img):
-                return to_rgb(img), None
-            rgba = img.convert("RGBA")
-            return rgba.convert("RGB"), rgba.getchannel("A")
-    except ImageProblem:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageProblem(f"larger than the decompression-bomb limit ({_pixel_limit()} pixels); downscale it") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageProblem(f"cannot be decoded ({str(e).strip() or type(e).__name__})") from e
+    with _decoded(path) as img:
+        if not _has_alpha(img):
+            return to_rgb(img), None
+        rgba = img.convert("RGBA")
+        return rgba.convert("RGB"), rgba.getchannel("A")
 
 
 _FILTERS = {
