@@ -420,6 +420,11 @@ class ArgStore:
         group=PRECISION)
     full_bf16: bool = setting(
         False, "keep the LoRA weights in bf16 too (needs mixed_precision bf16)", group=PRECISION)
+    fp8_base: bool = setting(
+        False, "store the frozen UNet and text encoder weights in float8 on the GPU: about half their VRAM, for "
+        "SDXL on small cards (needs mixed_precision fp16 or bf16; off without CUDA)", group=PRECISION)
+    fp8_base_unet: bool = setting(
+        False, "as fp8_base, for the UNet only", group=PRECISION)
     wandb_run_name: str | None = setting(
         None, "Weights & Biases run name (default: log_prefix, output name and start time)", group=LOGGING)
 

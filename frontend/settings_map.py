@@ -140,6 +140,10 @@ def apply_fallbacks(store: Any, has_cuda: bool, has_xformers: bool) -> tuple[Any
             if getattr(store, "full_fp16", False):
                 updates["full_fp16"] = False
                 changes.append("full_fp16 -> off")
+        for name in ("fp8_base", "fp8_base_unet"):  # float8 weights need CUDA's autocast
+            if getattr(store, name, False):
+                updates[name] = False
+                changes.append(f"{name} -> off")
         if store.optimizer_type in _EIGHT_BIT_FALLBACK:
             updates["optimizer_type"] = _EIGHT_BIT_FALLBACK[store.optimizer_type]
             changes.append(f"optimizer_type {store.optimizer_type} -> {updates['optimizer_type']}")

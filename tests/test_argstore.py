@@ -243,6 +243,8 @@ def test_defaults_that_cannot_run_here_fall_back_in_one_line():
     mapped = to_train_config(ArgStore(), has_cuda=False, has_xformers=False)
     assert mapped.notes == [note]
     assert (mapped.config.mixed_precision, mapped.config.optimizer_type) == ("no", "AdamW")
+    store, note = apply_fallbacks(ArgStore(mixed_precision="bf16", fp8_base=True), has_cuda=False, has_xformers=False)
+    assert store.fp8_base is False and store.mixed_precision == "bf16" and "fp8_base -> off" in note
     # on a CUDA machine with xformers nothing changes
     assert apply_fallbacks(ArgStore(), has_cuda=True, has_xformers=True) == (ArgStore(), None)
     store, note = apply_fallbacks(ArgStore(), has_cuda=True, has_xformers=False)
@@ -398,6 +400,8 @@ NEW_ENGINE_SETTINGS = {
     "validate_every_n_epochs": ("validate_every_n_epochs", 2, 0),
     "max_validation_steps": ("max_validation_steps", 10, 0),
     "disable_mmap_load_safetensors": ("disable_mmap_load_safetensors", True, False),
+    "fp8_base": ("fp8_base", True, False),
+    "fp8_base_unet": ("fp8_base_unet", True, False),
     "scale_weight_norms": ("scale_weight_norms", 1.0, 0.0),
     "initial_epoch": ("initial_epoch", 3, 1),
     "initial_step": ("initial_step", 10, 0),
@@ -446,7 +450,7 @@ def test_new_engine_settings_reach_trainconfig_from_the_command_line(name):
     from frontend.cli import parse_command_line
 
     field_name, value, zero = NEW_ENGINE_SETTINGS[name]
-    mixed = {"full_fp16": "fp16", "full_bf16": "bf16"}.get(name)
+    mixed = {"full_fp16": "fp16", "full_bf16": "bf16", "fp8_base": "bf16", "fp8_base_unet": "bf16"}.get(name)
     for given in (value, zero):
         argv = _cli_words(name, given) + (["--mixed_precision", mixed] if mixed else [])
         cli_values, _ = parse_command_line(argv)

@@ -86,3 +86,19 @@ def test_lowram_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path)
     data = make_dataset(tmp_path / "data", count=2)
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", lowram=True, max_train_steps=1))
     assert any(w.startswith("lowram: has no effect here") for w in result.warnings), result.warnings
+
+
+def test_fp8_base_stores_the_frozen_weights_in_float8_on_cuda_only(tiny_sd1_diffusers, tmp_path):
+    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.library.train_loop import _frozen_dtypes, train
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fp8 = torch.float8_e4m3fn
+    assert _frozen_dtypes(TrainConfig(fp8_base=True), torch.bfloat16, cuda) == (fp8, fp8)
+    assert _frozen_dtypes(TrainConfig(fp8_base_unet=True), torch.bfloat16, cuda) == (fp8, torch.bfloat16)
+    assert _frozen_dtypes(TrainConfig(fp8_base=True), torch.float32, cpu) == (torch.float32, torch.float32)
+    assert _frozen_dtypes(TrainConfig(), torch.float16, cuda) == (torch.float16, torch.float16)
+    data = make_dataset(tmp_path / "data", count=2)
+    result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision="bf16", fp8_base=True,
+                               max_train_steps=1))
+    assert any(w.startswith("fp8_base: has no effect here") for w in result.warnings), result.warnings

@@ -1,5 +1,5 @@
-"""GPU-only checks (skipped without CUDA): mixed precision (also full_fp16/full_bf16), xformers, 8-bit AdamW, VRAM
-of SD1.5.
+"""GPU-only checks (skipped without CUDA): mixed precision (also full_fp16/full_bf16, fp8_base), xformers, 8-bit
+AdamW, VRAM of SD1.5.
 
 Run on a CUDA machine with ``bash run_tests.sh -m gpu``.
 """
@@ -43,6 +43,18 @@ def test_full_half_precision_network_trains(tiny_sd1_diffusers, tmp_path, precis
                                 learning_rate=1e-2, lowram=True))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     sd = load_file(result.output_path)
+    assert any(float(v.float().abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+
+
+@pytest.mark.parametrize("name", ["fp8_base", "fp8_base_unet"])
+def test_fp8_base_trains_sdxl(tiny_sdxl_diffusers, tmp_path, name):
+    """kohya's fp8_base: float8 frozen weights computed through autocast, text encoders trained too."""
+    data = make_dataset(tmp_path / "data")
+    result = _train(tiny_config(tiny_sdxl_diffusers, data, tmp_path / "out", mixed_precision="bf16", max_train_steps=4,
+                                bucket_reso_steps=32, learning_rate=1e-2, **{name: True}))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    sd = load_file(result.output_path)
+    assert any(k.startswith("lora_te2_") for k in sd)
     assert any(float(v.float().abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
 
 

@@ -126,6 +126,9 @@ class TrainConfig:
     mixed_precision: str = _f("no", "mixed precision", choices=["no", "fp16", "bf16"])
     full_fp16: bool = _f(False, "LoRA weights in fp16 too")
     full_bf16: bool = _f(False, "LoRA weights in bf16 too")
+    fp8_base: bool = _f(False, "store the frozen UNet and text encoder weights in float8 on CUDA (computed in the mixed "
+                               "precision; about half their VRAM); needs mixed_precision fp16 or bf16")
+    fp8_base_unet: bool = _f(False, "as fp8_base, for the UNet only (the text encoders stay in the mixed precision)")
     clip_skip: int | None = _f(None, "use the output of the N-th last text encoder layer")
     max_token_length: int | None = _f(None, "caption tokens", choices=[None, 75, 150, 225])
     xformers: bool = _f(False, "xformers attention (needs the xformers package)")

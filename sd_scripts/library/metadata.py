@@ -49,6 +49,8 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
         "ss_network_dropout": config.network_dropout,
         "ss_mixed_precision": config.mixed_precision,
         "ss_full_fp16": config.full_fp16,
+        "ss_fp8_base": bool(config.fp8_base),
+        "ss_fp8_base_unet": bool(config.fp8_base_unet),
         "ss_v2": family.ss_v2,
         "ss_base_model_version": family.base_model_version(v_parameterization),
         "ss_clip_skip": config.clip_skip,

@@ -158,6 +158,9 @@ def check_settings(config) -> list[UserError]:
         bad("full_bf16", "needs mixed_precision bf16")
     if config.full_fp16 and config.full_bf16:
         bad("full_fp16", "cannot be combined with full_bf16; pick one")
+    for name in ("fp8_base", "fp8_base_unet"):
+        if getattr(config, name) and config.mixed_precision not in ("fp16", "bf16"):
+            bad(name, "needs mixed_precision fp16 or bf16 (float8 weights are computed in the mixed precision)")
     if config.log_with is not None and config.log_with not in ("tensorboard", "wandb", "all"):
         bad("log_with", f"{config.log_with!r} is not one of tensorboard, wandb, all")
     elif config.log_with:

@@ -116,6 +116,17 @@ def _allow_fp16_gradients(scaler) -> None:
     scaler._unscale_grads_ = unscale_fp16_too
 
 
+def _frozen_dtypes(config, weight_dtype, device):
+    """(UNet, text encoders) dtypes of the frozen weights while training: kohya's ``fp8_base`` stores both in
+    float8 (e4m3) on CUDA, ``fp8_base_unet`` the UNet only; CUDA's autocast computes with them in the mixed
+    precision. Elsewhere, and without these settings, the training precision."""
+    import torch
+
+    fp8 = bool(config.fp8_base or config.fp8_base_unet) and device.type == "cuda"
+    unet = torch.float8_e4m3fn if fp8 else weight_dtype
+    return unet, torch.float8_e4m3fn if fp8 and not config.fp8_base_unet else weight_dtype
+
+
 def _base_dtypes(config, device):
     """(frozen weights, VAE) dtypes: the mixed precision on CUDA, float32 elsewhere; ``no_half_vae`` keeps the VAE
     in float32 (SDXL's VAE overflows in fp16)."""
@@ -348,14 +359,23 @@ class _Trainer:
             self._warn(f"{'full_fp16' if config.full_fp16 else 'full_bf16'}: has no effect here (no CUDA device: the "
                        "network trains in float32)")
 
-        model.unet.to(device, dtype=weight_dtype)
+        unet_dtype, te_dtype = _frozen_dtypes(config, weight_dtype, device)
+        if (config.fp8_base or config.fp8_base_unet) and device.type != "cuda":
+            self._warn(f"{'fp8_base' if config.fp8_base else 'fp8_base_unet'}: has no effect here (float8 weights "
+                       "need a CUDA device)")
+        model.unet.to(device, dtype=unet_dtype)
         for te in model.text_encoders:
-            te.to(device, dtype=weight_dtype)
+            te.to(device, dtype=te_dtype)
+            if te_dtype != weight_dtype:
+                for module in te.modules():
+                    if isinstance(module, torch.nn.Embedding):
+                        module.to(dtype=weight_dtype)  # no float8 embedding lookup (kohya keeps them too)
+        self.te_dtype = te_dtype
         self._te_cache_complete = False
         if not train_te and wants_text_encoder_cache(config):
             # cache_text_encoder_outputs: encode every caption once now, then free the text encoders' memory
             self.cb.on_message("caching text encoder outputs")
-            key = f"{os.path.abspath(config.pretrained_model_name_or_path or model.model_path)}|{weight_dtype}"
+            key = f"{os.path.abspath(config.pretrained_model_name_or_path or model.model_path)}|{te_dtype}"
             cache = build_text_encoder_cache(config, plan.dataset, model, settings_key=key,
                                              context=self.accelerator.autocast)
             self._prompt_cache = cache.rows

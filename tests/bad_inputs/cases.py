@@ -291,6 +291,8 @@ CASES: list[Case] = [
     Case("masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"), ["--masked_loss"]),
     Case("json_masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"), json={"masked_loss": True}),
     Case("engine_masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"), ["--masked_loss"], runner="engine"),
+    Case("engine_fp8_base_without_mixed_precision", ("fp8_base", "mixed_precision fp16 or bf16"), ["--fp8_base"],
+         runner="engine"),
     Case("dataset_config_masked_loss_without_alpha_mask", ("masked_loss", "alpha_mask"),
          ["--masked_loss", "--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_MASKED_LOSS_NO_ALPHA}),
     Case("dataset_config_conditioning_data_dir", ("dataset_config", "conditioning_data_dir", "alpha_mask"),
