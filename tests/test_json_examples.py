@@ -17,7 +17,8 @@ EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.json"))
 
 def test_the_promised_examples_exist():
     names = {os.path.basename(p) for p in EXAMPLES}
-    assert {"first_lora.json", "locon.json", "dadaptation.json", "samples_during_training.json"} <= names
+    assert {"first_lora.json", "locon.json", "dadaptation.json", "samples_during_training.json",
+            "sdxl_lora.json"} <= names
     assert len(list_jobs(os.path.join(ROOT, "examples", "queue"))) >= 2
 
 
@@ -26,10 +27,11 @@ def quickstart_model() -> str:
     """The examples train the quick-start model; build it as the quick start does when it is missing."""
     from sd_scripts.library.tiny_models import save_tiny_diffusers
 
-    folder = os.path.join(ROOT, "examples", "quickstart", "model")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        save_tiny_diffusers(folder, "sd1", seed=0)
-    return folder
+    for name, family in (("model", "sd1"), ("model_sdxl", "sdxl")):
+        folder = os.path.join(ROOT, "examples", "quickstart", name)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            save_tiny_diffusers(folder, family, seed=0)
+    return os.path.join(ROOT, "examples", "quickstart", "model")
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.relpath(p, ROOT))

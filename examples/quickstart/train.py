@@ -4,6 +4,10 @@ Run from anywhere: ``python examples/quickstart/train.py``. It writes
 ``examples/quickstart/output/quickstart_lora.safetensors`` and sample images in
 ``examples/quickstart/output/sample/``. The model is a tiny random SD1-shaped model built in
 code, so the LoRA shows the whole pipeline working, not a pretty picture.
+
+``--sdxl`` does the same with a tiny SDXL-shaped model (``examples/quickstart/model_sdxl``, two text
+encoders, UNet-only with cached text-encoder outputs as on a small GPU) and writes
+``examples/quickstart/output_sdxl/``.
 """
 
 import os
@@ -15,21 +19,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    sdxl = "--sdxl" in (sys.argv[1:] if argv is None else argv)
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    model = os.path.join(HERE, "model")
+    folder, family, config, output = (("model_sdxl", "sdxl", "config_sdxl.json", "output_sdxl") if sdxl else
+                                      ("model", "sd1", "config.json", "output"))
+    model = os.path.join(HERE, folder)
     if not os.path.isfile(os.path.join(model, "model_index.json")):
         from sd_scripts.library.tiny_models import save_tiny_diffusers
 
-        print("building the tiny example model in examples/quickstart/model")
-        save_tiny_diffusers(model, "sd1", seed=0)
+        print(f"building the tiny example model in examples/quickstart/{folder}")
+        save_tiny_diffusers(model, family, seed=0)
     start = time.time()
     code = subprocess.call([sys.executable, os.path.join(ROOT, "main.py"), "--load_json_path",
-                            os.path.join(HERE, "config.json")])
+                            os.path.join(HERE, config)])
     if code == 0:
-        print(f"quick start finished in {time.time() - start:.0f} s: see examples/quickstart/output/")
+        print(f"quick start finished in {time.time() - start:.0f} s: see examples/quickstart/{output}/")
     return code
 
 
