@@ -104,3 +104,19 @@ def test_two_processes_draw_their_own_noise_and_resume_exactly(tiny_sd1_diffuser
         assert torch.equal(ref_sd[key], resumed_sd[key]), f"{key} differs after resuming"
     with safe_open(str(out / "reference" / "tiny.safetensors"), "pt") as f:
         assert f.metadata()["ss_seed"] == "42", "the metadata keeps the user's seed"
+
+
+def test_processes_load_the_model_one_at_a_time():
+    """kohya's order: process k loads in turn k, everyone waits after each turn (RAM for one copy at a time)."""
+    from sd_scripts.library.train_loop import _in_turn
+
+    events: list[str] = []
+
+    class Accelerator:
+        num_processes, local_process_index = 3, 1
+
+        def wait_for_everyone(self):
+            events.append("wait")
+
+    assert _in_turn(Accelerator(), lambda: events.append("load") or "model") == "model"
+    assert events == ["wait", "load", "wait", "wait"]

@@ -116,6 +116,17 @@ def _allow_fp16_gradients(scaler) -> None:
     scaler._unscale_grads_ = unscale_fp16_too
 
 
+def _in_turn(accelerator, load):
+    """``load()`` in one process of a machine at a time, as kohya loads models: several GPUs' processes reading
+    the model at once need that many times the system RAM."""
+    result = None
+    for turn in range(accelerator.num_processes):
+        if turn == accelerator.local_process_index:
+            result = load()
+        accelerator.wait_for_everyone()
+    return result
+
+
 def _frozen_dtypes(config, weight_dtype, device):
     """(UNet, text encoders) dtypes of the frozen weights while training: kohya's ``fp8_base`` stores both in
     float8 (e4m3) on CUDA, ``fp8_base_unet`` the UNet only; CUDA's autocast computes with them in the mixed
@@ -300,9 +311,9 @@ class _Trainer:
                 self.cb.on_message(f"cleaned up after an interrupted run: {line}")
 
         # frozen weights straight in the training precision: a float32 copy of SDXL alone is 13.5 GB of RAM
-        model = self.preloaded_model if self.preloaded_model is not None else \
-            load_model(config, dtype=weight_dtype, vae_dtype=vae_dtype,
-                       device=device if config.lowram and device.type == "cuda" else None)
+        model = self.preloaded_model if self.preloaded_model is not None else _in_turn(accelerator, lambda: load_model(
+            config, dtype=weight_dtype, vae_dtype=vae_dtype,
+            device=device if config.lowram and device.type == "cuda" else None))
         self.model = model
         family = model.family
         self.family = family
