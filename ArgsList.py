@@ -314,6 +314,12 @@ class ArgStore:
         None, "folder holding a CLIP tokenizer, for training offline", group=MODEL, path="out_dir")
     dataset_config: str | None = setting(
         None, "dataset TOML in kohya's format, used instead of img_folder", group=PATHS, path="file")
+    in_json: str | None = setting(
+        None, "kohya's fine-tuning metadata JSON {image name: {caption, tags}} (from its finetune scripts); "
+        "the images are looked up in img_folder", group=PATHS, path="file")
+    dataset_repeats: int = setting(
+        1, "repeats per epoch of the in_json images (and of dataset_config subsets without num_repeats)",
+        group=PATHS, required=True)
     lowram: bool = setting(
         False, "load the model straight into GPU memory (little system RAM)", group=PRECISION)
     no_meta: bool = setting(

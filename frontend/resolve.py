@@ -230,7 +230,7 @@ def validate_store(store: Any, *, for_training: bool = True) -> None:
     for info in store.settings():
         value = getattr(store, info.name)
         if info.required and value is None:
-            if info.name == "img_folder" and store.dataset_config:
+            if info.name == "img_folder" and (store.dataset_config or store.in_json):
                 continue
             bad(info.name, f"required; set it in ArgsList.py, in a JSON file or with --{info.name}")
             continue
@@ -247,7 +247,7 @@ def validate_store(store: Any, *, for_training: bool = True) -> None:
             bad(name, f"must be {minimum:g} or more, got {value:g}")
 
     for name in ("net_dim", "batch_size", "num_epochs", "train_resolution", "min_bucket_resolution",
-                 "max_bucket_resolution", "clip_skip"):
+                 "max_bucket_resolution", "clip_skip", "dataset_repeats"):
         at_least(name, 1, optional=False)
     for name in ("max_steps", "height_resolution", "gradient_acc_steps", "bucket_reso_steps", "cosine_restarts",
                  "save_every_n_epochs", "save_n_epoch_ratio", "save_last_n_epochs", "save_every_n_steps",

@@ -61,7 +61,7 @@ def check_dataset(store: Any, progress: Callable[[int, int], None] | None = None
     plan = scan_dataset(to_train_config(store, has_cuda=False, has_xformers=False).config, progress)
     captioned: dict[int, int] = {}
     for record in plan.images:
-        if record.caption_source == "file":
+        if record.caption_source in ("file", "metadata"):
             captioned[record.subset] = captioned.get(record.subset, 0) + 1
     folders = [FolderCount(name=os.path.basename(os.path.normpath(s.image_dir)), repeats=s.num_repeats,
                            images=s.img_count, captions=captioned.get(i, 0), is_reg=s.is_reg)

@@ -420,6 +420,8 @@ NEW_ENGINE_SETTINGS = {
     "metadata_trigger_phrase": ("metadata_trigger_phrase", "sks shape", None),
     "metadata_usage_hint": ("metadata_usage_hint", "weight 0.8", None),
     "metadata_thumbnail": ("metadata_thumbnail", "thumb.png", None),  # checked by preflight, not here
+    "in_json": ("in_json", "/data/meta_cap.json", None),  # paths are made absolute; not checked here
+    "dataset_repeats": ("dataset_repeats", 3, 1),
 }
 
 
@@ -465,7 +467,7 @@ def test_new_engine_settings_reach_trainconfig_from_the_command_line(name):
 def test_new_engine_settings_reach_trainconfig_from_json(tmp_path, name):
     field_name, value, zero = NEW_ENGINE_SETTINGS[name]
     for given in (value, zero):
-        path = tmp_path / f"{name}-{given!r}.json".replace(" ", "_").replace("'", "")
+        path = tmp_path / f"{name}-{given!r}.json".replace(" ", "_").replace("'", "").replace("/", "_")
         path.write_text(json.dumps({name: given}), encoding="utf-8")
         store = resolve_settings({"load_json_path": str(path)}).store
         assert getattr(store, name) == given, (name, given)

@@ -40,6 +40,10 @@ class TrainConfig:
     train_data_dir: str | None = _f(None, "folder holding <repeats>_<class tokens> subfolders of images")
     reg_data_dir: str | None = _f(None, "folder of regularization <repeats>_<class> subfolders")
     dataset_config: str | None = _f(None, "dataset TOML in kohya's schema (instead of train_data_dir)")
+    in_json: str | None = _f(None, "kohya's fine-tuning metadata JSON {image key: {caption, tags}}; the images are "
+                                   "found in train_data_dir")
+    dataset_repeats: int = _f(1, "repeats per epoch of the in_json dataset (and of dataset_config subsets without "
+                                 "num_repeats)")
     caption_extension: str = _f(".txt", "extension of caption files")
     caption_extention: str | None = _f(None, "deprecated: kohya's old misspelling of caption_extension; when given "
                                              "it replaces caption_extension")

@@ -237,7 +237,7 @@ class TrainDataset:
         for d, spec in enumerate(self.plan.datasets):
             out.append(
                 {
-                    "is_dreambooth": True,
+                    "is_dreambooth": not any(s.metadata_file for s in self.plan.subsets_of(d)),
                     "batch_size_per_device": spec.batch_size,
                     "num_train_images": spec.num_train_images,
                     "num_reg_images": spec.num_reg_images,

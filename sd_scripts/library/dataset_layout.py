@@ -8,6 +8,9 @@ Two ways to describe a dataset (kohya-ss/sd-scripts compatible):
 * **``dataset_config``**: a TOML (or JSON) file in kohya's schema: ``[general]``, ``[[datasets]]``,
   ``[[datasets.subsets]]`` with ``image_dir`` etc. Every setting is looked up subset -> dataset ->
   general -> TrainConfig -> default. Unknown keys are refused.
+* **Fine-tuning metadata**: ``in_json`` (images in ``train_data_dir``, ``dataset_repeats`` repeats) or a
+  subset with ``metadata_file`` (and an optional ``image_dir``): kohya's ``{image_key: {"caption", "tags"}}``
+  JSON, read by :mod:`.dataset_finetune`. A ``[[datasets]]`` may not mix the two kinds of subset (kohya).
 
 :func:`scan_dataset` checks settings and folders (one-line ``ConfigError``/``DatasetError`` on a
 mistake), reads captions (UTF-8), decodes every image once to find broken ones (skipped with a
@@ -29,6 +32,7 @@ from typing import Any, Callable
 
 from .buckets import BucketManager, snap_bucket_range
 from .captions import CaptionSettings, count_tags
+from .dataset_finetune import read_metadata_subset
 from .errors import ConfigError, DatasetError, UserError, UserErrors
 from .validation import split_held_out
 from .images import (
@@ -77,10 +81,16 @@ class SubsetSpec:
     resize_interpolation: str | None = None
     img_count: int = 0
     alpha_mask: bool = False
+    metadata_file: str | None = None  # a fine-tuning subset: captions from this kohya metadata JSON
 
     def metadata(self) -> dict:
         """The subset's entry in kohya's ``ss_datasets`` metadata."""
         c = self.captions
+        if self.metadata_file:
+            kind = {"image_dir": os.path.basename(os.path.normpath(self.image_dir)),
+                    "metadata_file": os.path.basename(self.metadata_file)}
+        else:
+            kind = {"image_dir": self.name, "class_tokens": self.class_tokens, "is_reg": self.is_reg}
         return {
             "img_count": self.img_count,
             "num_repeats": self.num_repeats,
@@ -95,9 +105,7 @@ class SubsetSpec:
             "caption_prefix": c.caption_prefix,
             "caption_suffix": c.caption_suffix,
             "resize_interpolation": self.resize_interpolation,
-            "image_dir": self.name,
-            "class_tokens": self.class_tokens,
-            "is_reg": self.is_reg,
+            **kind,
             **({"alpha_mask": True} if self.alpha_mask else {}),
         }
 
@@ -146,7 +154,8 @@ class ImageRecord:
     is_reg: bool
     repeats: int
     size: tuple[int, int]
-    caption_source: str = "file"  # "file" | "class_tokens" | "none"
+    caption_source: str = "file"  # "file" | "metadata" | "class_tokens" | "none"
+    tags: str | None = None  # a fine-tuning entry's "tags" (its tag frequency)
 
 
 @dataclass
@@ -270,9 +279,10 @@ _SUBSET_KEYS: dict[str, str] = {
     "cache_info": "bool",
 }
 # keys only a subset may have
-_SUBSET_ONLY_KEYS: dict[str, str] = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
+_SUBSET_ONLY_KEYS: dict[str, str] = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool", "metadata_file": "str"}
+# DreamBooth keys that kohya refuses in a fine-tuning (metadata_file) subset and its dataset; [general] may hold them
+_DREAMBOOTH_ONLY_KEYS = ("is_reg", "class_tokens", "caption_extension", "cache_info")
 _UNSUPPORTED_SUBSET_KEYS = {
-    "metadata_file": "fine-tuning metadata datasets are not supported; use image_dir with caption files",
     "conditioning_data_dir": "ControlNet datasets and conditioning-image masks are not supported; for masked_loss "
                              "use transparent images with alpha_mask = true",
 }
@@ -282,7 +292,7 @@ _DATASET_ALLOWED = {**_DATASET_KEYS, **_SUBSET_KEYS, "subsets": "list"}
 _SUBSET_ALLOWED = {**_SUBSET_KEYS, **_SUBSET_ONLY_KEYS}
 
 # TrainConfig attribute that supplies a key when no TOML level gives it
-_CONFIG_NAME = {"batch_size": "train_batch_size"}
+_CONFIG_NAME = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 _DEFAULTS: dict[str, Any] = {
     "batch_size": 1,
     "resolution": None,
@@ -557,11 +567,15 @@ def _dataset_spec(lookup: _Lookup) -> DatasetSpec:
 
 
 def _subset_spec(lookup: _Lookup, image_dir: str, dataset: int, num_repeats: int | None, class_tokens: str | None,
-                 is_reg: bool) -> SubsetSpec:
+                 is_reg: bool, metadata_file: str | None = None) -> SubsetSpec:
     if num_repeats is None:
-        num_repeats = _check_range(lookup, "num_repeats", 1)
+        num_repeats, where = lookup.get("num_repeats")
+        if where is not None:  # from the config: dataset_repeats, checked once by _collect_layout
+            num_repeats = _check_range(lookup, "num_repeats", 1)
     ext, ext_where = lookup.get("caption_extension")
-    if not isinstance(ext, str) or not ext.startswith(".") or len(ext) < 2:
+    if metadata_file:
+        ext = ".txt"  # a fine-tuning subset reads no caption files
+    elif not isinstance(ext, str) or not ext.startswith(".") or len(ext) < 2:
         raise _setting_error("caption_extension", ext_where, f"{ext!r} must start with a dot, e.g. .txt")
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         _check_range(lookup, key, 0.0, 1.0)
@@ -594,7 +608,7 @@ def _subset_spec(lookup: _Lookup, image_dir: str, dataset: int, num_repeats: int
     )
     return SubsetSpec(
         image_dir=image_dir,
-        name=os.path.basename(os.path.normpath(image_dir)),
+        name=os.path.basename(metadata_file) if metadata_file else os.path.basename(os.path.normpath(image_dir)),
         dataset=dataset,
         num_repeats=int(num_repeats),
         is_reg=is_reg,
@@ -606,7 +620,67 @@ def _subset_spec(lookup: _Lookup, image_dir: str, dataset: int, num_repeats: int
         random_crop=bool(lookup.value("random_crop")),
         resize_interpolation=str(interp).lower() if interp else None,
         alpha_mask=bool(lookup.value("alpha_mask")),
+        metadata_file=metadata_file,
     )
+
+
+def _finetune_dataset(ds_table: dict, sub_tables: list, ds_where: str, path: str) -> bool:
+    """True when every subset of the dataset has metadata_file, False when none has; kohya refuses a mix, and
+    DreamBooth keys in a fine-tuning dataset."""
+    kinds = {isinstance(sub, dict) and "metadata_file" in sub for sub in sub_tables}
+    if len(kinds) > 1:
+        raise ConfigError(f"dataset_config: {ds_where} of '{path}' mixes DreamBooth subsets (image_dir) and "
+                          f"fine-tuning subsets (metadata_file); put them in separate [[datasets]]", "dataset_config")
+    finetune = kinds == {True}
+    if finetune:
+        for s, table in [(None, ds_table)] + list(enumerate(sub_tables)):
+            for key in _DREAMBOOTH_ONLY_KEYS:
+                if key in table:
+                    where = ds_where if s is None else f"{ds_where} subset #{s + 1}"
+                    raise ConfigError(f"dataset_config: '{key}' in {where} of '{path}' is for DreamBooth subsets; a "
+                                      f"fine-tuning subset (metadata_file) takes its captions from the metadata; "
+                                      f"remove it", "dataset_config")
+    return finetune
+
+
+def _resolve_near(path: str, base_dir: str) -> str:
+    """``path`` as given when it exists or is absolute, else relative to the dataset_config's folder."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(base_dir, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def _check_image_folder(folder: str, label: str) -> None:
+    if not os.path.exists(folder):
+        raise DatasetError(f"{label}: folder '{folder}' does not exist; check the path", label.split(" ")[0])
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{label}: '{folder}' is not a folder; give the folder of images", label.split(" ")[0])
+
+
+def _toml_finetune_subset(config: Any, sub: dict, ds_table: dict, general: dict, d: int, where: str, ds_where: str,
+                          dataset_config: str, base_dir: str, seen: set[str], warnings: list[str]) -> SubsetSpec | None:
+    """A ``metadata_file`` subset of a dataset_config (kohya's fine-tuning subset); None for a duplicate."""
+    metadata_file = _resolve_near(sub["metadata_file"], base_dir)
+    if not os.path.isfile(metadata_file):
+        state = "is a folder" if os.path.isdir(metadata_file) else "does not exist"
+        raise DatasetError(f"dataset_config metadata_file: '{sub['metadata_file']}' ({where}) {state}; give kohya's "
+                           f"metadata .json file", "dataset_config")
+    image_dir = sub.get("image_dir")
+    if image_dir:
+        image_dir = _resolve_near(image_dir, base_dir)
+        _check_image_folder(image_dir, f"dataset_config image_dir ({where})")
+    else:
+        image_dir = os.path.dirname(os.path.abspath(metadata_file))
+    key = f"{os.path.realpath(metadata_file)}|{os.path.realpath(image_dir)}"
+    if key in seen:
+        warnings.append(f"dataset_config: metadata_file '{sub['metadata_file']}' appears twice in {ds_where}; the "
+                        f"second one is ignored")
+        return None
+    seen.add(key)
+    lookup = _Lookup(config, [(sub, f"dataset_config {where}"), (ds_table, f"dataset_config {ds_where}"),
+                              (general, "dataset_config [general]")])
+    return _subset_spec(lookup, image_dir, d, None, None, False, metadata_file)
 
 
 def check_dataset_settings(config: Any) -> None:
@@ -773,10 +847,36 @@ class _PendingImage:
     subset: int
     caption: str
     caption_source: str
+    tags: str | None = None
+
+
+def _scan_metadata_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str],
+                          roots: list[str]) -> list[_PendingImage]:
+    """A fine-tuning subset's images and captions from its metadata file; the images' folders join ``roots``."""
+    prefix = "in_json" if setting == "in_json" else "dataset_config metadata_file"
+    entries = read_metadata_subset(subset.metadata_file, subset.image_dir, prefix=prefix, setting=setting,
+                                   separator=subset.captions.caption_separator,
+                                   wildcard=subset.captions.enable_wildcard, warnings=warnings)
+    pending = []
+    known = {os.path.realpath(r) for r in roots}
+    for entry in entries:
+        folder = os.path.dirname(os.path.abspath(entry.path))
+        if os.path.realpath(folder) not in known:  # never write among these images either
+            known.add(os.path.realpath(folder))
+            roots.append(folder)
+        text = _caption_text(entry.caption, subset.captions.enable_wildcard)
+        pending.append(_PendingImage(entry.path, index, text, "metadata" if text else "none", entry.tags))
+    uncaptioned = sum(1 for p in pending if not p.caption)
+    if uncaptioned:
+        warnings.append(f"{prefix}: {uncaptioned} of {len(pending)} entries of '{subset.metadata_file}' have no "
+                        f"caption or tags; they train with an empty caption")
+    return pending
 
 
 def _scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str],
-                 caption_errors: list[UserError] | None = None) -> list[_PendingImage]:
+                 caption_errors: list[UserError] | None = None, roots: list[str] | None = None) -> list[_PendingImage]:
+    if subset.metadata_file:
+        return _scan_metadata_subset(subset, index, setting, warnings, roots if roots is not None else [])
     folder = subset.image_dir
     try:
         dirs, files = _folder_entries(folder)
@@ -927,9 +1027,16 @@ def _collect_layout(config: Any, errors: list[UserError]):
     if getattr(config, "caption_extention", None):
         warnings.append("caption_extention is kohya's old misspelling; it still works, but write caption_extension")
     dataset_config = getattr(config, "dataset_config", None)
+    in_json = getattr(config, "in_json", None)
+    repeats = getattr(config, "dataset_repeats", 1)
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
+        errors.append(ConfigError(f"dataset_repeats: must be a whole number of at least 1, got {repeats!r}",
+                                  "dataset_repeats"))
     if dataset_config:
-        if getattr(config, "train_data_dir", None) or getattr(config, "reg_data_dir", None):
-            warnings.append("train_data_dir/reg_data_dir are ignored because dataset_config is given")
+        ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json") if getattr(config, k, None)]
+        if ignored:
+            warnings.append(f"{'/'.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored because "
+                            f"dataset_config is given")
         doc = _load_dataset_config(dataset_config)
         general = _check_table(doc.get("general", {}), _GENERAL_ALLOWED, "[general]", dataset_config)
         ds_tables = doc.get("datasets", [])
@@ -953,11 +1060,22 @@ def _collect_layout(config: Any, errors: list[UserError]):
                 ))
                 continue
             seen_dirs: set[str] = set()
+            finetune = attempt(_finetune_dataset, ds_table, sub_tables, ds_where, dataset_config)
+            if finetune is None:
+                continue
             for s, sub in enumerate(sub_tables):
                 where = f"{ds_where} subset #{s + 1}"
                 _check_table(sub, _SUBSET_ALLOWED, where, dataset_config)
                 if sub.get("face_crop_aug_range") is not None or ds_table.get("face_crop_aug_range") is not None:
                     warnings.append(f"dataset_config: face_crop_aug_range in {where} is not supported and is ignored")
+                if finetune:
+                    subset = attempt(_toml_finetune_subset, config, sub, ds_table, general, d, where, ds_where,
+                                     dataset_config, base_dir, seen_dirs, warnings)
+                    if subset is not None:
+                        subsets.append(subset)
+                        subset_setting.append("dataset_config")
+                        roots.append(subset.image_dir)
+                    continue
                 image_dir = sub.get("image_dir")
                 if not image_dir:
                     errors.append(ConfigError(
@@ -992,6 +1110,21 @@ def _collect_layout(config: Any, errors: list[UserError]):
                 subsets.append(subset)
                 subset_setting.append("dataset_config")
                 roots.append(resolved)
+    elif in_json:
+        lookup = _Lookup(config, [])
+        datasets.append(attempt(_dataset_spec, lookup))
+        if getattr(config, "reg_data_dir", None):
+            warnings.append("reg_data_dir is ignored with in_json: fine-tuning datasets have no regularization images")
+        image_dir = getattr(config, "train_data_dir", None)
+        if image_dir:
+            _check_image_folder(image_dir, "train_data_dir")
+        else:  # kohya needs the keys to be paths then; the metadata's own folder is searched too
+            image_dir = os.path.dirname(os.path.abspath(in_json))
+        subset = attempt(_subset_spec, lookup, image_dir, 0, None, None, False, in_json)
+        if subset is not None:
+            subsets.append(subset)
+            subset_setting.append("in_json")
+            roots.append(image_dir)
     else:
         lookup = _Lookup(config, [])
         datasets.append(attempt(_dataset_spec, lookup))
@@ -1033,7 +1166,7 @@ def _collect_layout(config: Any, errors: list[UserError]):
     caption_errors: list[UserError] = []
     for i, sub in enumerate(subsets):
         try:
-            pending.extend(_scan_subset(sub, i, subset_setting[i], warnings, caption_errors))
+            pending.extend(_scan_subset(sub, i, subset_setting[i], warnings, caption_errors, roots))
         except UserError as e:
             errors.append(e)
     errors.extend(caption_errors[:_MAX_LISTED])
@@ -1077,6 +1210,7 @@ def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting
                 repeats=sub.num_repeats,
                 size=result,
                 caption_source=p.caption_source,
+                tags=p.tags,
             )
         )
 
@@ -1115,7 +1249,8 @@ def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting
                 held_out.extend(held)
                 spec.num_validation_images += len(held)
             sub.img_count = len(records)
-            captions = [r.caption for r in records]
+            # kohya counts a fine-tuning entry's "tags", not its caption
+            captions = [r.tags for r in records if r.tags] if sub.metadata_file else [r.caption for r in records]
             freq = count_tags(captions, into=spec.tag_frequency.setdefault(sub.name, {}))
             if sub.name not in plan_tags:
                 plan_tags[sub.name] = freq
@@ -1158,6 +1293,15 @@ def _finish_scan(config: Any, progress, datasets, subsets, roots, subset_setting
                 f"{subset_setting[0] if subset_setting else 'train_data_dir'}: none of the images can be used "
                 f"({len(skipped)} skipped, e.g. '{skipped[0][0]}': {skipped[0][1]}); replace or re-save them",
                 subset_setting[0] if subset_setting else "train_data_dir",
+            )
+        if subsets and all(sub.metadata_file for sub in subsets):
+            setting = subset_setting[0]
+            files = _listing(list(dict.fromkeys(sub.metadata_file for sub in subsets)))
+            raise DatasetError(
+                f"{'in_json' if setting == 'in_json' else 'dataset_config metadata_file'}: no usable image entries in "
+                f"{files}; add entries {{\"<image name>\": {{\"caption\": \"...\"}}}} whose images are in the "
+                f"image folder",
+                setting,
             )
         setting = "dataset_config" if dataset_config else "train_data_dir"
         place = f"'{dataset_config}'" if dataset_config else f"'{getattr(config, 'train_data_dir', '')}'"

@@ -705,10 +705,11 @@ def dataset_summary(dataset) -> list[str]:
             f"{getattr(dataset, 'num_train_images', len(train))} with repeats")
     if reg:
         line += f"; {len(reg)} regularization image(s)"
-    no_caption = [r for r in train if r.caption_source != "file"]
+    no_caption = [r for r in train if r.caption_source not in ("file", "metadata")]
     if no_caption:
         tokens = sum(1 for r in no_caption if r.caption_source == "class_tokens")
-        line += f"; {len(no_caption)} without a caption file"
+        kind = "a caption" if any(r.caption_source == "metadata" for r in train) else "a caption file"
+        line += f"; {len(no_caption)} without {kind}"
         if tokens:
             line += f" ({tokens} use their folder's class tokens)"
     held_out = getattr(dataset, "validation_images", []) or []

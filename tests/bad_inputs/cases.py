@@ -135,6 +135,12 @@ _TOML_CONDITIONING_DIR = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\n
                           "conditioning_data_dir = '{data}/5_sks shape'\n")
 _TOML_ALPHA_MASK_IN_GENERAL = ("[general]\nalpha_mask = true\n[[datasets]]\nresolution = 64\n"
                                "[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n")
+_TOML_MIXED_SUBSETS = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n"
+                       "[[datasets.subsets]]\nmetadata_file = '{ws}/meta.json'\n")
+_TOML_METADATA_FILE_MISSING = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nmetadata_file = '{ws}/nope.json'\n"
+                               "image_dir = '{data}/5_sks shape'\n")
+_META_MALFORMED = '{{"img00": {{"caption": "a red circle",}}}}'  # str files go through str.format
+_META_IMAGES_MISSING = '{{"img00": {{"caption": "found"}}, "lost": {{"caption": "not found"}}}}'
 _TOML_MASKED_LOSS_NO_ALPHA = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{data}/5_sks shape'\n"
                               "alpha_mask = false\n")
 
@@ -277,6 +283,24 @@ CASES: list[Case] = [
     Case("network_args_bad_conv_dim", ("conv_dim", "abc"), ["--network_args", "conv_dim=abc"]),
     Case("vae_missing", ("vae", "not found"), ["--vae", "{ws}/vae.safetensors"]),
     Case("resume_missing", ("resume", "not found"), ["--resume", "{ws}/state"]),
+    # ---------------------------------------------------------------- fine-tuning metadata (in_json, metadata_file)
+    Case("in_json_missing", ("in_json", "not found"), ["--in_json", "{ws}/nope.json"]),
+    Case("in_json_malformed", ("in_json", "not valid JSON", "line 1, column 38", "meta.json"),
+         ["--in_json", "{ws}/meta.json", "--img_folder", "{data}/5_sks shape"], files={"meta.json": _META_MALFORMED}),
+    Case("in_json_no_entries", ("in_json", "no usable image entries"),
+         ["--in_json", "{ws}/meta.json", "--img_folder", "{data}/5_sks shape"], files={"meta.json": "{{}}"}),
+    Case("in_json_images_missing", ("in_json", "no image found for 1 of 2 entries", "'lost'"),
+         ["--in_json", "{ws}/meta.json", "--img_folder", "{data}/5_sks shape"],
+         files={"meta.json": _META_IMAGES_MISSING}),
+    Case("engine_in_json_malformed", ("in_json", "not valid JSON"), ["--in_json", "{ws}/meta.json"], runner="engine",
+         files={"meta.json": _META_MALFORMED}),
+    Case("engine_dataset_repeats_zero", ("dataset_repeats", "at least 1"), ["--in_json", "{ws}/meta.json",
+                                                                          "--dataset_repeats", "0"],
+         runner="engine", files={"meta.json": '{{"5_sks shape/img00": {{}}}}'}),
+    Case("dataset_config_mixed_subsets", ("dataset_config", "mixes DreamBooth subsets", "separate [[datasets]]"),
+         ["--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_MIXED_SUBSETS, "meta.json": "{{}}"}),
+    Case("dataset_config_metadata_file_missing", ("dataset_config metadata_file", "nope.json", "does not exist"),
+         ["--dataset_config", "{ws}/d.toml"], files={"d.toml": _TOML_METADATA_FILE_MISSING}),
     # ---------------------------------------------------------------- validation loss
     Case("validation_split_negative", ("validation_split", "from 0", "-0.1"), ["--validation_split", "-0.1"]),
     Case("validation_split_one", ("validation_split", "below 1"), ["--validation_split", "1"]),
