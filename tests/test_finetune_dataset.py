@@ -278,3 +278,26 @@ def test_training_on_in_json_end_to_end(tiny_sd1_diffusers, ft, tmp_path):
     assert md["ss_num_train_images"] == "8"
     assert any((tmp_path / "out" / ".latent_cache").iterdir())
     assert tree_digest(ft) == before, "the images and the metadata file must not be modified"
+
+
+@pytest.mark.slow
+def test_main_py_trains_on_in_json(tiny_sd1_single_file, ft, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from frontend.app import run_main
+    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+
+    before = tree_digest(ft)
+    out = tmp_path / "out"
+    rc = run_main(["--base_model", str(tiny_sd1_single_file), "--tokenizer_cache_dir",
+                   str(tiny_tokenizer_cache_dir(tiny_sd1_single_file)), "--in_json", str(ft / "meta.json"),
+                   "--img_folder", str(ft / "images"), "--dataset_repeats", "2", "--output_folder", str(out),
+                   "--train_resolution", "64", "--min_bucket_resolution", "64", "--max_bucket_resolution", "128",
+                   "--net_dim", "4", "--alpha", "2", "--max_steps", "1", "--num_workers", "0", "--optimizer_type",
+                   "AdamW", "--mixed_precision", "no", "--xformers", "false", "--tag_occurrence_txt_file", "true"])
+    assert rc == 0, capsys.readouterr().err
+    assert "8 with repeats" in capsys.readouterr().out
+    with safe_open(str(out / "last.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["ss_dataset_dirs"]) == {"meta.json": {"n_repeats": 2, "img_count": 4}}
+    assert "sks shape" in (out / "last.txt").read_text(encoding="utf-8")  # the tag list, from the metadata's tags
+    assert tree_digest(ft) == before
