@@ -1,6 +1,6 @@
 """Dataset scan and preflight: from settings to a :class:`DatasetPlan`, without loading a model.
 
-Two ways to describe a dataset (kohya-ss/sd-scripts compatible):
+Three ways to describe a dataset (kohya-ss/sd-scripts compatible):
 
 * **DreamBooth folders**: ``train_data_dir`` holds subfolders named ``<repeats>_<class tokens>``
   (e.g. ``10_mychar``); each holds images and optional caption files ``<stem><caption_extension>``.
