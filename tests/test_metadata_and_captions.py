@@ -92,6 +92,18 @@ def test_defaults_are_unchanged_when_unset(tiny_sd1_diffusers, dataset, tmp_path
     assert md["ss_training_comment"] == "None"
 
 
+def test_a_dataset_toml_records_kohyas_ss_datasets(tiny_sd1_diffusers, dataset, tmp_path):
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f"[general]\nresolution = 64\n\n[[datasets]]\nbatch_size = 2\n\n  [[datasets.subsets]]\n"
+                    f"  image_dir = '{(dataset / '5_sks shape').as_posix()}'\n  num_repeats = 3\n"
+                    f"  class_tokens = 'sks shape'\n", encoding="utf-8")
+    md = _train(tiny_sd1_diffusers, None, tmp_path / "out", dataset_config=str(toml), train_data_dir=None)
+    (entry,) = json.loads(md["ss_datasets"])
+    assert entry["is_dreambooth"] is True and entry["num_train_images"] == 6 and entry["batch_size_per_device"] == 2
+    assert [s["num_repeats"] for s in entry["subsets"]] == [3] and entry["tag_frequency"]
+    assert "ss_datasets" not in _train(tiny_sd1_diffusers, dataset, tmp_path / "out2")  # folders: kohya's flat keys
+
+
 def test_no_metadata_keeps_only_what_kohya_keeps(tiny_sd1_diffusers, dataset, tmp_path):
     from sd_scripts.library.metadata import MINIMUM_KEYS
 

@@ -111,6 +111,9 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
         md["ss_alpha_mask"] = True
     if getattr(config, "masked_loss", False) or any(getattr(s, "alpha_mask", False) for s in subsets):
         md["ss_masked_loss"] = True
+    if getattr(config, "dataset_config", None) and hasattr(dataset, "datasets_metadata"):
+        # kohya with a dataset TOML: every dataset and subset in one JSON list (the flat keys above stay too)
+        md["ss_datasets"] = json.dumps(dataset.datasets_metadata())
     if network_args:
         md["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
     model_path = config.pretrained_model_name_or_path
