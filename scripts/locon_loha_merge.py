@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Merge a LoCon / LoHa / LoKr / IA3 / full (LyCORIS) or LoRA network into a checkpoint.
+"""Merge a LyCORIS (LoCon/LoHa/LoKr, DoRA too, IA3, GLoRA, OFT, BOFT, full) or LoRA network into a checkpoint.
 
     python scripts/locon_loha_merge.py --base model.safetensors --lycoris loha.safetensors \\
         --save_to merged.safetensors --weight 0.8

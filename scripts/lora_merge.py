@@ -8,9 +8,9 @@
 
 Together: by SVD of the summed deltas to --new_rank (--new_conv_rank for 3x3 convs; any mix of
 ranks and LoRA/LoCon/LoHa/LoKr), or exactly with --concat (rank = sum of ranks, strengths kept).
-Into a checkpoint (--sd_model, single-file SD1/SD2/SDXL): LoRA, LoCon (Tucker too), LoHa, LoKr, IA3
-and full networks, each with its ratio; every other key and every dtype is kept. Ratios are any
-real numbers (default 1 each).
+Into a checkpoint (--sd_model, single-file SD1/SD2/SDXL): LoRA, LoCon (Tucker too), LoHa, LoKr (each
+with or without DoRA), IA3, GLoRA, OFT, BOFT and full networks, each with its ratio; every other key
+and every dtype is kept. Ratios are any real numbers (default 1 each).
 """
 
 from __future__ import annotations

@@ -114,9 +114,10 @@ def test_partial_match_is_reported_and_no_match_refused(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize("network,match", [
+    ({f"{Q_NAME}.lambda_layer": torch.zeros(1, 2), f"{Q_NAME}.q_layer.weight": torch.zeros(2, 64)}, "T-LoRA"),
+    ({f"{Q_NAME}.oft_diag": torch.zeros(4, 16, 16)}, "OFT"),
     ({f"{Q_NAME}.lora_down.weight": torch.zeros(2, 64), f"{Q_NAME}.lora_up.weight": torch.zeros(64, 2),
-      f"{Q_NAME}.dora_scale": torch.ones(64, 1)}, "DoRA"),
-    ({f"{Q_NAME}.oft_blocks": torch.zeros(4, 16, 16)}, "OFT"),
+      f"{Q_NAME}.dora_scale": torch.ones(7, 1)}, "dora_scale of 7 values"),
     ({f"{Q_NAME}.mystery": torch.zeros(3)}, "unknown key layout"),
     ({"model.diffusion_model.out.2.weight": torch.zeros(3)}, "not a kohya LoRA"),
 ])

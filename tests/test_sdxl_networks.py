@@ -1,8 +1,8 @@
 """Every network type and a spread of optimizers train on a tiny SDXL model through ``train_loop.train``: kohya LoCon,
 kohya DyLoRA and LyCORIS (locon, loha, lokr, ia3, dylora, full, glora, diag-oft, boft, DoRA) write SDXL files
 (lora_te1_/lora_te2_, SGM UNet names, SDXL metadata) that load back value for value, whose every module ComfyUI places
-and the checkpoint merge applies (or refuses in one line); the optimizers move the weights; text-encoder training gives
-each text encoder its own parameter group at text_encoder_lr."""
+and the checkpoint merge applies (DoRA, GLoRA and OFT/BOFT included); the optimizers move the weights; text-encoder
+training gives each text encoder its own parameter group at text_encoder_lr."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd_scripts.library.errors import ConfigError
 from tests.comfy_rules import comfy_key_map_sdxl, hf_text_encoder_shapes
 from tests.helpers import make_dataset, modules_of, tiny_config
 
@@ -40,8 +39,6 @@ NETWORKS = {
     "boft": ("lycoris.kohya", ["algo=boft"], {"oft_blocks"}, "oft_blocks"),
     "dora": ("lycoris.kohya", ["algo=lora", "dora_wd=true"], LORA_PARTS | {"dora_scale"}, "lora_up.weight"),
 }
-# the checkpoint merge refuses these (one line naming the module); UIs that know them load the files
-NOT_MERGED = ("glora", "diag-oft", "boft", "dora")
 # these train on the single-file model, the others on the diffusers folder
 ON_SINGLE_FILE = ("loha", "dylora")
 # SGM (checkpoint) spellings of UNet modules; the diffusers spellings must never appear in an SDXL file
@@ -149,11 +146,6 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
 
     # merged into the single-file checkpoint: exactly the targeted weights change, every trained module's does
     merged_path = tmp_path / "merged.safetensors"
-    if case in NOT_MERGED:
-        with pytest.raises(ConfigError) as e:
-            merge_networks_into_checkpoint_file(tiny_sdxl_single_file, [result.output_path], [1.0], merged_path)
-        assert "\n" not in str(e.value) and "do not handle" in str(e.value) and not merged_path.exists()
-        return
     report = merge_networks_into_checkpoint_file(tiny_sdxl_single_file, [result.output_path], [1.0], merged_path)
     label = str(result.output_path)
     assert report.merged[label] == len(modules) and report.unmatched[label] == []

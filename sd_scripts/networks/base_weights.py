@@ -2,8 +2,9 @@
 
 The base model is then "model + LoRA"; the trained network learns on top of it and is saved alone.
 Each module's delta comes from :mod:`sd_scripts.networks.network_state` (LoRA/LoCon, LoHa, LoKr,
-full, IA3, norm), so the same math as the merge tools; it is added in float32 and written back in the
-layer's dtype: ``W += multiplier * delta``.
+full, IA3, GLoRA, norm), so the same math as the merge tools; it is added in float32 and written back in the
+layer's dtype: ``W += multiplier * delta``. DoRA, OFT and BOFT modules replace the weight by their merged
+weight given it (``NetModule.merged_weight``, LyCORIS' ``get_merged_weight(multiplier)``).
 
 Module names are matched as every loader does: UNet layers by their kohya name in the family's file
 layout (SGM names for SDXL, :meth:`ModelFamily.lora_unet_path_map`) or their diffusers name, text
@@ -143,7 +144,8 @@ def _module_index(model) -> dict[str, Any]:
 
 
 def _delta_of(mod, layer, source: str):
-    """``(weight delta, bias delta or None)`` of one parsed module for ``layer``, in float32 on the layer's device."""
+    """``(weight delta, bias delta or None)`` of one parsed module for ``layer``, in float32 on the layer's device;
+    ``(None, None)`` for a module that transforms the weight (DoRA, OFT, BOFT: see ``merge_state_dict_into_model``)."""
     import torch
 
     from sd_scripts.networks import lora_math as lm
@@ -155,12 +157,24 @@ def _delta_of(mod, layer, source: str):
         return lm.ia3_delta(weight.float(), mod.t("weight"), on_input), None
     if mod.algo == "norm":
         return mod.t("w_norm").reshape(weight.shape), (mod.t("b_norm") if "b_norm" in mod.parts else None)
+    if mod.algo in ("oft", "boft"):
+        if mod.out_size != weight.shape[0]:
+            raise ConfigError(f"base_weights: {source}: {mod.algo.upper()} module {mod.name} rotates {mod.out_size} "
+                              f"rows but the model's layer is {tuple(weight.shape)}; the file is for another model, "
+                              "give LoRAs made for this one", _SETTING)
+        return None, None
     if int(torch.tensor(mod.weight_shape()).prod()) != weight.numel():
         raise ConfigError(f"base_weights: {source}: module {mod.name} has shape {tuple(mod.weight_shape())} but the "
                           f"model's layer is {tuple(weight.shape)}; the file is for another model, give LoRAs made "
                           "for this one", _SETTING)
+    if mod.is_dora and mod.parts["dora_scale"].numel() not in (weight.shape[0], weight.shape[1]):
+        raise ConfigError(f"base_weights: {source}: DoRA module {mod.name} has a dora_scale of "
+                          f"{mod.parts['dora_scale'].numel()} values for the layer {tuple(weight.shape)}; the file is "
+                          "damaged or for another model", _SETTING)
+    if mod.transforms_base:
+        return None, None
     bias = mod.t("diff_b") if mod.algo == "full" and "diff_b" in mod.parts else None
-    return mod.delta(weight.shape), bias
+    return mod.base_delta(weight) if mod.algo == "glora" else mod.delta(weight.shape), bias
 
 
 def merge_state_dict_into_model(model, state_dict, multiplier: float = 1.0, source: str = "LoRA",
@@ -174,7 +188,7 @@ def merge_state_dict_into_model(model, state_dict, multiplier: float = 1.0, sour
     from sd_scripts.networks.network_state import parse_network
 
     try:
-        modules = parse_network(state_dict, source=source)
+        modules = parse_network(state_dict, source=source, with_base=True)
     except ConfigError as e:
         raise ConfigError(f"base_weights: {e}", _SETTING) from None
     index = _module_index(model) if index is None else index
@@ -188,7 +202,11 @@ def merge_state_dict_into_model(model, state_dict, multiplier: float = 1.0, sour
         for name, layer in found.items():
             delta, bias_delta = _delta_of(modules[name], layer, source)
             weight = layer.weight
-            weight.copy_((weight.float() + delta * multiplier).to(weight.dtype))
+            if delta is None:
+                merged = modules[name].to(weight.device).merged_weight(weight.float(), multiplier)
+                weight.copy_(merged.to(weight.dtype))
+            else:
+                weight.copy_((weight.float() + delta * multiplier).to(weight.dtype))
             if bias_delta is not None and getattr(layer, "bias", None) is not None:
                 layer.bias.copy_((layer.bias.float() + bias_delta.reshape(layer.bias.shape) * multiplier)
                                  .to(layer.bias.dtype))

@@ -32,7 +32,10 @@ __all__ = [
     "dense_svd",
     "factor_svd",
     "factor_space_is_cheaper",
+    "boft_weight",
+    "dora_weight",
     "full_delta",
+    "glora_delta",
     "ia3_delta",
     "kernel_of",
     "lokr_delta",
@@ -45,6 +48,7 @@ __all__ = [
     "lora_updown",
     "lora_weight_shape",
     "matrix_updown",
+    "oft_weight",
     "retained_stats",
     "select_rank",
     "split_factors",
@@ -220,6 +224,104 @@ def ia3_delta(weight: torch.Tensor, ia3: torch.Tensor, on_input: bool) -> torch.
 def full_delta(diff: torch.Tensor, shape=None) -> torch.Tensor:
     """A full ("native fine-tune") module stores its delta as is."""
     return diff.reshape(tuple(shape)) if shape is not None else diff
+
+
+# --------------------------------------------------------------------------------------------
+# weights that depend on the base weight (DoRA, GLoRA, OFT/BOFT), as LyCORIS 4.1.3 computes them
+
+
+def dora_weight(weight: torch.Tensor, dora_scale: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """DoRA's merged weight from ``weight = W + delta`` (delta without the multiplier):
+    ``weight * (m * (dora_scale / (||weight|| + eps) - 1) + 1)``, as LyCORIS' ``weight_decompose``.
+
+    The norm axis is read from ``dora_scale``'s shape: ``(out, 1, ...)`` gives one norm per output row
+    (``wd_on_output=True``), ``(1, in, ...)`` one per input column over the other axes (the older layout).
+    ``eps`` is float32's, the dtype LyCORIS keeps ``dora_scale`` in."""
+    weight = weight.float()
+    s = dora_scale.float()
+    extra = [1] * (weight.dim() - 2)
+    if s.dim() >= 2 and s.shape[0] == 1 and s.numel() == weight.shape[1] and weight.shape[0] != 1:
+        cols = weight.transpose(0, 1).reshape(weight.shape[1], -1)
+        norm = cols.norm(dim=1).reshape(1, weight.shape[1], *extra)
+        s = s.reshape(1, weight.shape[1], *extra)
+    else:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], 1, *extra)
+        s = s.reshape(weight.shape[0], 1, *extra)
+    scale = s / (norm + torch.finfo(torch.float32).eps)
+    if multiplier != 1:
+        scale = multiplier * (scale - 1) + 1
+    return weight * scale
+
+
+def glora_delta(weight: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+    """GLoRA's delta ``scale * (W a1 a2 + b1 b2)`` in ``weight``'s shape: ``a1 (in, r)``, ``a2 (r, in)`` contract
+    the input axis of ``W`` (kernel axes kept), ``b1 (out, r)``, ``b2 (r, in*k*k)`` are a LoCon pair."""
+    w = weight.float()
+    wa1 = a1.reshape(a1.shape[0], -1)
+    wa2 = a2.reshape(a2.shape[0], -1)
+    wb = (b1.reshape(b1.shape[0], -1) @ b2.reshape(b2.shape[0], -1)).reshape(w.shape)
+    if w.dim() > 2:
+        w_a = torch.einsum("o i ..., i j -> o j ...", w, wa1)
+        w_a = torch.einsum("o i ..., i j -> o j ...", w_a, wa2)
+    else:
+        w_a = (w @ wa1) @ wa2
+    return (wb + w_a) * scale
+
+
+def _oft_rotations(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """Cayley rotations ``R = (I + Q)(I - Q)^-1`` of ``Q = B - B^T`` per block, ``||Q||_F`` (over every block)
+    capped at ``constraint`` when it is positive (LyCORIS' ``get_r``)."""
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        q_norm = torch.norm(q) + 1e-8
+        if q_norm > constraint:
+            q = q * constraint / q_norm
+    return (eye + q) @ (eye - q).inverse()
+
+
+def oft_weight(weight: torch.Tensor, oft_blocks: torch.Tensor, constraint: float = 0.0,
+               rescale: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
+    """Diagonal OFT's merged weight: for each block ``k`` of output rows ``W'_k = R_k^T W_k`` with
+    ``R_k = m R + (1 - m) I``, then ``rescale`` row-wise. ``oft_blocks`` is ``(n_blocks, bs, bs)``;
+    ``constraint`` is the absolute cap (LyCORIS: the file's alpha times the output size)."""
+    w = weight.float()
+    blocks = oft_blocks.float()
+    n, bs = int(blocks.shape[0]), int(blocks.shape[1])
+    r = _oft_rotations(blocks, constraint)
+    if multiplier != 1:
+        eye = torch.eye(bs, device=r.device, dtype=r.dtype)
+        r = r * multiplier - multiplier * eye + eye
+    rest = tuple(w.shape[1:])
+    out = torch.einsum("k n m, k n ... -> k m ...", r, w.reshape(n, bs, *rest)).reshape(-1, *rest)
+    if rescale is not None:
+        out = rescale.float().reshape(out.shape[0], *[1] * len(rest)) * out
+    return out
+
+
+def boft_weight(weight: torch.Tensor, oft_blocks: torch.Tensor, constraint: float = 0.0,
+                rescale: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
+    """Butterfly OFT's merged weight: ``oft_blocks (m, n_blocks, b, b)`` are ``m`` stages; stage ``i``
+    permutes the output rows (groups of 2, stride ``2^i b / 2``), rotates each block by ``m R + (1 - m) I``
+    and permutes back; then ``rescale`` row-wise (LyCORIS ``functional.boft.diff_weight`` plus ``W``)."""
+    w = weight.float()
+    blocks = oft_blocks.float()
+    stages, b = int(blocks.shape[0]), int(blocks.shape[-1])
+    eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
+    r = _oft_rotations(blocks, constraint)
+    x = w
+    for i in range(stages):
+        bi = r[i]
+        if multiplier != 1:
+            bi = bi * multiplier + (1 - multiplier) * eye
+        k = 2 ** i * (b // 2)
+        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = torch.einsum("b i j, b j ... -> b i ...", bi, x)
+        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    if rescale is not None:
+        x = x * rescale.float().reshape(x.shape[0], *[1] * (x.dim() - 1))
+    return x
 
 
 # --------------------------------------------------------------------------------------------

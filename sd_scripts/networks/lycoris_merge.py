@@ -1,4 +1,5 @@
-"""Merge LoRA / LoCon / LoHa / LoKr / IA3 / full / norm networks into a single-file SD1/SD2/SDXL checkpoint.
+"""Merge LoRA / LoCon / LoHa / LoKr (with or without DoRA) / IA3 / GLoRA / full / norm / OFT / BOFT networks
+into a single-file SD1/SD2/SDXL checkpoint.
 
 The module -> weight map is :mod:`sd_scripts.networks.ldm_lora_map` (family detected from the checkpoint's
 keys; SDXL networks use kohya's SGM UNet names and ``lora_te1_`` / ``lora_te2_``).
@@ -10,7 +11,13 @@ weight's own dtype once, whatever the number of networks. The deltas (reference 
 * LoHa: ``(alpha/r) (w1a w1b) ⊙ (w2a w2b)`` and LoKr ``(alpha/r) kron(w1, w2)``, each scaled
   **once** (LyCORIS 3.0-4.1.3's own merge squares alpha/r, reference D.3);
 * IA3: ``W_base ⊙ w`` along the output rows or input columns (``on_input``);
-* full: ``diff`` (and ``diff_b`` on the bias); norm: ``w_norm`` / ``b_norm``.
+* full: ``diff`` (and ``diff_b`` on the bias); norm: ``w_norm`` / ``b_norm``;
+* GLoRA: ``(alpha/r) (W a1 a2 + b1 b2)`` with the base ``W``.
+
+DoRA (``dora_scale``), OFT and BOFT are no deltas: the module's merged weight is computed from the weight
+as merged so far (networks in the order given), as LyCORIS' ``get_merged_weight(ratio)``
+(:meth:`NetModule.merged_weight`): DoRA rescales ``W + delta`` per output row (or input column) to
+``m (dora_scale / ||W + delta|| - 1) + 1``, OFT/BOFT rotate the rows of ``W``.
 
 Every other checkpoint key and every dtype is kept. A module that matches no checkpoint weight is
 reported; a network of which no module matches, or a module whose shape differs from its weight,
@@ -72,7 +79,17 @@ def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str, famil
             raise ConfigError(f"{label}: IA3 module {mod.name} has {w.numel()} channels but the {ckpt_name} weight has "
                               f"{want}; is the network for another model version?")
         return
+    if mod.algo in ("oft", "boft"):
+        rescale = mod.parts.get("rescale")
+        if mod.out_size != int(region_shape[0]) or (rescale is not None and rescale.numel() != int(region_shape[0])):
+            raise ConfigError(f"{label}: {mod.algo.upper()} module {mod.name} rotates {mod.out_size} rows but the "
+                              f"{ckpt_name} weight has {int(region_shape[0])}; is the network for another model?")
+        return
     own = mod.weight_shape()
+    scale = mod.parts.get("dora_scale")
+    if scale is not None and scale.numel() not in (int(region_shape[0]), int(region_shape[1])):
+        raise ConfigError(f"{label}: DoRA module {mod.name} has a dora_scale of {scale.numel()} values for the "
+                          f"{ckpt_name} weight {tuple(region_shape)}; the file is damaged or for another model")
     if _numel(own) != _numel(region_shape) or int(own[0]) != int(region_shape[0]):
         hint = (" (a network for SD1/SD2 on an SDXL model?)" if family == "sdxl"
                 else " (an SD1 network on an SD2 model or the reverse?)")
@@ -112,7 +129,7 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
     for done, (key, items) in enumerate(plan.items()):
         weight = checkpoint[key]
         w32 = weight.to(device=device if device is not None else weight.device, dtype=torch.float32, copy=True)
-        base = w32.clone() if any(m.algo == "ia3" for _, m, _ in items) else w32
+        base = w32.clone() if any(m.algo in ("ia3", "glora") for _, m, _ in items) else w32
         bias_key = items[0][2].bias_key
         b32 = None
         for net, mod, target in items:
@@ -121,6 +138,10 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
             if mod.algo == "ia3":
                 on_input = bool(int(mod.parts["on_input"].reshape(-1)[0])) if "on_input" in mod.parts else False
                 region += net.ratio * lm.ia3_delta(base[rows], mod.parts["weight"].to(w32.device).float(), on_input)
+            elif mod.algo == "glora":
+                region += net.ratio * mod.to(w32.device).base_delta(base[rows])
+            elif mod.transforms_base:
+                region.copy_(mod.to(w32.device).merged_weight(region, net.ratio))
             elif mod.algo == "norm":
                 region += net.ratio * mod.parts["w_norm"].to(w32.device).float().reshape(region.shape)
             else:
@@ -173,7 +194,7 @@ def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequ
     dtype = precision_dtype(save_precision, dtype_setting)
     nets = []
     for path, ratio in zip(models, ratios):
-        modules, _ = load_network(path, model_setting)
+        modules, _ = load_network(path, model_setting, with_base=True)
         nets.append(NetworkInput(str(path), modules, float(ratio)))
     state, metadata, family = read_sd_checkpoint(sd_model, ckpt_setting)
     _check_v2(family, v2, ckpt_setting, sd_model)

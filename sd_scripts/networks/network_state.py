@@ -1,5 +1,6 @@
 """LoRA/LyCORIS state dicts as per-module records: detect each module's algorithm, give its
-delta weight or low-rank form, and write LoRA/LoCon modules back in kohya's layout.
+delta weight or low-rank form (or, for DoRA, GLoRA and OFT/BOFT, its merged weight given the base
+weight), and write LoRA/LoCon modules back in kohya's layout.
 
 The middle layer of the LoRA tools: keys and shapes here, the tensor math in
 :mod:`sd_scripts.networks.lora_math`, the files in the tools' ``*_file`` functions.
@@ -35,8 +36,20 @@ ALGO_PARTS = {
     "ia3": {"weight", "on_input"},
     "full": {"diff", "diff_b"},
     "norm": {"w_norm", "b_norm"},
+    "glora": {"a1.weight", "a2.weight", "b1.weight", "b2.weight"},
+    "oft": {"oft_blocks", "rescale"},
+    "boft": {"oft_blocks", "rescale"},
 }
 _SHARED_PARTS = {"alpha", "scale"}
+# DoRA's magnitude rides on these algorithms (LyCORIS dora_wd: DoRA, DoHa, DoKr).
+_DORA_ALGOS = ("lora", "loha", "lokr")
+# What only a merge into the base weights handles (``parse_network(..., with_base=True)``).
+_NEEDS_BASE = {
+    "dora_scale": "DoRA (dora_scale)",
+    "oft_blocks": "OFT/BOFT",
+    "rescale": "OFT rescale",
+    "a1.weight": "GLoRA",
+}
 
 # Parts of LyCORIS algorithms these tools do not handle, with the name to report.
 _UNSUPPORTED = {
@@ -45,6 +58,13 @@ _UNSUPPORTED = {
     "oft_diag": "OFT (LyCORIS 2.0)",
     "rescale": "OFT rescale",
     "a1.weight": "GLoRA",
+    "lambda_layer": "T-LoRA",
+    "bias_indices": "LoCon sparse bias (use_sparse_bias)",
+}
+# ... and what even the merge into the base weights does not.
+_NOT_MERGEABLE = {
+    "oft_diag": "OFT (LyCORIS 2.0)",
+    "bm.weight": "Tucker GLoRA (bm.weight)",
     "lambda_layer": "T-LoRA",
     "bias_indices": "LoCon sparse bias (use_sparse_bias)",
 }
@@ -91,6 +111,8 @@ class NetModule:
                 return int(p["lokr_w2_b"].shape[0])
             if "lokr_w1_b" in p:
                 return int(p["lokr_w1_b"].shape[0])
+        if self.algo == "glora":
+            return int(p["a2.weight"].shape[0])
         return 0
 
     @property
@@ -104,7 +126,7 @@ class NetModule:
         A LoKr with both Kronecker factors full has scale 1 whatever alpha says."""
         if "scale" in self.parts:
             return float(self.parts["scale"].float().reshape(-1)[0])
-        if self.algo in ("lora", "loha"):
+        if self.algo in ("lora", "loha", "glora"):
             return lm.lora_scale(self.alpha, self.rank)
         if self.algo == "lokr":
             r = self.rank
@@ -113,7 +135,29 @@ class NetModule:
 
     @property
     def has_low_rank_form(self) -> bool:
-        return self.algo in ("lora", "loha", "lokr", "full")
+        return self.algo in ("lora", "loha", "lokr", "full") and not self.is_dora
+
+    @property
+    def is_dora(self) -> bool:
+        """A LoRA/LoHa/LoKr module trained with DoRA (LyCORIS ``dora_wd``): its ``dora_scale`` magnitude
+        applies to the merged weight, so it is merged with :meth:`merged_weight`."""
+        return "dora_scale" in self.parts
+
+    @property
+    def transforms_base(self) -> bool:
+        """True when the merged weight is not ``W + m * delta`` (DoRA, OFT, BOFT): see :meth:`merged_weight`."""
+        return self.is_dora or self.algo in ("oft", "boft")
+
+    @property
+    def out_size(self) -> int:
+        """The output size of the weight this module modifies."""
+        if self.algo == "oft":
+            return int(self.parts["oft_blocks"].shape[0] * self.parts["oft_blocks"].shape[1])
+        if self.algo == "boft":
+            return int(self.parts["oft_blocks"].shape[1] * self.parts["oft_blocks"].shape[2])
+        if self.algo == "ia3":
+            raise ValueError(f"{self.name}: ia3 modules have no shape of their own")
+        return int(self.weight_shape()[0])
 
     # ---- shapes
 
@@ -127,6 +171,8 @@ class NetModule:
             return tuple(int(s) for s in p["diff"].shape)
         if self.algo == "norm":
             return tuple(int(s) for s in p["w_norm"].shape)
+        if self.algo == "glora":
+            return lm.lora_weight_shape(p["b2.weight"], p["b1.weight"])
         if self.algo == "loha":
             if "hada_t1" in p:
                 return (int(p["hada_w1_a"].shape[1]), int(p["hada_w1_b"].shape[1])) + lm.kernel_of(p["hada_t1"].shape)
@@ -206,14 +252,44 @@ class NetModule:
             return lm.full_delta(self.t("diff"), shape)
         raise ValueError(f"{self.name}: the delta of a {self.algo} module depends on the base weight")
 
+    def base_delta(self, base: torch.Tensor) -> torch.Tensor:
+        """The delta (``scale`` applied, no multiplier) of a module whose delta depends on the base weight
+        ``base`` (IA3, GLoRA), in ``base``'s shape: ``W' = W + m * delta``."""
+        if self.algo == "ia3":
+            on_input = bool(int(self.parts["on_input"].reshape(-1)[0])) if "on_input" in self.parts else False
+            return lm.ia3_delta(base.float(), self.t("weight"), on_input)
+        if self.algo == "glora":
+            return lm.glora_delta(base, self.t("a1.weight"), self.t("a2.weight"), self.t("b1.weight"),
+                                  self.t("b2.weight"), self.scale)
+        return self.delta(base.shape)
+
+    def merged_weight(self, base: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+        """``W'`` for the base weight ``base`` at multiplier ``ratio``, in float32 and ``base``'s shape, as
+        LyCORIS' ``get_merged_weight(ratio)`` computes it:
+
+        * DoRA: ``W'' = W + delta`` (delta without the multiplier), then ``W'' * (m (dora_scale / ||W''|| - 1) + 1)``;
+        * OFT / BOFT: ``W`` rotated by the Cayley rotations interpolated with ``I``, then ``rescale``; the
+          constraint is the file's alpha times the output size;
+        * every other algorithm: ``W + m * delta``.
+        """
+        w = base.float()
+        if self.is_dora:
+            return lm.dora_weight(w + self.delta(w.shape), self.t("dora_scale"), ratio)
+        if self.algo in ("oft", "boft"):
+            constraint = (self.alpha or 0.0) * w.shape[0]
+            fn = lm.oft_weight if self.algo == "oft" else lm.boft_weight
+            return fn(w, self.t("oft_blocks"), constraint, self.t("rescale"), ratio)
+        return w + ratio * self.base_delta(w)
+
     def to(self, device) -> NetModule:
         return NetModule(self.name, self.algo, {k: v.to(device) for k, v in self.parts.items()}, self.v2)
 
 
-def _detect_algo(name: str, parts: Mapping[str, torch.Tensor], source: str) -> str:
-    for part, what in _UNSUPPORTED.items():
+def _detect_algo(name: str, parts: Mapping[str, torch.Tensor], source: str, with_base: bool = False) -> str:
+    for part, what in (_NOT_MERGEABLE if with_base else _UNSUPPORTED).items():
         if part in parts:
-            raise ConfigError(f"{source}: module {name} is {what}, which these tools do not handle yet")
+            hint = "" if with_base or part not in _NEEDS_BASE else "; merge it into a checkpoint instead"
+            raise ConfigError(f"{source}: module {name} is {what}, which these tools do not handle yet{hint}")
     if "lora_up.weight" in parts:
         algo = "lora"
     elif "hada_w1_a" in parts:
@@ -226,9 +302,15 @@ def _detect_algo(name: str, parts: Mapping[str, torch.Tensor], source: str) -> s
         algo = "full"
     elif "w_norm" in parts:
         algo = "norm"
+    elif "oft_blocks" in parts and parts["oft_blocks"].dim() in (3, 4):
+        algo = "oft" if parts["oft_blocks"].dim() == 3 else "boft"
+    elif "a1.weight" in parts:
+        algo = "glora"
+    elif "rescale" in parts:
+        raise ConfigError(f"{source}: module {name} has an OFT rescale without oft_blocks; the file is incomplete")
     else:
         raise ConfigError(f"{source}: module {name} has an unknown key layout ({', '.join(sorted(parts))})")
-    extra = set(parts) - ALGO_PARTS[algo] - _SHARED_PARTS
+    extra = set(parts) - ALGO_PARTS[algo] - _SHARED_PARTS - ({"dora_scale"} if algo in _DORA_ALGOS else set())
     if extra:
         raise ConfigError(f"{source}: module {name} mixes {algo} keys with unknown ones ({', '.join(sorted(extra))})")
     required = {
@@ -238,6 +320,9 @@ def _detect_algo(name: str, parts: Mapping[str, torch.Tensor], source: str) -> s
         "ia3": {"weight"},
         "full": set(),
         "norm": set(),
+        "glora": {"a2.weight", "b1.weight", "b2.weight"},
+        "oft": set(),
+        "boft": set(),
     }[algo]
     missing = required - set(parts)
     if algo == "lokr" and not ({"lokr_w2"} <= set(parts) or {"lokr_w2_a", "lokr_w2_b"} <= set(parts)):
@@ -250,11 +335,14 @@ def _detect_algo(name: str, parts: Mapping[str, torch.Tensor], source: str) -> s
 
 
 def parse_network(state_dict: Mapping[str, torch.Tensor], source: str = "LoRA file",
-                  metadata: Mapping[str, str] | None = None) -> dict[str, NetModule]:
+                  metadata: Mapping[str, str] | None = None, with_base: bool = False) -> dict[str, NetModule]:
     """Group a kohya LoRA / LyCORIS (kohya-prefixed) state dict into :class:`NetModule` records.
 
-    Raises ConfigError naming ``source`` for a file that is not a LoRA (no module keys), an
-    unknown key layout, or an algorithm these tools do not handle (DoRA, OFT, GLoRA, ...).
+    ``with_base`` is for the callers that merge into base weights (checkpoint merge, ``base_weights``):
+    they also take DoRA, GLoRA and OFT/BOFT modules (see :meth:`NetModule.merged_weight`); the
+    LoRA-to-LoRA tools do not. Raises ConfigError naming ``source`` for a file that is not a LoRA (no
+    module keys), an unknown key layout, or an algorithm the caller does not handle (T-LoRA, kohya's
+    own OFT, ...).
     """
     parsed = group_by_module(state_dict)
     if not parsed.modules:
@@ -263,9 +351,13 @@ def parse_network(state_dict: Mapping[str, torch.Tensor], source: str = "LoRA fi
         key = parsed.other_keys[0]
         raise ConfigError(f"{source} has an unknown key layout (key {key!r} is not a kohya LoRA/LyCORIS key)")
     v2 = str((metadata or {}).get("ss_v2", "False")).lower() == "true"
+    kohya_oft = str((metadata or {}).get("ss_network_module", "")) == "networks.oft"
     modules = {}
     for name, parts in parsed.modules.items():
-        algo = _detect_algo(name, parts, source)
+        algo = _detect_algo(name, parts, source, with_base)
+        if algo == "oft" and kohya_oft:
+            raise ConfigError(f"{source}: module {name} is kohya's own OFT (networks.oft), which these tools do not "
+                              "handle yet")
         modules[name] = NetModule(name, algo, dict(parts), v2)
     return modules
 

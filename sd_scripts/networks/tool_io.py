@@ -35,13 +35,14 @@ def lora_format_of(path) -> str:
     return _LORA_EXTS.get(Path(path).suffix.lower(), "safetensors")
 
 
-def load_network(path, setting: str):
-    """``(modules, metadata)`` of a LoRA/LyCORIS file; ConfigError naming ``setting`` when it is not one."""
+def load_network(path, setting: str, with_base: bool = False):
+    """``(modules, metadata)`` of a LoRA/LyCORIS file; ConfigError naming ``setting`` when it is not one.
+    ``with_base``: the caller merges into base weights, so DoRA/GLoRA/OFT modules are taken (``parse_network``)."""
     from sd_scripts.library.lora_file import load_lora_file
     from sd_scripts.networks.network_state import parse_network
 
     sd, md = load_lora_file(path, setting=setting)
-    return parse_network(sd, source=f"{setting}: {path}", metadata=md), md
+    return parse_network(sd, source=f"{setting}: {path}", metadata=md, with_base=with_base), md
 
 
 def read_sd_checkpoint(path, setting: str):
