@@ -18,8 +18,8 @@ TOOL = "locon_loha_merge"
 def flow(asker) -> list[str]:
     f = ToolFlow(asker, TOOL)
     base = f.ask("base", "path", "Choose the checkpoint to merge into", path_kind="file", filetypes=CHECKPOINT_EXTS)
-    network = f.ask("lycoris", "path", "Choose the LoCon / LoHa / LoKr / IA3 / LoRA file", path_kind="file",
-                    filetypes=LORA_EXTS)
+    network = f.ask("lycoris", "path", "Choose the LyCORIS (LoCon, LoHa, LoKr, DoRA, OFT...) or LoRA file",
+                    path_kind="file", filetypes=LORA_EXTS)
     weight = f.ask("weight", "number", "Strength of the network in the merge (1: as trained)", 1.0)
     argv = ["--base", base, "--lycoris", network, "--weight", number_text(weight)]
     dtype = f.ask("dtype", "choice", "Precision of the merged checkpoint", "keep", options=PRECISIONS,

@@ -200,3 +200,12 @@ def test_lora_to_lora_tools_still_refuse_dora(networks, tmp_path):
     with pytest.raises(ConfigError, match="DoRA.*merge it into a checkpoint") as e:
         resize_lora_file(path, tmp_path / "r.safetensors", new_rank=2)
     assert "\n" not in str(e.value) and not (tmp_path / "r.safetensors").exists()
+
+
+def test_base_weights_refuse_kohya_oft_by_its_metadata():
+    from sd_scripts.networks.base_weights import merge_state_dict_into_model
+
+    file = {f"{Q_NAME}.oft_blocks": torch.zeros(4, 8, 8), f"{Q_NAME}.alpha": torch.tensor(1.0)}
+    with pytest.raises(ConfigError, match="base_weights: .*kohya's own OFT") as e:
+        merge_state_dict_into_model(None, file, 1.0, metadata={"ss_network_module": "networks.oft"})
+    assert "\n" not in str(e.value)

@@ -178,7 +178,8 @@ def _delta_of(mod, layer, source: str):
 
 
 def merge_state_dict_into_model(model, state_dict, multiplier: float = 1.0, source: str = "LoRA",
-                                index: dict[str, Any] | None = None) -> tuple[int, list[str]]:
+                                index: dict[str, Any] | None = None,
+                                metadata: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Add ``multiplier x`` every module of a LoRA/LyCORIS state dict into ``model``'s layers, in place.
 
     Returns ``(modules merged, names of the file's modules that match no layer)``. A file none of whose modules
@@ -188,7 +189,7 @@ def merge_state_dict_into_model(model, state_dict, multiplier: float = 1.0, sour
     from sd_scripts.networks.network_state import parse_network
 
     try:
-        modules = parse_network(state_dict, source=source, with_base=True)
+        modules = parse_network(state_dict, source=source, metadata=metadata, with_base=True)
     except ConfigError as e:
         raise ConfigError(f"base_weights: {e}", _SETTING) from None
     index = _module_index(model) if index is None else index
@@ -221,8 +222,9 @@ def merge_base_weights(model, paths: Sequence[str], multipliers: Sequence[float]
     lines = []
     index = _module_index(model)
     for path, multiplier in zip(paths, multipliers_for(paths, multipliers)):
-        state_dict, _ = load_lora_file(path, setting=_SETTING)
-        merged, unmatched = merge_state_dict_into_model(model, state_dict, multiplier, source=str(path), index=index)
+        state_dict, metadata = load_lora_file(path, setting=_SETTING)
+        merged, unmatched = merge_state_dict_into_model(model, state_dict, multiplier, source=str(path), index=index,
+                                                        metadata=metadata)
         line = f"base_weights: merged {os.path.basename(path)} x {multiplier:g} ({merged} modules)"
         if unmatched:
             line += f"; {len(unmatched)} modules match no layer of this model and were ignored (e.g. {unmatched[0]})"
