@@ -11,6 +11,9 @@ Right after the base model comes the model type (SD 1.x, SD 2.x, SDXL), preselec
 header when that can be read without torch; SDXL sizes the resolution and bucket defaults (1024 px,
 buckets 512-2048) before the images are checked, skips clip skip, offers ``no_half_vae`` under fp16.
 The text-encoder output cache is offered only for UNet-only training with captions that stay the same.
+Then "How much memory does your GPU have?" sets the memory settings to a recipe for that family
+(``gpu_memory.MEMORY_RECIPES``; preselected from the detected card, else "keep my settings"); the later
+questions start from the recipe's values, and a changed answer undoes the previous recipe first.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ArgsList import OPTIMIZERS, SAMPLERS, SCHEDULERS, ArgStore
 from frontend.fields import format_value
 from frontend.model_family import cheap_family, model_family_of, resize_for_family
 
+from . import gpu_memory
 from .asker import Asker, Cancelled, Question, ask
 from .dataset_check import DatasetReport, check_dataset, estimate_steps, has_transparent_images, scan_key
 
@@ -62,6 +66,7 @@ _SUMMARY_SECTIONS = [
     ("Paths", ["base_model", "img_folder", "reg_img_folder", "output_folder", "change_output_name"]),
     ("JSON", ["load_json_path", "save_json_folder", "save_json_name", "save_json_only"]),
     ("Model", ["sdxl", "v2", "v_parameterization", "clip_skip"]),
+    ("GPU memory", []),  # the recipe answer (summary_lines)
     ("Optimizer", ["optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr"]),
     ("Network", ["net_dim", "alpha", "lyco", "network_args", "unet_only", "text_only"]),
     ("Schedule", ["scheduler", "cosine_restarts", "scheduler_power", "warmup_lr_ratio"]),
@@ -70,8 +75,9 @@ _SUMMARY_SECTIONS = [
     ("Saving", ["save_every_n_epochs", "save_every_n_steps", "save_precision", "training_comment"]),
     ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "alpha_mask",
                   "tag_occurrence_txt_file", "sort_tag_occurrence_alphabetically"]),
-    ("Precision and caching", ["mixed_precision", "no_half_vae", "cache_latents", "cache_latents_to_disk", "random_crop",
-                               "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"]),
+    ("Precision and caching", ["mixed_precision", "no_half_vae", "fp8_base", "gradient_checkpointing", "cache_latents",
+                               "cache_latents_to_disk", "random_crop", "cache_text_encoder_outputs",
+                               "cache_text_encoder_outputs_to_disk"]),
     ("Loss", ["min_snr_gamma"]),
     ("Samples", ["sample_prompts", "sample_sampler", "sample_every_n_steps", "sample_every_n_epochs"]),
 ]
@@ -135,6 +141,10 @@ class TrainingWizard:
         self._report_key: tuple | None = None
         self.notes: list[str] = []
         self._sized_for: str | None = None  # the model family whose sizes the resolution settings hold
+        self._gpu: tuple[str, float] | None | bool = False  # probe_gpu()'s answer; False: not probed yet
+        self._memory_answer: tuple[str, str] | None = None  # (recipe family, answer) of the GPU memory question
+        self._memory_applied: dict[str, tuple[Any, Any]] = {}  # setting -> (value before the recipe, recipe's value)
+        self._memory_skipped: list[str] = []
 
     # ----------------------------------------------------------------------------- plumbing
     def question(self, name: str, prompt: str, **extra: Any) -> Question:
@@ -250,7 +260,8 @@ class TrainingWizard:
                          filetypes=(".safetensors", ".ckpt"))
         # the model type sizes the resolution, which the dataset check below measures the images against
         self.section = "Model"
-        self._model_type(tell_sizes=tell_sizes)
+        kind = self._model_type(tell_sizes=tell_sizes)
+        self._gpu_memory(kind, tell=tell_sizes)
         self.section = "Paths"
         self._image_folder()
         if self.ask_plain("use_reg", "yes_no", "Use regularization images?", self.store.reg_img_folder is not None,
@@ -339,6 +350,60 @@ class TrainingWizard:
                 self.notes.append(f"sized for {_MODEL_LABELS[kind].split(' (')[0]}: {shown}")
             self.set(**sizes)
         return kind
+
+    def _gpu_memory(self, model_type: str, tell: bool = False) -> None:
+        """Ask the GPU's memory and set the memory settings to that card's recipe for the model family.
+
+        The same answer again changes nothing (the later answers are the user's); another answer first puts back what
+        the previous recipe set and the user did not change since. ``tell``: the later questions are not asked (a
+        loaded JSON file), so a note lists the changes."""
+        family = gpu_memory.recipe_family(model_type)
+        options = (gpu_memory.KEEP,) + tuple(gpu_memory.MEMORY_RECIPES[family])
+        if self._gpu is False:
+            self._gpu = gpu_memory.probe_gpu()
+        if self._gpu:
+            name, gib = self._gpu
+            found = f"found {name} with {gib:.1f} GB"
+        else:
+            found = "no CUDA GPU found here"
+        kind_name = _MODEL_LABELS[model_type].split(" (")[0]
+        answer = self.ask_plain(
+            "gpu_memory", "choice", f"How much memory does your GPU have? (sets the memory settings for {kind_name})",
+            self._memory_default(family), options=options, labels=gpu_memory.MEMORY_LABELS[family],
+            help=f"{found}; the recipe sets batch size, precision, caching and gradient checkpointing to values known "
+                 "to fit, and only settings still at their defaults. bf16 needs an RTX 30xx or newer")
+        if (family, answer) == self._memory_answer:
+            return
+        self._undo_memory_recipe()
+        self._memory_answer = (family, answer)
+        changes, self._memory_skipped = gpu_memory.plan_recipe(self.store, family, answer)
+        self._memory_applied = {name: (getattr(self.store, name), value) for name, value in changes.items()}
+        if tell and changes:
+            shown = ", ".join(f"{name} {format_value(value)}" for name, value in changes.items())
+            self.notes.append(f"GPU memory {answer}: {shown}")
+        self.set(**changes)
+
+    def _memory_default(self, family: str) -> str:
+        """The earlier answer for this family; else keep for a loaded JSON file or memory settings of the user's own;
+        else the detected card's recipe; else keep."""
+        if self._memory_answer is not None and self._memory_answer[0] == family:
+            return self._memory_answer[1]
+        # the values as they were before the last recipe (another model type's): its own values are no user's
+        own = {name: getattr(self.store, name) for name in gpu_memory.managed_settings(family)}
+        own.update({name: before for name, (before, after) in self._memory_applied.items()
+                    if name in own and own[name] == after})
+        if self.store.load_json_path or any(value != INFOS[name].default for name, value in own.items()):
+            return gpu_memory.KEEP
+        if self._gpu:
+            return gpu_memory.suggested_answer(family, self._gpu[1])
+        return gpu_memory.KEEP
+
+    def _undo_memory_recipe(self) -> None:
+        """Put back the values the last recipe replaced, where they still hold the recipe's value."""
+        undo = {name: before for name, (before, after) in self._memory_applied.items()
+                if getattr(self.store, name) == after}
+        self.set(**undo)
+        self._memory_applied = {}
 
     def _optimizer(self) -> None:
         self.section = "Optimizer"
@@ -534,7 +599,7 @@ class TrainingWizard:
         if not self.store.unet_only:
             self.set(cache_text_encoder_outputs=False, cache_text_encoder_outputs_to_disk=False)
             return
-        changing = _changing_captions(self.store)
+        changing = gpu_memory.changing_captions(self.store)
 
         def fixed_captions(on: bool) -> str | None:
             if on and changing:
@@ -586,6 +651,10 @@ class TrainingWizard:
 
         lines: list[str] = []
         for title, names in _SUMMARY_SECTIONS:
+            if title == "GPU memory" and self._memory_answer is not None:
+                family, answer = self._memory_answer
+                lines += [title, f"  gpu_memory: {gpu_memory.MEMORY_LABELS[family][answer]}"]
+                lines += [f"  {line}" for line in self._memory_skipped]
             shown = [f"  {name}: {format_value(getattr(self.store, name))}" for name in names
                      if _worth_listing(self.store, name)]
             if shown:
@@ -660,12 +729,6 @@ def _worth_listing(store: Any, name: str) -> bool:
         return False
     value = getattr(store, name)
     return not (value is None or value is False) or name in ("v2", "cache_latents", "flip_aug")
-
-
-def _changing_captions(store: Any) -> list[str]:
-    """The settings that make captions change during training (they rule out the text-encoder cache)."""
-    return [name for name in ("shuffle_captions", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                              "caption_tag_dropout_rate", "token_warmup_step") if getattr(store, name)]
 
 
 def _arg_number(args: dict, key: str, fallback: float) -> float:

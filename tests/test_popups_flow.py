@@ -16,12 +16,21 @@ import pytest
 from ArgsList import ArgStore
 from frontend.json_io import save_settings_json
 from popups.asker import CANCEL, CLOSE, Question, ScriptedAsker, ask
+from popups.gpu_memory import probe_gpu as PROBE_GPU
 from popups.training_flow import TrainingWizard
 from tests.helpers import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 INFOS = {info.name: info for info in ArgStore.settings()}
 TOOLS = ("lora_resize", "lora_merge", "locon_extract", "locon_loha_merge", "image_resize")
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    """No GPU unless a test says otherwise: the GPU memory question then defaults to keeping the settings."""
+    from popups import gpu_memory
+
+    monkeypatch.setattr(gpu_memory, "probe_gpu", lambda: None)
 
 
 @pytest.fixture
@@ -52,7 +61,7 @@ def run_wizard(script, defaults=None):
 def test_new_setup_asks_in_order_with_arglist_help_and_defaults(paths):
     store, asker = run_wizard(answers(paths))
     keys = asker.keys
-    order = ["start", "save_json", "base_model", "model_type", "img_folder", "use_reg", "output_folder",
+    order = ["start", "save_json", "base_model", "model_type", "gpu_memory", "img_folder", "use_reg", "output_folder",
              "change_output_name", "clip_skip", "optimizer_type", "network_type", "net_dim", "alpha", "train_parts", "learning_rate",
              "unet_lr", "text_encoder_lr", "scheduler", "warmup_lr_ratio", "train_resolution", "height_resolution",
              "batch_size", "length_mode", "num_epochs", "save_every_n_epochs", "save_precision", "caption_extension",
@@ -810,3 +819,199 @@ def test_the_json_of_an_sdxl_wizard_run_equals_the_command_lines(paths, xl_model
     cli_json = json.loads(cli_file.read_text(encoding="utf-8"))
     assert wizard_json.pop("save_json_folder") != cli_json.pop("save_json_folder")
     assert wizard_json == cli_json and wizard_json["train_resolution"] == 1024
+
+
+# ------------------------------------------------------------------------------------------ GPU memory recipes
+# the documented recipes (README "The guided wizard"), written out here rather than read from popups.gpu_memory
+RECIPES = {
+    ("sd1", "6gb"): dict(gradient_checkpointing=True, cache_latents=True, batch_size=1, optimizer_type="AdamW8bit",
+                         mixed_precision="fp16"),
+    ("sd1", "8gb"): dict(gradient_checkpointing=False, cache_latents=True, batch_size=2),
+    ("sd1", "16gb"): dict(gradient_checkpointing=False, cache_latents=True, batch_size=4),
+    ("sd2", "6gb"): dict(gradient_checkpointing=True, cache_latents=True, batch_size=1, optimizer_type="AdamW8bit",
+                         mixed_precision="fp16"),
+    ("sdxl", "8gb"): dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=True, unet_only=True,
+                          cache_text_encoder_outputs=True, fp8_base=True, batch_size=1, optimizer_type="AdamW8bit",
+                          mixed_precision="bf16", no_half_vae=True),
+    ("sdxl", "12gb"): dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=False, unet_only=True,
+                           cache_text_encoder_outputs=True, fp8_base=False, batch_size=1, optimizer_type="AdamW8bit",
+                           mixed_precision="bf16", no_half_vae=False),
+    ("sdxl", "16gb"): dict(gradient_checkpointing=True, cache_latents=True, unet_only=False,
+                           cache_text_encoder_outputs=False, fp8_base=False, batch_size=2, mixed_precision="bf16",
+                           cache_latents_to_disk=False, no_half_vae=False),
+    ("sdxl", "24gb"): dict(gradient_checkpointing=False, cache_latents=True, unet_only=False,
+                           cache_text_encoder_outputs=False, fp8_base=False, batch_size=4, mixed_precision="bf16",
+                           cache_latents_to_disk=False, no_half_vae=False),
+}
+
+
+def _differences(store, other):
+    return {name: getattr(store, name) for name in INFOS if getattr(store, name) != getattr(other, name)}
+
+
+def _check_runs(store):
+    """validate_store and the engine preflight's settings checks, as on a CUDA machine."""
+    from frontend.resolve import validate_store
+    from frontend.settings_map import to_train_config
+    from sd_scripts.library import preflight
+    from sd_scripts.library.model_families import check_family_settings
+
+    validate_store(store)
+    config = to_train_config(store, has_cuda=True, has_xformers=False).config
+    assert [str(e) for e in preflight.check_settings(config)] == []
+    assert check_family_settings(config)[0] == []
+
+
+@pytest.mark.parametrize("model_type,answer", list(RECIPES))
+def test_each_gpu_memory_recipe_sets_exactly_its_settings_and_validates(paths, monkeypatch, model_type, answer):
+    from sd_scripts.library import preflight
+
+    monkeypatch.setattr(preflight, "_cuda_available", lambda: True)  # fp16 and xformers need CUDA
+    store, asker = run_wizard(answers(paths, model_type=model_type, gpu_memory=answer))
+    kept, _ = run_wizard(answers(paths, model_type=model_type, gpu_memory="keep"))
+    recipe = RECIPES[model_type, answer]
+    assert {name: getattr(store, name) for name in recipe} == recipe
+    assert _differences(store, kept) == {k: v for k, v in recipe.items() if v != getattr(kept, k)}
+    question = asker.questions("gpu_memory")[0]
+    assert asker.keys.index("model_type") < asker.keys.index("gpu_memory") < asker.keys.index("img_folder")
+    assert question.default == "keep" and "no CUDA GPU found" in question.help and question.options[0] == "keep"
+    assert f"  gpu_memory: {question.label(answer)}" in asker.questions("summary")[0].details
+    # the later questions start from the recipe's values
+    assert asker.questions("batch_size")[0].default == recipe["batch_size"]
+    _check_runs(store)
+
+
+def test_the_gpu_memory_answers_follow_the_model_type(paths):
+    _, asker = run_wizard(answers(paths, model_type="sd2"))
+    assert asker.questions("gpu_memory")[0].options == ("keep", "6gb", "8gb", "16gb")
+    _, asker = run_wizard(answers(paths, model_type="sdxl"))
+    question = asker.questions("gpu_memory")[0]
+    assert question.options == ("keep", "8gb", "12gb", "16gb", "24gb") and "SDXL" in question.prompt
+    assert "UNet only" in question.label("8gb") and question.label("keep").startswith("Keep my settings")
+
+
+def test_a_gpu_memory_recipe_keeps_the_users_own_settings(paths):
+    own = ArgStore(batch_size=3, optimizer_type="Lion", mixed_precision="no", text_only=True)
+    store, asker = run_wizard(answers(paths, model_type="sdxl", gpu_memory="8gb"), own)
+    assert asker.questions("gpu_memory")[0].default == "keep"  # memory settings of their own: nothing preselected
+    assert (store.batch_size, store.optimizer_type, store.mixed_precision, store.text_only) == (3, "Lion", "no", True)
+    assert not (store.unet_only or store.fp8_base or store.cache_text_encoder_outputs)
+    assert store.gradient_checkpointing and store.cache_latents_to_disk and store.no_half_vae
+    details = asker.questions("summary")[0].details
+    assert "  unet_only on left out: text_only is on" in details
+    assert "  fp8_base on left out: it needs mixed_precision fp16 or bf16" in details
+    assert "  cache_text_encoder_outputs on left out: it needs UNet-only training" in details
+
+
+def test_a_gpu_memory_recipe_does_not_cache_captions_that_change(paths):
+    store, asker = run_wizard(answers(paths, model_type="sdxl", gpu_memory="12gb"), ArgStore(shuffle_captions=True))
+    assert store.unet_only and not store.cache_text_encoder_outputs
+    assert asker.questions("cache_text_encoder_outputs")[0].default is False
+    assert ("  cache_text_encoder_outputs on left out: the captions change during training (shuffle_captions)"
+            in asker.questions("summary")[0].details)
+    # captions shuffled after the recipe was chosen: the cache question starts at no, and the result validates
+    store, asker = run_wizard(answers(paths, model_type="sdxl", gpu_memory="8gb", shuffle_captions=True))
+    assert asker.questions("cache_text_encoder_outputs")[0].default is False
+    assert store.unet_only and store.shuffle_captions and not store.cache_text_encoder_outputs
+    from frontend.resolve import validate_store
+
+    validate_store(store)
+
+
+def test_changing_the_gpu_memory_answer_recomputes(paths):
+    direct = {answer: run_wizard(answers(paths, model_type="sdxl", gpu_memory=answer))[0]
+              for answer in ("keep", "12gb", "24gb")}
+    for first, then in (("8gb", "24gb"), ("8gb", "keep"), ("16gb", "12gb")):
+        store, asker = run_wizard(answers(paths, model_type="sdxl", gpu_memory=[first, then],
+                                          summary=["back", "start"]))
+        assert asker.questions("gpu_memory")[1].default == first
+        assert store == direct[then], (first, then)
+        assert f"  gpu_memory: {asker.questions('gpu_memory')[1].label(then)}" in asker.questions("summary")[1].details
+    # another model type: the SDXL-only switches go back too
+    store, _ = run_wizard(answers(paths, model_type=["sdxl", "sd1"], gpu_memory=["8gb", "16gb"],
+                                  summary=["back", "start"]))
+    assert store == run_wizard(answers(paths, model_type="sd1", gpu_memory="16gb"))[0]
+    # the same answer again keeps what the user answered after it, even a default value
+    store, asker = run_wizard(answers(paths, model_type="sdxl", gpu_memory="24gb", batch_size=1,
+                                      summary=["back", "start"]))
+    assert [q.default for q in asker.questions("batch_size")] == [4, 1] and store.batch_size == 1
+    # ...and another answer keeps values the user changed away from the recipe's
+    store, _ = run_wizard(answers(paths, model_type="sdxl", gpu_memory=["8gb", "24gb"], batch_size=3,
+                                  summary=["back", "start"]))
+    assert store.batch_size == 3 and not store.fp8_base and not store.unet_only
+
+
+@pytest.mark.parametrize("gib,sd,sdxl", [(4.0, "6gb", "8gb"), (6.0, "6gb", "8gb"), (7.8, "8gb", "8gb"),
+                                         (10.0, "8gb", "12gb"), (12.0, "8gb", "12gb"), (16.0, "16gb", "16gb"),
+                                         (23.6, "16gb", "24gb"), (80.0, "16gb", "24gb")])
+def test_the_detected_gpu_preselects_its_recipe(paths, monkeypatch, gib, sd, sdxl):
+    from popups import gpu_memory
+
+    probes = []
+
+    def probe():
+        probes.append(1)
+        return "NVIDIA GeForce RTX Test", gib
+
+    monkeypatch.setattr(gpu_memory, "probe_gpu", probe)
+    store, asker = run_wizard(answers(paths, model_type="sd1", summary=["back", "start"]))
+    question = asker.questions("gpu_memory")[0]
+    assert question.default == sd and f"found NVIDIA GeForce RTX Test with {gib:.1f} GB" in question.help
+    assert store.batch_size == RECIPES.get(("sd1", sd), {}).get("batch_size", store.batch_size)
+    assert len(probes) == 1  # probed once, even going Back
+    _, asker = run_wizard(answers(paths, model_type="sdxl"))
+    assert asker.questions("gpu_memory")[0].default == sdxl
+    # another model type on the way Back: that family's recipe for the card
+    store, asker = run_wizard(answers(paths, model_type=["sdxl", "sd1"], summary=["back", "start"]))
+    assert [q.default for q in asker.questions("gpu_memory")] == [sdxl, sd]
+    assert store == run_wizard(answers(paths, model_type="sd1"))[0]
+    # settings of the user's own, or a loaded JSON file: keep them
+    _, asker = run_wizard(answers(paths, model_type="sdxl"), ArgStore(gradient_checkpointing=True))
+    assert asker.questions("gpu_memory")[0].default == "keep"
+    _, asker = run_wizard({"start": "load_json", "load_json_path": _saved_job(paths), "reask_paths": True})
+    assert asker.questions("gpu_memory")[0].default == "keep"
+
+
+def test_a_loaded_json_file_gets_a_recipe_only_when_asked_and_says_so(paths):
+    job = _saved_job(paths)
+    store, asker = run_wizard({"start": "load_json", "load_json_path": job, "reask_paths": False})
+    assert "gpu_memory" not in asker.keys
+    store, asker = run_wizard({"start": "load_json", "load_json_path": job, "reask_paths": True, "gpu_memory": "16gb"})
+    assert (store.batch_size, store.optimizer_type, store.net_dim) == (4, "Lion", 8)  # the file's own optimizer stays
+    assert "note: GPU memory 16gb: batch_size 4" in asker.questions("summary")[0].details
+
+
+def test_probe_gpu_asks_a_loaded_torch_or_nvidia_smi(monkeypatch):
+    import shutil
+    import subprocess
+    import types
+
+    from popups import gpu_memory
+
+    props = types.SimpleNamespace(name="NVIDIA H100", total_memory=80 * 2**30)
+    cuda = types.SimpleNamespace(is_available=lambda: True, get_device_properties=lambda index: props)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert PROBE_GPU() == ("NVIDIA H100", 80.0)
+    cuda.is_available = lambda: False
+    assert PROBE_GPU() is None
+    # torch not loaded: nvidia-smi answers, and torch stays unloaded
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert PROBE_GPU() is None
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="NVIDIA GeForce RTX 3060, 12288\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert PROBE_GPU() == ("NVIDIA GeForce RTX 3060", 12.0) and "--query-gpu=name,memory.total" in calls[0]
+    assert "torch" not in sys.modules
+
+    def broken(cmd, **kwargs):
+        raise subprocess.CalledProcessError(9, cmd)
+
+    monkeypatch.setattr(subprocess, "run", broken)
+    assert PROBE_GPU() is None
+    assert gpu_memory.suggested_answer("sdxl", 12.0) == "12gb"

@@ -238,9 +238,12 @@ def test_progress_window_while_working(root):
 
 
 # ------------------------------------------------------------------------------------------ whole flows
-def test_training_wizard_in_real_windows(root, tmp_path):
+def test_training_wizard_in_real_windows(root, tmp_path, monkeypatch):
     import popups
     from ArgsList import ArgStore
+    from popups import gpu_memory
+
+    monkeypatch.setattr(gpu_memory, "probe_gpu", lambda: ("NVIDIA GeForce RTX Test", 12.0))
 
     data = make_dataset(tmp_path / "data")
     model = tmp_path / "model.safetensors"
@@ -271,6 +274,7 @@ def test_training_wizard_in_real_windows(root, tmp_path):
     store = popups.run_training_wizard(ArgStore(), asker=TkAsker(root, on_open=answer))
     assert store.base_model == str(model) and store.img_folder == str(data) and store.net_dim == 8
     assert store.network_args == {"conv_dim": "8", "conv_alpha": "8"}  # LoCon, conv defaults follow the dim
+    assert "gpu_memory" in shown and store.batch_size == 2  # the detected 12 GB card's SD recipe, by default
     assert shown[0] == "start" and shown[-1] == "summary"
     assert ("message" in [s[0] for s in shown if isinstance(s, tuple)])
 
