@@ -1015,3 +1015,16 @@ def test_probe_gpu_asks_a_loaded_torch_or_nvidia_smi(monkeypatch):
     monkeypatch.setattr(subprocess, "run", broken)
     assert PROBE_GPU() is None
     assert gpu_memory.suggested_answer("sdxl", 12.0) == "12gb"
+
+
+def test_a_recipe_leaves_out_what_other_settings_pin():
+    from popups.gpu_memory import plan_recipe
+
+    changes, skipped = plan_recipe(ArgStore(full_fp16=True), "sdxl", "8gb")
+    assert "mixed_precision" not in changes and changes["fp8_base"] is True  # fp16 carries float8 too
+    assert skipped == ["mixed_precision bf16 left out: full_fp16 needs fp16"]
+    own_cache = ArgStore(unet_only=True, cache_text_encoder_outputs_to_disk=True)
+    changes, skipped = plan_recipe(own_cache, "sdxl", "24gb")
+    assert "unet_only" not in changes and "cache_text_encoder_outputs" not in changes
+    assert skipped == [] and changes["batch_size"] == 4  # the user's own cache and UNet-only training stay
+    assert plan_recipe(ArgStore(), "sd", "keep") == ({}, [])
