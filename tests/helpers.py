@@ -68,3 +68,18 @@ def modules_of(state_dict) -> dict[str, set[str]]:
         name, _, part = key.partition(".")
         out.setdefault(name, set()).add(part)
     return out
+
+
+def saved_random_lora(net, path, metadata, precision):
+    """``net`` with random up weights (seed 1, so every module changes the model), saved with the project's saver
+    at ``precision`` and read back: ``(state_dict, metadata)``."""
+    import torch
+
+    from sd_scripts.library.lora_file import load_lora_file, precision_dtype, save_lora_file
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lora in net.loras:
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * 0.3)
+    save_lora_file(path, net.kohya_state_dict(), metadata, precision_dtype(precision))
+    return load_lora_file(path)

@@ -8,7 +8,6 @@ import hashlib
 import os
 import re
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from sd_scripts.library.lora_file import (
     save_lora_file,
 )
 from sd_scripts.networks.lora import create_network
+from tests.helpers import saved_random_lora
 
 
 def _small_sd(big: bool = False) -> dict[str, torch.Tensor]:
@@ -293,13 +293,8 @@ def test_diffusers_load_lora_weights_reproduces_hand_merge(request, tmp_path, fa
     base = _image(pipe)
     net = create_network(pipe.unet, [pipe.text_encoder], network_dim=4, network_alpha=2.0, conv_dim=conv_dim,
                          conv_alpha=1.5)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for lora in net.loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * 0.3)
     path = tmp_path / "lora.safetensors"
-    save_lora_file(path, net.kohya_state_dict(), {"ss_network_module": "networks.lora"}, precision_dtype(precision))
-    sd, _ = load_lora_file(path)
+    sd, _ = saved_random_lora(net, path, {"ss_network_module": "networks.lora"}, precision)
     assert any(v.dim() == 4 and v.shape[2:] == (3, 3) for v in sd.values()) == (conv_dim is not None)
 
     reference = _pipe(folder)

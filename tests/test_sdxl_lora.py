@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from sd_scripts.library.lora_file import load_lora_file, precision_dtype, save_lora_file
 from sd_scripts.library.model_families import get_family
 from sd_scripts.networks.lora import create_network
 from tests.comfy_rules import comfy_key_map_sdxl, hf_text_encoder_shapes
+from tests.helpers import saved_random_lora
 
 XL = get_family("sdxl")
 
@@ -128,14 +128,8 @@ def test_diffusers_sdxl_pipeline_reproduces_hand_merge(tiny_sdxl_diffusers, tmp_
     base = _image(pipe)
     net = _network(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, network_dim=4, network_alpha=2.0,
                    conv_dim=conv_dim, conv_alpha=1.5)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for lora in net.loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * 0.3)
     path = tmp_path / "xl.safetensors"
-    save_lora_file(path, net.kohya_state_dict(), {"ss_base_model_version": XL.base_model_version(False)},
-                   precision_dtype(precision))
-    sd, _ = load_lora_file(path)
+    sd, _ = saved_random_lora(net, path, {"ss_base_model_version": XL.base_model_version(False)}, precision)
     assert any(v.dim() == 4 and v.shape[2:] == (3, 3) for v in sd.values()) == (conv_dim is not None)
 
     reference = _pipe(tiny_sdxl_diffusers)

@@ -8,10 +8,11 @@ Fields carry their help text in ``metadata["help"]``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "config_fields"]
+__all__ = ["TrainConfig", "config_fields", "is_whole_number", "is_finite_number"]
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -229,3 +230,13 @@ class TrainConfig:
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
+
+
+def is_whole_number(value: Any) -> bool:
+    """True for an int setting value (a bool is not one), for the value checks."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a finite int or float setting value (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

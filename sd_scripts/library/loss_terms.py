@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import is_finite_number as _number, is_whole_number as _whole
 from .errors import ConfigError, UserError
 from .noise import apply_masked_loss, min_snr_weights
 
@@ -93,14 +94,6 @@ def snr_loss_weights(snr: torch.Tensor, v_prediction: bool, *, min_snr_gamma: fl
     for factor in factors[1:]:
         weights = weights * factor
     return weights
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_noise_loss_settings(config: Any) -> tuple[list[UserError], list[str]]:

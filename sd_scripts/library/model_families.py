@@ -254,18 +254,9 @@ class SD2Family(ModelFamily):
         return "stable-diffusion-v2-768-v/lora" if v_parameterization else "stable-diffusion-v2-512/lora"
 
     def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
-        return {
-            "sample_size": self.resolution_for(v_parameterization) // 8,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            "block_out_channels": [320, 640, 1280, 1280],
-            "layers_per_block": 2,
-            "cross_attention_dim": 1024,
-            "attention_head_dim": [5, 10, 20, 20],
-            "use_linear_projection": True,
-        }
+        """SD1's UNet with 1024-wide cross-attention, 64-wide heads and linear projections."""
+        return {**SD1Family.diffusers_unet_config(self), "sample_size": self.resolution_for(v_parameterization) // 8,
+                "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
 
 
 class SDXLFamily(ModelFamily):

@@ -29,6 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import is_finite_number as _number, is_whole_number as _is_int
 from .errors import ConfigError, UserError, UserErrors
 
 __all__ = ["Plan", "DiskNeed", "preflight", "check_settings", "check_disk_space", "estimate_lora_bytes",
@@ -65,14 +66,6 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     disk: list[DiskNeed] = field(default_factory=list)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------- settings

@@ -112,7 +112,7 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, tokenizer_dir: str
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if family == "sdxl":
@@ -155,18 +155,7 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, tokenizer_dir: str
         use_linear_projection=sd2,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        # four levels, like SD's VAE: latents are 1/8 of the image size
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae(0.18215)
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         clip_sample=False, steps_offset=1, prediction_type="v_prediction" if v_prediction else "epsilon",
@@ -182,6 +171,7 @@ def _tiny_tokenizer(folder, pad_token: str):
 
 
 def _tiny_vae(scaling_factor: float):
+    """Four levels, like SD's VAE: latents are 1/8 of the image size."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(

@@ -26,6 +26,7 @@ import math
 import random
 from typing import Any
 
+from .config import is_whole_number as _is_int
 from .errors import ConfigError, UserError
 
 __all__ = ["VALIDATION_TIMESTEPS", "check_validation_settings", "resolve_validation_seed", "split_held_out",
@@ -34,10 +35,6 @@ __all__ = ["VALIDATION_TIMESTEPS", "check_validation_settings", "resolve_validat
 
 # kohya: linspace(min_timestep, max_timestep, 6)[1:-1] over the 1000 training timesteps
 VALIDATION_TIMESTEPS = (200, 400, 600, 800)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_validation_settings(config: Any) -> list[UserError]:
