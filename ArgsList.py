@@ -76,6 +76,12 @@ class ArgStore:
     multi_run_folder: str | None = setting(
         None, "queue: train every *.json file in this folder, one after another",
         group=JSON_QUEUE, path="dir", cli_names=("--multi_run_path",), session=True)
+    status_port: int | None = setting(
+        None, "serve a status page of the queue or training at http://127.0.0.1:<port> (e.g. 7861; 0: any free "
+        "port); none: off", group=JSON_QUEUE, session=True)
+    status_listen: str = setting(
+        "127.0.0.1", "address the status page listens on: 127.0.0.1 this computer only, 0.0.0.0 also your "
+        "network (then every request needs the token printed at start)", group=JSON_QUEUE, session=True)
     reg_img_folder: str | None = setting(
         None, "folder of regularization <repeats>_<class> image folders", group=PATHS, path="dir")
     sample_prompts: str | None = setting(

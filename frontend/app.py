@@ -6,8 +6,9 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from sd_scripts.library.errors import EXIT_USER_ERROR, ConfigError, UserError, UserErrors
 
@@ -80,7 +81,8 @@ def run_main(argv: list[str] | None = None) -> int:
         if store.multi_run_folder:
             from .job_queue import run_queue
 
-            return run_queue(store.multi_run_folder, cli_values)
+            with _status_page(store):
+                return run_queue(store.multi_run_folder, cli_values)
         if store.save_json_only and not store.save_json_folder:
             raise ConfigError("save_json_only: set save_json_folder (--save_json_path) so there is somewhere to "
                               "save the JSON", setting="save_json_only")
@@ -93,7 +95,8 @@ def run_main(argv: list[str] | None = None) -> int:
 
         # The JSON saved is what the user asked for, before any fallback for this machine.
         save = (lambda _effective: _save_json(store)) if store.save_json_folder else None
-        run_training(store, before_train=save)
+        with _status_page(store):
+            run_training(store, before_train=save)
         return 0
     except UserError as err:
         print_user_error(err)
@@ -101,6 +104,19 @@ def run_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopped by Ctrl+C", file=sys.stderr, flush=True)
         return 130
+
+
+@contextlib.contextmanager
+def _status_page(store: Any) -> Iterator[None]:
+    """The status page (``status_port``) while the queue or the training runs."""
+    from .status_page import start_status_page
+
+    page = start_status_page(store)
+    try:
+        yield
+    finally:
+        if page is not None:
+            page.close()
 
 
 def _save_json(store: Any) -> str | None:

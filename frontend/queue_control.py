@@ -32,11 +32,17 @@ __all__ = [
     "move_job",
     "ordered",
     "waiting_jobs",
+    "training_status_path",
 ]
 
 CONTROL_FILE = "queue_control.json"
 STATUS_FILE = "queue_status.json"
 VERSION = 1
+
+
+def training_status_path(output_folder: str, output_name: str) -> str:
+    """Where a single training (no queue) keeps its status file: ``<output folder>/<output name>_status.json``."""
+    return os.path.join(output_folder, f"{output_name}_status.json")
 
 # One writer at a time inside this process (the status page serves requests on several threads).
 _WRITE_LOCK = threading.Lock()

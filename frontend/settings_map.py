@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NAME_MAP", "FRONT_END_ONLY", "Mapped", "to_train_config", "unsupported_settings", "kohya_name"]
+__all__ = ["NAME_MAP", "FRONT_END_ONLY", "Mapped", "to_train_config", "unsupported_settings", "kohya_name", "output_name_of"]
 
 # ArgStore name -> TrainConfig (kohya) name, where they differ.
 NAME_MAP = {
@@ -63,8 +63,15 @@ FRONT_END_ONLY = {
     "save_json_only", "tag_occurrence_txt_file", "sort_tag_occurrence_alphabetically",
     "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
     "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-    "wandb_api_key",
+    "wandb_api_key", "status_port", "status_listen",
 }
+
+
+
+def output_name_of(store: Any) -> str:
+    """The LoRA's file name without extension: change_output_name, or "last" as in the 2023 tool."""
+    return store.change_output_name or "last"
+
 
 _EIGHT_BIT_FALLBACK = {"AdamW8bit": "AdamW", "PagedAdamW8bit": "AdamW", "Lion8bit": "Lion",
                        "SGDNesterov8bit": "SGDNesterov"}
@@ -197,7 +204,7 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
     values["persistent_data_loader_workers"] = bool(store.persistent_workers and store.num_workers > 0)
     extension = store.caption_extension.strip()
     values["caption_extension"] = extension if extension.startswith(".") else "." + extension
-    values["output_name"] = store.change_output_name or "last"
+    values["output_name"] = output_name_of(store)
     values["v2"] = True if store.v2 else None
     values["v_parameterization"] = True if store.v_parameterization else None
     values["sdxl"] = True if store.sdxl else None  # false: the engine detects the family from the model
