@@ -39,7 +39,7 @@ def _family_parts(family: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sd_scripts.library.model_families import get_family
+    from sd_scripts.models.families import get_family
 
     fam = get_family("sdxl" if family == "sdxl" else "sd1")
     with init_empty_weights():
@@ -60,7 +60,7 @@ def write_checkpoint(family: str, path: str) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from sd_scripts.library.ldm_convert import models_to_ldm
+    from sd_scripts.models.ldm_convert import models_to_ldm
 
     unet, vae, tes, kind = _family_parts(family)
     meta = models_to_ldm(unet, vae, tes, kind)
@@ -108,9 +108,9 @@ def _measure(mode: str, path: str, family: str) -> dict:
         for t in state.values():
             t.add_(0)  # touch every page, as a load that converts the weights does
     else:
-        from sd_scripts.library.config import TrainConfig
-        from sd_scripts.library.model_loading import load_model
-        from sd_scripts.library.tiny_models import TINY_PAD_TOKENS, TOKENIZER_CACHE_NAMES, write_tiny_tokenizer
+        from sd_scripts.core.config import TrainConfig
+        from sd_scripts.models.loading import load_model
+        from sd_scripts.testing.tiny_models import TINY_PAD_TOKENS, TOKENIZER_CACHE_NAMES, write_tiny_tokenizer
 
         tok = os.path.join(os.path.dirname(path), "tokenizer_cache")
         for name in (("sdxl", "sdxl_2") if family == "sdxl" else ("sd1",)):

@@ -46,7 +46,7 @@ def sd15_shapes() -> dict[str, tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_scripts.library import ldm_convert
+    from sd_scripts.models import ldm_convert
 
     with init_empty_weights():
         unet = UNet2DConditionModel(

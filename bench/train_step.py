@@ -7,7 +7,7 @@
                                                1024 px, batch 1/4, with and without gradient checkpointing:
                                                images/s, peak VRAM, share of the GPU's bf16 peak
 
-"ours" is ``sd_scripts.library.train_loop.train`` (dataset with cached latents, noise, timesteps,
+"ours" is ``sd_scripts.training.loop.train`` (dataset with cached latents, noise, timesteps,
 text conditioning, loss, clipping, optimizer and scheduler, progress callbacks). "bare" is the
 same UNet with the same LoRA doing forward, backward and an AdamW step on one cached batch and
 nothing else. Both use random weights (nothing is downloaded), the same batch size, UNet-only
@@ -43,9 +43,9 @@ def build_model(kind: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_scripts.library.model_families import get_family
-    from sd_scripts.library.model_loading import LoadedModel
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.models.families import get_family
+    from sd_scripts.models.loading import LoadedModel
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     if kind == "sdxl":
         return _build_sdxl()
@@ -71,9 +71,9 @@ def _build_sdxl():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sd_scripts.library.model_families import get_family
-    from sd_scripts.library.model_loading import LoadedModel
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.models.families import get_family
+    from sd_scripts.models.loading import LoadedModel
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     family = get_family("sdxl")
     torch.manual_seed(0)
@@ -117,8 +117,8 @@ class StepTimer:
 
 def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
               copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.training.loop import train
 
     model = copy.copy(base)
     if copy_unet:

@@ -10,7 +10,7 @@ import contextlib
 import sys
 from typing import Any, Iterator
 
-from sd_scripts.library.errors import EXIT_USER_ERROR, ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import EXIT_USER_ERROR, ConfigError, UserError, UserErrors
 
 from .cli import parse_command_line
 from .resolve import Resolved, resolve_settings, validate_store

@@ -16,7 +16,7 @@ if ROOT not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd_scripts.library.errors import EXIT_USER_ERROR, UserError, UserErrors
+    from sd_scripts.core.errors import EXIT_USER_ERROR, UserError, UserErrors
 
     from ArgsList import ArgStore
     from frontend.json_io import load_settings_file, write_json_atomic

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sd_scripts.library.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import ConfigError, UserError, UserErrors
 
 from .json_io import saved_settings_dict, write_json_atomic
 from .resolve import merge_job, validate_store

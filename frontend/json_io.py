@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError, UserErrors
+from sd_scripts.core.errors import ConfigError, UserErrors
 
-from .fields import SettingInfo, coerce
+from .loaded_settings import LoadedSettings, coerce_file_values
 
 __all__ = [
     "LoadedSettings",
@@ -40,24 +39,6 @@ LEFTOVER_2023_KEYS = {"list_of_json_to_run"}
 _KOHYA_MARKERS = {"pretrained_model_name_or_path", "train_data_dir", "output_dir", "LoRA_type", "max_resolution",
                   "lr_warmup", "epoch", "optimizer", "train_batch_size", "network_dim"}
 _OUR_MARKERS = {"base_model", "img_folder", "output_folder", "net_dim", "alpha", "scheduler", "train_resolution"}
-
-
-@dataclass
-class LoadedSettings:
-    """What one settings file sets, already converted to ArgStore names and types."""
-
-    path: str
-    fmt: str  # "lets" (ours and the 2023 tool's) or "kohya_ss"
-    values: dict[str, Any] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    skip_list: list[str] = field(default_factory=list)
-
-    def warning(self) -> str | None:
-        """One line listing every key that had no use, or None."""
-        if not self.ignored:
-            return None
-        return f"{os.path.basename(self.path)}: ignored settings this trainer does not use: " + ", ".join(self.ignored)
 
 
 def read_json_file(path: str) -> Any:
@@ -84,24 +65,6 @@ def read_json_file(path: str) -> Any:
 def is_kohya_ss_file(data: dict) -> bool:
     keys = set(data)
     return bool(keys & _KOHYA_MARKERS) and not (keys & _OUR_MARKERS)
-
-
-def coerce_file_values(
-    raw: dict[str, tuple[Any, str]], infos: dict[str, SettingInfo], file_name: str
-) -> tuple[dict[str, Any], list[ConfigError]]:
-    """Convert ``{setting: (value, key as written in the file)}``; collect one error per bad value."""
-    values: dict[str, Any] = {}
-    errors: list[ConfigError] = []
-    for name, (value, key) in raw.items():
-        info = infos[name]
-        if isinstance(value, str) and value.strip() == "":
-            continue  # "" means "not set" in every format we read
-        try:
-            values[name] = coerce(info, value)
-        except ValueError as err:
-            label = key if key == name else f"{key} (-> {name})"
-            errors.append(ConfigError(f"{file_name}: {label}: {err}", setting=name))
-    return values, errors
 
 
 def load_settings_file(path: str, store_cls: type | None = None) -> LoadedSettings:

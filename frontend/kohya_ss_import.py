@@ -20,10 +20,10 @@ import shlex
 import tempfile
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError, UserErrors
+from sd_scripts.core.errors import ConfigError, UserErrors
 
 from .fields import SettingInfo, parse_bool, parse_key_values
-from .json_io import LoadedSettings, coerce_file_values
+from .loaded_settings import LoadedSettings, coerce_file_values
 
 __all__ = ["convert_kohya_ss", "RENAMED_KEYS", "LORA_TYPES"]
 

@@ -33,8 +33,8 @@ def cheap_family(base_model: str | None) -> str | None:
     path = os.path.expanduser(base_model)
     if not (os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(_SAFETENSORS))):
         return None
-    from sd_scripts.library.errors import UserError
-    from sd_scripts.library.model_loading import detect_family
+    from sd_scripts.core.errors import UserError
+    from sd_scripts.models.loading import detect_family
 
     probe = SimpleNamespace(pretrained_model_name_or_path=path, model_family=None, sdxl=None, v2=None,
                             v_parameterization=None)
@@ -61,7 +61,7 @@ def family_sizes(family: str | None) -> dict[str, int]:
     """ArgStore resolution settings sized for ``family``; {} for a family the SD sizes fit (or unknown)."""
     if not family:
         return {}
-    from sd_scripts.library.model_families import FAMILIES
+    from sd_scripts.models.families import FAMILIES
 
     fam = FAMILIES.get(family)
     if fam is None:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import ConfigError, UserError, UserErrors
 
 from .fields import SettingInfo, coerce
 from .json_io import LoadedSettings, load_settings_file

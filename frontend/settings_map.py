@@ -83,7 +83,7 @@ def kohya_name(name: str) -> str:
 
 
 def _config_fields() -> dict[str, dataclasses.Field]:
-    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.core.config import TrainConfig
 
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -165,7 +165,7 @@ def apply_fallbacks(store: Any, has_cuda: bool, has_xformers: bool) -> tuple[Any
 
 def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: bool | None = None) -> Mapped:
     """Build the engine's TrainConfig from a checked ArgStore."""
-    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.core.config import TrainConfig
 
     if has_cuda is None:
         has_cuda = _detect_cuda()

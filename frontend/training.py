@@ -35,7 +35,7 @@ def _say(text: str) -> None:
 def prepare_training(store: Any, *, has_cuda: bool | None = None, has_xformers: bool | None = None,
                      say: Callable[[str], None] = _say):
     """Fix the seed, map to TrainConfig and preflight; return (mapped, plan). Raises UserErrors."""
-    from sd_scripts.library.preflight import preflight
+    from sd_scripts.training.preflight import preflight
 
     if store.test_seed is None and os.environ.get("WORLD_SIZE", "1") in ("", "1"):
         # Picked here so the saved settings repeat the run exactly. With several processes each would
@@ -106,7 +106,7 @@ def run_training(store: Any, *, callbacks: Any = None, before_train: Callable[[A
                  has_cuda: bool | None = None, has_xformers: bool | None = None,
                  say: Callable[[str], None] = _say) -> Any:
     """Train as ``store`` says; return the engine's TrainResult. User mistakes raise UserError(s)."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     mapped, plan = prepare_training(store, has_cuda=has_cuda, has_xformers=has_xformers, say=say)
     if before_train is not None:
@@ -115,7 +115,7 @@ def run_training(store: Any, *, callbacks: Any = None, before_train: Callable[[A
     if mapped.store.wandb_api_key:
         os.environ["WANDB_API_KEY"] = mapped.store.wandb_api_key
     if callbacks is None:
-        from sd_scripts.library.callbacks import ConsoleCallbacks
+        from sd_scripts.training.callbacks import ConsoleCallbacks
 
         callbacks = ConsoleCallbacks(stream=sys.stderr)
     result = train(mapped.config, callbacks, plan=plan)

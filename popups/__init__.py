@@ -26,7 +26,7 @@ def open_asker(command_line_hint: str = TRAINING_HINT) -> Any:
     try:
         from .tk_asker import TkAsker
     except ImportError as err:  # a Python built without tkinter
-        from sd_scripts.library.errors import ConfigError
+        from sd_scripts.core.errors import ConfigError
 
         raise ConfigError(f"popup: tkinter is not available in this Python ({err}); use the command-line mode "
                           f"instead: {command_line_hint}", setting="popup") from None

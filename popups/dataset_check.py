@@ -56,7 +56,7 @@ def check_dataset(store: Any, progress: Callable[[int, int], None] | None = None
 
     ``progress(done, total)`` is called as each image has been checked."""
     from frontend.settings_map import to_train_config
-    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.data.dataset_layout import scan_dataset
 
     plan = scan_dataset(to_train_config(store, has_cuda=False, has_xformers=False).config, progress)
     captioned: dict[int, int] = {}
@@ -74,7 +74,7 @@ def has_transparent_images(folder: str | None, limit: int = 2000) -> bool:
     colour): the wizard then offers ``alpha_mask``. Reads file headers only, of at most ``limit`` images."""
     from PIL import Image
 
-    from sd_scripts.library.images import list_images
+    from sd_scripts.data.images import list_images
 
     if not folder or not os.path.isdir(folder):
         return False
@@ -97,8 +97,8 @@ def has_transparent_images(folder: str | None, limit: int = 2000) -> bool:
 
 def _current_spec(store: Any) -> Any:
     """The dataset settings the store asks for now (what ``scan_dataset`` would build from them)."""
-    from sd_scripts.library.buckets import snap_bucket_range
-    from sd_scripts.library.dataset_layout import DatasetSpec
+    from sd_scripts.data.buckets import snap_bucket_range
+    from sd_scripts.data.dataset_layout import DatasetSpec
 
     width = store.train_resolution
     steps = store.bucket_reso_steps or 64

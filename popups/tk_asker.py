@@ -20,7 +20,7 @@ import tkinter as tk
 from tkinter import filedialog, ttk
 from typing import Any, Callable
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 
 from .asker import Cancelled, Question
 

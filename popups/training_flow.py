@@ -221,7 +221,7 @@ class TrainingWizard:
 
     def _load_json(self) -> None:
         from frontend.resolve import resolve_settings
-        from sd_scripts.library.errors import UserError, UserErrors
+        from sd_scripts.core.errors import UserError, UserErrors
 
         self.section = "Load JSON"
         question = self.question("load_json_path", "Choose the JSON file to load", optional=False,
@@ -275,7 +275,7 @@ class TrainingWizard:
 
     def _image_folder(self) -> None:
         """Ask for the image folder and check its layout at once; a folder that cannot train is re-asked."""
-        from sd_scripts.library.errors import UserError
+        from sd_scripts.core.errors import UserError
 
         question = self.question("img_folder", "Choose the image folder (the one holding the <repeats>_<name> folders)",
                                  optional=False)
@@ -540,7 +540,7 @@ class TrainingWizard:
                              default=self.store.max_steps or (per_epoch or 100) * self.store.num_epochs)
 
     def _steps_per_epoch(self) -> int | None:
-        from sd_scripts.library.errors import UserError
+        from sd_scripts.core.errors import UserError
 
         try:
             return estimate_steps(self.store, self.dataset())[1]
@@ -647,7 +647,7 @@ class TrainingWizard:
     # ----------------------------------------------------------------------------- the end
     def summary_lines(self) -> list[str]:
         """The chosen settings by section, then the dataset and the estimated number of steps."""
-        from sd_scripts.library.errors import UserError
+        from sd_scripts.core.errors import UserError
 
         lines: list[str] = []
         for title, names in _SUMMARY_SECTIONS:
@@ -673,7 +673,7 @@ class TrainingWizard:
 
     def _summary(self) -> Any:
         from frontend.resolve import validate_store
-        from sd_scripts.library.errors import UserError, UserErrors
+        from sd_scripts.core.errors import UserError, UserErrors
 
         while True:
             self.section = "Summary"
@@ -697,7 +697,7 @@ class TrainingWizard:
             return self.store
 
     def _save_now(self) -> None:
-        from sd_scripts.library.errors import UserError
+        from sd_scripts.core.errors import UserError
 
         self.section = "Save JSON"
         folder = self.ask_plain("save_now_folder", "path", "Folder to save the JSON file in",

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from sd_scripts.library.errors import EXIT_USER_ERROR, ConfigError, UserError  # noqa: E402  (no torch)
+from sd_scripts.core.errors import EXIT_USER_ERROR, ConfigError, UserError  # noqa: E402  (no torch)
 
 __all__ = ["ToolParser", "check_device", "require_file", "popup_arguments", "queue_output_path", "read_queue", "run", "say_error"]
 
@@ -106,7 +106,7 @@ def parse_args(build_parser, tool: str, argv=None):
 
 def require_args(args, names: tuple[str, ...]) -> None:
     """One line naming the first missing path flag."""
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     for name in names:
         if not getattr(args, name):

@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     args = cli.parse_args(build_parser, TOOL, argv)
     if args is None:
         return 0
-    from sd_scripts.library.errors import ConfigError
-    from sd_scripts.library.image_resize import resize_dataset
+    from sd_scripts.core.errors import ConfigError
+    from sd_scripts.data.image_resize import resize_dataset
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"workers: {args.workers} must be 1 or more", setting="workers")

@@ -55,7 +55,7 @@ def build_parser():
 
 def _resolve(args):
     """``(mode, linear values, conv values)`` from --mode/--*_param and the LyCORIS names."""
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     mode = args.mode
     linear, conv = args.linear_param, args.conv_param
@@ -79,7 +79,7 @@ def _resolve(args):
 
 
 def _entries(args, mode, linear, conv):
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     def value(v):
         return int(v) if mode == "fixed" and float(v).is_integer() else float(v)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     args = cli.parse_args(build_parser, TOOL, argv)
     if args is None:
         return 0
-    from sd_scripts.library.errors import ConfigError, UserError
+    from sd_scripts.core.errors import ConfigError, UserError
 
     cli.require_args(args, ("base", "tuned", "save_to"))
     cli.require_file(args.base, "base", "checkpoint")

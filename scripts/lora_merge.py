@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = cli.parse_args(build_parser, TOOL, argv)
     if args is None:
         return 0
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     if not args.models:
         raise ConfigError("models: missing; add --models A.safetensors [B.safetensors ...]", setting="models")

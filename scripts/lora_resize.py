@@ -44,7 +44,7 @@ def build_parser():
 
 def _entries(args) -> list[tuple[str, object]]:
     """``[(label, (new_rank, param) or error text)]`` for every resize to do."""
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     dynamic = args.dynamic_method is not None
     if args.queue:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     args = cli.parse_args(build_parser, TOOL, argv)
     if args is None:
         return 0
-    from sd_scripts.library.errors import ConfigError, UserError
+    from sd_scripts.core.errors import ConfigError, UserError
 
     if not args.model:
         raise ConfigError("model: missing; add --model LORA.safetensors", setting="model")

@@ -17,7 +17,7 @@ def print_user_error(err, stream=None) -> None:
 
 def run_cli(main: Callable[[], int | None]) -> int:
     """Run ``main``; a UserError prints its line(s) and returns 2, Ctrl+C returns 130."""
-    from sd_scripts.library.errors import EXIT_USER_ERROR, UserError
+    from sd_scripts.core.errors import EXIT_USER_ERROR, UserError
 
     try:
         return int(main() or 0)

@@ -1,7 +1,7 @@
 """kohya-compatible command line for the engine: ``python -m sd_scripts.train_network --flag value ...``
 (``sd_scripts.sdxl_train_network`` is the same command with the model family fixed to SDXL, as kohya's script).
 
-Every flag is a field of :class:`sd_scripts.library.config.TrainConfig` under kohya's name.
+Every flag is a field of :class:`sd_scripts.core.config.TrainConfig` under kohya's name.
 Booleans are ``--flag`` (on) and ``--no-flag`` (off); list settings take several values.
 ``--config_file x.toml`` reads the same names from a TOML file (command line wins).
 """
@@ -17,7 +17,7 @@ import typing
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sd_scripts.library.config import TrainConfig, config_fields  # noqa: E402
+from sd_scripts.core.config import TrainConfig, config_fields  # noqa: E402
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -70,7 +70,7 @@ def config_from_args(argv: list[str] | None = None, *, prog: str = "train_networ
                      fixed: dict | None = None) -> TrainConfig:
     """Settings from the command line (and ``--config_file``); ``fixed`` settings are the script's own
     (``sdxl`` for sdxl_train_network.py): given the other way, they are a one-line error."""
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     args = build_parser(prog).parse_args(argv)
     values: dict = {}
@@ -107,7 +107,7 @@ def config_from_args(argv: list[str] | None = None, *, prog: str = "train_networ
 
 def _with_script_fix(err, prog: str, fixed: dict):
     """A setting this script fixes cannot be "unset": point to the general script instead."""
-    from sd_scripts.library.errors import ConfigError, UserErrors
+    from sd_scripts.core.errors import ConfigError, UserErrors
 
     def fix(e):
         if getattr(e, "setting", None) not in fixed:
@@ -122,11 +122,11 @@ def _with_script_fix(err, prog: str, fixed: dict):
 
 def main(argv: list[str] | None = None, *, prog: str = "train_network.py", fixed: dict | None = None) -> int:
     from sd_scripts.cli_common import run_cli
-    from sd_scripts.library.errors import UserError
+    from sd_scripts.core.errors import UserError
 
     def _run() -> int:
-        from sd_scripts.library.callbacks import ConsoleCallbacks
-        from sd_scripts.library.train_loop import train
+        from sd_scripts.training.callbacks import ConsoleCallbacks
+        from sd_scripts.training.loop import train
 
         config = config_from_args(argv, prog=prog, fixed=fixed)
         try:

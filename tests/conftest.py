@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_sd1_diffusers(tmp_path_factory) -> Path:
     """A tiny SD1-shaped model as a diffusers folder."""
-    from sd_scripts.library.tiny_models import save_tiny_diffusers
+    from sd_scripts.testing.tiny_models import save_tiny_diffusers
 
     return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sd1") / "model", "sd1")
 
@@ -55,7 +55,7 @@ def tiny_sd1_diffusers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2_diffusers(tmp_path_factory) -> Path:
     """A tiny SD2-shaped v-prediction model as a diffusers folder."""
-    from sd_scripts.library.tiny_models import save_tiny_diffusers
+    from sd_scripts.testing.tiny_models import save_tiny_diffusers
 
     return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sd2") / "model", "sd2", v_prediction=True)
 
@@ -63,7 +63,7 @@ def tiny_sd2_diffusers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd1_single_file(tmp_path_factory) -> Path:
     """A tiny SD1-shaped model as model.safetensors + model.yaml; tokenizer in tiny_tokenizer_cache_dir(path)."""
-    from sd_scripts.library.tiny_models import save_tiny_single_file
+    from sd_scripts.testing.tiny_models import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sd1_sf") / "model.safetensors", "sd1")
 
@@ -71,7 +71,7 @@ def tiny_sd1_single_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2_single_file(tmp_path_factory) -> Path:
     """A tiny SD2-shaped v-prediction model as model.safetensors + model.yaml (parameterization v)."""
-    from sd_scripts.library.tiny_models import save_tiny_single_file
+    from sd_scripts.testing.tiny_models import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sd2_sf") / "model.safetensors", "sd2", v_prediction=True)
 
@@ -79,7 +79,7 @@ def tiny_sd2_single_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_diffusers(tmp_path_factory) -> Path:
     """A tiny SDXL-shaped model as a diffusers folder (two text encoders, text_time conditioning)."""
-    from sd_scripts.library.tiny_models import save_tiny_diffusers
+    from sd_scripts.testing.tiny_models import save_tiny_diffusers
 
     return save_tiny_diffusers(tmp_path_factory.mktemp("tiny_sdxl") / "model", "sdxl")
 
@@ -87,6 +87,6 @@ def tiny_sdxl_diffusers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_single_file(tmp_path_factory) -> Path:
     """A tiny SDXL-shaped model as model.safetensors + its SGM model.yaml; tokenizers in tiny_tokenizer_cache_dir(path)."""
-    from sd_scripts.library.tiny_models import save_tiny_single_file
+    from sd_scripts.testing.tiny_models import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sdxl_sf") / "model.safetensors", "sdxl")

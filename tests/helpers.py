@@ -38,7 +38,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def tiny_config(model: Path, data: Path, out: Path, **overrides):
-    from sd_scripts.library.config import TrainConfig
+    from sd_scripts.core.config import TrainConfig
 
     values = dict(
         pretrained_model_name_or_path=str(model),
@@ -75,7 +75,7 @@ def saved_random_lora(net, path, metadata, precision):
     at ``precision`` and read back: ``(state_dict, metadata)``."""
     import torch
 
-    from sd_scripts.library.lora_file import load_lora_file, precision_dtype, save_lora_file
+    from sd_scripts.files.lora_file import load_lora_file, precision_dtype, save_lora_file
 
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

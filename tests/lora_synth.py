@@ -97,8 +97,8 @@ def low_rank_matrix(out, n, rank, g=None, decay=0.7):
 
 def ldm_checkpoint(family: str = "sd1", seed: int = 0, dtype=None):
     """A tiny single-file (LDM layout) checkpoint state dict, and the diffusers parts it came from."""
-    from sd_scripts.library import ldm_convert
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.models import ldm_convert
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components(family, seed=seed)
     kind = "clip" if family == "sd1" else "openclip"
@@ -142,7 +142,7 @@ def pipeline_checkpoint(folder):
     """A tiny diffusers pipeline and its weights as an LDM checkpoint state dict (copies)."""
     from diffusers import StableDiffusionPipeline
 
-    from sd_scripts.library import ldm_convert
+    from sd_scripts.models import ldm_convert
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     state = ldm_convert.models_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, "clip")
@@ -154,7 +154,7 @@ def assert_diffusers_fuses_to(pipe, lora_path, expected_state, rtol=1e-4, atol=2
     text-encoder weight with ``expected_state`` (an LDM checkpoint state dict); returns how many matched."""
     import torch
 
-    from sd_scripts.library import ldm_convert
+    from sd_scripts.models import ldm_convert
 
     km = ldm_convert.unet_ldm_key_map(pipe.unet)
     tk = ldm_convert.text_encoder_ldm_key_map(pipe.text_encoder, "clip")

@@ -35,7 +35,7 @@ class LossLog:
 def main(model: str, data: str, out: str) -> None:
     from accelerate import PartialState
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     out_dir = Path(out)
     reference, resumed = LossLog(), LossLog()

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd_scripts.library.ldm_convert import text_encoder_ldm_key_map, unet_ldm_key_map
-from sd_scripts.library.lora_file import save_lora_file
-from sd_scripts.library.model_families import get_family
+from sd_scripts.models.ldm_convert import text_encoder_ldm_key_map, unet_ldm_key_map
+from sd_scripts.files.lora_file import save_lora_file
+from sd_scripts.models.families import get_family
 from sd_scripts.networks.lora import create_network
 from tests.a1111_rules import check_loads_completely, convert_diffusers_name_to_compvis, layer_mapping
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.dataset import TrainDataset
-from sd_scripts.library.dataset_layout import scan_dataset
-from sd_scripts.library.errors import UserError
-from sd_scripts.library.noise import apply_masked_loss, per_sample_mse
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.data.dataset import TrainDataset
+from sd_scripts.data.dataset_layout import scan_dataset
+from sd_scripts.core.errors import UserError
+from sd_scripts.training.noise import apply_masked_loss, per_sample_mse
 from tests.helpers import make_dataset, tiny_config, tree_digest
 
 SUBSET = "1_sks shape"
@@ -222,7 +222,8 @@ def test_training_step_loss_is_the_masked_loss_with_loss_weights_and_min_snr(tin
     step's loss by hand: mean over C, H, W of loss x area-resized mask, x loss weight x min-SNR weight."""
     import importlib
 
-    from sd_scripts.library import noise, train_loop
+    from sd_scripts.training import noise
+    from sd_scripts.training import loop as train_loop
 
     data = make_dataset(tmp_path / "data", SUBSET, count=1, size=(64, 64))
     rect_image(data / SUBSET / "b.png", size=(64, 64), box=(8, 16, 40, 56))
@@ -262,7 +263,7 @@ def test_training_step_loss_is_the_masked_loss_with_loss_weights_and_min_snr(tin
     monkeypatch.setattr(noise, "apply_masked_loss", mask_spy)
     monkeypatch.setattr(noise, "snr_of", snr_spy)
     try:  # the loop's loss function may live in loss_terms, which imports apply_masked_loss by name
-        loss_terms = importlib.import_module("sd_scripts.library.loss_terms")
+        loss_terms = importlib.import_module("sd_scripts.training.losses")
         monkeypatch.setattr(loss_terms, "apply_masked_loss", mask_spy)
     except ImportError:
         pass
@@ -280,7 +281,7 @@ def test_a_transparent_image_contributes_nothing(tiny_sd1_diffusers, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     rng = np.random.default_rng(0)
     loras, digests = [], []

@@ -13,8 +13,8 @@ import pytest
 from ArgsList import GROUPS, ArgStore
 from frontend.resolve import resolve_settings, validate_store
 from frontend.settings_map import FRONT_END_ONLY, NAME_MAP, apply_fallbacks, to_train_config, unsupported_settings
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.errors import ConfigError, UserErrors
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.core.errors import ConfigError, UserErrors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
                                                      ("networks.lora", [], True)])
 def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module, args, full_bf16, tiny_sd1_single_file,
                                                                            tmp_path, monkeypatch):
-    from sd_scripts.library import model_loading, train_loop
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.models import loading as model_loading
+    from sd_scripts.training import loop as train_loop
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
     from sd_scripts.networks import factory
 
     monkeypatch.setattr(train_loop, "_base_dtypes",
@@ -57,7 +58,7 @@ def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module,
 
 
 def test_full_bf16_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     data = make_dataset(tmp_path / "data", count=2)
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision="bf16", full_bf16=True,
@@ -67,9 +68,9 @@ def test_full_bf16_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_pa
 
 @pytest.mark.parametrize("fixture", ["tiny_sd1_single_file", "tiny_sdxl_diffusers"])
 def test_lowram_moves_each_part_as_it_is_built(fixture, request):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.model_loading import load_model
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
     path = request.getfixturevalue(fixture)
     config = TrainConfig(pretrained_model_name_or_path=str(path))
@@ -81,7 +82,7 @@ def test_lowram_moves_each_part_as_it_is_built(fixture, request):
 
 
 def test_lowram_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     data = make_dataset(tmp_path / "data", count=2)
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", lowram=True, max_train_steps=1))
@@ -89,8 +90,8 @@ def test_lowram_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path)
 
 
 def test_fp8_base_stores_the_frozen_weights_in_float8_on_cuda_only(tiny_sd1_diffusers, tmp_path):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.train_loop import _frozen_dtypes, train
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.training.loop import _frozen_dtypes, train
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     fp8 = torch.float8_e4m3fn

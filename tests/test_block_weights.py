@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks.block_weights import (
     SD_LAYOUT, SDXL_LAYOUT, layout_for_family, lr_weight_preset, resolve_block_settings,
 )
@@ -20,7 +20,7 @@ ONES_25 = ",".join(["1"] * 25)
 
 
 def _sd1():
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components("sd1", seed=0)
     return parts["unet"], parts["text_encoder"]
@@ -70,9 +70,9 @@ def test_sdxl_slots_agree_with_the_sgm_names():
     the SGM name the family writes in files."""
     from diffusers import UNet2DConditionModel
 
-    from sd_scripts.library.model_families import get_family
-    from sd_scripts.library.sdxl_names import sgm_path_mapper
-    from sd_scripts.networks import lora_keys
+    from sd_scripts.models.families import get_family
+    from sd_scripts.models.sdxl_names import sgm_path_mapper
+    from sd_scripts.files import lora_keys
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**get_family("sdxl").diffusers_unet_config())
@@ -231,7 +231,7 @@ def test_blocks_train_and_save(tiny_sd1_diffusers, tmp_path):
     diffusers loads it."""
     from diffusers import StableDiffusionPipeline
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     data = make_dataset(tmp_path / "data", count=2)
     dims = ["4"] * 25

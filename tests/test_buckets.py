@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sd_scripts.library.buckets import (
+from sd_scripts.data.buckets import (
     BucketManager,
     bucket_info,
     crop_ltrb,

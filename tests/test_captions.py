@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sd_scripts.library.captions import CaptionSettings, count_tags, process_caption, split_tags, warmup_steps
+from sd_scripts.data.captions import CaptionSettings, count_tags, process_caption, split_tags, warmup_steps
 
 CAP = "sks dog, red collar, outdoors, grass, sunny, smiling"
 TAGS = split_tags(CAP)

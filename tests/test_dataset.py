@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.dataset import TrainDataset, color_aug, hsv_to_rgb, rgb_to_hsv
-from sd_scripts.library.dataset_layout import parse_resolution, scan_dataset
-from sd_scripts.library.errors import ConfigError, DatasetError, UserError, UserErrors
-from sd_scripts.library.images import ImageProblem, bomb_warnings_as_errors, is_image_file, load_image, probe_image
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.data.dataset import TrainDataset, color_aug, hsv_to_rgb, rgb_to_hsv
+from sd_scripts.data.dataset_layout import parse_resolution, scan_dataset
+from sd_scripts.core.errors import ConfigError, DatasetError, UserError, UserErrors
+from sd_scripts.data.images import ImageProblem, bomb_warnings_as_errors, is_image_file, load_image, probe_image
 
 # --------------------------------------------------------------------------- helpers
 
@@ -833,8 +833,8 @@ def test_json_dataset_config_and_duplicate_dirs(tmp_path, data):
 
 def test_preflight_reports_every_dataset_problem(tmp_path, monkeypatch):
     """preflight lists each scan_dataset problem on its own line, beside the other settings' problems."""
-    from sd_scripts.library.preflight import preflight
-    from sd_scripts.library.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
+    from sd_scripts.training.preflight import preflight
+    from sd_scripts.testing.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
     from tests.helpers import make_dataset, tiny_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.dataset_layout import scan_dataset
-from sd_scripts.library.errors import UserError
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.data.dataset_layout import scan_dataset
+from sd_scripts.core.errors import UserError
 from tests.helpers import make_dataset, tiny_config, tree_digest
 
 METADATA = {
@@ -147,7 +147,7 @@ def test_fine_tuning_and_dreambooth_datasets_side_by_side(ft, tmp_path):
     plan = scan_dataset(cfg(dataset_config=str(toml)))
     assert plan.num_train_images == 3 * 2 + 4
     assert plan.subsets[1].alpha_mask and plan.subsets[1].captions.caption_dropout_rate == 0.5
-    from sd_scripts.library.dataset import TrainDataset
+    from sd_scripts.data.dataset import TrainDataset
 
     meta = TrainDataset(plan, cfg(dataset_config=str(toml)), seed=1).datasets_metadata()
     assert [m["is_dreambooth"] for m in meta] == [True, False]
@@ -261,8 +261,8 @@ def test_dataset_repeats_below_one_and_ignored_settings(ft):
 def test_training_on_in_json_end_to_end(tiny_sd1_diffusers, ft, tmp_path):
     from safetensors import safe_open
 
-    from sd_scripts.library.preflight import preflight
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.preflight import preflight
+    from sd_scripts.training.loop import train
 
     before = tree_digest(ft)
     config = tiny_config(tiny_sd1_diffusers, ft / "images", tmp_path / "out", in_json=str(ft / "meta.json"),
@@ -285,7 +285,7 @@ def test_main_py_trains_on_in_json(tiny_sd1_single_file, ft, tmp_path, capsys):
     from safetensors import safe_open
 
     from frontend.app import run_main
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
     before = tree_digest(ft)
     out = tmp_path / "out"

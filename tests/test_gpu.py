@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _train(config):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(config)
 
@@ -67,8 +67,8 @@ def test_xformers_attention(tiny_sd1_diffusers, tmp_path):
 
 def test_adamw8bit_on_cuda_keeps_8bit_state():
     pytest.importorskip("bitsandbytes")
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.optimizers import build_optimizer
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.training.optimizers import build_optimizer
 
     p = torch.nn.Parameter(torch.randn(256, 256, device="cuda"))
     opt, name = build_optimizer(TrainConfig(optimizer_type="AdamW8bit"), [{"params": [p], "lr": 1e-3}])
@@ -82,7 +82,7 @@ def test_sd15_unet_lora_step_vram():
     """One bf16 training step of a full-size SD1.5-shaped UNet + rank-32 LoRA at 512 px, batch 1."""
     from diffusers import UNet2DConditionModel
 
-    from sd_scripts.library.model_families import get_family
+    from sd_scripts.models.families import get_family
     from sd_scripts.networks.lora import create_network
 
     unet = UNet2DConditionModel(**get_family("sd1").diffusers_unet_config(False)).to("cuda", torch.bfloat16)

@@ -1,4 +1,4 @@
-"""The dataset downscaler (sd_scripts/library/image_resize.py)."""
+"""The dataset downscaler (sd_scripts/data/image_resize.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 from PIL import Image
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.image_resize import resize_dataset, target_size
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.data.image_resize import resize_dataset, target_size
 
 
 def _digest(folder):

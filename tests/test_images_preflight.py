@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.errors import UserErrors
-from sd_scripts.library.preflight import preflight
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.core.errors import UserErrors
+from sd_scripts.training.preflight import preflight
 from tests.helpers import tree_digest
 
 
@@ -107,7 +107,7 @@ def test_decompression_bomb_just_over_the_limit_is_refused_too(tmp_path):
 
 def _batches(root: Path, **kw) -> dict[str, np.ndarray]:
     """Every image of the dataset as the training batches hold it: HxWx3 uint8, by file name."""
-    from sd_scripts.library.dataset import TrainDataset
+    from sd_scripts.data.dataset import TrainDataset
 
     config = _cfg(root, train_batch_size=1, **kw)
     plan = preflight(config, model_given=True)

@@ -30,7 +30,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_sd1_diffusers, data, tmp_path_factory) -> dict:
     """The LoRA of an uninterrupted 6-step run."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path_factory.mktemp("ref"), **BASE))
     return load_file(result.output_path)
@@ -44,7 +44,7 @@ def _same(expected: dict, path: str) -> None:
 
 
 def _train(model, data, out, callbacks=None, **overrides):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(tiny_config(model, data, out, **{**BASE, **overrides}), callbacks)
 
@@ -69,7 +69,7 @@ class _CtrlC:
 
 
 def test_ctrl_c_saves_interrupted_lora_and_state_then_resumes(tiny_sd1_diffusers, data, reference, tmp_path):
-    from sd_scripts.library.train_loop import TrainingInterrupted
+    from sd_scripts.training.loop import TrainingInterrupted
 
     cb = _CtrlC(3)
     with pytest.raises(TrainingInterrupted) as err:
@@ -87,7 +87,7 @@ def test_ctrl_c_saves_interrupted_lora_and_state_then_resumes(tiny_sd1_diffusers
 
 
 def test_ctrl_c_without_save_state_saves_the_lora(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import TrainingInterrupted
+    from sd_scripts.training.loop import TrainingInterrupted
 
     with pytest.raises(TrainingInterrupted) as err:
         _train(tiny_sd1_diffusers, data, tmp_path, _CtrlC(2))
@@ -98,7 +98,7 @@ def test_ctrl_c_without_save_state_saves_the_lora(tiny_sd1_diffusers, data, tmp_
 
 
 def test_second_ctrl_c_stops_at_once(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import TrainingInterrupted
+    from sd_scripts.training.loop import TrainingInterrupted
 
     with pytest.raises(KeyboardInterrupt) as err:
         _train(tiny_sd1_diffusers, data, tmp_path, _CtrlC(2, times=2), save_state=True)
@@ -108,7 +108,7 @@ def test_second_ctrl_c_stops_at_once(tiny_sd1_diffusers, data, tmp_path):
 
 
 def test_ctrl_c_during_sampling_abandons_the_image(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import TrainingInterrupted
+    from sd_scripts.training.loop import TrainingInterrupted
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("sks shape --w 64 --h 64 --s 50\nsks shape, red --w 64 --h 64 --s 50\n", encoding="utf-8")
@@ -117,7 +117,7 @@ def test_ctrl_c_during_sampling_abandons_the_image(tiny_sd1_diffusers, data, tmp
         def on_sample(self, paths):
             pass
 
-    import sd_scripts.library.sampling as sampling
+    import sd_scripts.training.sampling as sampling
 
     original = sampling.make_sampler
 
@@ -141,7 +141,7 @@ def test_ctrl_c_during_sampling_abandons_the_image(tiny_sd1_diffusers, data, tmp
 def test_ctrl_c_reaches_loader_workers_too(tiny_sd1_diffusers, data, reference, tmp_path):
     """A terminal's Ctrl+C goes to the data loader workers as well: they leave it to the main process (forked
     workers inherit its handler; spawned ones, as on Windows, ignore SIGINT through worker_init_fn)."""
-    from sd_scripts.library.train_loop import TrainingInterrupted
+    from sd_scripts.training.loop import TrainingInterrupted
 
     class CtrlCEverywhere:
         def on_progress(self, step, total, loss, lr, epoch):
@@ -179,7 +179,7 @@ def test_cli_exits_130_on_ctrl_c(tiny_sd1_diffusers, data, tmp_path, capsys):
 
 
 def _poison_loss_at(monkeypatch, call: int):
-    from sd_scripts.library import train_loop
+    from sd_scripts.training import loop as train_loop
 
     original = train_loop._Trainer._step_loss
     count = {"n": 0}
@@ -193,7 +193,7 @@ def _poison_loss_at(monkeypatch, call: int):
 
 
 def test_nan_loss_stops_naming_step_and_images(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
-    from sd_scripts.library.train_loop import TrainingStopped
+    from sd_scripts.training.loop import TrainingStopped
 
     _poison_loss_at(monkeypatch, 3)
     with pytest.raises(TrainingStopped) as err:
@@ -215,8 +215,8 @@ def test_nan_loss_skipped_when_asked(tiny_sd1_diffusers, data, tmp_path, monkeyp
 
 
 def test_nan_weights_are_never_saved(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
-    from sd_scripts.library import train_loop
-    from sd_scripts.library.train_loop import TrainingStopped
+    from sd_scripts.training import loop as train_loop
+    from sd_scripts.training.loop import TrainingStopped
 
     original = train_loop._Trainer._save_checkpoint
 
@@ -241,7 +241,7 @@ def test_nan_weights_are_never_saved(tiny_sd1_diffusers, data, tmp_path, monkeyp
 @pytest.mark.parametrize("failing", ["lora", "state"])
 def test_disk_full_keeps_previous_files_and_stays_resumable(tiny_sd1_diffusers, data, reference, tmp_path, monkeypatch,
                                                             failing):
-    from sd_scripts.library.train_state import DiskFullError, load_train_state
+    from sd_scripts.training.state import DiskFullError, load_train_state
 
     full = {"on": False}
     real_fsync = os.fsync
@@ -314,7 +314,7 @@ def _child(model, data, out, resume, how, n):
                 return real(*args, **kwargs)
 
             setattr(os, how, hook)
-        from sd_scripts.library.train_loop import train
+        from sd_scripts.training.loop import train
 
         train(tiny_config(model, data, out, resume=resume, **KILL_RUN))
     except BaseException:  # noqa: BLE001
@@ -326,7 +326,7 @@ def _child(model, data, out, resume, how, n):
 
 def _check_outputs(out: Path) -> None:
     """Every file a user can see loads: LoRAs with safetensors, states with the resume reader."""
-    from sd_scripts.library.train_state import load_train_state
+    from sd_scripts.training.state import load_train_state
 
     for p in out.iterdir():
         if p.name.startswith("."):
@@ -343,7 +343,7 @@ def _check_outputs(out: Path) -> None:
 
 
 def test_killed_twenty_times_then_resumed_gives_the_same_lora(tiny_sd1_diffusers, data, reference, tmp_path):
-    from sd_scripts.library.train_state import find_latest_state
+    from sd_scripts.training.state import find_latest_state
 
     ctx = multiprocessing.get_context("fork")
     rng = random.Random(20240607)
@@ -374,7 +374,7 @@ def test_killed_twenty_times_then_resumed_gives_the_same_lora(tiny_sd1_diffusers
         if out.exists():
             _check_outputs(out)
     # finish from the latest state without kills
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     result = train(tiny_config(tiny_sd1_diffusers, data, out, resume=find_latest_state(out, "tiny"), **KILL_RUN))
     _same(reference, result.output_path)

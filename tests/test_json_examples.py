@@ -25,7 +25,7 @@ def test_the_promised_examples_exist():
 @pytest.fixture(scope="module")
 def quickstart_model() -> str:
     """The examples train the quick-start model; build it as the quick start does when it is missing."""
-    from sd_scripts.library.tiny_models import save_tiny_diffusers
+    from sd_scripts.testing.tiny_models import save_tiny_diffusers
 
     for name, family in (("model", "sd1"), ("model_sdxl", "sdxl")):
         folder = os.path.join(ROOT, "examples", "quickstart", name)

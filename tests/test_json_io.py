@@ -11,7 +11,7 @@ import pytest
 from ArgsList import ArgStore
 from frontend.json_io import load_settings_file, save_settings_json
 from frontend.resolve import resolve_settings
-from sd_scripts.library.errors import ConfigError, UserErrors
+from sd_scripts.core.errors import ConfigError, UserErrors
 
 
 def _write(path, data) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks.extract import extract_lora_file, extract_network
 from sd_scripts.networks.ldm_lora_map import build_lora_map
 from sd_scripts.networks.lycoris_merge import NetworkInput, merge_into_checkpoint
@@ -139,7 +139,7 @@ def test_bad_inputs(sd1, tmp_path):
 def test_extract_file_metadata_and_diffusers_load(tmp_path, tiny_sd1_diffusers):
     from safetensors.torch import save_file
 
-    from sd_scripts.library.lora_file import load_lora_file
+    from sd_scripts.files.lora_file import load_lora_file
 
     pipe, base = ls.pipeline_checkpoint(tiny_sd1_diffusers)
     truth = ls.lora_for_checkpoint(base, rank=3, conv_rank=2, seed=8, alpha=3.0)

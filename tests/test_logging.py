@@ -32,7 +32,7 @@ def _scalars(logdir: Path) -> dict[str, dict[int, float]]:
 
 
 def test_tensorboard_scalars(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     logs = tmp_path / "logs"
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", logging_dir=str(logs), log_prefix="run1-",
@@ -54,7 +54,7 @@ def test_tensorboard_scalars(tiny_sd1_diffusers, data, tmp_path):
 
 
 def test_resumed_run_logs_continue_the_step_count(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "a", max_train_steps=2, save_state=True))
     logs = tmp_path / "logs"
@@ -64,8 +64,8 @@ def test_resumed_run_logs_continue_the_step_count(tiny_sd1_diffusers, data, tmp_
 
 
 def test_tensorboard_without_logging_dir_is_refused(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.errors import UserError
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.core.errors import UserError
+    from sd_scripts.training.loop import train
 
     with pytest.raises(UserError, match="log_with: tensorboard writes TensorBoard logs, which need logging_dir"):
         train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", log_with="tensorboard"))
@@ -73,7 +73,7 @@ def test_tensorboard_without_logging_dir_is_refused(tiny_sd1_diffusers, data, tm
 
 
 def test_lr_free_optimizer_logs_d_times_lr(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     logs = tmp_path / "logs"
     train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", logging_dir=str(logs), optimizer_type="DAdaptAdam",
@@ -84,7 +84,7 @@ def test_lr_free_optimizer_logs_d_times_lr(tiny_sd1_diffusers, data, tmp_path):
 
 def test_wandb_offline(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
@@ -97,7 +97,7 @@ def test_wandb_offline(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
 def test_loss_plot_beside_the_lora(tiny_sd1_diffusers, data, tmp_path):
     from PIL import Image
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path, max_train_steps=6, lr_scheduler="linear",
                                lr_warmup_steps=2))
@@ -112,7 +112,7 @@ def test_loss_plot_beside_the_lora(tiny_sd1_diffusers, data, tmp_path):
 def test_loss_plot_function_handles_gaps_and_flat_values(tmp_path):
     from PIL import Image
 
-    from sd_scripts.library.loss_plot import moving_average, save_loss_plot
+    from sd_scripts.training.loss_plot import moving_average, save_loss_plot
 
     assert moving_average([1.0, float("nan"), 3.0, 5.0], 2) == [1.0, 1.0, 2.0, 4.0]
     path = save_loss_plot(tmp_path / "a.png", [0.5, float("nan"), 0.5, 0.5], [[1e-4]] * 4, ["unet"], "flat")

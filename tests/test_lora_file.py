@@ -12,9 +12,9 @@ import struct
 import pytest
 import torch
 
-from sd_scripts.library.atomic import atomic_save_bytes, atomic_save_text, atomic_write
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.lora_file import (
+from sd_scripts.files.atomic import atomic_save_bytes, atomic_save_text, atomic_write
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files.lora_file import (
     build_modelspec,
     file_sha256,
     legacy_model_hash,
@@ -261,7 +261,7 @@ def _image(pipe):
 
 def _hand_merge(pipe, sd):
     """W += up @ down * alpha / rank into the pipeline's weights, found by kohya's naming rule
-    (written independently of sd_scripts.networks.lora_keys)."""
+    (written independently of sd_scripts.files.lora_keys)."""
     index = {"lora_unet_" + n.replace(".", "_"): m for n, m in pipe.unet.named_modules()}
     for n, m in pipe.text_encoder.named_modules():
         path = n if n.startswith("text_model.") else "text_model." + n

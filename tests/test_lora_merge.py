@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from sd_scripts.library import ldm_convert
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.lora_file import load_lora_file, save_lora_file
-from sd_scripts.networks.lora_keys import lora_name
+from sd_scripts.models import ldm_convert
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files.lora_file import load_lora_file, save_lora_file
+from sd_scripts.files.lora_keys import lora_name
 from sd_scripts.networks.lycoris_merge import NetworkInput, merge_into_checkpoint
 from sd_scripts.networks.merge import merge_lora_files, merge_networks_concat, merge_networks_svd
 from sd_scripts.networks.network_state import parse_network

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.networks import lora_keys
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files import lora_keys
 from sd_scripts.networks.lora import (
     LoRAModule,
     create_network,
@@ -29,7 +29,7 @@ TE_Q0 = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 
 @pytest.fixture(scope="module")
 def sd1():
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components("sd1", seed=0)
     parts["unet"].eval()
@@ -39,7 +39,7 @@ def sd1():
 
 @pytest.fixture(scope="module")
 def sd2():
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components("sd2", seed=0)
     parts["unet"].eval()
@@ -251,7 +251,7 @@ def test_delta_weight_matches_kohya_conv_formula():
 
 
 def test_merge_to_equals_applied_forward():
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     unet = build_tiny_components("sd1", seed=0)["unet"].eval()
     inputs = _unet_inputs(unet)
@@ -356,7 +356,7 @@ def test_prepare_optimizer_params(sd1):
 # --------------------------------------------------------------------------- state dict loading
 
 def test_continue_from_weights_round_trip(sd1, tmp_path):
-    from sd_scripts.library.lora_file import load_lora_file, save_lora_file
+    from sd_scripts.files.lora_file import load_lora_file, save_lora_file
 
     unet, te = sd1["unet"], sd1["text_encoder"]
     a = create_network(unet, [te], network_dim=4, network_alpha=2, conv_dim=2, conv_alpha=1)
@@ -637,7 +637,7 @@ def test_dylora_trains_end_to_end(tiny_sd1_diffusers, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
     from tests.helpers import make_dataset, tiny_config
 
     data = make_dataset(tmp_path / "data", count=2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.network_state import parse_network
 from sd_scripts.networks.resize import resize_lora_file, resize_network
@@ -148,7 +148,7 @@ def test_ia3_modules_are_copied():
 def test_resize_file_round_trip(tmp_path):
     from safetensors.torch import save_file
 
-    from sd_scripts.library.lora_file import load_lora_file
+    from sd_scripts.files.lora_file import load_lora_file
 
     sd = {k: v.half() for k, v in ls.mixed_lora(seed=8, r=8, conv_r=4).items()}
     src = tmp_path / "in.safetensors"
@@ -183,7 +183,7 @@ def test_rank_selection_helper_agrees_with_resize():
 
 def test_dynamic_resize_output_loads_in_diffusers(tmp_path, tiny_sd1_diffusers):
     """Per-module ranks (and the one-alpha rule) reproduce our own merge of the resized file in diffusers."""
-    from sd_scripts.library.lora_file import save_lora_file
+    from sd_scripts.files.lora_file import save_lora_file
     from sd_scripts.networks.lycoris_merge import NetworkInput, merge_into_checkpoint
 
     pipe, state = ls.pipeline_checkpoint(tiny_sd1_diffusers)
@@ -198,7 +198,7 @@ def test_dynamic_resize_output_loads_in_diffusers(tmp_path, tiny_sd1_diffusers):
     out = tmp_path / "out.safetensors"
     res = resize_lora_file(src, out, new_rank=8, method="sv_fro", param=0.95, save_precision="float")
     assert len({m.new_rank for m in res.modules}) > 1
-    from sd_scripts.library.lora_file import load_lora_file
+    from sd_scripts.files.lora_file import load_lora_file
 
     resized, _ = load_lora_file(out)
     merge_into_checkpoint(state, [NetworkInput("r", parse_network(resized), 1.0)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.lora_file import save_lora_file
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files.lora_file import save_lora_file
 from sd_scripts.networks.lycoris_merge import merge_lycoris_file
 from tests import lora_synth as ls
 

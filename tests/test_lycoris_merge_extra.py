@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.lora_file import save_lora_file
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files.lora_file import save_lora_file
 from sd_scripts.networks import lycoris_adapter as la
 from sd_scripts.networks.ldm_lora_map import build_lora_map
-from sd_scripts.networks.lora_keys import lora_name_spellings
+from sd_scripts.files.lora_keys import lora_name_spellings
 from sd_scripts.networks.lycoris_merge import merge_networks_into_checkpoint_file
 from sd_scripts.networks.network_args import split_network_args
 from tests.helpers import make_dataset, tiny_config
@@ -32,7 +32,7 @@ CASES = {
 def _network(args, seed: int = 0):
     """A LyCORIS network applied to the tiny SD1 model (the weights of ``tiny_sd1_single_file``), every trained
     tensor perturbed so that each module changes its weight (``dora_scale`` and ``rescale`` by up to ~10 %)."""
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components("sd1", seed=0)
     parsed = la.parse_lycoris_args(split_network_args(args), network_dim=4, network_alpha=2.0)
@@ -126,7 +126,7 @@ def test_dora_scale_axis_is_read_from_its_shape():
 def test_base_weights_merge_a_dora_file_like_the_applied_network(tmp_path):
     from types import SimpleNamespace
 
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
     from sd_scripts.networks.base_weights import merge_state_dict_into_model
 
     net = _network(CASES["dora"], seed=3)
@@ -155,7 +155,7 @@ def test_base_weights_merge_a_dora_file_like_the_applied_network(tmp_path):
 
 
 def test_training_with_a_dora_file_as_base_weights(networks, tiny_sd1_diffusers, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     _, path = networks("dora")
     messages = []

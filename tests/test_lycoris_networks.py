@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lycoris_adapter as la
 from sd_scripts.networks.factory import check_network_settings, plan_network
 from sd_scripts.networks.network_args import split_network_args
@@ -39,7 +39,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _components(seed: int = 0):
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components("sd1", seed=seed)
     return parts["unet"], parts["text_encoder"]
@@ -67,7 +67,7 @@ def _build(args, unet=None, te=None, dim=4, alpha=2.0, **kw):
 
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_algo_trains_saves_and_reloads_in_lycoris(algo, tiny_sd1_diffusers, dataset, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
     import lycoris.kohya as kohya
 
     args, parts = ALGOS[algo]
@@ -127,8 +127,8 @@ def test_locon_file_loads_in_diffusers_like_a_hand_merge(tiny_sd1_diffusers, dat
     from diffusers import StableDiffusionPipeline
     from torch import nn
 
-    from sd_scripts.library.train_loop import train
-    from sd_scripts.networks import lora_keys
+    from sd_scripts.training.loop import train
+    from sd_scripts.files import lora_keys
     from sd_scripts.networks.lora import lora_delta_weight
 
     result = train(tiny_config(tiny_sd1_diffusers, dataset, tmp_path / "out", network_module="lycoris.kohya",
@@ -417,8 +417,8 @@ def test_cli_bad_algo_exit_2_before_the_model_loads(tmp_path):
 def test_sdxl_lycoris_names_and_reload():
     """SDXL: lora_te1/lora_te2 with kohya's text_model spelling, UNet in the SGM layout of kohya's SDXL
     files, one lr group per text encoder; the file reloads into a network built from its shapes."""
-    from sd_scripts.library.sdxl_names import sgm_path_mapper
-    from sd_scripts.library.tiny_models import build_tiny_components
+    from sd_scripts.models.sdxl_names import sgm_path_mapper
+    from sd_scripts.testing.tiny_models import build_tiny_components
 
     parts = build_tiny_components("sdxl", seed=0)
     unet, tes = parts["unet"], [parts["text_encoder"], parts["text_encoder_2"]]
@@ -468,7 +468,7 @@ def test_state_dict_round_trip_is_exact(args):
 ])
 def test_resume_is_bit_identical(module, args, tiny_sd1_diffusers, tmp_path):
     """save_state + resume with these networks ends with the same file as an uninterrupted run."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     data = make_dataset(tmp_path / "data", folder="1_sks shape", count=2)
     common = dict(network_module=module, network_args=args, max_train_steps=4, train_batch_size=1)

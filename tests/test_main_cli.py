@@ -286,7 +286,7 @@ def test_popup_with_a_json_file_loads_it_without_questions(tmp_path, monkeypatch
 
 def test_engine_errors_also_name_the_argslist_setting(capsys):
     from frontend.app import print_user_error
-    from sd_scripts.library.errors import ConfigError, DatasetError, UserErrors
+    from sd_scripts.core.errors import ConfigError, DatasetError, UserErrors
 
     print_user_error(UserErrors([DatasetError("train_data_dir: no images in /x", "train_data_dir"),
                                  ConfigError("clip_skip: must be between 1 and 12, got 20", "clip_skip")]))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.lora_file import read_safetensors_metadata
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.files.lora_file import read_safetensors_metadata
 from tests.helpers import make_dataset, tiny_config
 
 SUBSET = "5_sks shape"
@@ -51,7 +51,7 @@ def thumbnail(tmp_path_factory) -> Path:
 
 
 def _train(model, data, out, **overrides) -> dict[str, str]:
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     config = tiny_config(model, data, out, max_train_steps=1, **overrides)
     return read_safetensors_metadata(train(config).output_path)
@@ -60,7 +60,7 @@ def _train(model, data, out, **overrides) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained(tiny_sd1_diffusers, dataset, thumbnail, tmp_path_factory) -> Path:
     """One SD1 training with every metadata setting (and a timestep range); the LoRA file's path."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     out = tmp_path_factory.mktemp("meta_out")
     values = {name: value for name, (_, value) in USER_KEYS.items()}
@@ -105,7 +105,7 @@ def test_a_dataset_toml_records_kohyas_ss_datasets(tiny_sd1_diffusers, dataset, 
 
 
 def test_no_metadata_keeps_only_what_kohya_keeps(tiny_sd1_diffusers, dataset, tmp_path):
-    from sd_scripts.library.metadata import MINIMUM_KEYS
+    from sd_scripts.files.metadata import MINIMUM_KEYS
 
     md = _train(tiny_sd1_diffusers, dataset, tmp_path / "out", no_metadata=True, metadata_title="Kept",
                 metadata_trigger_phrase="sks", training_comment="dropped")
@@ -128,7 +128,7 @@ def test_resize_keeps_the_users_keys(trained, tmp_path):
 
 
 def test_merge_is_titled_after_its_file_and_keeps_shared_keys(trained, tmp_path):
-    from sd_scripts.library.lora_file import load_lora_file, save_lora_file
+    from sd_scripts.files.lora_file import load_lora_file, save_lora_file
     from sd_scripts.networks.merge import merge_lora_files
 
     sd, md = load_lora_file(trained)
@@ -147,7 +147,7 @@ def test_merge_is_titled_after_its_file_and_keeps_shared_keys(trained, tmp_path)
 
 
 def test_thumbnail_data_url_is_stored_as_given_and_checked():
-    from sd_scripts.library.user_metadata import check_metadata_settings, user_modelspec
+    from sd_scripts.files.user_metadata import check_metadata_settings, user_modelspec
 
     url = "data:image/png;base64," + base64.b64encode(_png_bytes()).decode("ascii")
     assert user_modelspec(TrainConfig(metadata_thumbnail=url)) == {"modelspec.thumbnail": url}
@@ -195,8 +195,8 @@ def caption_data(tmp_path) -> Path:
 
 
 def _captions(config, epochs=(1, 2, 3)) -> list[tuple[str, str]]:
-    from sd_scripts.library.dataset import TrainDataset
-    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.data.dataset import TrainDataset
+    from sd_scripts.data.dataset_layout import scan_dataset
 
     ds = TrainDataset(scan_dataset(config), config, 7)
     out = []
@@ -258,7 +258,7 @@ def test_caption_settings_change_captions_exactly_as_the_toml_keys(caption_data,
 
 
 def test_toml_values_win_over_the_caption_settings(caption_data, tmp_path):
-    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.data.dataset_layout import scan_dataset
 
     other = make_dataset(tmp_path / "other", folder="imgs", count=1)
     toml = tmp_path / "ds.toml"
@@ -287,7 +287,7 @@ caption_suffix = "from general"
 def test_caption_extention_is_kohyas_old_spelling(caption_data, tmp_path):
     from frontend.cli import parse_command_line
     from frontend.resolve import resolve_settings
-    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.data.dataset_layout import scan_dataset
 
     (caption_data / SUBSET / "img00.cap").write_text("from the cap file", encoding="utf-8")
     plan = scan_dataset(TrainConfig(train_data_dir=str(caption_data), resolution="64", min_bucket_reso=64,
@@ -301,7 +301,7 @@ def test_caption_extention_is_kohyas_old_spelling(caption_data, tmp_path):
 
 
 def test_wildcards_cannot_go_with_cached_text_encoder_outputs():
-    from sd_scripts.library.model_families import check_family_settings
+    from sd_scripts.models.families import check_family_settings
 
     config = TrainConfig(cache_text_encoder_outputs=True, network_train_unet_only=True, enable_wildcard=True)
     errors, _ = check_family_settings(config)

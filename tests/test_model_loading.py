@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.errors import ConfigError, ModelLoadError
-from sd_scripts.library.model_families import FAMILIES, ModelFamily, get_family, register_family
-from sd_scripts.library.model_loading import detect_family, load_model, load_tokenizer, load_vae
-from sd_scripts.library.text_encoding import (
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.core.errors import ConfigError, ModelLoadError
+from sd_scripts.models.families import FAMILIES, ModelFamily, get_family, register_family
+from sd_scripts.models.loading import detect_family, load_model, load_tokenizer, load_vae
+from sd_scripts.models.text_encoding import (
     chunk_ids,
     encode_tokens,
     parse_prompt_attention,
     tokenize_prompts,
 )
-from sd_scripts.library.tiny_models import (
+from sd_scripts.testing.tiny_models import (
     TOKENIZER_CACHE_NAMES,
     build_tiny_components,
     save_tiny_single_file,
@@ -188,7 +188,7 @@ def test_v_parameterization_and_family_settings(tiny_sd1_single_file, tiny_sd2_s
 
 
 def test_detect_family_reads_only_the_header(tiny_sd2_single_file, monkeypatch):
-    import sd_scripts.library.model_loading as ml
+    import sd_scripts.models.loading as ml
 
     def boom(*a, **k):
         raise AssertionError("detect_family must not read the tensors of a .safetensors file")
@@ -312,7 +312,7 @@ def test_tokenizer_lookup_order(tmp_path, tiny_sd1_single_file, tiny_sd2_diffuse
 def test_vae_override_forms(tmp_path, tiny_sd1_single_file, tiny_sd1_diffusers, sd1_model):
     from safetensors.torch import save_file
 
-    from sd_scripts.library.ldm_convert import vae_to_ldm
+    from sd_scripts.models.ldm_convert import vae_to_ldm
 
     other = build_tiny_components("sd1", seed=7)["vae"]
     ldm = {k: v.contiguous() for k, v in vae_to_ldm(other.state_dict()).items()}  # first_stage_model.*
@@ -539,7 +539,7 @@ def test_full_size_sd15_keys_on_meta_device():
         infer_diffusers_model_type,
     )
 
-    from sd_scripts.library.ldm_convert import models_to_ldm, unet_ldm_key_map, vae_ldm_key_map
+    from sd_scripts.models.ldm_convert import models_to_ldm, unet_ldm_key_map, vae_ldm_key_map
 
     unet, vae, te = _meta_sd15()
     ldm = models_to_ldm(unet, vae, te, "clip")
@@ -579,7 +579,7 @@ def test_full_size_sd2_openclip_on_meta_device():
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_scripts.library.ldm_convert import openclip_from_ldm, openclip_to_ldm
+    from sd_scripts.models.ldm_convert import openclip_from_ldm, openclip_to_ldm
 
     with init_empty_weights():
         te = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
@@ -599,7 +599,7 @@ def test_full_size_sd2_openclip_on_meta_device():
 def test_text_encoder_key_maps(sd2_model, tiny_sd2_single_file, sd1_model, tiny_sd1_single_file):
     from safetensors.torch import load_file
 
-    from sd_scripts.library.ldm_convert import qkv_chunk_index, text_encoder_ldm_key_map, unet_ldm_key_map
+    from sd_scripts.models.ldm_convert import qkv_chunk_index, text_encoder_ldm_key_map, unet_ldm_key_map
 
     ldm = load_file(str(tiny_sd2_single_file))
     te = sd2_model.text_encoder
@@ -628,8 +628,8 @@ def test_full_size_builtin_configs_on_meta_device():
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    import sd_scripts.library.model_loading as ml
-    from sd_scripts.library.ldm_convert import models_to_ldm
+    import sd_scripts.models.loading as ml
+    from sd_scripts.models.ldm_convert import models_to_ldm
 
     unet, vae, te = _meta_sd15()
     ldm = models_to_ldm(unet, vae, te, "clip")

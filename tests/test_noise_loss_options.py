@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sd_scripts.library import loss_terms
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.noise import (
+from sd_scripts.training import losses as loss_terms
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.training.noise import (
     make_noise_scheduler, min_snr_weights, per_sample_mse, perturb_noise, sample_noise, sample_timesteps,
 )
 from tests.helpers import make_dataset, tiny_config
@@ -48,7 +48,7 @@ def test_zero_terminal_snr_schedule():
 
 
 def test_zero_terminal_snr_samplers_start_from_pure_noise():
-    from sd_scripts.library.sampling import SAMPLERS, make_sampler, zero_terminal_snr_sampler
+    from sd_scripts.training.sampling import SAMPLERS, make_sampler, zero_terminal_snr_sampler
 
     for name in SAMPLERS:
         if name.startswith("k_") or name == "lms" and not _has("scipy"):
@@ -261,7 +261,7 @@ def _metadata(path: str) -> dict:
 @pytest.mark.slow
 def test_v_prediction_zero_terminal_snr_training(tiny_sd2_diffusers, data, tmp_path):
     """The NoobAI-XL v-pred recipe on a tiny v-prediction model, with most options on and a sample image."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("sks shape --w 64 --h 64 --d 1 --s 2\n", encoding="utf-8")
@@ -288,7 +288,7 @@ def test_v_prediction_zero_terminal_snr_training(tiny_sd2_diffusers, data, tmp_p
 
 @pytest.mark.slow
 def test_epsilon_training_with_loss_options(tiny_sd1_diffusers, data, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     result = train(tiny_config(
         tiny_sd1_diffusers, data, tmp_path / "out", max_train_steps=2, loss_type="smooth_l1",
@@ -306,9 +306,9 @@ def test_epsilon_training_with_loss_options(tiny_sd1_diffusers, data, tmp_path):
 @pytest.mark.slow
 def test_prediction_type_checked_for_an_in_memory_model(tiny_sd1_diffusers, data, tmp_path):
     """A model handed to train() in memory: the loop checks what preflight could not."""
-    from sd_scripts.library.errors import ConfigError
-    from sd_scripts.library.model_loading import load_model
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.core.errors import ConfigError
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.loop import train
 
     config = tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", max_train_steps=1,
                          scale_v_pred_loss_like_noise_pred=True)
@@ -371,9 +371,9 @@ def test_a_zero_terminal_snr_checkpoint_is_recognised(data, tmp_path):
     """NoobAI-XL v-pred style: ``v_pred`` and ``ztsnr`` marker keys in a single-file checkpoint."""
     from safetensors.torch import load_file, save_file
 
-    from sd_scripts.library.model_loading import detect_family
-    from sd_scripts.library.preflight import preflight
-    from sd_scripts.library.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
+    from sd_scripts.models.loading import detect_family
+    from sd_scripts.training.preflight import preflight
+    from sd_scripts.testing.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
 
     path = save_tiny_single_file(tmp_path / "model.safetensors", "sd1")
     path.with_suffix(".yaml").unlink()

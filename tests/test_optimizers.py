@@ -10,17 +10,17 @@ import sys
 import pytest
 import torch
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.errors import ConfigError, UserErrors
-from sd_scripts.library.optimizers import _ONE_LR_ONLY as ONE_LR_ONLY
-from sd_scripts.library.optimizers import (
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.core.errors import ConfigError, UserErrors
+from sd_scripts.training.optimizers import _ONE_LR_ONLY as ONE_LR_ONLY
+from sd_scripts.training.optimizers import (
     build_lr_scheduler,
     build_optimizer,
     check_optimizer_settings,
     optimizer_names,
     parse_kv_args,
 )
-from sd_scripts.library.schedulers import (
+from sd_scripts.training.schedulers import (
     METRIC_SCHEDULERS,
     TRANSFORMERS_SCHEDULERS,
     resolve_warmup_steps,
@@ -347,7 +347,7 @@ def test_bad_package_class():
 
 
 def test_missing_bitsandbytes_one_clear_line(monkeypatch):
-    import sd_scripts.library.optimizers as O
+    import sd_scripts.training.optimizers as O
 
     real = importlib.util.find_spec
     monkeypatch.setattr(O.importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == "bitsandbytes" else real(n, *a))
@@ -358,7 +358,7 @@ def test_missing_bitsandbytes_one_clear_line(monkeypatch):
 
 
 def test_missing_package_at_build(monkeypatch):
-    import sd_scripts.library.optimizers as O
+    import sd_scripts.training.optimizers as O
 
     monkeypatch.setitem(O._SPECS, "fakeopt", O._Spec("FakeOpt", "no_such_module_xyz", "Fake", "no-such-package"))
     _, groups = two_groups()
@@ -376,8 +376,8 @@ def test_check_collects_several_errors():
 def test_check_defaults_clean_and_light():
     assert check_optimizer_settings(cfg()) == []
     code = (
-        "import sys; from sd_scripts.library.config import TrainConfig as T;"
-        "from sd_scripts.library.optimizers import check_optimizer_settings as c;"
+        "import sys; from sd_scripts.core.config import TrainConfig as T;"
+        "from sd_scripts.training.optimizers import check_optimizer_settings as c;"
         "c(T(optimizer_type='AdamW8bit', lr_scheduler='cosine', lr_warmup_steps='5%'));"
         "c(T(optimizer_type='AdaFactor', lr_scheduler='constant'));"
         "print(sorted(m for m in ('bitsandbytes','transformers','diffusers') if m in sys.modules))"
@@ -598,7 +598,7 @@ def fake_schedulefree(monkeypatch):
 
 
 def test_schedule_free_gets_constant_schedule(fake_schedulefree):
-    from sd_scripts.library.optimizers import is_schedule_free
+    from sd_scripts.training.optimizers import is_schedule_free
 
     params, groups = two_groups()
     config = cfg(optimizer_type="AdamWScheduleFree", optimizer_args=["warmup_steps=5"], lr_scheduler="cosine", lr_warmup_steps=3)

@@ -853,8 +853,8 @@ def _check_runs(store):
     """validate_store and the engine preflight's settings checks, as on a CUDA machine."""
     from frontend.resolve import validate_store
     from frontend.settings_map import to_train_config
-    from sd_scripts.library import preflight
-    from sd_scripts.library.model_families import check_family_settings
+    from sd_scripts.training import preflight
+    from sd_scripts.models.families import check_family_settings
 
     validate_store(store)
     config = to_train_config(store, has_cuda=True, has_xformers=False).config
@@ -864,7 +864,7 @@ def _check_runs(store):
 
 @pytest.mark.parametrize("model_type,answer", list(RECIPES))
 def test_each_gpu_memory_recipe_sets_exactly_its_settings_and_validates(paths, monkeypatch, model_type, answer):
-    from sd_scripts.library import preflight
+    from sd_scripts.training import preflight
 
     monkeypatch.setattr(preflight, "_cuda_available", lambda: True)  # fp16 and xformers need CUDA
     store, asker = run_wizard(answers(paths, model_type=model_type, gpu_memory=answer))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_scripts.library.errors import UserErrors
-from sd_scripts.library.preflight import check_disk_space, estimate_lora_bytes, preflight
+from sd_scripts.core.errors import UserErrors
+from sd_scripts.training.preflight import check_disk_space, estimate_lora_bytes, preflight
 from tests.helpers import make_dataset, tiny_config, tree_digest
 
 Usage = namedtuple("Usage", "total used free")
@@ -18,13 +18,13 @@ Usage = namedtuple("Usage", "total used free")
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from sd_scripts.library.tiny_models import save_tiny_single_file
+    from sd_scripts.testing.tiny_models import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("pf_model") / "model.safetensors", "sd1")
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
     overrides.setdefault("tokenizer_cache_dir", str(tiny_tokenizer_cache_dir(model)))
     return tiny_config(model, data, out, **overrides)
@@ -65,7 +65,7 @@ def test_every_problem_is_reported_together(model, tmp_path, monkeypatch):
 
 
 def test_model_warnings_reach_the_plan(tmp_path, monkeypatch):
-    from sd_scripts.library.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
+    from sd_scripts.testing.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sd2 = save_tiny_single_file(tmp_path / "m" / "sd2.safetensors", "sd2")
@@ -198,8 +198,8 @@ def test_existing_latent_cache_is_not_counted_again(model, tmp_path, monkeypatch
 
 
 def test_check_disk_space_without_output_dir_does_nothing(tmp_path):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.preflight import Plan
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.training.preflight import Plan
 
     assert check_disk_space(TrainConfig(), Plan()) == ([], [], [])
 
@@ -211,8 +211,8 @@ def test_lora_size_estimate_matches_a_saved_file(model, tmp_path, monkeypatch):
     """The estimate from the checkpoint header is the size of the file training would save."""
     import torch
 
-    from sd_scripts.library.lora_file import save_lora_file
-    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.files.lora_file import save_lora_file
+    from sd_scripts.models.loading import load_model
     from sd_scripts.networks.factory import build_network
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -234,8 +234,8 @@ def test_lora_size_estimate_matches_a_saved_file(model, tmp_path, monkeypatch):
 
 def test_lora_size_estimate_of_full_size_sd15():
     """kohya's dim-128 SD1.5 LoRA in fp16 is 151 MB; dim 32 is 38 MB."""
-    from sd_scripts.library.ldm_convert import models_to_ldm
-    from sd_scripts.library.preflight import _lora_params_from_shapes
+    from sd_scripts.models.ldm_convert import models_to_ldm
+    from sd_scripts.training.preflight import _lora_params_from_shapes
     from tests.test_model_loading import _meta_sd15
 
     unet, vae, te = _meta_sd15()

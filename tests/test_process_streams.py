@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd_scripts.library.train_state import capture_rng, process_seed, saved_rng_of
+from sd_scripts.training.state import capture_rng, process_seed, saved_rng_of
 from tests.helpers import make_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def same_images(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_draw_their_own_noise_and_resume_exactly(tiny_sd1_diffusers, same_images, tmp_path):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
     from tests.multiprocess_train import RESUME_STEP, SETTINGS
 
     launcher = Path(sys.executable).with_name("accelerate")
@@ -108,7 +108,7 @@ def test_two_processes_draw_their_own_noise_and_resume_exactly(tiny_sd1_diffuser
 
 def test_processes_load_the_model_one_at_a_time():
     """kohya's order: process k loads in turn k, everyone waits after each turn (RAM for one copy at a time)."""
-    from sd_scripts.library.train_loop import _in_turn
+    from sd_scripts.training.loop import _in_turn
 
     events: list[str] = []
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from frontend.job_queue import list_jobs, run_queue
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_only_the_listed_messages_are_dropped():
     import sd_scripts  # noqa: F401 - installs the filters
-    from sd_scripts.library.quiet_logs import NOISE
+    from sd_scripts.core.quiet_logs import NOISE
 
     kept: list[str] = []
 

@@ -27,7 +27,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_sd1_diffusers, data, tmp_path_factory):
     """One uninterrupted run that saves a LoRA and a state at every step."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     out = tmp_path_factory.mktemp("reference")
     result = train(tiny_config(tiny_sd1_diffusers, data, out, save_state=True, save_every_n_steps=1, **BASE))
@@ -35,7 +35,7 @@ def reference(tiny_sd1_diffusers, data, tmp_path_factory):
 
 
 def _train(model, data, out, **overrides):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(tiny_config(model, data, out, **{**BASE, **overrides}))
 
@@ -92,7 +92,7 @@ class _CtrlCAt:
 
 def test_stopped_twice_and_resumed_counters_continue(tiny_sd1_diffusers, data, reference, tmp_path):
     """Ctrl+C at step 2, resume and Ctrl+C at step 3, resume to the end: same LoRA, counters continue."""
-    from sd_scripts.library.train_loop import TrainingInterrupted, train
+    from sd_scripts.training.loop import TrainingInterrupted, train
 
     out, ref = reference
     with pytest.raises(TrainingInterrupted) as first:
@@ -169,7 +169,7 @@ def test_resume_variants(tiny_sd1_diffusers, data, tmp_path, extra):
 
 
 def test_find_latest_state(reference, tmp_path):
-    from sd_scripts.library.train_state import find_latest_state
+    from sd_scripts.training.state import find_latest_state
 
     out, _ = reference
     assert find_latest_state(out, "tiny") == str(out / "tiny-state")
@@ -187,8 +187,8 @@ def test_find_latest_state(reference, tmp_path):
     ],
 )
 def test_bad_resume_folder_is_a_one_line_error(tiny_sd1_diffusers, data, tmp_path, monkeypatch, make, needle):
-    from sd_scripts.library import model_loading
-    from sd_scripts.library.errors import UserError
+    from sd_scripts.models import loading as model_loading
+    from sd_scripts.core.errors import UserError
 
     def no_load(*a, **k):
         raise AssertionError("the model must not load")
@@ -203,8 +203,8 @@ def test_bad_resume_folder_is_a_one_line_error(tiny_sd1_diffusers, data, tmp_pat
 
 
 def test_resume_with_other_network_settings_is_refused(tiny_sd1_diffusers, data, reference, tmp_path, monkeypatch):
-    from sd_scripts.library import model_loading
-    from sd_scripts.library.errors import UserError
+    from sd_scripts.models import loading as model_loading
+    from sd_scripts.core.errors import UserError
 
     monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     out, _ = reference

@@ -20,7 +20,7 @@ HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 
 
 def test_prompt_line_options():
-    from sd_scripts.library.sampling import parse_prompt_line
+    from sd_scripts.training.sampling import parse_prompt_line
 
     sp = parse_prompt_line("1girl, solo --n lowres, bad hands --w 515 --h 700 --d 42 --l 5.5 --s 2000 --ss Euler_A")
     assert sp.prompt == "1girl, solo" and sp.negative_prompt == "lowres, bad hands"
@@ -44,8 +44,8 @@ def test_prompt_line_options():
     ],
 )
 def test_bad_prompt_line_is_one_config_error(line, needle):
-    from sd_scripts.library.errors import ConfigError
-    from sd_scripts.library.sampling import parse_prompt_line
+    from sd_scripts.core.errors import ConfigError
+    from sd_scripts.training.sampling import parse_prompt_line
 
     with pytest.raises(ConfigError) as err:
         parse_prompt_line(line, "sample_prompts line 3")
@@ -54,7 +54,7 @@ def test_bad_prompt_line_is_one_config_error(line, needle):
 
 
 def test_prompt_files_txt_json_toml(tmp_path):
-    from sd_scripts.library.sampling import load_sample_prompts
+    from sd_scripts.training.sampling import load_sample_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_text("\ufeff# a comment\n\nfirst --w 64\n  # indented comment\nsecond --ss k_euler\n", encoding="utf-8")
@@ -86,8 +86,8 @@ def test_prompt_files_txt_json_toml(tmp_path):
     ],
 )
 def test_bad_prompt_files(tmp_path, name, text, needle):
-    from sd_scripts.library.errors import ConfigError
-    from sd_scripts.library.sampling import load_sample_prompts
+    from sd_scripts.core.errors import ConfigError
+    from sd_scripts.training.sampling import load_sample_prompts
 
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
@@ -97,7 +97,7 @@ def test_bad_prompt_files(tmp_path, name, text, needle):
 
 
 def test_every_kohya_sampler_name_is_known():
-    from sd_scripts.library.sampling import SAMPLERS
+    from sd_scripts.training.sampling import SAMPLERS
 
     kohya = ["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
              "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"]
@@ -106,9 +106,9 @@ def test_every_kohya_sampler_name_is_known():
 
 @pytest.mark.skipif(HAS_SCIPY, reason="scipy is installed, lms works")
 def test_lms_without_scipy_is_a_clear_error():
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.errors import ConfigError
-    from sd_scripts.library.sampling import check_sampling_settings, parse_prompt_line
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.core.errors import ConfigError
+    from sd_scripts.training.sampling import check_sampling_settings, parse_prompt_line
 
     with pytest.raises(ConfigError, match="k_lms needs the scipy package"):
         parse_prompt_line("x --ss k_lms")
@@ -127,8 +127,8 @@ def data(tmp_path_factory) -> Path:
 def test_every_sampler_draws_with_its_size_and_kohya_names(tiny_sd1_diffusers, data, tmp_path):
     from PIL import Image
 
-    from sd_scripts.library.model_loading import load_model
-    from sd_scripts.library.sampling import SAMPLERS, generate_samples, parse_prompt_line, sampler_problem
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.sampling import SAMPLERS, generate_samples, parse_prompt_line, sampler_problem
 
     names = [n for n in SAMPLERS if sampler_problem(n) is None]
     model = load_model(tiny_config(tiny_sd1_diffusers, data, tmp_path))
@@ -152,7 +152,7 @@ def test_every_sampler_draws_with_its_size_and_kohya_names(tiny_sd1_diffusers, d
 @pytest.mark.slow
 def test_sampling_does_not_change_training(tiny_sd1_diffusers, data, tmp_path):
     """sample_at_first, every step and every epoch: the LoRA is bit-identical to a run that never sampled."""
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("sks shape, red --w 64 --h 64 --s 2\nsks shape --n blurry --w 64 --h 64 --s 2 --ss euler_a\n",
@@ -181,9 +181,9 @@ def test_sampling_does_not_change_training(tiny_sd1_diffusers, data, tmp_path):
 
 @pytest.mark.slow
 def test_bad_prompt_file_stops_before_the_model_loads(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
-    from sd_scripts.library import model_loading
-    from sd_scripts.library.errors import UserError
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.models import loading as model_loading
+    from sd_scripts.core.errors import UserError
+    from sd_scripts.training.loop import train
 
     monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     prompts = tmp_path / "prompts.txt"

@@ -21,8 +21,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_eval_weights_for_saves_and_samples_training_untouched(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
-    from sd_scripts.library import lora_file, sampling
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.files import lora_file
+    from sd_scripts.training import sampling
+    from sd_scripts.training.loop import train
     from tests.fake_optimizers import AdamWScheduleFree
 
     modes: list[tuple[str, str]] = []

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _argv(model, data, out, *extra):
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
     argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
             "--output_name", "xl", "--resolution", "64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
@@ -63,7 +63,7 @@ def test_an_sd1_model_or_no_sdxl_is_one_line_and_writes_nothing(tiny_sd1_diffuse
 
 
 def test_reading_without_mmap_gives_the_same_tensors(tiny_sdxl_single_file):
-    from sd_scripts.library.model_loading import read_checkpoint
+    from sd_scripts.models.loading import read_checkpoint
 
     mapped, meta = read_checkpoint(str(tiny_sdxl_single_file))
     read, meta2 = read_checkpoint(str(tiny_sdxl_single_file), mmap=False)

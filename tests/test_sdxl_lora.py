@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from sd_scripts.library.model_families import get_family
+from sd_scripts.models.families import get_family
 from sd_scripts.networks.lora import create_network
 from tests.comfy_rules import comfy_key_map_sdxl, hf_text_encoder_shapes
 from tests.helpers import saved_random_lora
@@ -171,7 +171,7 @@ def test_full_size_sdxl_module_counts_and_comfyui_map():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sd_scripts.library.ldm_convert import unet_ldm_key_map
+    from sd_scripts.models.ldm_convert import unet_ldm_key_map
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(XL.diffusers_unet_config())
@@ -193,7 +193,7 @@ def test_full_size_sdxl_module_counts_and_comfyui_map():
 
 
 def test_diffusers_named_files_convert_to_sgm(tiny_sdxl_diffusers):
-    from sd_scripts.library.sdxl_names import lora_names_to_sgm, sgm_module_path, sgm_to_diffusers_paths
+    from sd_scripts.models.sdxl_names import lora_names_to_sgm, sgm_module_path, sgm_to_diffusers_paths
 
     pipe = _pipe(tiny_sdxl_diffusers)
     sgm = _network(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, conv_dim=2).kohya_state_dict()

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_scripts.library.config import TrainConfig
-from sd_scripts.library.errors import ConfigError, ModelLoadError
-from sd_scripts.library.model_families import check_family_settings, get_family
-from sd_scripts.library.model_loading import detect_family, load_model
-from sd_scripts.library.tiny_models import TOKENIZER_CACHE_NAMES, build_tiny_components, tiny_tokenizer_cache_dir
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.core.errors import ConfigError, ModelLoadError
+from sd_scripts.models.families import check_family_settings, get_family
+from sd_scripts.models.loading import detect_family, load_model
+from sd_scripts.testing.tiny_models import TOKENIZER_CACHE_NAMES, build_tiny_components, tiny_tokenizer_cache_dir
 
 SETTING = "pretrained_model_name_or_path"
 
@@ -78,7 +78,7 @@ def test_builtin_full_size_config_round_trips_on_meta_device():
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from sd_scripts.library.ldm_convert import sgm_v_prediction, unet_config_from_sgm, unet_ldm_key_map
+    from sd_scripts.models.ldm_convert import sgm_v_prediction, unet_config_from_sgm, unet_ldm_key_map
 
     xl = get_family("sdxl")
     ldm = xl.builtin_ldm_config(False)
@@ -143,7 +143,7 @@ def test_single_file_with_sgm_yaml_loads_exact(tiny_sdxl_single_file, sdxl_model
 
 def test_detection_reads_the_header_and_settings_force_or_conflict(tmp_path, tiny_sdxl_single_file, tiny_sd1_diffusers,
                                                                    monkeypatch):
-    import sd_scripts.library.model_loading as ml
+    import sd_scripts.models.loading as ml
 
     monkeypatch.setattr(ml, "read_checkpoint", lambda *a, **k: pytest.fail("detection must not read tensors"))
     assert detect_family(_cfg(tiny_sdxl_single_file))[0].name == "sdxl"
@@ -187,8 +187,8 @@ def test_refiner_like_checkpoints_are_refused_in_one_line(tmp_path):
 
 def test_tokenizer_two_is_padded_with_bang(tmp_path, tiny_sdxl_single_file):
     """kohya forces pad id 0 on SDXL's second tokenizer even when the cached one pads with EOS."""
-    from sd_scripts.library.model_loading import load_tokenizer
-    from sd_scripts.library.tiny_models import write_tiny_tokenizer
+    from sd_scripts.models.loading import load_tokenizer
+    from sd_scripts.testing.tiny_models import write_tiny_tokenizer
 
     cache = tmp_path / "cache"
     write_tiny_tokenizer(cache / TOKENIZER_CACHE_NAMES["sdxl_2"], pad_token="<|endoftext|>")
@@ -247,7 +247,7 @@ def test_predict_uses_size_and_crop_conditioning(sdxl_model):
 
 
 def test_sample_pipeline_runs(sdxl_model, tmp_path):
-    from sd_scripts.library.sampling import SamplePrompt, generate_samples
+    from sd_scripts.training.sampling import SamplePrompt, generate_samples
 
     prompts = [SamplePrompt("(sks:1.2) dog", width=64, height=64, seed=1, sample_steps=2),
                SamplePrompt("cat", negative_prompt="blurry", width=64, height=96, seed=2, sample_steps=2)]
@@ -283,7 +283,7 @@ def test_text_encoder_output_caching_conflicts_are_one_line_errors():
 
 
 def test_caching_checks_dataset_subsets(tmp_path):
-    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.data.dataset_layout import scan_dataset
     from tests.helpers import make_dataset
 
     data = make_dataset(tmp_path / "data", count=2)

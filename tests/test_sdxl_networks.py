@@ -65,7 +65,7 @@ def comfy_map(tiny_sdxl_single_file, tiny_sdxl_diffusers) -> dict[str, tuple]:
 
 
 def _train(model, data, out, **kw):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     values = dict(max_train_steps=2, train_batch_size=1, bucket_reso_steps=32, network_dim=4, network_alpha=2.0)
     values.update(kw)
@@ -94,7 +94,7 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
     settings = dict(network_module=module, network_args=args, learning_rate=1e-2 if case == "ia3" else 1e-3)
     model = tiny_sdxl_diffusers
     if case in ON_SINGLE_FILE:
-        from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+        from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
         model = tiny_sdxl_single_file
         settings["tokenizer_cache_dir"] = str(tiny_tokenizer_cache_dir(model))
@@ -125,7 +125,7 @@ def test_network_type_trains_on_sdxl_and_writes_an_sdxl_file(case, tiny_sdxl_dif
     assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
     # the file loads back (network_weights) into the network the same settings build, value for value
-    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.models.loading import load_model
     from sd_scripts.networks.factory import build_network
 
     config = tiny_config(model, dataset, tmp_path / "again", network_weights=result.output_path, **settings)
@@ -209,8 +209,8 @@ def test_text_encoders_train_at_text_encoder_lr(te_lr, group_lrs, tiny_sdxl_sing
                                                 monkeypatch):
     """Both SDXL text encoders train, each in its own parameter group at text_encoder_lr (one value for both, or one
     per text encoder as kohya's list); the UNet at unet_lr."""
-    from sd_scripts.library import optimizers
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.training import optimizers
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
     from sd_scripts.networks import factory
 
     built: dict[str, object] = {}
@@ -243,9 +243,9 @@ def test_text_encoders_train_at_text_encoder_lr(te_lr, group_lrs, tiny_sdxl_sing
 
 
 def test_text_encoder_lr_values_are_checked_and_parsed():
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.model_families import check_family_settings, get_family
-    from sd_scripts.library.preflight import check_settings
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.families import check_family_settings, get_family
+    from sd_scripts.training.preflight import check_settings
     from sd_scripts.train_network import config_from_args
 
     def te_lr_errors(config, family):

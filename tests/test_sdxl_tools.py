@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.lora_file import load_lora_file, save_lora_file
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files.lora_file import load_lora_file, save_lora_file
 from sd_scripts.networks.extract import extract_lora_file
 from sd_scripts.networks.ldm_lora_map import build_lora_map, checkpoint_family, lora_target_names
 from sd_scripts.networks.lycoris_merge import merge_lycoris_file, merge_networks_into_checkpoint_file

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd_scripts.library.errors import UserErrors
-from sd_scripts.library.model_families import SDXLFamily
+from sd_scripts.core.errors import UserErrors
+from sd_scripts.models.families import SDXLFamily
 from tests.helpers import make_dataset, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -30,14 +30,14 @@ def _xl_config(model, data, out, **kw):
     values = dict(resolution="64", min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
     values.update(kw)
     if Path(model).is_file():
-        from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+        from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
         values.setdefault("tokenizer_cache_dir", str(tiny_tokenizer_cache_dir(model)))
     return tiny_config(model, data, out, **values)
 
 
 def _train(config):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(config)
 
@@ -112,11 +112,11 @@ def test_sdxl_single_file_unet_only_with_caches_and_samples(tiny_sdxl_single_fil
 
 
 def test_text_encoder_output_cache_memory_and_disk(tiny_sdxl_single_file, dataset, tmp_path):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.dataset_layout import scan_dataset
-    from sd_scripts.library.model_loading import load_model
-    from sd_scripts.library.te_cache import build_text_encoder_cache, fixed_captions
-    from sd_scripts.library.tiny_models import tiny_tokenizer_cache_dir
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.data.dataset_layout import scan_dataset
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.data.te_cache import build_text_encoder_cache, fixed_captions
+    from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
 
     config = TrainConfig(pretrained_model_name_or_path=str(tiny_sdxl_single_file), train_data_dir=str(dataset),
                          output_dir=str(tmp_path / "out"), resolution="64", min_bucket_reso=32, max_bucket_reso=128,
@@ -163,7 +163,7 @@ def test_text_encoder_cache_gives_the_same_lora_and_frees_the_encoders(tiny_sdxl
     import torch
     from safetensors.torch import load_file
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
     from tests.helpers import make_dataset, tiny_config
 
     data = make_dataset(tmp_path / "data", count=2)

@@ -65,7 +65,7 @@ def test_captions_read_as_utf8_split_and_stripped(tmp_path):
 
 def test_same_counts_as_the_engine_dataset_scan(tmp_path):
     pytest.importorskip("PIL")
-    layout = pytest.importorskip("sd_scripts.library.dataset_layout")
+    layout = pytest.importorskip("sd_scripts.data.dataset_layout")
     from PIL import Image
 
     from frontend.settings_map import to_train_config

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_scripts.library.lora_file import load_lora_file, save_lora_file
+from sd_scripts.files.lora_file import load_lora_file, save_lora_file
 from tests import lora_synth as ls
 
 ROOT = Path(__file__).resolve().parents[1]

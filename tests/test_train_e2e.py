@@ -25,7 +25,7 @@ def dataset(tmp_path) -> Path:
 
 
 def _train(config):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(config)
 

@@ -16,7 +16,7 @@ from torch import nn
 from tests.helpers import make_dataset, tiny_config
 
 def _train(config, callbacks=None):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(config, callbacks)
 
@@ -148,8 +148,8 @@ def test_scale_weight_norms_with_lycoris_uses_its_own_max_norm(tiny_sd1_diffuser
 
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
 def test_lycoris_max_norm_reaches_the_saved_file_and_the_training_state(tiny_sd1_diffusers, algo):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import load_model
     from sd_scripts.networks.lycoris_adapter import create_lycoris_network, parse_lycoris_args
     from sd_scripts.networks.network_state import parse_network
 
@@ -179,9 +179,9 @@ def test_lycoris_max_norm_reaches_the_saved_file_and_the_training_state(tiny_sd1
 
 
 def test_scale_weight_norms_is_refused_for_lycoris_algos_without_max_norm(tiny_sd1_diffusers, tmp_path):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.model_loading import load_model
-    from sd_scripts.library.preflight import check_settings
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.preflight import check_settings
     from sd_scripts.networks.lycoris_adapter import create_lycoris_network, parse_lycoris_args
 
     model = load_model(TrainConfig(pretrained_model_name_or_path=str(tiny_sd1_diffusers)))
@@ -215,9 +215,9 @@ def test_kohya_ss_gui_scale_weight_norms_zero_is_unset(tmp_path):
 
 def _base_lora(model_path: Path, path: Path, seed: int = 3) -> Path:
     """A LoCon for the tiny model with random factors (UNet and text encoder)."""
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.lora_file import save_lora_file
-    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.files.lora_file import save_lora_file
+    from sd_scripts.models.loading import load_model
     from sd_scripts.networks.lora import create_network
 
     model = load_model(TrainConfig(pretrained_model_name_or_path=str(model_path)))
@@ -302,8 +302,8 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_base_weights_merge_sdxl_files_in_either_unet_spelling(tiny_sdxl_diffusers):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import load_model
     from sd_scripts.networks.base_weights import merge_state_dict_into_model
     from sd_scripts.networks.lora import create_network
 
@@ -341,8 +341,8 @@ def test_base_weights_merge_sdxl_files_in_either_unet_spelling(tiny_sdxl_diffuse
 
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
 def test_base_weights_merge_a_lycoris_file_like_the_applied_network(tiny_sd1_diffusers, algo):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.model_loading import load_model
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import load_model
     from sd_scripts.networks.base_weights import merge_state_dict_into_model
     from sd_scripts.networks.lycoris_adapter import create_lycoris_network, parse_lycoris_args
 
@@ -410,7 +410,7 @@ def small_dataset(tmp_path) -> Path:
 
 def _fetches(monkeypatch) -> list[tuple[int, int]]:
     """Record every batch the data loader reads as (epoch, index)."""
-    from sd_scripts.library.dataset import TrainDataset
+    from sd_scripts.data.dataset import TrainDataset
 
     seen: list[tuple[int, int]] = []
     epoch = [0]
@@ -500,8 +500,8 @@ def test_a_run_started_at_initial_step_resumes_exactly(tiny_sd1_diffusers, small
 
 
 def test_initial_step_settings_are_checked(tmp_path):
-    from sd_scripts.library.config import TrainConfig
-    from sd_scripts.library.preflight import check_settings
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.training.preflight import check_settings
 
     def problems(**values):
         config = TrainConfig(output_dir=str(tmp_path), **values)

@@ -33,13 +33,13 @@ def reg(tmp_path_factory) -> Path:
 
 
 def _scan(model, data, out, **overrides):
-    from sd_scripts.library.dataset_layout import scan_dataset
+    from sd_scripts.data.dataset_layout import scan_dataset
 
     return scan_dataset(tiny_config(model, data, out, **overrides))
 
 
 def _train(config):
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     return train(config)
 
@@ -75,7 +75,7 @@ def test_split_is_deterministic_per_folder_and_never_takes_reg_images(tiny_sd1_d
 def test_split_helper_keeps_a_training_image():
     from types import SimpleNamespace
 
-    from sd_scripts.library.validation import split_held_out
+    from sd_scripts.data.held_out import split_held_out
 
     records = [SimpleNamespace(path=f"/d/{i}.png") for i in range(3)]
     train, held = split_held_out(records, 0.99, 1, "x")
@@ -95,7 +95,7 @@ def test_toml_keys_at_general_and_dataset_level(tiny_sd1_diffusers, data, tmp_pa
     assert _names(plan.validation_images) == _names(r for r in same.validation_images if "1_sks shape" in r.path)
     toml.write_text(f'[[datasets]]\nresolution = 64\nvalidation_split = 1.0\n'
                     f'[[datasets.subsets]]\nimage_dir = "{sub}"\n', encoding="utf-8")
-    from sd_scripts.library.errors import ConfigError
+    from sd_scripts.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^validation_split \(dataset_config \[\[datasets\]\] #1\): must be from 0"):
         _scan(tiny_sd1_diffusers, data, tmp_path / "out", dataset_config=str(toml), train_data_dir=None)
@@ -109,8 +109,8 @@ def test_toml_keys_at_general_and_dataset_level(tiny_sd1_diffusers, data, tmp_pa
     ("max_validation_steps", 0, "max_validation_steps: must be a whole number of 1 or more"),
 ])
 def test_bad_values_are_one_line_errors(tiny_sd1_diffusers, data, tmp_path, setting, value, needle):
-    from sd_scripts.library.errors import UserError
-    from sd_scripts.library.preflight import preflight
+    from sd_scripts.core.errors import UserError
+    from sd_scripts.training.preflight import preflight
 
     with pytest.raises(UserError) as info:
         preflight(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", **{setting: value}))
@@ -123,7 +123,7 @@ def test_bad_values_are_one_line_errors(tiny_sd1_diffusers, data, tmp_path, sett
 
 @pytest.mark.slow
 def test_held_out_images_are_never_in_training_batches(tiny_sd1_diffusers, data, tmp_path, monkeypatch):
-    from sd_scripts.library import train_loop
+    from sd_scripts.training import loop as train_loop
 
     seen: list[str] = []
     original = train_loop._Trainer._step_loss
@@ -152,7 +152,7 @@ def test_validation_is_logged_and_repeats_exactly_when_weights_do_not_move(tiny_
         def on_message(self, text):
             messages.append(text)
 
-    from sd_scripts.library.train_loop import train
+    from sd_scripts.training.loop import train
 
     config = tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", validation_split=0.25, validate_every_n_steps=2,
                          max_train_steps=5, logging_dir=str(logs), optimizer_type="tests.test_validation.FrozenAdamW",
@@ -198,7 +198,7 @@ def test_the_lora_is_bit_identical_with_and_without_validation(tiny_sd1_diffuser
     whether or not validations run, and the same as a dataset that simply lacks the held-out images."""
     from safetensors.torch import load_file
 
-    from sd_scripts.library import train_loop
+    from sd_scripts.training import loop as train_loop
 
     settings = dict(validation_split=0.25, max_train_steps=6, network_dropout=0.2, cache_latents=cache,
                     flip_aug=True)
@@ -245,8 +245,8 @@ def test_sdxl_with_cached_text_encoder_outputs_and_latents(tiny_sdxl_diffusers, 
                          max_bucket_reso=128, bucket_reso_steps=32, validation_split=0.5, validate_every_n_steps=1,
                          max_train_steps=2, network_train_unet_only=True, cache_text_encoder_outputs=True,
                          cache_latents=True)
-    from sd_scripts.library.dataset_layout import scan_dataset
-    from sd_scripts.library.te_cache import fixed_captions
+    from sd_scripts.data.dataset_layout import scan_dataset
+    from sd_scripts.data.te_cache import fixed_captions
 
     plan = scan_dataset(config)
     assert len(plan.validation_images) == 2
@@ -297,7 +297,7 @@ def test_resume_with_validation_is_bit_identical(tiny_sd1_diffusers, data, tmp_p
 def test_fixed_timesteps_follow_kohya():
     from types import SimpleNamespace
 
-    from sd_scripts.library.validation import VALIDATION_TIMESTEPS, validation_timesteps
+    from sd_scripts.training.validation import VALIDATION_TIMESTEPS, validation_timesteps
 
     assert validation_timesteps(SimpleNamespace()) == VALIDATION_TIMESTEPS == (200, 400, 600, 800)
     assert validation_timesteps(SimpleNamespace(min_timestep=100, max_timestep=600)) == (200, 300, 400, 500)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                                       ("model", "sd1", "config.json", "output"))
     model = os.path.join(HERE, folder)
     if not os.path.isfile(os.path.join(model, "model_index.json")):
-        from sd_scripts.library.tiny_models import save_tiny_diffusers
+        from sd_scripts.testing.tiny_models import save_tiny_diffusers
 
         print(f"building the tiny example model in examples/quickstart/{folder}")
         save_tiny_diffusers(model, family, seed=0)

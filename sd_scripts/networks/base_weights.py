@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError, UserError
-from sd_scripts.networks import lora_keys
+from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.files import lora_keys
 
 __all__ = ["check_base_weights", "lora_file_family", "merge_base_weights", "merge_state_dict_into_model",
            "multipliers_for"]
@@ -61,7 +61,7 @@ def lora_file_family(keys, metadata: dict[str, str]) -> str | None:
 
 def _read_keys(path: str) -> tuple[list[str], dict[str, str]]:
     """Keys and metadata of a LoRA file: the safetensors header only, or the whole (small) torch file."""
-    from sd_scripts.library.lora_file import _read_header, load_lora_file
+    from sd_scripts.files.lora_file import _read_header, load_lora_file
 
     try:
         header, metadata = _read_header(Path(path))
@@ -217,7 +217,7 @@ def merge_state_dict_into_model(model, state_dict, multiplier: float = 1.0, sour
 def merge_base_weights(model, paths: Sequence[str], multipliers: Sequence[float] | None = None) -> list[str]:
     """Merge every ``base_weights`` file into ``model`` (a LoadedModel) with its multiplier; returns one line per
     file for the caller to show (how many modules were merged, and any that match no layer)."""
-    from sd_scripts.library.lora_file import load_lora_file
+    from sd_scripts.files.lora_file import load_lora_file
 
     lines = []
     index = _module_index(model)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks.lora import AdapterModule, LoRANetwork, create_network, lora_delta_weight
 
 __all__ = ["DyLoRAModule", "DyLoRANetwork", "create_dylora_network"]

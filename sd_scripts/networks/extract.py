@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.ldm_lora_map import build_lora_map, lora_target_names
 from sd_scripts.networks.network_state import lora_module_state, unify_alpha
@@ -167,7 +167,7 @@ def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_par
                        tuned_path, title: str | None = None) -> dict[str, str]:
     from pathlib import Path
 
-    from sd_scripts.library.lora_file import build_modelspec
+    from sd_scripts.files.lora_file import build_modelspec
 
     v2 = family == "sd2"
     sdxl = family == "sdxl"
@@ -200,7 +200,7 @@ def extract_lora_file(base, tuned, save_to, mode: str = "fixed", linear_param=4,
     already-read ``(base_state, tuned_state, family)`` (queues reuse them)."""
     from pathlib import Path
 
-    from sd_scripts.library.lora_file import precision_dtype, save_lora_file
+    from sd_scripts.files.lora_file import precision_dtype, save_lora_file
     from sd_scripts.networks.tool_io import check_output_path, lora_format_of, read_sd_checkpoint
 
     check_extract_args(mode, linear_param, conv_param)

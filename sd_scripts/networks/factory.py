@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS, BlockSettings, layout_for_family, resolve_block_settings
 from sd_scripts.networks.network_args import parse_float, parse_int, parse_probability, split_network_args
 
@@ -190,7 +190,7 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
 
     weights_sd = None
     if config.network_weights:
-        from ..library.lora_file import load_lora_file
+        from sd_scripts.files.lora_file import load_lora_file
 
         weights_sd, _ = load_lora_file(config.network_weights)
 
@@ -209,11 +209,11 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
             loraplus_text_encoder_lr_ratio=values["loraplus_text_encoder_lr_ratio"],
         )
         if plan.kind == "dylora":
-            from .dylora import create_dylora_network
+            from sd_scripts.networks.dylora import create_dylora_network
 
             network = create_dylora_network(model.unet, model.text_encoders, unit=plan.unit, **common)
         else:
-            from .lora import create_network
+            from sd_scripts.networks.lora import create_network
 
             network = create_network(model.unet, model.text_encoders, dropout=values["dropout"],
                                      rank_dropout=values["rank_dropout"], module_dropout=values["module_dropout"],
@@ -228,7 +228,7 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
 
 
 def _build_lycoris(plan, config, model, weights_sd, train_unet, train_te, te_prefixes, unet_path_map):
-    from .lycoris_adapter import create_lycoris_network, lycoris_network_from_weights
+    from sd_scripts.networks.lycoris_adapter import create_lycoris_network, lycoris_network_from_weights
 
     if weights_sd is not None and config.dim_from_weights:
         network, warnings = lycoris_network_from_weights(

@@ -3,7 +3,7 @@
 The network does not copy or replace the model's layers: each :class:`LoRAModule` patches the
 ``forward`` of the layer it adapts (``y = org(x) + up(drop(down(x))) * multiplier * alpha/dim``),
 and :meth:`LoRANetwork.remove` puts the original forward back. Module names and the state dict
-are exactly kohya's (see :mod:`sd_scripts.networks.lora_keys`).
+are exactly kohya's (see :mod:`sd_scripts.files.lora_keys`).
 
 Targets (kohya ``networks/lora.py``):
 
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.networks import lora_keys
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files import lora_keys
 from sd_scripts.networks.block_weights import BlockSettings
-from sd_scripts.networks.lora_keys import PREFIX_UNET
+from sd_scripts.files.lora_keys import PREFIX_UNET
 from sd_scripts.networks.network_args import parse_float, parse_int, split_network_args
 
 __all__ = [

@@ -43,8 +43,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.networks import lora_keys
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files import lora_keys
 from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS
 from sd_scripts.networks.network_args import (
     SETTING, bad_arg, is_unset, parse_bool, parse_float, parse_int, parse_probability,

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.ldm_lora_map import LdmTarget, build_lora_map, checkpoint_family
-from sd_scripts.networks.lora_keys import lora_name_spellings
+from sd_scripts.files.lora_keys import lora_name_spellings
 from sd_scripts.networks.network_state import NetModule
 
 __all__ = ["CheckpointMergeReport", "NetworkInput", "merge_into_checkpoint", "merge_lycoris_file"]
@@ -183,7 +183,7 @@ def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequ
     """Read the checkpoint and the networks, merge, and write ``save_to`` atomically (nothing is written on error)."""
     import math
 
-    from sd_scripts.library.lora_file import precision_dtype
+    from sd_scripts.files.lora_file import precision_dtype
     from sd_scripts.networks.tool_io import check_output_path, load_network, read_sd_checkpoint, save_sd_checkpoint
 
     if len(models) != len(ratios):

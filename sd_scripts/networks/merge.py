@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sd_scripts.library.errors import ConfigError
-from sd_scripts.library.user_metadata import merged_user_modelspec
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.files.user_metadata import merged_user_modelspec
 from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.network_state import NetModule, lora_module_state, unify_alpha
 
@@ -166,7 +166,7 @@ def merge_lora_files(models: Sequence, ratios: Sequence[float], save_to, new_ran
     """LoRA files -> one LoRA file (SVD to ``new_rank`` or exact ``concat``). Returns the module reports."""
     from pathlib import Path
 
-    from sd_scripts.library.lora_file import precision_dtype, save_lora_file
+    from sd_scripts.files.lora_file import precision_dtype, save_lora_file
     from sd_scripts.networks.tool_io import check_output_path, load_network, lora_format_of
 
     if not models:

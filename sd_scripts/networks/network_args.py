@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 
 __all__ = [
     "SETTING", "split_network_args", "is_unset", "parse_int", "parse_float", "parse_probability", "parse_bool",

@@ -4,7 +4,7 @@ weight), and write LoRA/LoCon modules back in kohya's layout.
 
 The middle layer of the LoRA tools: keys and shapes here, the tensor math in
 :mod:`sd_scripts.networks.lora_math`, the files in the tools' ``*_file`` functions.
-Key names and their grouping come from :mod:`sd_scripts.networks.lora_keys`.
+Key names and their grouping come from :mod:`sd_scripts.files.lora_keys`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
-from sd_scripts.networks.lora_keys import group_by_module
+from sd_scripts.files.lora_keys import group_by_module
 
 __all__ = [
     "ALGO_PARTS",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
 from sd_scripts.networks.network_state import NetModule, lora_module_state, parse_network, unify_alpha
 
@@ -234,7 +234,7 @@ def resize_lora_file(model, save_to, new_rank: int, new_conv_rank: int | None = 
     succeeded (atomically)."""
     from pathlib import Path
 
-    from sd_scripts.library.lora_file import load_lora_file, precision_dtype, save_lora_file
+    from sd_scripts.files.lora_file import load_lora_file, precision_dtype, save_lora_file
 
     sd, md = load_lora_file(model, setting="model")
     modules = parse_network(sd, source=str(model), metadata=md)

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 
 __all__ = ["check_output_path", "load_network", "lora_format_of", "read_sd_checkpoint", "save_sd_checkpoint"]
 
@@ -38,7 +38,7 @@ def lora_format_of(path) -> str:
 def load_network(path, setting: str, with_base: bool = False):
     """``(modules, metadata)`` of a LoRA/LyCORIS file; ConfigError naming ``setting`` when it is not one.
     ``with_base``: the caller merges into base weights, so DoRA/GLoRA/OFT modules are taken (``parse_network``)."""
-    from sd_scripts.library.lora_file import load_lora_file
+    from sd_scripts.files.lora_file import load_lora_file
     from sd_scripts.networks.network_state import parse_network
 
     sd, md = load_lora_file(path, setting=setting)
@@ -48,7 +48,7 @@ def load_network(path, setting: str, with_base: bool = False):
 def read_sd_checkpoint(path, setting: str):
     """``(state_dict, metadata, family)`` of a single-file SD1/SD2/SDXL checkpoint (family ``"sd1"``, ``"sd2"`` or
     ``"sdxl"``, from the keys); ConfigError/ModelLoadError if not one."""
-    from sd_scripts.library.model_loading import read_checkpoint
+    from sd_scripts.models.loading import read_checkpoint
     from sd_scripts.networks.ldm_lora_map import checkpoint_family
 
     p = Path(path)

@@ -43,8 +43,8 @@ def _cuda() -> bool:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, str]:
     """Shared read-only inputs: a tiny SD1 checkpoint with its tokenizer, a small LoRA."""
-    from sd_scripts.library.lora_file import save_lora_file
-    from sd_scripts.library.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
+    from sd_scripts.files.lora_file import save_lora_file
+    from sd_scripts.testing.tiny_models import save_tiny_single_file, tiny_tokenizer_cache_dir
     from tests import lora_synth
 
     folder = tmp_path_factory.mktemp("bad_inputs_assets")

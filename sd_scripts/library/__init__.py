@@ -1,1 +1,0 @@
-"""Engine library: model families, loading, dataset, training loop, saving."""

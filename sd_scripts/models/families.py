@@ -1,0 +1,628 @@
+"""Model families: each family's facts and its conditioning/prediction steps behind one small interface.
+
+The training loop, metadata writer and sampler only call the interface (``latent_scale``, ``encode_prompts``,
+``predict``, ``build_pipeline``, ``base_model_version`` ...), never branch on a family's name; loading and detection
+read each family's facts (text encoders, LDM key prefixes, tokenizer sources, built-in configs). Adding a family
+means one more subclass registered with ``register_family``, and no change to the training loop.
+
+SDXL (``SDXLFamily``): two text encoders (CLIP-L and OpenCLIP bigG with its projection); the conditioning is
+``{"encoder_hidden_states": [B, L, 768+1280], "text_embeds": [B, 1280]}`` (both penultimate layers without the final
+norm, the pooled output of the second), and ``predict`` adds the per-sample size/crop conditioning from the batch
+(``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw``). LoRA files name the UNet by its original SGM
+layout (``lora_unet_input_blocks_4_1_...``): ``lora_unet_path_map`` gives ``networks.lora`` that mapping.
+
+``check_family_settings(config, family, dataset)`` holds the setting checks that depend on the family (SDXL
+text-encoder output caching, SDXL warnings); preflight calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sd_scripts.core.errors import ConfigError
+
+__all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "SD1Family",
+    "SD2Family",
+    "SDXLFamily",
+    "TextEncoderSpec",
+    "TokenizerSource",
+    "check_family_settings",
+    "get_family",
+    "register_family",
+    "requested_family",
+]
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where a family's tokenizer comes from: a hub repo (+ subfolder) and kohya's ``tokenizer_cache_dir`` name."""
+
+    repo_id: str
+    subfolder: str | None
+    cache_name: str  # kohya layout: <tokenizer_cache_dir>/<repo id with "/" -> "_">
+    pad_token: str | None = None  # forced pad token (SDXL's second tokenizer pads with "!", id 0, as in kohya)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family: its LDM layout and how transformers builds it."""
+
+    kind: str  # "clip" (HF names under <prefix>text_model.) | "openclip" (resblocks, packed q/k/v)
+    ldm_prefix: str
+    hidden_act: str
+    subfolder: str = "text_encoder"  # diffusers folder
+    with_projection: bool = False  # CLIPTextModelWithProjection (pooled output through text_projection)
+    drop_last_layer: bool = False  # SD2: the checkpoint's last OpenCLIP block is not used
+
+
+class ModelFamily:
+    """Interface and shared SD1/SD2 behaviour; a family is a subclass instance registered in ``FAMILIES``."""
+
+    name: str = ""
+    latent_scale: float = 0.18215
+    default_resolution: int = 512
+    v_resolution: int = 512  # default resolution of the family's v-prediction models
+    bucket_step: int = 64
+    ss_v2: bool = False
+    version_tag: str = ""  # "v1" -> ss_base_model_version "sd_v1" / "sd_v1_v"
+    context_dim: int = 768
+    te_hidden_act: str = "quick_gelu"
+    text_encoder_kinds: tuple[str, ...] = ("clip",)  # per text encoder: "clip" | "openclip" (LDM layout)
+    ldm_text_encoder_prefix: str = "cond_stage_model.transformer."
+    tokenizer_sources: tuple[TokenizerSource, ...] = ()
+    _te_lora_prefixes: tuple[str, ...] = ("lora_te",)
+    min_bucket_reso: int = 256  # defaults a front end offers for this family
+    max_bucket_reso: int = 1024
+
+    # ------------------------------------------------------------------------------------------- facts
+
+    @property
+    def te_lora_prefixes(self) -> list[str]:
+        """kohya LoRA name prefix of each text encoder (``lora_te``; SDXL: ``lora_te1``, ``lora_te2``)."""
+        return list(self._te_lora_prefixes)
+
+    @property
+    def text_encoder_specs(self) -> tuple[TextEncoderSpec, ...]:
+        """The family's text encoders, in order (one for SD1/SD2)."""
+        kind = self.text_encoder_kinds[0]
+        return (TextEncoderSpec(kind, self.ldm_text_encoder_prefix, self.te_hidden_act,
+                                drop_last_layer=kind == "openclip"),)
+
+    def resolution_for(self, v_parameterization: bool) -> int:
+        return self.v_resolution if v_parameterization else self.default_resolution
+
+    def default_settings(self, v_parameterization: bool = False) -> dict:
+        """Training defaults sized for the family (a front end's defaults when the model is known)."""
+        resolution = self.resolution_for(v_parameterization)
+        return {"resolution": str(resolution), "min_bucket_reso": self.min_bucket_reso,
+                "max_bucket_reso": max(self.max_bucket_reso, resolution), "bucket_reso_steps": 64}
+
+    def lora_unet_path_map(self, unet):
+        """``module path -> path the LoRA file names it by`` for the UNet, or None when the names are the model's own."""
+        return None
+
+    def unet_config_from_ldm(self, ldm_config: dict, checkpoint: dict) -> dict:
+        """The diffusers UNet config of a single-file checkpoint described by ``ldm_config``."""
+        from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+        unet_config = create_unet_diffusers_config_from_ldm(ldm_config, checkpoint)
+        image_size = ldm_config["model"]["params"].get("image_size")
+        if image_size:
+            unet_config["sample_size"] = int(image_size)
+        return unet_config
+
+    def v_from_ldm_config(self, ldm_config: dict) -> bool:
+        return ldm_config["model"]["params"].get("parameterization") == "v"
+
+    def base_model_version(self, v_parameterization: bool) -> str:
+        """kohya's ``ss_base_model_version``: sd_v1, sd_v1_v, sd_v2, sd_v2_v."""
+        return f"sd_{self.version_tag}" + ("_v" if v_parameterization else "")
+
+    def modelspec_architecture(self, v_parameterization: bool) -> str:
+        raise NotImplementedError
+
+    def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
+        """Full-size diffusers UNet config of the family's standard model."""
+        raise NotImplementedError
+
+    def diffusers_vae_config(self, v_parameterization: bool = False) -> dict:
+        return {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "act_fn": "silu",
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": self.resolution_for(v_parameterization),
+            "scaling_factor": self.latent_scale,
+        }
+
+    def builtin_ldm_config(self, v_parameterization: bool = False) -> dict:
+        """LDM config (as the original ``v*-inference.yaml``) used for a checkpoint without a sibling ``.yaml``."""
+        from sd_scripts.models.ldm_convert import ldm_config_from_diffusers
+
+        return ldm_config_from_diffusers(self.diffusers_unet_config(v_parameterization),
+                                         self.diffusers_vae_config(v_parameterization),
+                                         self.text_encoder_kinds[0], v_parameterization)
+
+    # ---------------------------------------------------------------------------------------- detection
+
+    def claims_ldm_checkpoint(self, shapes: Mapping[str, Any]) -> bool:
+        """True if a single-file checkpoint with these keys (-> shapes) belongs to this family."""
+        if any(k.startswith("conditioner.") for k in shapes):
+            return False
+        if any(k.startswith(self.ldm_text_encoder_prefix) for k in shapes):
+            return True
+        if any(k.startswith("cond_stage_model.") for k in shapes):
+            return False
+        shape = shapes.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+        return shape is not None and int(shape[-1]) == self.context_dim
+
+    def claims_diffusers(self, unet_config: Mapping, text_encoder_config: Mapping, model_index: Mapping) -> bool:
+        """True if a diffusers folder with these configs belongs to this family."""
+        if "text_encoder_2" in model_index or unet_config.get("addition_embed_type"):
+            return False
+        cross = unet_config.get("cross_attention_dim")
+        if cross in (768, 1024, 1280, 2048):
+            return cross == self.context_dim
+        return text_encoder_config.get("hidden_act") == self.te_hidden_act
+
+    # ------------------------------------------------------------------------------------ training steps
+
+    def tokenize(self, model, captions, max_token_length: int | None = None, weighted: bool = False):
+        """Captions -> ``TokenizedPrompts`` (ids ``[B, n, 77]``) with the model's tokenizer."""
+        from sd_scripts.models.text_encoding import tokenize_prompts
+
+        return tokenize_prompts(model.tokenizers[0], captions, max_token_length, weighted)
+
+    def encode_prompts(self, model, captions, clip_skip: int | None = None, max_token_length: int | None = None,
+                       weighted: bool = False) -> dict:
+        """Captions -> ``{"encoder_hidden_states": [B, 77|152|227, D]}``; keeps gradients in grad mode."""
+        from sd_scripts.models.text_encoding import encode_tokens
+
+        tokens = self.tokenize(model, captions, max_token_length, weighted)
+        return {"encoder_hidden_states": encode_tokens(model.text_encoders[0], tokens, clip_skip)}
+
+    def predict(self, model, noisy_latents, timesteps, cond: dict, batch: Mapping | None = None):
+        """The UNet's prediction (noise or v) for noisy latents at ``timesteps`` under ``cond``."""
+        states = cond["encoder_hidden_states"].to(noisy_latents.device)
+        return model.unet(noisy_latents, timesteps, encoder_hidden_states=states, return_dict=False)[0]
+
+    def build_pipeline(self, model, scheduler):
+        """A diffusers ``StableDiffusionPipeline`` over the loaded parts (no safety checker), for sample images.
+
+        Its prompt encoding is ours: A1111 weighting, prompts up to 225 tokens (chunks as in training) and the
+        pipeline's ``clip_skip`` (diffusers counts skipped layers: 1 = penultimate = kohya's clip_skip 2), which also
+        works with transformers' flattened ``CLIPTextModel`` and applies to the negative prompt too.
+        """
+        cls = _family_pipeline_class()
+        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.family = self
+        return pipe
+
+    def __repr__(self) -> str:
+        return f"<ModelFamily {self.name}>"
+
+
+class SD1Family(ModelFamily):
+    name = "sd1"
+    version_tag = "v1"
+    context_dim = 768
+    te_hidden_act = "quick_gelu"
+    text_encoder_kinds = ("clip",)
+    ldm_text_encoder_prefix = "cond_stage_model.transformer."
+    tokenizer_sources = (TokenizerSource("openai/clip-vit-large-patch14", None, "openai_clip-vit-large-patch14"),)
+
+    def modelspec_architecture(self, v_parameterization: bool) -> str:
+        return "stable-diffusion-v1/lora"
+
+    def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
+        return {
+            "sample_size": 64,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "layers_per_block": 2,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "use_linear_projection": False,
+        }
+
+
+class SD2Family(ModelFamily):
+    name = "sd2"
+    version_tag = "v2"
+    ss_v2 = True
+    v_resolution = 768
+    context_dim = 1024
+    te_hidden_act = "gelu"
+    text_encoder_kinds = ("openclip",)
+    ldm_text_encoder_prefix = "cond_stage_model.model."
+    tokenizer_sources = (TokenizerSource("stabilityai/stable-diffusion-2", "tokenizer", "stabilityai_stable-diffusion-2"),)
+
+    def modelspec_architecture(self, v_parameterization: bool) -> str:
+        return "stable-diffusion-v2-768-v/lora" if v_parameterization else "stable-diffusion-v2-512/lora"
+
+    def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
+        """SD1's UNet with 1024-wide cross-attention, 64-wide heads and linear projections."""
+        return {**SD1Family.diffusers_unet_config(self), "sample_size": self.resolution_for(v_parameterization) // 8,
+                "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
+
+
+class SDXLFamily(ModelFamily):
+    """Stable Diffusion XL base (and its derivatives: Pony, Illustrious, NoobAI ...)."""
+
+    name = "sdxl"
+    latent_scale = 0.13025
+    default_resolution = 1024
+    v_resolution = 1024
+    bucket_step = 32  # the UNet downsamples latents 4x: sides that are multiples of 32 px
+    min_bucket_reso = 512
+    max_bucket_reso = 2048
+    context_dim = 2048
+    te_hidden_act = "quick_gelu"
+    text_encoder_kinds = ("clip", "openclip")
+    ldm_text_encoder_prefix = "conditioner.embedders.0.transformer."
+    tokenizer_sources = (
+        TokenizerSource("openai/clip-vit-large-patch14", None, "openai_clip-vit-large-patch14"),
+        TokenizerSource("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", None, "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k",
+                        pad_token="!"),
+    )
+    _te_lora_prefixes = ("lora_te1", "lora_te2")
+    hidden_layer = -2  # both text encoders: penultimate layer, no final norm (kohya: TE1 hidden_states[11])
+
+    @property
+    def text_encoder_specs(self) -> tuple[TextEncoderSpec, ...]:
+        return (
+            TextEncoderSpec("clip", "conditioner.embedders.0.transformer.", "quick_gelu", "text_encoder"),
+            TextEncoderSpec("openclip", "conditioner.embedders.1.model.", "gelu", "text_encoder_2", with_projection=True),
+        )
+
+    def base_model_version(self, v_parameterization: bool) -> str:
+        """kohya writes ``sdxl_base_v1-0`` for every SDXL LoRA (v-prediction shows in ``modelspec.prediction_type``)."""
+        return "sdxl_base_v1-0"
+
+    def modelspec_architecture(self, v_parameterization: bool) -> str:
+        return "stable-diffusion-xl-v1-base/lora"
+
+    def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
+        return {
+            "sample_size": 128,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280],
+            "layers_per_block": 2,
+            "cross_attention_dim": 2048,
+            "attention_head_dim": [5, 10, 20],
+            "use_linear_projection": True,
+            "transformer_layers_per_block": [1, 2, 10],
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        }
+
+    def diffusers_vae_config(self, v_parameterization: bool = False) -> dict:
+        config = super().diffusers_vae_config(v_parameterization)
+        config["force_upcast"] = True
+        return config
+
+    def builtin_ldm_config(self, v_parameterization: bool = False) -> dict:
+        from sd_scripts.models.ldm_convert import sgm_config_from_diffusers
+
+        return sgm_config_from_diffusers(self.diffusers_unet_config(v_parameterization),
+                                         self.diffusers_vae_config(v_parameterization), v_parameterization)
+
+    def unet_config_from_ldm(self, ldm_config: dict, checkpoint: dict) -> dict:
+        from sd_scripts.models.ldm_convert import unet_config_from_sgm
+
+        return unet_config_from_sgm(ldm_config, sample_size=self.default_resolution // 8)
+
+    def v_from_ldm_config(self, ldm_config: dict) -> bool:
+        from sd_scripts.models.ldm_convert import sgm_v_prediction
+
+        return bool(sgm_v_prediction(ldm_config)) or super().v_from_ldm_config(ldm_config)
+
+    def lora_unet_path_map(self, unet):
+        from sd_scripts.models.sdxl_names import sgm_path_mapper
+
+        return sgm_path_mapper(unet)
+
+    # ---------------------------------------------------------------------------------------- detection
+
+    def claims_ldm_checkpoint(self, shapes: Mapping[str, Any]) -> bool:
+        return any(k.startswith("conditioner.embedders.1.model.") for k in shapes)
+
+    def claims_diffusers(self, unet_config: Mapping, text_encoder_config: Mapping, model_index: Mapping) -> bool:
+        if model_index.get("requires_aesthetics_score"):
+            return False  # the SDXL refiner: one text encoder, aesthetic-score conditioning
+        return unet_config.get("addition_embed_type") == "text_time" or "text_encoder_2" in model_index
+
+    # ------------------------------------------------------------------------------------ training steps
+
+    def encode_prompts(self, model, captions, clip_skip: int | None = None, max_token_length: int | None = None,
+                       weighted: bool = False) -> dict:
+        """Captions -> ``{"encoder_hidden_states": [B, L, D1+D2], "text_embeds": [B, P]}`` (kohya's SDXL encoding).
+
+        ``clip_skip`` is not used: SDXL is trained on the penultimate layers of both encoders.
+        """
+        from sd_scripts.models.text_encoding import encode_tokens_with_pool, tokenize_prompts
+
+        te1, te2 = model.text_encoders[0], model.text_encoders[1]
+        tok1, tok2 = model.tokenizers[0], model.tokenizers[1]
+        states1, _ = encode_tokens_with_pool(te1, tokenize_prompts(tok1, captions, max_token_length, weighted),
+                                             self.hidden_layer)
+        states2, pooled = encode_tokens_with_pool(te2, tokenize_prompts(tok2, captions, max_token_length, weighted),
+                                                  self.hidden_layer, eos_token_id=tok2.eos_token_id)
+        import torch
+
+        states = torch.cat([states1, states2.to(states1.device, states1.dtype)], dim=-1)
+        return {"encoder_hidden_states": states, "text_embeds": pooled.to(states1.device)}
+
+    @staticmethod
+    def time_ids(batch: Mapping | None, noisy_latents, vae_scale: int = 8):
+        """``[B, 6]``: original (h, w), crop (top, left), target (h, w) per sample, from the dataset's batch.
+
+        Without them (no batch) every sample is an uncropped image of the latents' size.
+        """
+        import torch
+
+        count, height, width = noisy_latents.shape[0], noisy_latents.shape[-2] * vae_scale, noisy_latents.shape[-1] * vae_scale
+        rows = []
+        for i in range(count):
+            original = tuple(batch["original_sizes_hw"][i]) if batch and batch.get("original_sizes_hw") else (height, width)
+            crop = tuple(batch["crop_top_lefts"][i]) if batch and batch.get("crop_top_lefts") else (0, 0)
+            target = tuple(batch["target_sizes_hw"][i]) if batch and batch.get("target_sizes_hw") else (height, width)
+            rows.append([*original, *crop, *target])
+        return torch.tensor(rows, dtype=torch.float32, device=noisy_latents.device)
+
+    def predict(self, model, noisy_latents, timesteps, cond: dict, batch: Mapping | None = None):
+        device = noisy_latents.device
+        added = {"text_embeds": cond["text_embeds"].to(device), "time_ids": self.time_ids(batch, noisy_latents)}
+        return model.unet(noisy_latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(device),
+                          added_cond_kwargs=added, return_dict=False)[0]
+
+    def build_pipeline(self, model, scheduler):
+        """A diffusers ``StableDiffusionXLPipeline`` over the loaded parts, with our prompt encoding (weights,
+        225 tokens); no watermarker."""
+        cls = _sdxl_pipeline_class()
+        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
+                   tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler,
+                   force_zeros_for_empty_prompt=True, add_watermarker=False)
+        pipe.family = self
+        return pipe
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family to the registry; a second family under the same name is a bug and raises."""
+    if not family.name:
+        raise ValueError("a model family needs a name")
+    if family.name in FAMILIES and FAMILIES[family.name] is not family:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family called ``name``; an unknown name is a ConfigError listing the valid ones."""
+    key = str(name).strip().lower() if name is not None else ""
+    if key not in FAMILIES:
+        raise ConfigError(f"model_family: unknown family {name!r}; choose one of {', '.join(FAMILIES)}", "model_family")
+    return FAMILIES[key]
+
+
+register_family(SD1Family())
+register_family(SD2Family())
+register_family(SDXLFamily())
+
+
+# ------------------------------------------------------------------------------------------- family settings
+
+
+def requested_family(config) -> ModelFamily | None:
+    """The family the settings force (``model_family``, ``sdxl: true``, ``v2: true``), or None; conflicts raise."""
+    wanted = get_family(config.model_family) if getattr(config, "model_family", None) else None
+    for setting, name in (("sdxl", "sdxl"), ("v2", "sd2")):
+        if getattr(config, setting, None):
+            family = get_family(name)
+            if wanted is not None and wanted is not family:
+                raise ConfigError(f"{setting}: true conflicts with {wanted.name} (set by model_family, sdxl or v2); "
+                                  "unset one of them", setting)
+            wanted = family
+    return wanted
+
+
+def check_family_settings(config, family: ModelFamily | None = None, dataset=None) -> tuple[list, list[str]]:
+    """Setting checks that depend on the model family: ``(errors, warnings)``.
+
+    ``family`` is the detected family (None: the one the settings force, if any); ``dataset`` a scanned
+    ``DatasetPlan`` whose subsets are checked too. Errors are ``ConfigError`` with one line naming the setting.
+    """
+    errors: list = []
+    warnings: list[str] = []
+    if family is None:
+        try:
+            family = requested_family(config)
+        except ConfigError as e:
+            errors.append(e)
+    caching = bool(getattr(config, "cache_text_encoder_outputs", False)
+                   or getattr(config, "cache_text_encoder_outputs_to_disk", False))
+    if caching:
+        setting = "cache_text_encoder_outputs"
+        if not config.network_train_unet_only:
+            errors.append(ConfigError(f"{setting}: needs network_train_unet_only (a trained text encoder changes its "
+                                      "outputs); turn on network_train_unet_only or turn caching off", setting))
+        conflicts = [("shuffle_caption", bool(config.shuffle_caption)),
+                     ("caption_dropout_rate", (config.caption_dropout_rate or 0) > 0),
+                     ("caption_dropout_every_n_epochs", (config.caption_dropout_every_n_epochs or 0) > 0),
+                     ("caption_tag_dropout_rate", (config.caption_tag_dropout_rate or 0) > 0),
+                     ("token_warmup_step", (config.token_warmup_step or 0) > 0),
+                     ("enable_wildcard", bool(getattr(config, "enable_wildcard", False)))]
+        for name, on in conflicts:
+            if on:
+                errors.append(ConfigError(f"{setting}: cannot be used with {name} (captions change during training); "
+                                          f"turn off {name} or {setting}", setting))
+        if dataset is not None and not any(on for _, on in conflicts):
+            for subset in getattr(dataset, "subsets", []) or []:
+                if subset.captions.changes_captions:
+                    errors.append(ConfigError(
+                        f"{setting}: subset {subset.name} changes its captions during training (shuffle, dropout, "
+                        f"token warm-up or wildcards); turn those off for it or turn {setting} off", setting))
+                    break
+    te_lr = getattr(config, "text_encoder_lr", None)
+    if family is not None and isinstance(te_lr, (list, tuple)) and len(te_lr) > len(family.te_lora_prefixes):
+        count = len(family.te_lora_prefixes)
+        errors.append(ConfigError(f"text_encoder_lr: {len(te_lr)} values, but {family.name.upper()} has {count} text "
+                                  f"encoder{'s' if count > 1 else ''}; give at most {count}", "text_encoder_lr"))
+    if family is not None and family.name == "sdxl":
+        if config.clip_skip not in (None, 1, 2):
+            warnings.append(f"clip_skip: SDXL always uses the penultimate layers of its text encoders; clip_skip "
+                            f"{config.clip_skip} is not used")
+        steps = getattr(config, "bucket_reso_steps", 64)
+        if steps and steps % family.bucket_step:
+            warnings.append(f"bucket_reso_steps: {steps} is not a multiple of {family.bucket_step}; SDXL works best "
+                            f"with bucket sides that are multiples of {family.bucket_step}")
+        if config.mixed_precision == "fp16" and not getattr(config, "no_half_vae", False):
+            warnings.append("no_half_vae: the SDXL VAE overflows in fp16 (NaN latents) unless it is an fp16-fix VAE; "
+                            "turn on no_half_vae or use bf16")
+    return errors, warnings
+
+
+# ------------------------------------------------------------------------------------------------ sample pipeline
+
+
+def _split_prompts(prompt, negative_prompt, do_cfg: bool) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives: list[str] = []
+    if do_cfg:
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+    return prompts, negatives
+
+
+def _sample_token_length(tokenizer, texts) -> int | None:
+    """max_token_length for sample prompts: as many 75-token chunks as the longest prompt needs (up to 3)."""
+    import math
+
+    from sd_scripts.models.text_encoding import count_prompt_tokens
+
+    longest = max(count_prompt_tokens(tokenizer, t) for t in texts)
+    chunks = min(3, max(1, math.ceil(longest / 75)))
+    return None if chunks == 1 else 75 * chunks
+
+
+_PIPELINE_CLASS = None
+
+
+def _family_pipeline_class():
+    """StableDiffusionPipeline whose prompt encoding uses ``text_encoding`` (built lazily: diffusers is slow to import)."""
+    global _PIPELINE_CLASS
+    if _PIPELINE_CLASS is not None:
+        return _PIPELINE_CLASS
+    import math
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sd_scripts.models.text_encoding import count_prompt_tokens, encode_tokens, tokenize_prompts
+
+    class FamilyStableDiffusionPipeline(StableDiffusionPipeline):
+        family: ModelFamily | None = None
+
+        def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                          negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
+                          clip_skip=None):
+            if prompt_embeds is None:
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+                negatives: list[str] = []
+                if do_classifier_free_guidance and negative_prompt_embeds is None:
+                    if negative_prompt is None:
+                        negatives = [""] * len(prompts)
+                    elif isinstance(negative_prompt, str):
+                        negatives = [negative_prompt] * len(prompts)
+                    else:
+                        negatives = list(negative_prompt)
+                texts = prompts + negatives
+                longest = max(count_prompt_tokens(self.tokenizer, t) for t in texts)
+                chunks = min(3, max(1, math.ceil(longest / 75)))
+                tokens = tokenize_prompts(self.tokenizer, texts, None if chunks == 1 else 75 * chunks, weighted=True)
+                kohya_clip_skip = None if clip_skip is None else clip_skip + 1
+                with torch.no_grad():
+                    states = encode_tokens(self.text_encoder, tokens, kohya_clip_skip)
+                prompt_embeds = states[: len(prompts)]
+                if negatives:
+                    negative_prompt_embeds = states[len(prompts):]
+            return super().encode_prompt(None, device, num_images_per_prompt, do_classifier_free_guidance, None,
+                                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                         lora_scale=lora_scale, clip_skip=None)
+
+    _PIPELINE_CLASS = FamilyStableDiffusionPipeline
+    return _PIPELINE_CLASS
+
+
+_SDXL_PIPELINE_CLASS = None
+
+
+def _sdxl_pipeline_class():
+    """StableDiffusionXLPipeline whose prompt encoding is the family's (kohya's): weighted, up to 225 tokens, negative
+    prompts encoded as text (an empty one too, as kohya's sampler does)."""
+    global _SDXL_PIPELINE_CLASS
+    if _SDXL_PIPELINE_CLASS is not None:
+        return _SDXL_PIPELINE_CLASS
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    class FamilyStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+        family: ModelFamily | None = None
+
+        def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1,
+                          do_classifier_free_guidance=True, negative_prompt=None, negative_prompt_2=None,
+                          prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                          negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+            if prompt_embeds is None:
+                prompts, negatives = _split_prompts(prompt, negative_prompt, do_classifier_free_guidance)
+                texts = prompts + negatives
+                max_len = max(_sample_token_length(self.tokenizer, texts), _sample_token_length(self.tokenizer_2, texts),
+                              key=lambda n: n or 0)
+                parts = _PipelineParts([self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2])
+                with torch.no_grad():
+                    cond = self.family.encode_prompts(parts, texts, None, max_len, weighted=True)
+                states, pooled = cond["encoder_hidden_states"], cond["text_embeds"]
+                prompt_embeds, pooled_prompt_embeds = states[: len(prompts)], pooled[: len(prompts)]
+                if negatives:
+                    negative_prompt_embeds = states[len(prompts):]
+                    negative_pooled_prompt_embeds = pooled[len(prompts):]
+            return super().encode_prompt(
+                None, None, device, num_images_per_prompt, do_classifier_free_guidance, None, None,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                lora_scale=lora_scale, clip_skip=None)
+
+    _SDXL_PIPELINE_CLASS = FamilyStableDiffusionXLPipeline
+    return _SDXL_PIPELINE_CLASS
+
+
+class _PipelineParts:
+    """The text side of a pipeline in ``LoadedModel`` shape, for ``encode_prompts``."""
+
+    def __init__(self, text_encoders, tokenizers):
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers

@@ -1,0 +1,752 @@
+"""Find out what a base model is (cheaply, for preflight) and load it: single-file LDM checkpoints or diffusers folders.
+
+Single files (``.safetensors``; ``.ckpt``/``.pt`` pickles loaded with ``weights_only=True``) are converted with
+diffusers' ``single_file_utils`` functions, offline, using either the model's own LDM config (``<stem>.yaml`` next
+to it, as AUTOMATIC1111 reads it; an SGM config for SDXL) or the family's built-in full-size config. Text encoders
+are built by us from their weights (size read from them, 64-wide attention heads); SD2's OpenCLIP encoder loses its
+last block, as in kohya; SDXL's second encoder keeps all blocks and its projection (``CLIPTextModelWithProjection``).
+
+Tokenizer lookup order: the diffusers folder's ``tokenizer/`` (``tokenizer_2/``); ``tokenizer_cache_dir`` (the folder
+itself, or kohya's ``<dir>/openai_clip-vit-large-patch14`` / ``<dir>/stabilityai_stable-diffusion-2`` /
+``<dir>/laion_CLIP-ViT-bigG-14-laion2B-39B-b160k``); the Hugging Face cache (no network); a download (only when not
+offline; saved into ``tokenizer_cache_dir`` when given). SDXL's second tokenizer always pads with "!" (id 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd_scripts.core.errors import ConfigError, ModelLoadError
+from sd_scripts.models.families import FAMILIES, ModelFamily, get_family, requested_family
+
+__all__ = [
+    "LoadedModel",
+    "detect_family",
+    "load_model",
+    "load_tokenizer",
+    "load_vae",
+    "read_checkpoint",
+    "read_checkpoint_shapes",
+    "text_encoder_config_from_state",
+]
+
+SETTING = "pretrained_model_name_or_path"
+SAFETENSORS_EXTS = (".safetensors", ".sft")
+PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "text_encoder/config.json",
+                     "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
+_HUB_WEIGHT_FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                     "text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
+
+
+@dataclass
+class LoadedModel:
+    """The parts of a loaded base model, ready for training (float32 on the CPU unless asked otherwise)."""
+
+    family: ModelFamily
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    v_parameterization: bool
+    model_path: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder_2(self):
+        return self.text_encoders[1] if len(self.text_encoders) > 1 else None
+
+
+# ------------------------------------------------------------------------------------------------- file reading
+
+
+def _fail(setting: str, message: str) -> ModelLoadError:
+    return ModelLoadError(f"{setting}: {message}", setting)
+
+
+def _is_safetensors(path: str) -> bool:
+    return path.lower().endswith(SAFETENSORS_EXTS)
+
+
+def _read_safetensors_header(path: str, setting: str) -> tuple[dict, dict]:
+    """``({key: shape}, metadata)`` from a safetensors header, without reading the tensors."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file too short")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as e:
+        raise _fail(setting, f"{path} is not a readable .safetensors file ({e}); check the file or download it again")
+    metadata = header.pop("__metadata__", None) or {}
+    return {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}, metadata
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The code a pickle would import (empty when it cannot be listed: then the file is just unreadable)."""
+    try:
+        from torch.serialization import get_unsafe_globals_in_checkpoint
+
+        return list(get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - only used to word the message
+        return []
+
+
+def _torch_load(path: str, setting: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: a pickle that needs to run code is refused."""
+    import pickle
+
+    import torch
+
+    def unreadable(e: Exception) -> ModelLoadError:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return _fail(setting, f"{path} is not a readable checkpoint ({first}); check the file or download it again")
+
+    try:
+        with warnings.catch_warnings():
+            # a plain (non-torch) pickle makes torch warn about its protocol before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path)
+        if not names:  # the legacy (pre-zip) format cannot be listed; torch names the first global it met
+            names = re.findall(r"unsupported GLOBAL (\S+)", str(e))
+        if not names:
+            raise unreadable(ValueError("not a PyTorch checkpoint"))
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        raise _fail(setting, f"{path} was refused: loading it would run code stored in the pickle ({shown}); "
+                             "use a .safetensors version of the model")
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise unreadable(e)
+
+
+def _unwrap_state_dict(obj: Any, path: str, setting: str) -> dict:
+    import torch
+
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise _fail(setting, f"{path} holds no state dict; give a Stable Diffusion checkpoint")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def read_checkpoint(path: str, setting: str = SETTING, mmap: bool = True) -> tuple[dict, dict]:
+    """``(state_dict, safetensors metadata)`` of a single-file checkpoint (pickles loaded with weights_only).
+
+    ``mmap=False`` reads a .safetensors file into memory with one sequential read (kohya's
+    ``disable_mmap_load_safetensors``) instead of paging it in tensor by tensor."""
+    if _is_safetensors(path):
+        _, metadata = _read_safetensors_header(path, setting)  # a clear error for a broken file
+        from safetensors import safe_open
+
+        try:
+            if not mmap:
+                from safetensors.torch import load
+
+                return load(Path(path).read_bytes()), metadata
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise _fail(setting, f"{path} is not a readable .safetensors file ({e}); check the file")
+    if path.lower().endswith(PICKLE_EXTS):
+        return _unwrap_state_dict(_torch_load(path, setting), path, setting), {}
+    raise _fail(setting, f"{path} has an unknown extension; use a .safetensors or .ckpt file, or a diffusers folder")
+
+
+def read_checkpoint_shapes(path: str, setting: str = SETTING) -> tuple[dict, dict, dict | None]:
+    """``({key: shape}, metadata, state_dict or None)``: safetensors from the header only; pickles must be loaded."""
+    if _is_safetensors(path):
+        shapes, metadata = _read_safetensors_header(path, setting)
+        return shapes, metadata, None
+    state, metadata = read_checkpoint(path, setting)
+    return {k: tuple(v.shape) for k, v in state.items()}, metadata, state
+
+
+def _read_yaml(path: Path, setting: str = SETTING) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["model"]["params"]  # noqa: B018 - shape check
+    except Exception as e:  # noqa: BLE001 - any parse or shape problem
+        raise _fail(setting, f"{path} (the LDM config next to the checkpoint) is not a valid model .yaml ({type(e).__name__}); "
+                             "fix it or remove it to use the built-in config")
+    return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# -------------------------------------------------------------------------------------------------- detection
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
+
+
+def _hf_cache_dir() -> str | None:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _resolve_hub_repo(repo_id: str, with_weights: bool) -> Path:
+    """Local snapshot folder of a diffusers hub repo: the cache first, then a download unless offline."""
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_CONFIG_FILES + (_HUB_WEIGHT_FILES if with_weights else [])
+    kwargs = {"allow_patterns": patterns, "cache_dir": _hf_cache_dir()}
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
+        if (folder / "model_index.json").is_file() and (not with_weights or (folder / "unet").is_dir()):
+            return folder
+    except Exception:  # noqa: BLE001 - not cached
+        pass
+    if _offline():
+        raise _fail(SETTING, f"{repo_id!r} is not a file or folder here and is not in the Hugging Face cache "
+                             "(offline); give a local .safetensors/.ckpt file or diffusers folder")
+    try:
+        return Path(snapshot_download(repo_id, **kwargs))
+    except Exception as e:  # noqa: BLE001 - network/auth/not found
+        raise _fail(SETTING, f"{repo_id!r} could not be downloaded ({type(e).__name__}); "
+                             "check the name or give a local .safetensors/.ckpt file or diffusers folder")
+
+
+def _model_location(config) -> tuple[str, str]:
+    """``(kind, path)``: 'single_file' / 'diffusers' / 'hub'."""
+    raw = config.pretrained_model_name_or_path
+    if not raw:
+        raise _fail(SETTING, "not set; give a .safetensors/.ckpt file or a diffusers folder")
+    path = os.path.expanduser(str(raw))
+    if os.path.isfile(path):
+        return "single_file", os.path.realpath(path)
+    if os.path.isdir(path):
+        if (Path(path) / "model_index.json").is_file() or (Path(path) / "unet" / "config.json").is_file():
+            return "diffusers", os.path.realpath(path)
+        raise _fail(SETTING, f"{path} is a folder but not a diffusers model (no model_index.json or unet/config.json); "
+                             "give a .safetensors/.ckpt file or a diffusers folder")
+    looks_like_file = path.lower().endswith(SAFETENSORS_EXTS + PICKLE_EXTS + (".yaml", ".json"))
+    if _REPO_ID.match(str(raw)) and not os.path.isabs(path) and not str(raw).startswith(".") and not looks_like_file:
+        return "hub", str(raw)
+    raise _fail(SETTING, f"{path} does not exist; give a .safetensors/.ckpt file or a diffusers folder")
+
+
+def _unknown_family(path: str, shapes_or_configs: str) -> ModelLoadError:
+    return _fail(SETTING, f"{path} is not a supported model family ({shapes_or_configs}); "
+                          f"supported families: {', '.join(FAMILIES)} (set model_family if detection is wrong)")
+
+
+def _family_of_single_file(path: str, shapes: dict) -> ModelFamily:
+    if not any(k.startswith("model.diffusion_model.") for k in shapes):
+        raise _fail(SETTING, f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights; "
+                             "is it a LoRA or a VAE?); give a full model")
+    claimed = [f for f in FAMILIES.values() if f.claims_ldm_checkpoint(shapes)]
+    if len(claimed) == 1:
+        return claimed[0]
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        raise _unknown_family(path, "it looks like an SDXL refiner or another SGM model with one text encoder")
+    if not claimed:
+        raise _unknown_family(path, "unrecognised text encoder and UNet layout")
+    return claimed[0]
+
+
+def _family_of_diffusers(folder: Path) -> tuple[ModelFamily, dict, dict]:
+    model_index = _read_json(folder / "model_index.json")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    te_config = _read_json(folder / "text_encoder" / "config.json")
+    if not unet_config:
+        raise _fail(SETTING, f"{folder} has no readable unet/config.json; give a complete diffusers folder")
+    claimed = [f for f in FAMILIES.values() if f.claims_diffusers(unet_config, te_config, model_index)]
+    if len(claimed) != 1:
+        kind = "an SDXL refiner" if model_index.get("requires_aesthetics_score") else \
+            f"cross_attention_dim {unet_config.get('cross_attention_dim')}"
+        raise _unknown_family(str(folder), kind)
+    return claimed[0], unet_config, model_index
+
+
+def _apply_family_settings(config, detected: ModelFamily | None, where: str) -> ModelFamily:
+    """The family the settings ask for, checked against the detected one.
+
+    ``model_family`` forces a family; ``v2 = true`` means sd2 and ``sdxl = true`` sdxl (``false`` is kohya's default
+    for both and claims nothing).
+    """
+    wanted = requested_family(config)
+    setting = "sdxl" if getattr(config, "sdxl", None) else "v2" if config.v2 else "model_family"
+    if detected is None:
+        if wanted is None:
+            raise _unknown_family(where, "could not tell from the file")
+        return wanted
+    if wanted is not None and wanted is not detected:
+        raise ConfigError(f"{setting}: {where} is a {detected.name} model but the settings say {wanted.name}; "
+                          f"unset {setting} to use the detected family", setting)
+    return detected
+
+
+def _v_from_single_file(shapes: dict, metadata: dict, yaml_config: dict | None,
+                        family: ModelFamily | None = None) -> bool | None:
+    if yaml_config is not None:
+        if family is not None:
+            return family.v_from_ldm_config(yaml_config)
+        return yaml_config["model"]["params"].get("parameterization") == "v"
+    if str(metadata.get("modelspec.prediction_type", "")).lower() == "v":
+        return True
+    if "v_pred" in shapes:
+        return True
+    return None
+
+
+def detect_family(config) -> tuple[ModelFamily, dict]:
+    """``(family, info)`` of ``config.pretrained_model_name_or_path`` without loading the weights.
+
+    Reads a safetensors header, a sibling ``<stem>.yaml`` or a diffusers folder's configs (a ``.ckpt`` has to be
+    unpickled). ``info``: ``kind`` ('single_file' | 'diffusers'), ``path``, ``format``, ``yaml`` (path or None),
+    ``v_parameterization`` (resolved: the setting, else what the files say, else False), ``v_source``,
+    ``trained_zero_terminal_snr`` (a ``ztsnr`` key, or ``rescale_betas_zero_snr`` in the scheduler config), ``family``
+    and ``warnings`` (one-line notes for the user, e.g. an SD2 model whose prediction type cannot be told).
+    Raises ModelLoadError / ConfigError with one line naming the setting.
+    """
+    kind, path = _model_location(config)
+    info: dict = {"kind": kind, "path": path, "yaml": None}
+    if kind == "hub":
+        info["repo_id"] = path
+        path = str(_resolve_hub_repo(path, with_weights=False))
+        info.update(kind="diffusers", path=path)
+    if info["kind"] == "single_file":
+        shapes, metadata, _ = read_checkpoint_shapes(path)
+        detected = _family_of_single_file(path, shapes)
+        yaml_path = Path(path).with_suffix(".yaml")
+        yaml_config = _read_yaml(yaml_path) if yaml_path.is_file() else None
+        info.update(format="safetensors" if _is_safetensors(path) else "ckpt",
+                    yaml=str(yaml_path) if yaml_config is not None else None)
+        file_v = _v_from_single_file(shapes, metadata, yaml_config, detected)
+        info["trained_zero_terminal_snr"] = "ztsnr" in shapes  # NoobAI-XL v-pred marks itself so
+    else:
+        folder = Path(path)
+        detected, _, _ = _family_of_diffusers(folder)
+        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+        file_v = scheduler.get("prediction_type") == "v_prediction" if scheduler else None
+        info["trained_zero_terminal_snr"] = bool(scheduler and scheduler.get("rescale_betas_zero_snr"))
+        info["format"] = "diffusers"
+    family = _apply_family_settings(config, detected, path)
+    if config.v_parameterization is not None:
+        info["v_parameterization"], info["v_source"] = bool(config.v_parameterization), "setting"
+    elif file_v is not None:
+        info["v_parameterization"], info["v_source"] = bool(file_v), "model files"
+    else:
+        info["v_parameterization"], info["v_source"] = False, "default"
+    info["family"] = family.name
+    info["warnings"] = []
+    if info["v_source"] == "default" and family.v_resolution != family.default_resolution:
+        info["warnings"].append(
+            f"{SETTING}: cannot tell whether this {family.name} model predicts v (768-v models do); "
+            "set v_parameterization true for a 768-v model, or put its .yaml next to it")
+    return family, info
+
+
+# ------------------------------------------------------------------------------------------------- tokenizers
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+
+
+def _tokenizer_from_folder(folder: Path, setting: str):
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise _fail(setting, f"the tokenizer in {folder} cannot be read ({type(e).__name__}); fix or remove it")
+    # transformers 5 builds an empty tokenizer from a folder without vocabulary files instead of failing
+    if len(tokenizer) < 10 or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise _fail(setting, f"{folder} holds no usable CLIP tokenizer (vocab.json + merges.txt or tokenizer.json); "
+                             "fix or remove it")
+    return tokenizer
+
+
+def _hub_tokenizer_folder(source, local_only: bool) -> Path | None:
+    """The tokenizer folder of ``source`` in the Hugging Face cache (downloaded first unless ``local_only``)."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    patterns = [prefix + n for n in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                                     "special_tokens_map.json")]
+    snapshot = Path(snapshot_download(source.repo_id, allow_patterns=patterns, cache_dir=_hf_cache_dir(),
+                                      local_files_only=local_only))
+    folder = snapshot / source.subfolder if source.subfolder else snapshot
+    return folder if _has_tokenizer_files(folder) else None
+
+
+def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.PathLike | None = None, index: int = 0):
+    """The CLIP tokenizer of ``family`` (text encoder ``index``); see the module doc for the lookup order."""
+    tokenizer = _find_tokenizer(family, config, model_folder, index)
+    pad = family.tokenizer_sources[index].pad_token
+    if pad is not None and tokenizer.pad_token != pad:
+        tokenizer.pad_token = pad
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.unk_token_id:
+            raise ModelLoadError(f"tokenizer_cache_dir: the {family.name} tokenizer {index + 1} has no {pad!r} token to "
+                                 "pad with; give the right tokenizer", "tokenizer_cache_dir")
+    return tokenizer
+
+
+def _find_tokenizer(family: ModelFamily, config, model_folder, index: int):
+    source = family.tokenizer_sources[index]
+    if model_folder is not None:
+        sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
+        if _has_tokenizer_files(Path(model_folder) / sub):
+            return _tokenizer_from_folder(Path(model_folder) / sub, SETTING)
+    cache_dir = getattr(config, "tokenizer_cache_dir", None) if config is not None else None
+    if cache_dir:
+        base = Path(os.path.expanduser(str(cache_dir)))
+        for candidate in (base / source.cache_name, base / source.cache_name / "tokenizer", base):
+            if _has_tokenizer_files(candidate):
+                return _tokenizer_from_folder(candidate, "tokenizer_cache_dir")
+    try:
+        folder = _hub_tokenizer_folder(source, local_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache
+        folder = None
+    if folder is not None:
+        return _tokenizer_from_folder(folder, "tokenizer_cache_dir")
+    hint = (f"set tokenizer_cache_dir to a folder holding the {source.repo_id} tokenizer "
+            f"(the folder itself or <dir>/{source.cache_name})")
+    if _offline():
+        raise ModelLoadError(f"tokenizer_cache_dir: no {family.name} CLIP tokenizer found offline; {hint}",
+                             "tokenizer_cache_dir")
+    try:
+        folder = _hub_tokenizer_folder(source, local_only=False)
+        if folder is None:
+            raise FileNotFoundError(source.repo_id)
+    except Exception as e:  # noqa: BLE001 - network problems
+        raise ModelLoadError(f"tokenizer_cache_dir: the {family.name} CLIP tokenizer could not be downloaded "
+                             f"({type(e).__name__}); {hint}", "tokenizer_cache_dir")
+    tokenizer = _tokenizer_from_folder(folder, "tokenizer_cache_dir")
+    if cache_dir:
+        try:
+            tokenizer.save_pretrained(str(Path(os.path.expanduser(str(cache_dir))) / source.cache_name))
+        except OSError:
+            pass  # a read-only cache folder only costs a download next time
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------- building modules
+
+
+def _fit_state(model, state: dict, setting: str, where: str, what: str, fix: str, dtype) -> dict:
+    """Check keys and shapes against ``model`` (1x1 conv <-> linear reshaped) and cast floats to ``dtype``.
+
+    Empties ``state`` while it builds the result, so a caller holding no other reference to the source tensors
+    keeps one copy of each weight at a time, not two."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise _fail(setting, f"{where}: the {what} weights do not match ({'; '.join(detail)}); {fix}")
+    out = {}
+    for key, target in expected.items():
+        value = state.pop(key)  # the source tensor is freed as soon as its cast copy exists (peak memory)
+        if tuple(value.shape) != tuple(target.shape):
+            if value.numel() == target.numel() and value.squeeze().shape == target.squeeze().shape:
+                value = value.reshape(target.shape)
+            else:
+                raise _fail(setting, f"{where}: {what} weight {key} has shape {tuple(value.shape)}, the model expects "
+                                     f"{tuple(target.shape)}; {fix}")
+        if value.is_floating_point() and dtype is not None:
+            value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def _build_module(factory, state: dict, setting: str, where: str, what: str, fix: str, dtype):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = factory()
+    model.load_state_dict(_fit_state(model, state, setting, where, what, fix, dtype), strict=True, assign=True)
+    return model.eval()
+
+
+def _take(checkpoint: dict, prefix: str) -> dict:
+    """Move the ``prefix`` keys out of ``checkpoint``: once a part is built, nothing holds its source tensors."""
+    return {k: checkpoint.pop(k) for k in [k for k in checkpoint if k.startswith(prefix)]}
+
+
+def _ldm_text_encoder_state(family: ModelFamily, checkpoint: dict, index: int = 0) -> dict:
+    from sd_scripts.models.ldm_convert import clip_from_ldm, openclip_from_ldm
+
+    spec = family.text_encoder_specs[index]
+    if spec.kind == "clip":
+        return clip_from_ldm(checkpoint, spec.ldm_prefix)
+    if spec.kind == "openclip":
+        return openclip_from_ldm(checkpoint, spec.ldm_prefix, drop_last_layer=spec.drop_last_layer,
+                                 with_projection=spec.with_projection)
+    raise ValueError(f"unknown text encoder kind {spec.kind!r}")
+
+
+def text_encoder_config_from_state(family: ModelFamily, state: dict, tokenizer=None, index: int = 0):
+    """A ``CLIPTextConfig`` sized from the weights (64-wide heads), with the activation of the family's encoder
+    ``index``; ``projection_dim`` from ``text_projection.weight`` when the weights have one."""
+    from transformers import CLIPTextConfig
+
+    token = state["embeddings.token_embedding.weight"]
+    hidden = int(token.shape[1])
+    layers = len({int(m[1]) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))})
+    kwargs = {}
+    if tokenizer is not None:
+        kwargs = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    return CLIPTextConfig(
+        vocab_size=int(token.shape[0]),
+        hidden_size=hidden,
+        intermediate_size=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=int(state["embeddings.position_embedding.weight"].shape[0]),
+        hidden_act=family.text_encoder_specs[index].hidden_act,
+        projection_dim=int(state["text_projection.weight"].shape[0]) if "text_projection.weight" in state else hidden,
+        layer_norm_eps=1e-5,
+        **kwargs,
+    )
+
+
+def _text_encoder_from_ldm(family: ModelFamily, checkpoint: dict, tokenizer, where: str, dtype, index: int = 0):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = family.text_encoder_specs[index]
+    state = _ldm_text_encoder_state(family, _take(checkpoint, spec.ldm_prefix), index)
+    what = "text encoder" if len(family.text_encoder_specs) == 1 else f"text encoder {index + 1}"
+    if "embeddings.token_embedding.weight" not in state or "encoder.layers.0.mlp.fc1.weight" not in state:
+        raise _fail(SETTING, f"{where} has no {family.name} {what} weights ({spec.ldm_prefix}*); "
+                             "give a full model checkpoint")
+    if spec.with_projection and "text_projection.weight" not in state:
+        raise _fail(SETTING, f"{where} has no {spec.ldm_prefix}text_projection for the {family.name} {what}; "
+                             "give a full model checkpoint")
+    te_config = text_encoder_config_from_state(family, state, tokenizer, index)
+    if spec.with_projection:
+        cls, wrapped = CLIPTextModelWithProjection, True
+    else:
+        cls, wrapped = CLIPTextModel, _clip_has_text_model_wrapper()
+    if wrapped:
+        state = {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in state.items()}
+    fix = "the checkpoint's text encoder is damaged or of another family"
+    return _build_module(lambda: cls(te_config), state, SETTING, where, what, fix, dtype)
+
+
+_WRAPPER: bool | None = None
+
+
+def _clip_has_text_model_wrapper() -> bool:
+    """True on transformers versions whose ``CLIPTextModel`` keeps ``.text_model`` (before 5.6)."""
+    global _WRAPPER
+    if _WRAPPER is None:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            probe = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                 num_attention_heads=1, max_position_embeddings=4,
+                                                 bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        _WRAPPER = hasattr(probe, "text_model")
+    return _WRAPPER
+
+
+def _unet_from_ldm(checkpoint: dict, ldm_config: dict, where: str, fix: str, dtype, family: ModelFamily | None = None):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    family = family or get_family("sd1")
+    try:
+        unet_config = family.unet_config_from_ldm(ldm_config, checkpoint)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(SETTING, f"{where}: its model config has no usable UNet description ({type(e).__name__}: {e}); {fix}")
+    from sd_scripts.models.ldm_convert import LDM_UNET_PREFIX
+
+    state = convert_ldm_unet_checkpoint(_take(checkpoint, LDM_UNET_PREFIX), unet_config)
+    return _build_module(lambda: UNet2DConditionModel.from_config(unet_config), state, SETTING, where, "UNet", fix, dtype)
+
+
+def _vae_from_ldm(checkpoint: dict, vae_config: dict, setting: str, where: str, fix: str, dtype):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    state = convert_ldm_vae_checkpoint(checkpoint, vae_config)
+    return _build_module(lambda: AutoencoderKL.from_config(vae_config), state, setting, where, "VAE", fix, dtype)
+
+
+def _placed(module, device):
+    """``module`` moved to ``device`` at once (lowram: the next part is built while this one is already off the
+    system RAM); unchanged without a device."""
+    return module if module is None or device is None else module.to(device)
+
+
+def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list, dtype, vae_dtype, device=None):
+    """The parts of a single-file checkpoint; each part's tensors leave ``checkpoint`` as it is built, so the
+    peak memory is about one copy of the weights (plus the largest part's cast), not the file plus the model."""
+    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+
+    from sd_scripts.models.ldm_convert import LDM_VAE_PREFIX
+
+    path = info["path"]
+    checkpoint, _ = read_checkpoint(path, mmap=not getattr(config, "disable_mmap_load_safetensors", False))
+    v_param = info["v_parameterization"]
+    if info.get("yaml"):
+        ldm_config = _read_yaml(Path(info["yaml"]))
+        fix = f"the checkpoint does not match {Path(info['yaml']).name}; fix or remove that .yaml"
+    else:
+        ldm_config = family.builtin_ldm_config(v_param)
+        fix = (f"it is not a standard full-size {family.name} model; put its LDM config next to it as "
+               f"{Path(path).with_suffix('.yaml').name}")
+    unet = _placed(_unet_from_ldm(checkpoint, ldm_config, path, fix, dtype, family), device)
+    text_encoders = [_placed(_text_encoder_from_ldm(family, checkpoint, tokenizer, path, dtype, i), device)
+                     for i, tokenizer in enumerate(tokenizers)]
+    has_vae = any(k.startswith("first_stage_model.") for k in checkpoint)
+    vae_config = create_vae_diffusers_config_from_ldm(ldm_config, checkpoint)
+    vae = None
+    if has_vae:
+        vae = _placed(_vae_from_ldm(_take(checkpoint, LDM_VAE_PREFIX), vae_config, SETTING, path, fix, vae_dtype),
+                      device)
+    elif not config.vae:
+        raise _fail(SETTING, f"{path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder")
+    return unet, vae, text_encoders, vae_config
+
+
+def _load_diffusers(family: ModelFamily, folder: str, dtype, vae_dtype, device=None):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    def load(what, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - diffusers/transformers raise many kinds
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise _fail(SETTING, f"{folder}: the {what} cannot be loaded ({first}); check the diffusers folder")
+
+    unet = _placed(load("UNet", lambda: UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)), device)
+    vae = None
+    if (Path(folder) / "vae").is_dir():
+        vae = _placed(load("VAE", lambda: AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)), device)
+    text_encoders = []
+    for spec in family.text_encoder_specs:
+        cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        what = "text encoder" if spec.subfolder == "text_encoder" else spec.subfolder.replace("_", " ")
+        text_encoders.append(_placed(load(what, lambda cls=cls, sub=spec.subfolder: cls.from_pretrained(
+            folder, subfolder=sub, local_files_only=True, dtype=dtype)).eval(), device))
+    return unet.eval(), vae, text_encoders
+
+
+# ----------------------------------------------------------------------------------------------------- the VAE
+
+
+def _default_vae_config() -> dict:
+    return get_family("sd1").diffusers_vae_config()
+
+
+def load_vae(path: str, base_config: dict | None = None, dtype=None, setting: str = "vae"):
+    """A VAE from a diffusers folder (with or without ``vae/``) or a ``.safetensors``/``.ckpt``/``.pt``/``.bin`` file.
+
+    Files may hold an LDM VAE (``first_stage_model.`` prefix optional; a full model checkpoint works too) or diffusers
+    VAE keys. ``base_config`` (the base model's diffusers VAE config) sizes a VAE read from a file; full-size SD by default.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    dtype = dtype or torch.float32
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        folder = Path(path)
+        sub = "vae" if (folder / "vae" / "config.json").is_file() else None
+        if sub is None and not (folder / "config.json").is_file():
+            raise _fail(setting, f"{path} is not a diffusers VAE folder (no config.json or vae/config.json); "
+                                 "give a VAE .safetensors/.ckpt/.pt file or a diffusers folder")
+        try:
+            kwargs = {"subfolder": sub} if sub else {}
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **kwargs).eval()
+        except Exception as e:  # noqa: BLE001
+            raise _fail(setting, f"{path}: the VAE cannot be loaded ({type(e).__name__}); check the folder")
+    if not os.path.isfile(path):
+        raise _fail(setting, f"{path} does not exist; give a VAE .safetensors/.ckpt/.pt file or a diffusers folder")
+    state, _ = read_checkpoint(path, setting)
+    if any(k.startswith("first_stage_model.") for k in state):
+        state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    config = dict(base_config) if base_config else _default_vae_config()
+    fix = "it is not a VAE for this model; give a matching VAE"
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        return _build_module(lambda: AutoencoderKL.from_config(config), state, setting, path, "VAE", fix, dtype)
+    if not any(k.startswith("encoder.down.") for k in state):
+        raise _fail(setting, f"{path} holds no VAE weights (encoder.*/decoder.*); give a VAE file or folder")
+    return _vae_from_ldm(state, config, setting, path, fix, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_model(config, dtype=None, vae_dtype=None, device=None) -> LoadedModel:
+    """Load the base model named by ``config.pretrained_model_name_or_path`` (and ``config.vae``), offline.
+
+    All parts come back on the CPU (or, each as soon as it is built, on ``device``: kohya's ``lowram``) in eval mode,
+    floats as ``dtype`` (float32 by default), the VAE as ``vae_dtype`` (default ``dtype``). Loading straight into the
+    training's half precision halves the memory the load needs.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    vae_dtype = vae_dtype or dtype
+    family, info = detect_family(config)
+    if info["kind"] == "diffusers" and info.get("repo_id"):
+        info["path"] = str(_resolve_hub_repo(info["repo_id"], with_weights=True))
+    model_folder = info["path"] if info["kind"] == "diffusers" else None
+    tokenizers = [load_tokenizer(family, config, model_folder, i) for i in range(len(family.text_encoder_specs))]
+    if info["kind"] == "single_file":
+        unet, vae, text_encoders, vae_config = _load_single_file(family, info, config, tokenizers, dtype, vae_dtype,
+                                                                 device)
+    else:
+        unet, vae, text_encoders = _load_diffusers(family, info["path"], dtype, vae_dtype, device)
+        vae_config = dict(vae.config) if vae is not None else None
+    if config.vae:
+        vae = _placed(load_vae(config.vae, dict(vae.config) if vae is not None else vae_config, vae_dtype), device)
+    elif vae is None:
+        raise _fail(SETTING, f"{info['path']} has no VAE; set vae to a VAE file or folder")
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+    return LoadedModel(family=family, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                       v_parameterization=bool(info["v_parameterization"]), model_path=info["path"], info=info)
