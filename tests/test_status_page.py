@@ -15,7 +15,7 @@ from frontend.app import run_main
 from frontend.queue_control import read_control
 from frontend.status_page import StatusPage, start_status_page
 from frontend.status_page.server import check_status_settings
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d4944415478da63f8cfc0f01f0005000201e2215bc20000000049454e44ae426082")

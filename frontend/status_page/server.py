@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, quote, urlsplit
 
-from sd_scripts.library.errors import ConfigError
+from sd_scripts.core.errors import ConfigError
 
 from ..queue_control import STATUS_FILE, ControlError, move_job, set_stop_after_current, training_status_path
 from .files import content_type, servable_file
