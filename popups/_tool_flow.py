@@ -29,6 +29,8 @@ TITLES = {
     "locon_extract": "Extract a LoRA / LoCon",
     "locon_loha_merge": "Merge a LyCORIS network into a checkpoint",
     "image_resize": "Downscale a dataset",
+    "tag_images": "Tag images (WD14 tagger)",
+    "edit_tags": "Edit tags in bulk",
 }
 
 

@@ -7,7 +7,8 @@
 * ``--popup``: :func:`popup_arguments` asks ``popups.<tool>.ask_arguments()`` for the tool's
   command-line arguments (None = cancelled); when that wizard does not exist yet it says so.
 * Queues: :func:`read_queue` reads a txt queue (one entry per line, ``#`` comments);
-  :func:`queue_output_path` names each entry's output.
+  :func:`queue_output_path` names each entry's output; :func:`read_folder_list` reads a txt list
+  of folders (one per line) for the dataset tools.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if ROOT not in sys.path:
 
 from sd_scripts.core.errors import EXIT_USER_ERROR, ConfigError, UserError  # noqa: E402  (no torch)
 
-__all__ = ["ToolParser", "check_device", "require_file", "popup_arguments", "queue_output_path", "read_queue", "run", "say_error"]
+__all__ = ["ToolParser", "check_device", "require_file", "popup_arguments", "queue_output_path", "read_queue",
+           "read_folder_list", "run", "say_error"]
 
 PRECISIONS = ("float", "fp16", "bf16")
 
@@ -147,6 +149,26 @@ def read_queue(path, columns: tuple[int, ...], setting: str = "queue") -> list[t
     if not entries:
         raise ConfigError(f"{setting}: {p} has no entries", setting=setting)
     return entries
+
+
+def read_folder_list(path, setting: str = "queue") -> list[str]:
+    """The folders of a txt list: one per line, blank lines and lines starting with ``#`` skipped
+    (a ``#`` later in a line is part of the folder's name); a relative folder is relative to the
+    list file's own folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{setting}: {p} does not exist or is not a file; give a txt file with one folder per line",
+                          setting=setting)
+    folders = []
+    for raw in p.read_text(encoding="utf-8-sig").splitlines():
+        line = raw.strip().strip('"')
+        if not line or line.startswith("#"):
+            continue
+        folder = Path(os.path.expanduser(line))
+        folders.append(str(folder if folder.is_absolute() else p.resolve().parent / folder))
+    if not folders:
+        raise ConfigError(f"{setting}: {p} lists no folders; write one folder per line", setting=setting)
+    return folders
 
 
 def queue_output_path(save_to, model, parts: list[str]) -> Path:
