@@ -8,6 +8,7 @@ click shows at once, before the queue reads the request when the running job end
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from urllib.parse import quote
@@ -26,6 +27,17 @@ def read_status(path: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _finite(value):
+    """The document with NaN and infinities as null: a browser's JSON.parse refuses them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _jobs(status: dict | None) -> list[dict]:
@@ -66,7 +78,7 @@ def _waiting_in_requested_order(jobs: list[dict], control: QueueControl) -> list
 
 def page_view(status_path: str, folder: str, *, queue: bool, now: float | None = None) -> dict:
     """The JSON the page polls: ``{"mode", "found", "now", "status", "control"}``."""
-    status = read_status(status_path)
+    status = _finite(read_status(status_path))
     control = read_control(folder) if queue else None
     roots = allowed_roots(status, folder)
     shown = dict(status or {})

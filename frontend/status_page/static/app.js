@@ -53,7 +53,8 @@ function drawSummary(view) {
   if (status.state !== "finished" && status.eta_seconds !== null && status.eta_seconds !== undefined)
     parts.push("all done in about " + clock(status.eta_seconds));
   const age = view.now - status.updated;
-  parts.push(age > 90 && status.state !== "finished" ? "no update for " + clock(age) + "!" : "updated " + clock(age) + " ago");
+  const ago = age < 60 ? Math.max(0, Math.round(age)) + " s" : clock(age);
+  parts.push(age > 90 && status.state !== "finished" ? "no update for " + ago + "!" : "updated " + ago + " ago");
   $("summary").textContent = parts.join(" · ");
   return running;
 }
@@ -94,8 +95,15 @@ function drawCurrent(job) {
 
 // ------------------------------------------------------------------ curves
 function smooth(values) {
-  let level = null;
-  return values.map((v) => (v === null ? level : (level = level === null ? v : 0.9 * level + 0.1 * v)));
+  // an exponential moving average without the pull towards the first value (as TensorBoard's)
+  const keep = Math.min(0.95, 1 - 4 / Math.max(values.length, 8));
+  let level = 0, weight = 0;
+  return values.map((v) => {
+    if (v === null || !isFinite(v)) return weight ? level / weight : null;
+    level = keep * level + (1 - keep) * v;
+    weight = keep * weight + (1 - keep);
+    return level / weight;
+  });
 }
 
 function drawChart(svg, xs, series) {
