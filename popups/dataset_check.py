@@ -109,16 +109,15 @@ def _current_spec(store: Any) -> Any:
 
 
 def batches_per_epoch(store: Any, report: DatasetReport) -> int:
+    from sd_scripts.data.dataset_layout import place_in_buckets
+
     plan = report.plan
     specs = plan.datasets if plan.from_dataset_config else [_current_spec(store)]
     batches = 0
-    for d, spec in enumerate(specs):
-        manager = spec.bucket_manager()
+    for spec, (_, placements) in zip(specs, place_in_buckets(plan, specs)):
         per_bucket: dict[tuple[int, int], int] = {}
-        for record in plan.images:
-            if record.dataset == d:
-                bucket = manager.select_bucket(*record.size)[0]
-                per_bucket[bucket] = per_bucket.get(bucket, 0) + record.repeats
+        for p in placements:
+            per_bucket[p.bucket] = per_bucket.get(p.bucket, 0) + p.record.repeats
         batches += sum(math.ceil(n / spec.batch_size) for n in per_bucket.values())
     return batches
 

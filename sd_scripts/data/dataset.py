@@ -32,7 +32,7 @@ import numpy as np
 
 from sd_scripts.data.buckets import BucketManager, bucket_info as make_bucket_info, crop_ltrb, crop_offsets
 from sd_scripts.data.captions import process_caption
-from sd_scripts.data.dataset_layout import DatasetPlan, ImageRecord
+from sd_scripts.data.dataset_layout import DatasetPlan, ImageRecord, place_in_buckets
 from sd_scripts.core.errors import DatasetError
 from sd_scripts.data.images import ImageProblem, load_image, load_image_with_alpha, resize_image
 from sd_scripts.data.latent_cache import DiskLatentCache, cache_key, file_digest, resolve_cache_dir
@@ -125,17 +125,13 @@ class TrainDataset:
         self._managers: list[BucketManager] = []
         # per dataset: {bucket: [item index, repeated]}
         self._bucket_lists: list[dict[tuple[int, int], list[int]]] = []
-        for d, spec in enumerate(plan.datasets):
-            manager = spec.bucket_manager()
+        for manager, placements in place_in_buckets(plan):
             self._managers.append(manager)
             lists: dict[tuple[int, int], list[int]] = {}
-            for record in plan.images:
-                if record.dataset != d:
-                    continue
-                bucket, resized, ar_error = manager.select_bucket(*record.size)
-                item = _Item(record, bucket, resized, ar_error, crop_ltrb(bucket, record.size))
+            for p in placements:
+                item = _Item(p.record, p.bucket, p.resized, p.ar_error, crop_ltrb(p.bucket, p.record.size))
                 self._items.append(item)
-                lists.setdefault(bucket, []).extend([len(self._items) - 1] * record.repeats)
+                lists.setdefault(p.bucket, []).extend([len(self._items) - 1] * p.record.repeats)
             self._bucket_lists.append(dict(sorted(lists.items())))
         self._batches: list[list[int]] = []
         self.set_epoch(1)

@@ -50,6 +50,8 @@ __all__ = [
     "DatasetSpec",
     "ImageRecord",
     "DatasetPlan",
+    "Placement",
+    "place_in_buckets",
     "scan_dataset",
     "parse_resolution",
     "parse_folder_name",
@@ -183,6 +185,33 @@ class DatasetPlan:
 
     def subsets_of(self, dataset: int) -> list[SubsetSpec]:
         return [s for s in self.subsets if s.dataset == dataset]
+
+
+@dataclass
+class Placement:
+    """Where one image trains: its bucket, the size it is resized to before the crop to the bucket, and
+    ``ar_error`` (bucket aspect ratio minus the image's)."""
+
+    record: ImageRecord
+    bucket: tuple[int, int]
+    resized: tuple[int, int]
+    ar_error: float
+
+
+def place_in_buckets(plan: DatasetPlan, specs: list[DatasetSpec] | None = None) -> list[tuple[BucketManager, list[Placement]]]:
+    """Each dataset's bucket manager and the placements of its images, in plan order: the one bucket assignment
+    the training dataset, the wizard's step estimate and the dataset report share. ``specs`` replaces the plan's
+    dataset settings (the wizard's current resolution and buckets)."""
+    out = []
+    for d, spec in enumerate(specs if specs is not None else plan.datasets):
+        manager = spec.bucket_manager()
+        placements = []
+        for record in plan.images:
+            if record.dataset == d:
+                bucket, resized, ar_error = manager.select_bucket(*record.size)
+                placements.append(Placement(record, bucket, resized, ar_error))
+        out.append((manager, placements))
+    return out
 
 
 # --------------------------------------------------------------------------- small helpers

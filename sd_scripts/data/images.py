@@ -7,6 +7,8 @@
   returns the size after EXIF orientation, or raises :class:`ImageProblem` with a short reason.
 * :func:`load_image` / :func:`to_rgb`: RGB with EXIF orientation applied; palette, CMYK, 16-bit
   and transparent images (composited on white) converted correctly.
+* :func:`load_preview`: a small RGB copy (longest side at most ``max_side``; JPEGs decoded at a reduced scale),
+  for thumbnails and perceptual hashes.
 * :func:`load_image_with_alpha`: for kohya's ``alpha_mask``: the colour channels as stored (not
   composited, as kohya uses them) and the alpha channel as an ``L`` image (``None`` without alpha).
 
@@ -33,6 +35,7 @@ __all__ = [
     "probe_image",
     "bomb_warnings_as_errors",
     "load_image",
+    "load_preview",
     "load_image_with_alpha",
     "to_rgb",
     "resize_image",
@@ -190,13 +193,26 @@ def load_image(path: str) -> Image.Image:
         return to_rgb(img)
 
 
+def load_preview(path: str, max_side: int) -> Image.Image:
+    """A small 8-bit RGB copy of ``path`` (EXIF orientation applied), its longest side at most ``max_side``.
+
+    Raises :class:`ImageProblem` when the file cannot be decoded."""
+    with _decoded(path, draft=(max_side, max_side)) as img:
+        small = to_rgb(img).copy()
+    small.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return small
+
+
 @contextlib.contextmanager
-def _decoded(path: str):
+def _decoded(path: str, draft: tuple[int, int] | None = None):
     """The image at ``path``, decoded and turned upright by its EXIF orientation; any decoding problem (also while
-    the caller converts it) becomes an :class:`ImageProblem`."""
+    the caller converts it) becomes an :class:`ImageProblem`. ``draft``: a JPEG may be decoded at a reduced scale
+    no smaller than this size."""
     try:
         with Image.open(path) as img:
             _check_pixels(*img.size)
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
             yield ImageOps.exif_transpose(img) or img
     except ImageProblem:

@@ -410,9 +410,11 @@ def _hub_tokenizer_folder(source, local_only: bool) -> Path | None:
     return folder if _has_tokenizer_files(folder) else None
 
 
-def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.PathLike | None = None, index: int = 0):
-    """The CLIP tokenizer of ``family`` (text encoder ``index``); see the module doc for the lookup order."""
-    tokenizer = _find_tokenizer(family, config, model_folder, index)
+def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.PathLike | None = None, index: int = 0,
+                   download: bool = True):
+    """The CLIP tokenizer of ``family`` (text encoder ``index``); see the module doc for the lookup order.
+    ``download=False``: never download (ModelLoadError when none is found locally)."""
+    tokenizer = _find_tokenizer(family, config, model_folder, index, download)
     pad = family.tokenizer_sources[index].pad_token
     if pad is not None and tokenizer.pad_token != pad:
         tokenizer.pad_token = pad
@@ -422,7 +424,7 @@ def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.Path
     return tokenizer
 
 
-def _find_tokenizer(family: ModelFamily, config, model_folder, index: int):
+def _find_tokenizer(family: ModelFamily, config, model_folder, index: int, download: bool = True):
     source = family.tokenizer_sources[index]
     if model_folder is not None:
         sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
@@ -442,7 +444,7 @@ def _find_tokenizer(family: ModelFamily, config, model_folder, index: int):
         return _tokenizer_from_folder(folder, "tokenizer_cache_dir")
     hint = (f"set tokenizer_cache_dir to a folder holding the {source.repo_id} tokenizer "
             f"(the folder itself or <dir>/{source.cache_name})")
-    if _offline():
+    if _offline() or not download:
         raise ModelLoadError(f"tokenizer_cache_dir: no {family.name} CLIP tokenizer found offline; {hint}",
                              "tokenizer_cache_dir")
     try:
