@@ -31,6 +31,7 @@ TITLES = {
     "image_resize": "Downscale a dataset",
     "tag_images": "Tag images (WD14 tagger)",
     "edit_tags": "Edit tags in bulk",
+    "dataset_report": "Dataset report",
 }
 
 

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps", "scan_key", "has_transparent_images"]
+__all__ = ["FolderCount", "DatasetReport", "check_dataset", "estimate_steps", "scan_key", "has_transparent_images",
+           "make_report_picture", "open_with_viewer"]
 
 
 @dataclass
@@ -128,3 +129,41 @@ def estimate_steps(store: Any, report: DatasetReport) -> tuple[int, int, int]:
     if store.max_steps:
         return store.max_steps, per_epoch, math.ceil(store.max_steps / per_epoch)
     return store.num_epochs * per_epoch, per_epoch, store.num_epochs
+
+
+def make_report_picture(store: Any, progress: Callable[[int, int], None] | None = None) -> tuple[str, list[str]]:
+    """The dataset report of ``store``'s dataset and settings: ``(picture path, summary lines)``. The picture and its
+    text go to a new temporary folder, never into the dataset. Raises the engine's one-line UserError."""
+    import tempfile
+
+    from frontend.settings_map import to_train_config
+    from sd_scripts.data.caption_tokens import find_clip_tokenizer
+    from sd_scripts.data.dataset_report import build_report
+    from sd_scripts.data.report_picture import save_report_picture
+    from sd_scripts.files.atomic import atomic_save_text
+
+    config = to_train_config(store, has_cuda=False, has_xformers=False).config
+    report = build_report(config, tokenizer=find_clip_tokenizer(config),
+                          progress=None if progress is None else (lambda _stage, done, total: progress(done, total)))
+    folder = tempfile.mkdtemp(prefix="lets_dataset_report_")
+    name = os.path.basename(os.path.normpath(report.root)) or "dataset"
+    png = save_report_picture(report, os.path.join(folder, f"{name}_report.png"))
+    lines = report.lines()
+    atomic_save_text(os.path.splitext(png)[0] + ".txt", "\n".join(lines) + "\n")
+    return png, lines
+
+
+def open_with_viewer(path: str) -> None:
+    """Open ``path`` in the system's picture viewer; a machine without one just keeps the file (its path is shown)."""
+    import subprocess
+    import sys
+
+    try:
+        if sys.platform.startswith("win"):
+            os.startfile(path)  # noqa: S606 - the user's own report picture
+        elif sys.platform == "darwin":
+            subprocess.Popen(["open", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            subprocess.Popen(["xdg-open", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        pass

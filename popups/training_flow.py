@@ -28,7 +28,8 @@ from frontend.model_family import cheap_family, model_family_of, resize_for_fami
 
 from . import gpu_memory
 from .asker import Asker, Cancelled, Question, ask
-from .dataset_check import DatasetReport, check_dataset, estimate_steps, has_transparent_images, scan_key
+from .dataset_check import (DatasetReport, check_dataset, estimate_steps, has_transparent_images, make_report_picture,
+                            open_with_viewer, scan_key)
 
 __all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS", "MODEL_TYPES"]
 
@@ -125,17 +126,22 @@ class TrainingWizard:
     """One run of the wizard: ``TrainingWizard(asker, defaults).run()`` -> ArgStore, or None if cancelled.
 
     ``scan(store, progress)`` checks the dataset (replaceable in tests); ``save_json`` saves a JSON file the way the
-    command line does and returns its path.
+    command line does and returns its path; ``make_report(store, progress)`` draws the dataset report offered after
+    the image folder (``(picture, summary lines)``) and ``show_picture(path)`` opens it.
     """
 
     def __init__(self, asker: Asker, defaults: Any, *,
                  scan: Callable[[Any, Callable[[int, int], None]], DatasetReport] = check_dataset,
-                 save_json: Callable[[Any, str, str | None], str] | None = None):
+                 save_json: Callable[[Any, str, str | None], str] | None = None,
+                 make_report: Callable[[Any, Callable[[int, int], None]], tuple[str, list[str]]] = make_report_picture,
+                 show_picture: Callable[[str], None] = open_with_viewer):
         self.asker = asker
         self.defaults = defaults
         self.store = defaults
         self.scan = scan
         self.save_json = save_json or _save_settings_json
+        self.make_report = make_report
+        self.show_picture = show_picture
         self.section = "Start"
         self.report: DatasetReport | None = None
         self._report_key: tuple | None = None
@@ -291,7 +297,27 @@ class TrainingWizard:
                 self.asker.tell("Dataset", f"The images could not be counted yet: {err}", "warning")
                 return
             self._tell_dataset()
+            self._offer_report()
             return
+
+    def _offer_report(self) -> None:
+        """Offer the dataset report (``scripts/dataset_report.py``'s) for the folder just chosen, drawn with the
+        settings as they are now; a problem it finds is told, and the wizard goes on either way."""
+        from sd_scripts.core.errors import UserError
+
+        if not self.ask_plain("dataset_report", "yes_no", "Look at a dataset report now?", False,
+                              help="a picture of the buckets and a thumbnail of every image with its problems marked "
+                                   "(no caption, too small, near-duplicates, captions too long), and a summary; "
+                                   "with the resolution and buckets as they are set now"):
+            return
+        try:
+            with self.asker.working("Dataset report", "Checking, hashing and drawing the images...") as working:
+                picture, lines = self.make_report(self.store, working.update)
+        except UserError as err:
+            self.asker.tell("Dataset report", f"No report: {err}", "warning")
+            return
+        self.asker.tell("Dataset report", "\n".join(lines + ["", f"The picture: {picture}"]), "info")
+        self.show_picture(picture)
 
     def _tell_dataset(self) -> None:
         _, per_epoch, _ = estimate_steps(self.store, self.report)

@@ -230,8 +230,8 @@ def report_one(args, folder: str | None, many: bool = False) -> tuple[str, str]:
                                   duplicate_distance=args.duplicate_distance, progress=bars)
         finally:
             bars.close()
-        if folder and report.root != os.path.abspath(folder) and os.path.isdir(folder):
-            report.root = os.path.abspath(folder)
+        if folder:
+            report.root = os.path.normpath(folder)  # as the user wrote it
     lines = report.lines() + [f"note: {n}" for n in notes]
     save_report_picture(report, png, args.max_thumbnails)
     atomic_save_text(text_path, "\n".join(lines) + "\n")

@@ -300,3 +300,98 @@ def test_help_names_the_defaults():
                  "--batch_size", "--max_token_length", "--duplicate_distance", "--save_to", "--queue", "--popup"):
         assert flag in text
     assert dataclasses.is_dataclass(TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------- the popups
+def _wizard(answers, **hooks):
+    from ArgsList import ArgStore
+    from popups.asker import ScriptedAsker
+    from popups.training_flow import TrainingWizard
+
+    asker = ScriptedAsker(answers)
+    store = TrainingWizard(asker, ArgStore(), **hooks).run()
+    return store, asker
+
+
+def _wizard_answers(tmp_path, data, **more):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not read by the wizard")
+    answers = {"base_model": str(model), "img_folder": str(data), "output_folder": str(tmp_path / "out")}
+    answers.update(more)
+    return answers
+
+
+def test_the_wizard_offers_the_report_after_the_image_folder(dataset, tmp_path, monkeypatch):
+    from popups import gpu_memory
+
+    monkeypatch.setattr(gpu_memory, "probe_gpu", lambda: None)
+    before = tree_digest(dataset)
+    shown = []
+    store, asker = _wizard(_wizard_answers(tmp_path, dataset, dataset_report=True), show_picture=shown.append)
+    keys = asker.keys
+    assert keys.index("img_folder") < keys.index("dataset_report") < keys.index("use_reg")
+    assert store is not None and store.img_folder == str(dataset)
+    told = [text for title, text, _ in asker.told if title == "Dataset report"]
+    assert len(told) == 1 and "subset 4_thing: 5 images x 4 repeats" in told[0] and "no caption" in told[0]
+    assert len(shown) == 1 and shown[0].endswith("data_report.png") and shown[0] in told[0]
+    with Image.open(shown[0]) as picture:
+        assert picture.format == "PNG"
+    assert not Path(shown[0]).resolve().is_relative_to(dataset.resolve())
+    assert tree_digest(dataset) == before
+
+
+def test_the_wizard_makes_no_report_unless_asked(dataset, tmp_path, monkeypatch):
+    from popups import gpu_memory
+    from popups.dataset_check import make_report_picture
+
+    monkeypatch.setattr(gpu_memory, "probe_gpu", lambda: None)
+    made = []
+
+    def make_report(store, progress):
+        made.append(store.img_folder)
+        return make_report_picture(store, progress)
+
+    _, asker = _wizard(_wizard_answers(tmp_path, dataset), make_report=make_report, show_picture=made.append)
+    assert "dataset_report" in asker.keys and made == []  # closing the window: no
+    assert asker.questions("dataset_report")[0].help
+
+
+def test_report_popup_builds_the_tools_arguments(dataset, tmp_path):
+    from popups.asker import CANCEL, ScriptedAsker
+    from popups.dataset_report import ask_arguments
+
+    asker = ScriptedAsker({"source": "folder", "train_data_dir": str(dataset), "resolution": 768,
+                           "enable_bucket": False, "batch_size": 2})
+    argv = ask_arguments(asker)
+    assert argv == [str(dataset), "--resolution", "768", "--no_bucket", "--batch_size", "2", "--save_to",
+                    str(tmp_path / "data_report.png")]
+    TOOL.build_parser().parse_args(argv)
+    assert "python scripts/dataset_report.py" in asker.questions("confirm")[0].details[1]
+    for q in asker.asked:
+        assert q.help and q.prompt and q.title == "Dataset report", q.key
+
+    # loose images: repeats are asked; an existing report is replaced only after a yes
+    (tmp_path / "loose_report.png").write_bytes(b"old")
+    loose = dataset / "4_thing"
+    asker = ScriptedAsker({"train_data_dir": str(loose), "repeats": 6, "save_to": str(tmp_path / "loose_report.png"),
+                           "overwrite": True})
+    argv = ask_arguments(asker)
+    assert argv[-5:] == ["--repeats", "6", "--save_to", str(tmp_path / "loose_report.png"), "--overwrite"]
+
+    settings = tmp_path / "train.json"
+    settings.write_text("{}", encoding="utf-8")
+    argv = ask_arguments(ScriptedAsker({"source": "json", "json": str(settings)}))
+    assert argv == ["--json", str(settings), "--save_to", str(tmp_path / "train_report.png")]
+    assert ask_arguments(ScriptedAsker({"source": "folder", "train_data_dir": CANCEL})) is None
+
+
+def test_report_popup_runs_the_tool(dataset, tmp_path, monkeypatch, capsys):
+    import popups
+    from popups.asker import ScriptedAsker
+
+    asker = ScriptedAsker({"train_data_dir": str(dataset), "resolution": 96, "enable_bucket": False,
+                           "save_to": str(tmp_path / "r.png")})
+    monkeypatch.setattr(popups, "open_asker", lambda *a, **k: asker)
+    assert _run(["--popup"]) == 0
+    assert (tmp_path / "r.png").is_file() and (tmp_path / "r.txt").is_file()
+    assert "resolution 96" in capsys.readouterr().out

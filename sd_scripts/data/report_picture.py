@@ -118,6 +118,10 @@ def _thumbnail(canvas, draw, entry: ImageEntry, x: int, y: int, marks: list[tupl
     except ImageProblem:
         small = None
     if small is not None:
+        if max(small.size) < _THUMB:  # a small image fills the tile too
+            scale = _THUMB / max(small.size)
+            small = small.resize((max(1, round(small.width * scale)), max(1, round(small.height * scale))),
+                                 Image.Resampling.BICUBIC)
         ox, oy = x + (_THUMB - small.width) // 2, y + (_THUMB - small.height) // 2
         canvas.paste(small, (ox, oy))
         # shade what the training crops away (the centre crop of the resized image to the bucket)
