@@ -76,8 +76,9 @@ class ConsoleCallbacks(TrainCallbacks):
 
     def on_progress(self, step: int, total: int, loss: float, lr: float, epoch: int) -> None:
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            # the postfix first: update() redraws the bar, and it must show this step's loss, not the previous one's
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch, **self._step_info, refresh=False)
+            self._bar.update(step - self._bar.n)
 
     def on_step_info(self, step: int, info: dict[str, Any]) -> None:
         self._step_info = {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in info.items()}
