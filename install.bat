@@ -1,7 +1,7 @@
 @echo off
 rem Install into .venv beside this file: torch first (CUDA build), then requirements.txt.
 rem Re-running it repairs or updates the environment. Works from a path with spaces.
-rem   install.bat --test   also the test dependencies;  install.bat --gpu   also xformers
+rem   install.bat --test   also the test dependencies;  install.bat --gpu   also xformers and onnxruntime-gpu
 rem   set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu   before running picks another torch build.
 setlocal
 set "HERE=%~dp0"
@@ -39,6 +39,8 @@ if defined WANT_TEST (
     "%VPY%" -m pip install -r "%HERE%requirements-test.txt" || goto :failed
 )
 if defined WANT_GPU (
+    rem onnxruntime-gpu and requirements.txt's onnxruntime share one folder: only the GPU build may stay
+    "%VPY%" -m pip uninstall -y -q onnxruntime onnxruntime-gpu >nul 2>nul
     "%VPY%" -m pip install -c "%HERE%constraints.txt" -r "%HERE%requirements-gpu.txt" || goto :failed
 )
 echo.

@@ -2,7 +2,7 @@
 # Install LoRA Easy Training Scripts into ./.venv (Linux/macOS).
 #   bash install.sh          the trainer and tools
 #   bash install.sh --test   also the test dependencies (pytest, peft)
-#   bash install.sh --gpu    also xformers (CUDA machines only)
+#   bash install.sh --gpu    also xformers and onnxruntime-gpu (CUDA machines only)
 # torch==2.13.0 is installed first; set TORCH_INDEX_URL to pick a build, e.g.
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash install.sh
 set -euo pipefail
@@ -33,7 +33,11 @@ if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.sta
 fi
 "${pip[@]}" -r requirements.txt
 if [ "$want_test" = 1 ]; then "${pip[@]}" -r requirements-test.txt; fi
-if [ "$want_gpu" = 1 ]; then "${pip[@]}" -c constraints.txt -r requirements-gpu.txt; fi
+if [ "$want_gpu" = 1 ]; then
+  # onnxruntime-gpu and requirements.txt's onnxruntime share one folder: only the GPU build may stay
+  .venv/bin/python -m pip uninstall -y -q onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+  "${pip[@]}" -c constraints.txt -r requirements-gpu.txt
+fi
 if .venv/bin/python -c 'import torchvision' >/dev/null 2>&1; then
   echo "install.sh: torchvision is installed in .venv and breaks transformers with this torch; run: .venv/bin/pip uninstall -y torchvision" >&2
   exit 1
