@@ -5,6 +5,10 @@ A kohya LoRA file names each adapted layer ``<prefix>_<module path with "." -> "
 
 * UNet prefix ``lora_unet``; SD1/SD2 UNet paths are diffusers paths
   (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``).
+* FLUX.1: the transformer's paths are Black Forest Labs' checkpoint names (``lora_unet_double_blocks_0_img_attn_qkv``,
+  ``lora_unet_single_blocks_0_linear1``: fused q/k/v, and q/k/v + MLP input); ``FLUX_LORA_TARGETS`` lists the
+  linears kohya adapts in each block. CLIP-L is ``lora_te1``, T5-XXL ``lora_te3`` (kohya's ``lora_flux.py``;
+  its paths are transformers' ``T5EncoderModel`` names, ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``).
 * Text encoder prefix ``lora_te`` (SD1/SD2), ``lora_te1`` / ``lora_te2`` (SDXL). Paths are those of the
   classic transformers ``CLIPTextModel`` with its ``text_model`` submodule
   (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``). transformers 5.6+ flattened that
@@ -22,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "PREFIX_UNET", "PREFIX_TE", "PREFIX_TE1", "PREFIX_TE2", "TE_PREFIXES", "ALL_PREFIXES",
+    "PREFIX_UNET", "PREFIX_TE", "PREFIX_TE1", "PREFIX_TE2", "PREFIX_TE3", "TE_PREFIXES", "ALL_PREFIXES",
+    "FLUX_LORA_TARGETS", "flux_lora_module_paths",
     "DOWN_SUFFIX", "UP_SUFFIX", "ALPHA_SUFFIX", "LORA_SUFFIXES",
     "lora_name", "canonical_module_path", "canonical_lora_name", "lora_name_spellings",
     "prefix_of", "is_text_encoder_prefix", "split_key", "ParsedLoRA", "group_by_module",
@@ -33,7 +38,9 @@ PREFIX_UNET = "lora_unet"
 PREFIX_TE = "lora_te"
 PREFIX_TE1 = "lora_te1"
 PREFIX_TE2 = "lora_te2"
-TE_PREFIXES = (PREFIX_TE, PREFIX_TE1, PREFIX_TE2)
+PREFIX_TE3 = "lora_te3"  # FLUX.1's T5-XXL (kohya lora_flux.py; ComfyUI reads it too)
+TE_PREFIXES = (PREFIX_TE, PREFIX_TE1, PREFIX_TE2, PREFIX_TE3)
+_CLIP_PREFIXES = (PREFIX_TE, PREFIX_TE1, PREFIX_TE2)  # paths of a CLIPTextModel (``text_model.`` re-added)
 ALL_PREFIXES = (PREFIX_UNET,) + TE_PREFIXES
 
 DOWN_SUFFIX = ".lora_down.weight"
@@ -56,7 +63,7 @@ def is_text_encoder_prefix(prefix: str) -> bool:
 
 def canonical_module_path(prefix: str, module_path: str) -> str:
     """The module path kohya would have seen: ``text_model.`` re-added for flattened text encoders."""
-    if is_text_encoder_prefix(prefix):
+    if prefix in _CLIP_PREFIXES:
         head = module_path.split(".", 1)[0]
         if head in _TEXT_MODEL_CHILDREN:
             return f"{_TEXT_MODEL}.{module_path}"
@@ -86,7 +93,7 @@ def canonical_lora_name(name: str) -> str:
     (written by tools running transformers 5.6+) -> ``lora_te_text_model_encoder_layers_0_mlp_fc1``.
     Other names are returned unchanged."""
     prefix = prefix_of(name)
-    if prefix is None or not is_text_encoder_prefix(prefix):
+    if prefix is None or prefix not in _CLIP_PREFIXES:
         return name
     rest = name[len(prefix) + 1:]
     for child in _TEXT_MODEL_CHILDREN:
@@ -99,11 +106,28 @@ def lora_name_spellings(name: str) -> tuple[str, ...]:
     """Every spelling of ``name`` that loaders accept: the kohya name first, then the flattened one."""
     canon = canonical_lora_name(name)
     prefix = prefix_of(canon)
-    if prefix is not None and is_text_encoder_prefix(prefix):
+    if prefix in _CLIP_PREFIXES:
         rest = canon[len(prefix) + 1:]
         if rest.startswith(_TEXT_MODEL + "_"):
             return canon, f"{prefix}_{rest[len(_TEXT_MODEL) + 1:]}"
     return (canon,)
+
+
+# The linears kohya's FLUX.1 LoRA adapts in each block (module paths inside the block, BFL names).
+FLUX_LORA_TARGETS = {
+    "double_blocks": ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
+                      "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2"),
+    "single_blocks": ("linear1", "linear2", "modulation.lin"),
+}
+
+
+def flux_lora_module_paths(depth: int, depth_single_blocks: int, blocks: str = "all") -> list[str]:
+    """Module paths of every FLUX.1 block linear a kohya LoRA adapts (``blocks``: all, double or single)."""
+    paths = []
+    for head, count in (("double_blocks", depth), ("single_blocks", depth_single_blocks)):
+        if blocks in ("all", head.split("_")[0]):
+            paths += [f"{head}.{i}.{t}" for i in range(count) for t in FLUX_LORA_TARGETS[head]]
+    return paths
 
 
 def split_key(key: str) -> tuple[str, str]:
