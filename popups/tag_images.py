@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 
+from sd_scripts.data.wd14_tagger import DEFAULT_REPO
+
 from ._tool_flow import ToolFlow, run_tool_flow
 
 __all__ = ["TOOL", "flow", "ask_arguments", "TAGGERS"]
 
 TOOL = "tag_images"
 TAGGERS = (
-    "SmilingWolf/wd-swinv2-tagger-v3",
+    DEFAULT_REPO,
     "SmilingWolf/wd-vit-tagger-v3",
     "SmilingWolf/wd-convnext-tagger-v3",
     "SmilingWolf/wd-vit-large-tagger-v3",

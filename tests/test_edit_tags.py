@@ -4,7 +4,6 @@ the diff, dry runs, the backup zip and --restore, bad input, and the popup."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import zipfile
 from pathlib import Path
 

@@ -371,3 +371,15 @@ def test_the_example_queue_file(tagger, capsys):
     code, out, err = run(["--queue", ROOT / "examples" / "tag_queue.txt", "--dry_run"], capsys)
     assert code == 0 and "8 of 8 images already have a caption" in out and "nothing to tag" in out
     assert _snapshot(dataset) == before
+
+
+def test_a_caption_that_is_not_utf8_is_kept_and_stops_an_append(tagger, tmp_path, capsys):
+    folder = _images(tmp_path / "imgs", red=(RED, (16, 16)), blue=(BLUE, (16, 16)))
+    (folder / "red.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    code, out, _ = run([folder, folder, "--model_dir", tagger], capsys)  # the folder twice: tagged once
+    assert code == 0 and "wrote 1 captions" in out and (folder / "red.txt").read_bytes() == b"caf\xe9"
+    (folder / "blue.txt").unlink()
+    before = _snapshot(folder)
+    code, _, err = run([folder, "--model_dir", tagger, "--append"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "red.txt' is not UTF-8 text" in err
+    assert _snapshot(folder) == before

@@ -5,7 +5,8 @@
 * :func:`plan_captions`: ``<image stem><caption_extension>`` beside each image and what happens
   to it. An existing caption (not empty) is kept unless the mode is ``append`` (its tags come
   first, the new ones not already there follow) or ``overwrite``. Captions to append to are read
-  (UTF-8) before anything is written, so a bad one stops the run with nothing written.
+  (UTF-8) before anything is written, so a bad one stops the run with nothing written. An image
+  listed twice (a folder given twice) is tagged once.
 * :func:`tag_captions`: loads and prepares images on worker threads while the model runs, chooses
   the tags (:mod:`.tag_selection`), writes each caption atomically (or only reports it in a dry
   run) and counts the tags. Images are never written to; an image that cannot be decoded is
@@ -25,13 +26,13 @@ import numpy as np
 from ..files.atomic import atomic_save_text
 from ..core.errors import ConfigError, DatasetError
 from .images import IMAGE_EXTENSIONS, ImageProblem, is_hidden_name, is_image_file, load_image
-from .tag_editing import read_caption_text
+from .caption_files import check_caption_extension, has_caption, read_caption_text
 from .tag_selection import TagSettings, TagVocabulary, choose_tags
 from .tag_text import join_tags, split_tags, tag_key
 from .wd14_tagger import WD14Tagger, prepare_image
 
 __all__ = ["WRITE_MODES", "images_in", "CaptionJob", "TaggingResult", "find_images", "plan_captions", "tag_captions",
-           "check_caption_extension"]
+           "append_tags"]
 
 WRITE_MODES = ("skip", "append", "overwrite")
 
@@ -65,15 +66,6 @@ def find_images(folder: str, recursive: bool = False, setting: str = "train_data
                        f"{' or its subfolders' if recursive else ''}; check the folder", setting=setting)
 
 
-def check_caption_extension(ext: str, setting: str = "caption_extension") -> str:
-    if not ext or not ext.startswith(".") or len(ext) < 2 or any(c in ext for c in "/\\"):
-        raise ConfigError(f"{setting}: {ext!r} must be a file extension starting with a dot, e.g. .txt", setting=setting)
-    if ext.lower() in IMAGE_EXTENSIONS:
-        raise ConfigError(f"{setting}: {ext} is an image extension; captions would replace images. Use .txt",
-                          setting=setting)
-    return ext
-
-
 @dataclass(frozen=True)
 class CaptionJob:
     """One image to tag: its caption file and, when appending, the caption's present text."""
@@ -89,17 +81,15 @@ def plan_captions(images: list[str], caption_extension: str, mode: str) -> tuple
         raise ValueError(f"mode must be one of {WRITE_MODES}")
     check_caption_extension(caption_extension)
     jobs, kept = [], []
-    for image in images:
+    for image in dict.fromkeys(os.path.abspath(i) for i in images):  # a folder listed twice is tagged once
         caption = os.path.splitext(image)[0] + caption_extension
-        text = None
-        if os.path.isfile(caption) and mode != "overwrite":
-            text = read_caption_text(caption, "caption_extension")
-            if not text.strip():
-                text = None
-        if text is not None and mode == "skip":
-            kept.append(image)
-            continue
-        jobs.append(CaptionJob(image, caption, text))
+        if mode != "overwrite" and has_caption(caption):
+            if mode == "skip":
+                kept.append(image)
+                continue
+            jobs.append(CaptionJob(image, caption, read_caption_text(caption, "caption_extension")))
+        else:
+            jobs.append(CaptionJob(image, caption))
     return jobs, kept
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ..files.atomic import atomic_save_bytes, atomic_write
 from ..core.errors import ConfigError, DatasetError
+from .caption_files import check_caption_extension, read_caption_text
 from .images import is_hidden_name, is_image_file
 from .tag_text import TagMatcher, dedupe_tags, join_tags, split_tags, tag_key, underscores_to_spaces
 
@@ -181,28 +182,10 @@ def check_dataset_folder(root: str, setting: str = "dataset") -> str:
 _BOM = "\ufeff"
 
 
-def read_caption_text(path: str, setting: str = "dataset") -> str:
-    """A caption file's text (UTF-8, a BOM kept as the first character); DatasetError for anything else."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DatasetError(f"{setting}: cannot read caption file '{path}' ({e.strerror}); check its permissions",
-                           setting=setting) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{setting}: caption file '{path}' is not UTF-8 text (byte {data[e.start]:#04x} at position "
-                           f"{e.start}); open it and save it as UTF-8, then run again (nothing was changed)",
-                           setting=setting) from None
-
-
 def plan_edits(root: str, edits: TagEdits, caption_extension: str = ".txt", setting: str = "dataset") -> EditPlan:
     """Every caption under ``root`` that ``edits`` would change; writes nothing."""
     root = check_dataset_folder(root, setting)
-    if not caption_extension.startswith(".") or len(caption_extension) < 2:
-        raise ConfigError(f"caption_extension: {caption_extension!r} must start with a dot, e.g. .txt",
-                          setting="caption_extension")
+    check_caption_extension(caption_extension)
     paths, orphans = find_caption_files(root, caption_extension)
     plan = EditPlan(root=root, captions=len(paths), orphans=orphans)
     for path in paths:
