@@ -82,6 +82,9 @@ class ArgStore:
     status_listen: str = setting(
         "127.0.0.1", "address the status page listens on: 127.0.0.1 this computer only, 0.0.0.0 also your "
         "network (then every request needs the token printed at start)", group=JSON_QUEUE, session=True)
+    queue_state_every: float = setting(
+        15, "queue: save the running job's training state every N minutes (only the latest is kept), so a "
+        "crash or power cut resumes it there when the same queue command runs again", group=JSON_QUEUE)
     reg_img_folder: str | None = setting(
         None, "folder of regularization <repeats>_<class> image folders", group=PATHS, path="dir")
     sample_prompts: str | None = setting(

@@ -91,12 +91,10 @@ def run_main(argv: list[str] | None = None) -> int:
             _save_json(store)
             print("save_json_only is set: not training", flush=True)
             return 0
-        from .training import run_training
-
         # The JSON saved is what the user asked for, before any fallback for this machine.
         save = (lambda _effective: _save_json(store)) if store.save_json_folder else None
         with _status_page(store):
-            run_training(store, before_train=save)
+            _train_with_status(store, save)
         return 0
     except UserError as err:
         print_user_error(err)
@@ -104,6 +102,29 @@ def run_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopped by Ctrl+C", file=sys.stderr, flush=True)
         return 130
+
+
+def _train_with_status(store: Any, before_train: Any) -> None:
+    """Train, keeping ``<output_folder>/<output_name>_status.json`` up to date (queue_status.py)."""
+    from sd_scripts.training.callbacks import ConsoleCallbacks
+
+    from .queue_status import RunStatusCallbacks
+    from .settings_map import output_name_of
+    from .training import is_main_process, run_training
+
+    if not is_main_process():
+        run_training(store, before_train=before_train)
+        return
+    status = RunStatusCallbacks(ConsoleCallbacks(stream=sys.stderr), store.output_folder, output_name_of(store))
+    try:
+        run_training(store, before_train=before_train, callbacks=status)
+    except KeyboardInterrupt:
+        status.finish("stopped", "stopped by Ctrl+C")
+        raise
+    except BaseException as err:
+        status.finish("failed", " ".join(str(err).split())[:300] or type(err).__name__)
+        raise
+    status.finish("complete")
 
 
 @contextlib.contextmanager

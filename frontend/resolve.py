@@ -258,6 +258,8 @@ def validate_store(store: Any, *, for_training: bool = True) -> None:
                  "prior_loss_weight", "max_grad_norm", "caption_dropout_every_n_epochs", "token_warmup_step",
                  "multires_noise_iterations"):
         at_least(name, 0)
+    if store.queue_state_every is not None and not store.queue_state_every > 0:
+        bad("queue_state_every", f"must be above 0 minutes, got {store.queue_state_every:g}")
     if store.alpha is not None and store.alpha <= 0:
         bad("alpha", f"must be above 0, got {store.alpha:g}")
     if store.min_snr_gamma is not None and store.min_snr_gamma <= 0:

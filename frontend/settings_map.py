@@ -63,7 +63,7 @@ FRONT_END_ONLY = {
     "save_json_only", "tag_occurrence_txt_file", "sort_tag_occurrence_alphabetically",
     "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
     "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-    "wandb_api_key", "status_port", "status_listen",
+    "wandb_api_key", "status_port", "status_listen", "queue_state_every",
 }
 
 

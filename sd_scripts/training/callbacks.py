@@ -32,6 +32,13 @@ class TrainCallbacks:
 
     def on_sample(self, paths: list[str]) -> None: ...
 
+    def state_due(self, step: int) -> str | None:
+        """Asked after each optimizer step (its saves and samples done): a folder path to save a
+        training state into now, or None. The state is written as ``save_state`` writes one (a
+        temporary folder renamed over the previous one), whether or not ``save_state`` is on; the
+        queue uses it for its timed crash-recovery states. With several processes, process 0's
+        answer counts."""
+
     def on_end(self, result: Any) -> None: ...
 
 

@@ -779,6 +779,7 @@ class _Trainer:
                 self._save_checkpoint(step=step)
             if self._sampling_by_steps() and step % config.sample_every_n_steps == 0:
                 self._sample(label=f"{step:06d}", step=step)
+            self._state_if_due(step)
             self._check_stop()
             images, t_last, max_norm = 0, time.perf_counter(), None
             if step >= self.max_train_steps:
@@ -1092,6 +1093,16 @@ class _Trainer:
         self.result.saved_files.append(path)
         self.cb.on_save(path)
         return path
+
+    def _state_if_due(self, step: int) -> None:
+        """A state where the caller asks for one (callbacks.state_due: the queue's crash-recovery states)."""
+        folder = self.cb.state_due(step)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            folder = broadcast_object_list([folder])[0]
+        if folder:
+            self._save_state(os.path.abspath(folder))
 
     def _save_state(self, dir_name: str) -> str | None:
         from sd_scripts.training.state import capture_rng

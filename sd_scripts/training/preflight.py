@@ -66,6 +66,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     disk: list[DiskNeed] = field(default_factory=list)
+    steps: int | None = None  # optimizer steps the run will take, estimated from the image count (buckets aside)
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -814,6 +815,8 @@ def preflight(config, model_given: bool = False) -> Plan:
         plan.warnings.extend(disk_warnings)
     if errors:
         raise UserErrors(_dedupe(errors))
+    if plan.dataset is not None:
+        plan.steps = _steps_and_epochs(config, plan.dataset)[0]
     return plan
 
 
