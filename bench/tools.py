@@ -16,6 +16,9 @@ Stages:
   checkpoints (fp16, tuned = base + a low-rank change + noise on every target layer), with the
   randomized SVD's reported error against the exact truncation error on a few layers.
 * ``merge``: the rank-128 LoCon merged into the full-size checkpoint.
+* ``clamp``: extraction's ``clamp_quantile`` on the attention layers: the relative error of the rank-32
+  approximation against the true change, clamping kohya's quantity (``U diag(S)`` and ``Vh``, what
+  ``extract_network`` does) against clamping the evenly split factors (``sqrt(S)`` each side, what it did before).
 
 Wall time is ``time.perf_counter``; peak memory is the process's peak RSS (``ru_maxrss``, each
 stage runs in a fresh process) and, with CUDA, ``torch.cuda.max_memory_allocated``.
@@ -267,7 +270,42 @@ def stage_merge(args) -> dict:
     return out
 
 
-STAGES = {"resize": stage_resize, "extract": stage_extract, "merge": stage_merge}
+def _clamp_split_factors(res, k: int, q: float):
+    """The clamp extraction used before: both evenly split factors to the q-quantile of their absolute values."""
+    import torch
+
+    from sd_scripts.networks import lora_math as lm
+
+    up, down = lm.split_factors(res, k)
+    hi = lm.quantile(torch.cat([up.reshape(-1), down.reshape(-1)]).abs(), q)
+    return up.clamp(-hi, hi), down.clamp(-hi, hi)
+
+
+def stage_clamp(args) -> dict:
+    from sd_scripts.networks import lora_math as lm
+
+    shapes = sd15_shapes()
+    lmap, names = lora_layers(shapes, True)
+    names = [n for n in names if "attn" in n and "lora_unet" in n][:6]
+    base = random_checkpoint(shapes, 0)
+    tuned = _tuned_from(base, shapes, lmap, names)
+    rows = []
+    for q in (0.99, 0.999):
+        for name in names:
+            key = lmap[name].weight_key
+            w = (tuned[key].float() - base[key].float()).reshape(shapes[key][0], -1)
+            res = lm.dense_svd(w, randomized=False)
+            errors = {}
+            for label, factors in (("kohya_quantity", lm.clamped_factors(res, 32, q)),
+                                   ("split_factors", _clamp_split_factors(res, 32, q))):
+                up, down = factors
+                errors[label] = round(float((w - up @ down).norm() / w.norm()), 4)
+            rows.append({"quantile": q, "layer": name.replace("lora_unet_", ""), **errors,
+                         "unclamped": round(lm.retained_stats(res, 32)["rel_error"], 4)})
+    return {"rows": rows}
+
+
+STAGES = {"resize": stage_resize, "extract": stage_extract, "merge": stage_merge, "clamp": stage_clamp}
 
 
 def main(argv=None) -> int:

@@ -186,3 +186,22 @@ def test_a1111_places_every_key_of_a_saved_sdxl_lycoris_file(tiny_sdxl, tmp_path
     matched = check_loads_completely(sd, layers)
     assert len(matched) == len({k.split(".")[0] for k in sd})
     assert any(k.startswith("1_model_transformer_resblocks_") for k in matched) or args[-1] == "preset=ia3"
+
+
+@pytest.mark.parametrize("conv, unet_modules", [(False, 192), (True, 278)])
+def test_extraction_targets_kohyas_module_set_on_a_full_size_sd1(conv, unet_modules):
+    """Without conv settings, kohya's LoRA set: the transformer blocks only (192 UNet modules on SD1.5, as kohya's
+    extract_lora_from_models.py gives), not the resnets' time_emb_proj and 1x1 conv_shortcut."""
+    from diffusers import UNet2DConditionModel
+
+    from sd_scripts.networks.ldm_lora_map import build_lora_map, lora_target_names
+
+    family = get_family("sd1")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(family.diffusers_unet_config())
+        tes = [_text_encoder(**spec) for spec in _FULL_SIZE_TEXT_ENCODERS["sd1"]]
+    shapes = _checkpoint_shapes(unet, tes, family)
+    names = lora_target_names(build_lora_map(shapes), conv=conv, shapes=shapes)
+    assert sum(n.startswith("lora_unet_") for n in names) == unet_modules
+    assert sum(n.startswith("lora_te_") for n in names) == 72
+    assert any("time_emb_proj" in n for n in names) == conv

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -258,3 +260,28 @@ def test_rank_selection_documented_example():
     assert lm.select_rank(s, "sv_cumulative", 0.9, 8) == 3
     assert lm.select_rank(s, "sv_ratio", 4, 8) == 3
     assert lm.select_rank(torch.zeros(5), "sv_fro", 0.9, 8) == 1
+
+
+def test_quantile_matches_torch_quantile():
+    from sd_scripts.networks.lora_math import quantile
+
+    values = torch.randn(1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0):
+        assert math.isclose(quantile(values, q), float(torch.quantile(values, q)), rel_tol=1e-6, abs_tol=1e-7)
+
+
+def test_clamped_factors_clamp_kohyas_quantity_and_keep_the_product():
+    from sd_scripts.networks.lora_math import clamped_factors, dense_svd
+
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(64, 8, generator=g) @ torch.randn(8, 96, generator=g) * 0.01
+    res = dense_svd(delta, randomized=False)
+    up, down = clamped_factors(res, 8, 0.99)
+    # kohya: U diag(S) and Vh, clamped together at the 0.99 quantile of their values
+    u = res.U[:, :8] * res.S[:8]
+    vh = res.Vh[:8]
+    hi = float(torch.quantile(torch.cat([u.flatten(), vh.flatten()]), 0.99))
+    expected = u.clamp(-hi, hi) @ vh.clamp(-hi, hi)
+    assert torch.allclose(up @ down, expected, atol=1e-7)
+    assert torch.allclose(up.norm(dim=0), down.norm(dim=1), rtol=1e-4)  # stored balanced
+    assert not torch.allclose(expected, delta, atol=1e-9)  # the clamp did cut something

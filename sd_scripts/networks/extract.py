@@ -85,15 +85,6 @@ def check_extract_args(mode: str, linear_param, conv_param) -> None:
                               f"(got {value})", setting=setting)
 
 
-def _clamp(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp both factors to the ``quantile`` of their absolute values (kohya's ``clamp_quantile``,
-    computed with ``kthvalue``, which has no input size limit, unlike ``torch.quantile``)."""
-    values = torch.cat([up.reshape(-1), down.reshape(-1)]).abs()
-    k = max(1, min(values.numel(), int(math.ceil(quantile * values.numel()))))
-    hi = float(values.kthvalue(k).values)
-    return up.clamp(-hi, hi), down.clamp(-hi, hi)
-
-
 def extract_network(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], mode: str = "fixed",
                     linear_param=4, conv_param=None, clamp_quantile: float | None = None,
                     min_diff: float = DEFAULT_MIN_DIFF, device=None, randomized: bool | str = "auto",
@@ -147,12 +138,12 @@ def extract_network(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.
         else:
             res = lm.dense_svd(w, randomized=False)
             k = lm.select_rank(res.S, mode, float(param), full_rank)
-        up, down = lm.split_factors(res, k)
         if clamp_quantile is not None and float(clamp_quantile) < 1:
-            up, down = _clamp(up, down, float(clamp_quantile))
+            up, down = lm.clamped_factors(res, k, float(clamp_quantile))
             residual = float((w - up @ down).double().pow(2).sum())
             rel = math.sqrt(residual / res.total_sq) if res.total_sq > 0 else 0.0
         else:
+            up, down = lm.split_factors(res, k)
             rel = lm.retained_stats(res, k)["rel_error"]
         out.update({key: t.cpu() for key, t in lora_module_state(name, up, down, float(k), shape).items()})
         reports.append(ModuleExtract(name, k, rel, res.exact, conv, target.part))

@@ -273,10 +273,13 @@ def build_lora_map(shapes: Mapping[str, tuple], family: str | None = None) -> di
 
 def lora_target_names(lora_map: Mapping[str, LdmTarget], conv: bool = True, text_encoder: bool = True,
                       shapes: Mapping[str, tuple] | None = None) -> list[str]:
-    """The names kohya's LoRA (``conv=False``: no k x k convs, as without ``conv_dim``) or LoCon trains."""
+    """The names kohya's LoRA (``conv=False``: the transformer blocks' layers only, as without ``conv_dim``) or
+    LoCon (``conv=True``: also the resnets' and samplers' layers) trains."""
     names = []
     for name, target in lora_map.items():
         if not target.lora_target or (target.part == "te" and not text_encoder):
+            continue
+        if not conv and target.conv_only:
             continue
         if not conv and shapes is not None:
             shape = getattr(shapes[target.weight_key], "shape", shapes[target.weight_key])

@@ -417,6 +417,39 @@ def split_factors(res: SVDResult, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return up, down
 
 
+def quantile(values: torch.Tensor, q: float) -> float:
+    """``torch.quantile(values, q)`` (linear interpolation between order statistics) for any number of values
+    (``torch.quantile`` refuses inputs over 16M elements), through ``kthvalue``."""
+    flat = values.reshape(-1)
+    pos = q * (flat.numel() - 1)
+    low = math.floor(pos)
+    below = float(flat.kthvalue(low + 1).values)
+    if pos == low:
+        return below
+    above = float(flat.kthvalue(low + 2).values)
+    return below + (above - below) * (pos - low)
+
+
+def clamped_factors(res: SVDResult, rank: int, clamp_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` of rank ``rank`` with kohya's ``clamp_quantile`` outlier clamp, stored balanced.
+
+    The clamp is kohya's: the singular values go into the up factor (``U diag(S)``, ``Vh``) and both are
+    clamped to ``[-h, h]``, ``h`` the ``clamp_quantile`` quantile of their values together. Clamping the
+    evenly split factors instead (``sqrt(S)`` on each side) cuts into many more of the entries that carry the
+    change. Each rank component is then rescaled so its up column and down row have the same norm, which
+    keeps the product and suits fp16/bf16 storage.
+    """
+    k = min(rank, res.S.shape[0])
+    up = res.U[:, :k] * res.S[:k].clamp_min(0)[None, :]
+    down = res.Vh[:k]
+    hi = quantile(torch.cat([up.reshape(-1), down.reshape(-1)]), clamp_quantile)
+    up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
+    up_norm, down_norm = up.norm(dim=0), down.norm(dim=1)
+    scale = torch.where((up_norm > 0) & (down_norm > 0), (down_norm / up_norm.clamp_min(1e-30)).sqrt(),
+                        torch.ones_like(up_norm))
+    return up * scale[None, :], down / scale[:, None]
+
+
 # --------------------------------------------------------------------------------------------
 # rank choice
 
