@@ -4,7 +4,7 @@
   None when cancelled; ``main.py`` then trains, saves the JSON or runs the queue as usual.
 * ``python scripts/<tool>.py --popup`` -> ``popups.<tool>.ask_arguments()``: the tool's command-line
   arguments, or None when cancelled (``lora_resize``, ``lora_merge``, ``locon_extract``,
-  ``locon_loha_merge``, ``image_resize``, ``tag_images``, ``edit_tags``, ``dataset_report``).
+  ``locon_loha_merge``, ``image_resize``, ``tag_images``, ``edit_tags``, ``dataset_report``, ``caption_images``).
 
 Each flow is plain Python that asks through an :class:`~popups.asker.Asker`; ``tk_asker`` shows the
 questions in tkinter windows and ``asker.ScriptedAsker`` answers them in tests. Nothing here

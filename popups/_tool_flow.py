@@ -32,6 +32,7 @@ TITLES = {
     "tag_images": "Tag images (WD14 tagger)",
     "edit_tags": "Edit tags in bulk",
     "dataset_report": "Dataset report",
+    "caption_images": "Caption images",
 }
 
 

@@ -18,7 +18,7 @@ from frontend.resolve import resolve_settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
 TOOLS = ("lora_resize", "lora_merge", "locon_extract", "locon_loha_merge", "image_resize", "edit_tags", "dataset_report",
-         "tag_images")
+         "tag_images", "caption_images")
 
 
 def run_main(args, cwd, env=None):

@@ -23,7 +23,7 @@ from tests.helpers import make_dataset
 ROOT = Path(__file__).resolve().parents[1]
 INFOS = {info.name: info for info in ArgStore.settings()}
 TOOLS = ("lora_resize", "lora_merge", "locon_extract", "locon_loha_merge", "image_resize", "edit_tags", "dataset_report",
-         "tag_images")
+         "tag_images", "caption_images")
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from tests import lora_synth as ls
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 TOOLS = ("lora_resize", "lora_merge", "locon_extract", "locon_loha_merge", "image_resize", "edit_tags", "dataset_report",
-         "tag_images")
+         "tag_images", "caption_images")
 
 
 def _env():
