@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     args = cli.parse_args(build_parser, TOOL, argv)
     if args is None:
         return 0
-    from sd_scripts.data.image_tagging import check_caption_extension, find_images, plan_captions
+    from sd_scripts.data.caption_files import check_caption_extension
+    from sd_scripts.data.image_tagging import find_images, plan_captions
     from sd_scripts.data.tag_text import parse_tag_list
 
     # every setting and folder is checked before the model loads: a mistake writes nothing
