@@ -138,6 +138,15 @@ def test_the_reports_buckets_are_the_training_datasets(dataset, settings):
     assert report.batches_per_epoch == len(training)
 
 
+def test_held_out_validation_images_are_counted_and_not_placed(dataset):
+    config = _config(dataset, validation_split=0.4)
+    report = build_report(config)
+    plan = scan_dataset(config)
+    assert report.held_out == len(plan.validation_images) > 0
+    assert {e.path for e in report.images} == {r.path for r in plan.images}
+    assert f"{report.held_out} images held out for the validation loss" in "\n".join(report.lines())
+
+
 def test_exact_token_counts_with_a_clip_tokenizer(dataset, tmp_path):
     from sd_scripts.data.caption_tokens import find_clip_tokenizer
     from sd_scripts.models.text_encoding import count_prompt_tokens

@@ -99,6 +99,7 @@ class DatasetReport:
     tokens_exact: bool
     tag_counts: dict[str, int]
     min_area: int
+    held_out: int = 0  # images kept for the validation loss (validation_split), never trained on
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -128,6 +129,8 @@ class DatasetReport:
             kind = "regularization " if s.is_reg else ""
             out.append(f"{kind}subset {s.name}: {s.images} images x {s.repeats} repeats, {s.captioned} captioned")
         train = [e for e in self.images if not self._is_reg(e)]
+        if self.held_out:
+            out.append(f"{self.held_out} images held out for the validation loss (validation_split), not trained on")
         out.append(f"{len(train)} training images, {sum(e.repeats for e in train)} per epoch with repeats; "
                    f"{self.batches_per_epoch} batches = {self.steps_per_epoch} steps per epoch"
                    + (f" (gradient accumulation {self.gradient_accumulation})" if self.gradient_accumulation > 1 else ""))
@@ -182,7 +185,7 @@ class DatasetReport:
             low = limit
         bands.append(f"over {TOKEN_LIMITS[-1]}: {sum(1 for n in counts if n > TOKEN_LIMITS[-1])}")
         how = "counted with the CLIP tokenizer" if self.tokens_exact else (
-            "estimated (no CLIP tokenizer found offline; set tokenizer_cache_dir for exact counts)")
+            "estimated: no CLIP tokenizer found offline, set tokenizer_cache_dir for exact counts")
         longest = max(counts, default=0)
         return (f"Caption length in CLIP tokens ({how}): " + ", ".join(bands)
                 + f"; longest {longest}; max_token_length {self.token_limit}")
@@ -303,4 +306,4 @@ def build_report(config: Any, *, tokenizer: Any = None, duplicate_distance: int 
         unreadable=list(plan.skipped), captions_without_images=_captions_without_images(plan),
         duplicates=[(entries[i].path, entries[j].path, d) for i, j, d in pairs], duplicate_distance=duplicate_distance,
         token_limit=token_limit, tokens_exact=counter.exact, tag_counts=tags,
-        min_area=min(areas) if areas else 0, warnings=list(plan.warnings))
+        min_area=min(areas) if areas else 0, held_out=len(plan.validation_images), warnings=list(plan.warnings))
