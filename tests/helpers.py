@@ -83,3 +83,22 @@ def saved_random_lora(net, path, metadata, precision):
             lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * 0.3)
     save_lora_file(path, net.kohya_state_dict(), metadata, precision_dtype(precision))
     return load_lora_file(path)
+
+
+def load_tool(name: str):
+    """The module of ``scripts/<name>.py``, loaded the way its launcher runs it (as a script, not a package)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", root / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(name: str, argv, capsys) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``scripts/<name>.py`` run in this process."""
+    tool = load_tool(name)
+    code = tool.cli.run(tool.main, [str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -4,7 +4,6 @@ loaded through the same path as a real model (a folder, or a repo id in the Hugg
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,20 +18,13 @@ from sd_scripts.core.errors import ModelLoadError
 from sd_scripts.data import caption_model
 from sd_scripts.data.caption_model import load_caption_model
 from sd_scripts.data.image_captioning import CaptionText, append_caption, caption_text
-from tests.helpers import tree_digest
+from tests.helpers import load_tool, tree_digest
 from tests.tiny_captioners import save_tiny_blip, save_tiny_florence2, save_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("caption_images_tool", ROOT / "scripts" / "caption_images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("caption_images")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ problems, the training's own buckets, token counts, the picture, and every bad i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,19 +21,12 @@ from sd_scripts.data.report_picture import save_report_picture
 from sd_scripts.core.config import TrainConfig
 from sd_scripts.data.dataset import TrainDataset
 from sd_scripts.data.dataset_layout import scan_dataset
-from tests.helpers import tree_digest
+from tests.helpers import load_tool, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("dataset_report_tool", ROOT / "scripts" / "dataset_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("dataset_report")
 
 
 def _picture(path: Path, size, seed: int) -> None:

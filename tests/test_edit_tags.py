@@ -3,7 +3,6 @@ the diff, dry runs, the backup zip and --restore, bad input, and the popup."""
 
 from __future__ import annotations
 
-import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -12,23 +11,12 @@ import pytest
 from popups.asker import ScriptedAsker
 from sd_scripts.data.tag_editing import TagEdits, edit_caption, edit_tags, plan_edits, restore_backup
 from sd_scripts.data.tag_text import parse_replacements, underscores_to_spaces
+from tests.helpers import load_tool, run_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("_test_edit_tags_cli", ROOT / "scripts" / "edit_tags.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(argv, capsys):
-    """``(exit code, stdout, stderr)`` of the CLI run in this process."""
-    tool = _tool()
-    code = tool.cli.run(tool.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_tool("edit_tags", argv, capsys)
 
 
 def _dataset(root: Path) -> Path:
@@ -200,7 +188,7 @@ def test_bad_input(tmp_path, capsys, args, words):
 
 def _argparse_exit(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        _tool().main(argv)
+        load_tool("edit_tags").main(argv)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
 

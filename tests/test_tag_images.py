@@ -4,7 +4,6 @@ bad input (one line, exit 2, nothing written), the offline hub errors, and the p
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,24 +17,14 @@ from popups.asker import ScriptedAsker
 from sd_scripts.data.tag_selection import TagSettings, TagVocabulary, choose_tags
 from sd_scripts.data.wd14_tagger import Label, mcut_threshold, prepare_image, read_labels
 from tests import wd14_synth as synth
+from tests.helpers import load_tool, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("_test_tag_images_cli", ROOT / "scripts" / "tag_images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(argv, capsys):
-    """``(exit code, stdout, stderr)`` of the CLI run in this process."""
-    tool = _tool()
-    code = tool.cli.run(tool.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_tool("tag_images", argv, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +263,7 @@ def test_bad_input(tagger, tmp_path, capsys, args, words):
         argv += ["--model_dir", str(tagger)]
     if "x" in argv:
         with pytest.raises(SystemExit) as e:
-            _tool().main(argv)
+            load_tool("tag_images").main(argv)
         code, err = e.value.code, capsys.readouterr().err
     else:
         code, _, err = run(argv, capsys)
@@ -333,7 +322,7 @@ def test_repo_id_from_the_cache_works_offline(tagger, tmp_path):
 
 
 def test_help_says_where_the_defaults_differ_from_kohya():
-    text = _tool().build_parser().format_help()
+    text = load_tool("tag_images").build_parser().format_help()
     assert "never overwritten" in text and "kohya always replaced" in text and "wd-v1-4-convnext-tagger-v2" in text
 
 
