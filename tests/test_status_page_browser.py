@@ -30,6 +30,7 @@ pytestmark = [
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d4944415478da63f8cfc0f01f0005000201e2215bc20000000049454e44ae426082")
 WAIT = 30  # seconds a page change may take at most (the page polls once a second)
+START = 300  # seconds a queue job may take to load its model on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,12 @@ def browser():
     driver.quit()
 
 
-def wait_for(driver, condition, message):
+def wait_for(driver, condition, message, timeout=WAIT):
     from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        return WebDriverWait(driver, WAIT, poll_frequency=0.1,
+        return WebDriverWait(driver, timeout, poll_frequency=0.1,
                              ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition())
     except TimeoutException:
         pytest.fail(f"{message}; the page said: {driver.find_element('tag name', 'body').text[:2000]}")
@@ -147,3 +148,116 @@ def test_page_draws_the_status_and_its_buttons_reach_the_queue(browser, tmp_path
                  "the buttons stay after the queue finished")
         assert browser.find_element("id", "summary").text.startswith("Finished")
 
+
+
+# --------------------------------------------------------------------------- a real queue of tiny trainings
+def save_screenshot(browser, path):
+    """A small PNG of the page (256 colours), for the README."""
+    import io
+
+    from PIL import Image
+
+    size = browser.get_window_size()
+    frame = browser.execute_script("return window.outerHeight - window.innerHeight")
+    browser.set_window_size(size["width"], browser.execute_script("return document.body.scrollHeight") + frame)
+    try:
+        image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def start_queue(tmp_path, model, jobs):
+    """``main.py --multi_run_path`` on ``jobs`` ({file name: settings}) with the page open to the network."""
+    import subprocess
+    import sys
+    import threading
+
+    from tests.helpers import make_dataset
+
+    make_dataset(tmp_path / "data", count=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks shape, red, circle --w 64 --h 64 --d 1 --s 4\n"
+                       "sks shape, blue, circle --w 64 --h 64 --d 2 --s 4\n", encoding="utf-8")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    common = {"base_model": str(model), "img_folder": str(tmp_path / "data"), "output_folder": str(tmp_path / "out"),
+              "tokenizer_cache_dir": str(model / "tokenizer"), "train_resolution": 64, "min_bucket_resolution": 64,
+              "max_bucket_resolution": 128, "bucket_reso_steps": 32, "batch_size": 1, "net_dim": 4, "alpha": 2,
+              "clip_skip": 1, "optimizer_type": "AdamW", "mixed_precision": "no", "xformers": False,
+              "cache_latents": True, "learning_rate": 1e-3, "sample_prompts": str(prompts)}
+    for name, settings in jobs.items():
+        (queue / name).write_text(json.dumps({**common, "change_output_name": name[:-5], **settings}), encoding="utf-8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(root, "main.py"), "--multi_run_path", str(queue), "--status_port", "0",
+         "--status_listen", "0.0.0.0"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+        errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    address: list[str] = []
+    found = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("status page: ") and not found.is_set():
+                address.append(line.split(": ", 1)[1].strip())
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(120)
+    return process, queue, (address or [None])[0], lines
+
+
+def test_a_real_queue_watched_in_the_browser_stops_after_the_running_job(browser, tmp_path, tiny_sd1_diffusers):
+    from urllib.parse import parse_qs, urlsplit
+
+    jobs = {"1_first.json": {"max_steps": 40, "sample_every_n_steps": 10},
+            "2_second.json": {"max_steps": 8}, "3_third.json": {"max_steps": 8}}
+    process, queue, url, lines = start_queue(tmp_path, tiny_sd1_diffusers, jobs)
+    try:
+        assert url, "no status page address printed:\n" + "".join(lines)[-3000:]
+        token = parse_qs(urlsplit(url).query)["token"][0]
+        port = urlsplit(url).port
+        local = f"http://127.0.0.1:{port}/"
+        # listening beyond this computer: a request without the token is refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(local + "api/status", timeout=10)
+        assert refused.value.code == 403
+        browser.get(local)
+        assert "refused" in browser.find_element("tag name", "body").text
+
+        browser.get(f"{local}?token={token}")
+        step = lambda: int(browser.find_element("id", "progress-bar").get_attribute("data-step") or 0)  # noqa: E731
+        wait_for(browser, lambda: step() > 0, "no running job's progress shown", timeout=START)
+        first = step()
+        wait_for(browser, lambda: step() > first, "the running job's progress did not change")
+        wait_for(browser, lambda: step() >= 20 and by_css(browser, "#samples img"), "no sample images shown")
+        shot = save_screenshot(browser, tmp_path / "status_page.png")
+        if os.environ.get("STATUS_PAGE_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["STATUS_PAGE_SCREENSHOT"])
+
+        running = browser.find_element("id", "current-name").text
+        browser.find_element("id", "stop-button").click()
+        wait_for(browser, lambda: "Keep going" in browser.find_element("id", "stop-button").text,
+                 "the page does not show the stop request")
+        code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = "".join(lines)[-4000:]
+    names = list(jobs)
+    ran, left = names[:names.index(running) + 1], names[names.index(running) + 1:]
+    assert left, f"the stop was pressed during the last job {running}"
+    assert code in (0, 130), output
+    assert sorted(os.listdir(queue / "complete")) == sorted([*ran, *(n[:-5] + ".log" for n in ran)]), output
+    for name in left:
+        assert (queue / name).is_file(), output  # still queued for the next run
+    status = json.loads((queue / "queue_status.json").read_text(encoding="utf-8"))
+    assert status["state"] == "finished"
+    assert {job["name"]: job["state"] for job in status["jobs"]} == {
+        **{name: "complete" for name in ran}, **{name: "waiting" for name in left}}
