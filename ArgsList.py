@@ -25,6 +25,7 @@ __all__ = ["ArgStore", "GROUPS", "OPTIMIZERS", "SCHEDULERS", "SAMPLERS"]
 PATHS = "Paths"
 JSON_QUEUE = "JSON files and queue"
 MODEL = "Base model"
+FLUX = "FLUX.1"
 NETWORK = "Network (LoRA, LoCon, LyCORIS)"
 OPTIMIZER = "Optimizer and learning rates"
 SCHEDULER = "Learning-rate schedule"
@@ -41,7 +42,7 @@ LOGGING = "Logging"
 HUB = "Hugging Face upload"
 DEPRECATED = "Deprecated (still read from old files)"
 
-GROUPS = [PATHS, JSON_QUEUE, MODEL, NETWORK, OPTIMIZER, SCHEDULER, LENGTH, RESOLUTION, CAPTIONS, AUGMENT,
+GROUPS = [PATHS, JSON_QUEUE, MODEL, FLUX, NETWORK, OPTIMIZER, SCHEDULER, LENGTH, RESOLUTION, CAPTIONS, AUGMENT,
           PRECISION, NOISE, SAVING, SAMPLES, VALIDATION, LOGGING, HUB, DEPRECATED]
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit",
@@ -401,6 +402,43 @@ class ArgStore:
         False, "make sample images before training starts", group=SAMPLES)
     vae_batch_size: int | None = setting(
         None, "images per VAE batch when caching latents (default 1)", group=AUGMENT)
+
+    # ------------------------------------------------------------------ FLUX.1 (kohya's flux_train_network names)
+    clip_l: str | None = setting(
+        None, "FLUX.1: CLIP-L text encoder file (clip_l.safetensors), when the model file has none", group=FLUX,
+        path="file")
+    t5xxl: str | None = setting(
+        None, "FLUX.1: T5-XXL text encoder file (t5xxl_fp16.safetensors or fp8), when the model file has none",
+        group=FLUX, path="file")
+    ae: str | None = setting(
+        None, "FLUX.1: autoencoder file (ae.safetensors), when the model file has none", group=FLUX, path="file")
+    flux_variant: str | None = setting(
+        None, "FLUX.1: dev or schnell; none: read from the model (dev has a guidance embedding)", group=FLUX,
+        choices=(None, "dev", "schnell"))
+    guidance_scale: float = setting(
+        3.5, "FLUX.1 dev: guidance scale given to the model while training (kohya recommends 1.0)", group=FLUX)
+    timestep_sampling: str = setting(
+        "sigma", "FLUX.1: how noise levels are drawn: sigma, uniform, sigmoid, shift (with discrete_flow_shift), "
+        "flux_shift (by image size)", group=FLUX, choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"))
+    sigmoid_scale: float = setting(
+        1.0, "FLUX.1: scale of the sigmoid/shift/flux_shift draws", group=FLUX)
+    discrete_flow_shift: float = setting(
+        3.0, "FLUX.1: shift of the noise schedule (sigma and shift sampling; kohya recommends 3.1582 with shift)",
+        group=FLUX)
+    model_prediction_type: str = setting(
+        "sigma_scaled", "FLUX.1: raw (kohya's recommendation), additive or sigma_scaled", group=FLUX,
+        choices=("raw", "additive", "sigma_scaled"))
+    weighting_scheme: str = setting(
+        "uniform", "FLUX.1: noise-level density (logit_normal, mode) or loss weight with sigma_scaled "
+        "(sigma_sqrt, cosmap)", group=FLUX,
+        choices=("uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap"))
+    logit_mean: float = setting(0.0, "FLUX.1: mean of the logit_normal scheme", group=FLUX)
+    logit_std: float = setting(1.0, "FLUX.1: standard deviation of the logit_normal scheme", group=FLUX)
+    mode_scale: float = setting(1.29, "FLUX.1: scale of the mode scheme", group=FLUX)
+    t5xxl_max_token_length: int | None = setting(
+        None, "FLUX.1: T5 tokens per caption; none: 512 for dev, 256 for schnell", group=FLUX)
+    apply_t5_attn_mask: bool = setting(
+        False, "FLUX.1: hide T5 padding tokens from T5 and from the transformer's attention", group=FLUX)
 
     # ------------------------------------------------------------------ SDXL
     sdxl: bool = setting(

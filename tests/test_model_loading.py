@@ -183,7 +183,7 @@ def test_v_parameterization_and_family_settings(tiny_sd1_single_file, tiny_sd2_s
         detect_family(_cfg(tiny_sd1_single_file, model_family="sd2"))
     _one_line(e.value, "model_family")
     with pytest.raises(ConfigError) as e:
-        detect_family(_cfg(tiny_sd1_single_file, model_family="flux"))
+        detect_family(_cfg(tiny_sd1_single_file, model_family="sd3"))
     _one_line(e.value, "model_family", "sd1, sd2")
 
 

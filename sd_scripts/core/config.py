@@ -29,11 +29,35 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = _f(None, "base model: .safetensors/.ckpt file or diffusers folder")
     v2: bool | None = _f(None, "base model is SD2.x (detected from the checkpoint when not given)")
     v_parameterization: bool | None = _f(None, "v-prediction model (SD2 768-v); detected from a .yaml or diffusers config when not given")
-    model_family: str | None = _f(None, "force a model family (sd1, sd2, sdxl); detected when not given")
+    model_family: str | None = _f(None, "force a model family (sd1, sd2, sdxl, flux); detected when not given")
     sdxl: bool | None = _f(None, "base model is SDXL (detected from the checkpoint when not given)")
     vae: str | None = _f(None, "VAE to use instead of the model's: .safetensors/.ckpt/.pt file or diffusers folder")
     tokenizer_cache_dir: str | None = _f(None, "folder holding a CLIP tokenizer, for offline use")
     no_half_vae: bool = _f(False, "keep the VAE in float32 under mixed precision (the SDXL VAE overflows in fp16)")
+    # --- FLUX.1 (kohya's flux_train_network.py names and defaults) ---
+    clip_l: str | None = _f(None, "FLUX.1: CLIP-L file (clip_l.safetensors) when the model file lacks it")
+    t5xxl: str | None = _f(None, "FLUX.1: T5-XXL file (t5xxl_fp16.safetensors, fp8 too) when the model file lacks it")
+    ae: str | None = _f(None, "FLUX.1: autoencoder file (ae.safetensors) when the model file lacks it")
+    flux_variant: str | None = _f(None, "FLUX.1: dev or schnell; read from the weights (guidance embedding) when not "
+                                        "given", choices=[None, "dev", "schnell"])
+    t5xxl_max_token_length: int | None = _f(None, "FLUX.1: T5-XXL tokens per caption (default 512 dev, 256 schnell)")
+    apply_t5_attn_mask: bool = _f(False, "FLUX.1: mask T5 padding in T5 and in the transformer's attention")
+    guidance_scale: float = _f(3.5, "FLUX.1 dev: the guidance scale the transformer is given while training")
+    timestep_sampling: str = _f("sigma", "FLUX.1: how sigmas are drawn (sigma: the shifted schedule's, uniform, "
+                                         "sigmoid of a normal, shift: sigmoid then discrete_flow_shift, flux_shift: "
+                                         "shifted by image size)",
+                                choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
+    sigmoid_scale: float = _f(1.0, "FLUX.1: scale of the normal draw for sigmoid/shift/flux_shift sampling")
+    discrete_flow_shift: float = _f(3.0, "FLUX.1: shift of the flow-matching schedule (sigma and shift sampling)")
+    model_prediction_type: str = _f("sigma_scaled", "FLUX.1: raw (the velocity), additive (+ noisy input), "
+                                                     "sigma_scaled (x0 estimate, weighted by weighting_scheme)",
+                                    choices=["raw", "additive", "sigma_scaled"])
+    weighting_scheme: str = _f("uniform", "FLUX.1: sigma sampling density (logit_normal, mode) or loss weight "
+                                          "(sigma_sqrt, cosmap with sigma_scaled); uniform and none: neither",
+                               choices=["uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
+    logit_mean: float = _f(0.0, "FLUX.1: mean of the logit_normal weighting scheme")
+    logit_std: float = _f(1.0, "FLUX.1: standard deviation of the logit_normal weighting scheme")
+    mode_scale: float = _f(1.29, "FLUX.1: scale of the mode weighting scheme")
     disable_mmap_load_safetensors: bool = _f(False, "read a .safetensors model in one go instead of memory-mapping it "
                                                     "(faster from network drives and some Windows disks)")
 

@@ -17,14 +17,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sd_scripts.core.errors import ConfigError, ModelLoadError
 from sd_scripts.models.families import FAMILIES, ModelFamily, get_family, requested_family
+from sd_scripts.models.checkpoint_io import (  # noqa: F401 - re-exported: callers import them from here
+    PICKLE_EXTS,
+    SAFETENSORS_EXTS,
+    SETTING,
+    LoadedModel,
+    _build_module,
+    _fail,
+    _hf_cache_dir,
+    _is_safetensors,
+    _offline,
+    _read_safetensors_header,
+    read_checkpoint,
+    read_checkpoint_shapes,
+)
+from sd_scripts.models.tokenizers import _has_tokenizer_files, _hub_tokenizer_folder, load_tokenizer  # noqa: F401
 
 __all__ = [
     "LoadedModel",
@@ -37,9 +48,6 @@ __all__ = [
     "text_encoder_config_from_state",
 ]
 
-SETTING = "pretrained_model_name_or_path"
-SAFETENSORS_EXTS = (".safetensors", ".sft")
-PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "text_encoder/config.json",
                      "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
@@ -48,144 +56,7 @@ _HUB_WEIGHT_FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/config.jso
                      "text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
 
 
-@dataclass
-class LoadedModel:
-    """The parts of a loaded base model, ready for training (float32 on the CPU unless asked otherwise)."""
-
-    family: ModelFamily
-    unet: Any
-    vae: Any
-    text_encoders: list
-    tokenizers: list
-    v_parameterization: bool
-    model_path: str
-    info: dict = field(default_factory=dict)
-
-    @property
-    def text_encoder(self):
-        return self.text_encoders[0]
-
-    @property
-    def tokenizer(self):
-        return self.tokenizers[0]
-
-    @property
-    def text_encoder_2(self):
-        return self.text_encoders[1] if len(self.text_encoders) > 1 else None
-
-
 # ------------------------------------------------------------------------------------------------- file reading
-
-
-def _fail(setting: str, message: str) -> ModelLoadError:
-    return ModelLoadError(f"{setting}: {message}", setting)
-
-
-def _is_safetensors(path: str) -> bool:
-    return path.lower().endswith(SAFETENSORS_EXTS)
-
-
-def _read_safetensors_header(path: str, setting: str) -> tuple[dict, dict]:
-    """``({key: shape}, metadata)`` from a safetensors header, without reading the tensors."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file too short")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError) as e:
-        raise _fail(setting, f"{path} is not a readable .safetensors file ({e}); check the file or download it again")
-    metadata = header.pop("__metadata__", None) or {}
-    return {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}, metadata
-
-
-def _unsafe_globals(path: str) -> list[str]:
-    """The code a pickle would import (empty when it cannot be listed: then the file is just unreadable)."""
-    try:
-        from torch.serialization import get_unsafe_globals_in_checkpoint
-
-        return list(get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - only used to word the message
-        return []
-
-
-def _torch_load(path: str, setting: str) -> Any:
-    """``torch.load`` with ``weights_only=True``: a pickle that needs to run code is refused."""
-    import pickle
-
-    import torch
-
-    def unreadable(e: Exception) -> ModelLoadError:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        return _fail(setting, f"{path} is not a readable checkpoint ({first}); check the file or download it again")
-
-    try:
-        with warnings.catch_warnings():
-            # a plain (non-torch) pickle makes torch warn about its protocol before failing
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        names = _unsafe_globals(path)
-        if not names:  # the legacy (pre-zip) format cannot be listed; torch names the first global it met
-            names = re.findall(r"unsupported GLOBAL (\S+)", str(e))
-        if not names:
-            raise unreadable(ValueError("not a PyTorch checkpoint"))
-        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-        raise _fail(setting, f"{path} was refused: loading it would run code stored in the pickle ({shown}); "
-                             "use a .safetensors version of the model")
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise unreadable(e)
-
-
-def _unwrap_state_dict(obj: Any, path: str, setting: str) -> dict:
-    import torch
-
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise _fail(setting, f"{path} holds no state dict; give a Stable Diffusion checkpoint")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-
-
-def read_checkpoint(path: str, setting: str = SETTING, mmap: bool = True) -> tuple[dict, dict]:
-    """``(state_dict, safetensors metadata)`` of a single-file checkpoint (pickles loaded with weights_only).
-
-    ``mmap=False`` reads a .safetensors file into memory with one sequential read (kohya's
-    ``disable_mmap_load_safetensors``) instead of paging it in tensor by tensor."""
-    if _is_safetensors(path):
-        _, metadata = _read_safetensors_header(path, setting)  # a clear error for a broken file
-        from safetensors import safe_open
-
-        try:
-            if not mmap:
-                from safetensors.torch import load
-
-                return load(Path(path).read_bytes()), metadata
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise _fail(setting, f"{path} is not a readable .safetensors file ({e}); check the file")
-    if path.lower().endswith(PICKLE_EXTS):
-        return _unwrap_state_dict(_torch_load(path, setting), path, setting), {}
-    raise _fail(setting, f"{path} has an unknown extension; use a .safetensors or .ckpt file, or a diffusers folder")
-
-
-def read_checkpoint_shapes(path: str, setting: str = SETTING) -> tuple[dict, dict, dict | None]:
-    """``({key: shape}, metadata, state_dict or None)``: safetensors from the header only; pickles must be loaded."""
-    if _is_safetensors(path):
-        shapes, metadata = _read_safetensors_header(path, setting)
-        return shapes, metadata, None
-    state, metadata = read_checkpoint(path, setting)
-    return {k: tuple(v.shape) for k, v in state.items()}, metadata, state
 
 
 def _read_yaml(path: Path, setting: str = SETTING) -> dict:
@@ -208,19 +79,6 @@ def _read_json(path: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- detection
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
-
-
-def _hf_cache_dir() -> str | None:
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
 
 
 def _resolve_hub_repo(repo_id: str, with_weights: bool) -> Path:
@@ -270,10 +128,13 @@ def _unknown_family(path: str, shapes_or_configs: str) -> ModelLoadError:
 
 
 def _family_of_single_file(path: str, shapes: dict) -> ModelFamily:
+    own = [f for f in FAMILIES.values() if f.has_own_loader and f.claims_single_file(shapes)]
+    if own:
+        return own[0]
     if not any(k.startswith("model.diffusion_model.") for k in shapes):
         raise _fail(SETTING, f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights; "
                              "is it a LoRA or a VAE?); give a full model")
-    claimed = [f for f in FAMILIES.values() if f.claims_ldm_checkpoint(shapes)]
+    claimed = [f for f in FAMILIES.values() if not f.has_own_loader and f.claims_single_file(shapes)]
     if len(claimed) == 1:
         return claimed[0]
     if any(k.startswith("conditioner.embedders.") for k in shapes):
@@ -287,6 +148,9 @@ def _family_of_diffusers(folder: Path) -> tuple[ModelFamily, dict, dict]:
     model_index = _read_json(folder / "model_index.json")
     unet_config = _read_json(folder / "unet" / "config.json")
     te_config = _read_json(folder / "text_encoder" / "config.json")
+    own = [f for f in FAMILIES.values() if f.has_own_loader and f.claims_diffusers(unet_config, te_config, model_index)]
+    if own:
+        return own[0], unet_config, model_index
     if not unet_config:
         raise _fail(SETTING, f"{folder} has no readable unet/config.json; give a complete diffusers folder")
     claimed = [f for f in FAMILIES.values() if f.claims_diffusers(unet_config, te_config, model_index)]
@@ -347,6 +211,8 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
     if info["kind"] == "single_file":
         shapes, metadata, _ = read_checkpoint_shapes(path)
         detected = _family_of_single_file(path, shapes)
+        if detected.has_own_loader:
+            return _own_loader_family(config, detected, info, shapes)
         yaml_path = Path(path).with_suffix(".yaml")
         yaml_config = _read_yaml(yaml_path) if yaml_path.is_file() else None
         info.update(format="safetensors" if _is_safetensors(path) else "ckpt",
@@ -356,6 +222,8 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
     else:
         folder = Path(path)
         detected, _, _ = _family_of_diffusers(folder)
+        if detected.has_own_loader:
+            return _own_loader_family(config, detected, info, None)
         scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
         file_v = scheduler.get("prediction_type") == "v_prediction" if scheduler else None
         info["trained_zero_terminal_snr"] = bool(scheduler and scheduler.get("rescale_betas_zero_snr"))
@@ -376,133 +244,19 @@ def detect_family(config) -> tuple[ModelFamily, dict]:
     return family, info
 
 
+def _own_loader_family(config, detected: ModelFamily, info: dict, shapes: dict | None) -> tuple[ModelFamily, dict]:
+    """Detection for a family that describes and loads its own files (FLUX.1)."""
+    family = _apply_family_settings(config, detected, info["path"])
+    info.update(family.describe(config, info, shapes))
+    info["family"] = family.name
+    info.setdefault("warnings", [])
+    return family, info
+
+
 # ------------------------------------------------------------------------------------------------- tokenizers
 
 
-def _has_tokenizer_files(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
-
-
-def _tokenizer_from_folder(folder: Path, setting: str):
-    from transformers import CLIPTokenizer
-
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise _fail(setting, f"the tokenizer in {folder} cannot be read ({type(e).__name__}); fix or remove it")
-    # transformers 5 builds an empty tokenizer from a folder without vocabulary files instead of failing
-    if len(tokenizer) < 10 or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise _fail(setting, f"{folder} holds no usable CLIP tokenizer (vocab.json + merges.txt or tokenizer.json); "
-                             "fix or remove it")
-    return tokenizer
-
-
-def _hub_tokenizer_folder(source, local_only: bool) -> Path | None:
-    """The tokenizer folder of ``source`` in the Hugging Face cache (downloaded first unless ``local_only``)."""
-    from huggingface_hub import snapshot_download
-
-    prefix = f"{source.subfolder}/" if source.subfolder else ""
-    patterns = [prefix + n for n in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                                     "special_tokens_map.json")]
-    snapshot = Path(snapshot_download(source.repo_id, allow_patterns=patterns, cache_dir=_hf_cache_dir(),
-                                      local_files_only=local_only))
-    folder = snapshot / source.subfolder if source.subfolder else snapshot
-    return folder if _has_tokenizer_files(folder) else None
-
-
-def load_tokenizer(family: ModelFamily, config=None, model_folder: str | os.PathLike | None = None, index: int = 0,
-                   download: bool = True):
-    """The CLIP tokenizer of ``family`` (text encoder ``index``); see the module doc for the lookup order.
-    ``download=False``: never download (ModelLoadError when none is found locally)."""
-    tokenizer = _find_tokenizer(family, config, model_folder, index, download)
-    pad = family.tokenizer_sources[index].pad_token
-    if pad is not None and tokenizer.pad_token != pad:
-        tokenizer.pad_token = pad
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.unk_token_id:
-            raise ModelLoadError(f"tokenizer_cache_dir: the {family.name} tokenizer {index + 1} has no {pad!r} token to "
-                                 "pad with; give the right tokenizer", "tokenizer_cache_dir")
-    return tokenizer
-
-
-def _find_tokenizer(family: ModelFamily, config, model_folder, index: int, download: bool = True):
-    source = family.tokenizer_sources[index]
-    if model_folder is not None:
-        sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
-        if _has_tokenizer_files(Path(model_folder) / sub):
-            return _tokenizer_from_folder(Path(model_folder) / sub, SETTING)
-    cache_dir = getattr(config, "tokenizer_cache_dir", None) if config is not None else None
-    if cache_dir:
-        base = Path(os.path.expanduser(str(cache_dir)))
-        for candidate in (base / source.cache_name, base / source.cache_name / "tokenizer", base):
-            if _has_tokenizer_files(candidate):
-                return _tokenizer_from_folder(candidate, "tokenizer_cache_dir")
-    try:
-        folder = _hub_tokenizer_folder(source, local_only=True)
-    except Exception:  # noqa: BLE001 - not in the cache
-        folder = None
-    if folder is not None:
-        return _tokenizer_from_folder(folder, "tokenizer_cache_dir")
-    hint = (f"set tokenizer_cache_dir to a folder holding the {source.repo_id} tokenizer "
-            f"(the folder itself or <dir>/{source.cache_name})")
-    if _offline() or not download:
-        raise ModelLoadError(f"tokenizer_cache_dir: no {family.name} CLIP tokenizer found offline; {hint}",
-                             "tokenizer_cache_dir")
-    try:
-        folder = _hub_tokenizer_folder(source, local_only=False)
-        if folder is None:
-            raise FileNotFoundError(source.repo_id)
-    except Exception as e:  # noqa: BLE001 - network problems
-        raise ModelLoadError(f"tokenizer_cache_dir: the {family.name} CLIP tokenizer could not be downloaded "
-                             f"({type(e).__name__}); {hint}", "tokenizer_cache_dir")
-    tokenizer = _tokenizer_from_folder(folder, "tokenizer_cache_dir")
-    if cache_dir:
-        try:
-            tokenizer.save_pretrained(str(Path(os.path.expanduser(str(cache_dir))) / source.cache_name))
-        except OSError:
-            pass  # a read-only cache folder only costs a download next time
-    return tokenizer
-
-
 # ------------------------------------------------------------------------------------------- building modules
-
-
-def _fit_state(model, state: dict, setting: str, where: str, what: str, fix: str, dtype) -> dict:
-    """Check keys and shapes against ``model`` (1x1 conv <-> linear reshaped) and cast floats to ``dtype``.
-
-    Empties ``state`` while it builds the result, so a caller holding no other reference to the source tensors
-    keeps one copy of each weight at a time, not two."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise _fail(setting, f"{where}: the {what} weights do not match ({'; '.join(detail)}); {fix}")
-    out = {}
-    for key, target in expected.items():
-        value = state.pop(key)  # the source tensor is freed as soon as its cast copy exists (peak memory)
-        if tuple(value.shape) != tuple(target.shape):
-            if value.numel() == target.numel() and value.squeeze().shape == target.squeeze().shape:
-                value = value.reshape(target.shape)
-            else:
-                raise _fail(setting, f"{where}: {what} weight {key} has shape {tuple(value.shape)}, the model expects "
-                                     f"{tuple(target.shape)}; {fix}")
-        if value.is_floating_point() and dtype is not None:
-            value = value.to(dtype)
-        out[key] = value
-    return out
-
-
-def _build_module(factory, state: dict, setting: str, where: str, what: str, fix: str, dtype):
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = factory()
-    model.load_state_dict(_fit_state(model, state, setting, where, what, fix, dtype), strict=True, assign=True)
-    return model.eval()
 
 
 def _take(checkpoint: dict, prefix: str) -> dict:
@@ -736,6 +490,8 @@ def load_model(config, dtype=None, vae_dtype=None, device=None) -> LoadedModel:
     family, info = detect_family(config)
     if info["kind"] == "diffusers" and info.get("repo_id"):
         info["path"] = str(_resolve_hub_repo(info["repo_id"], with_weights=True))
+    if family.has_own_loader:
+        return family.load(config, info, dtype, vae_dtype, device)
     model_folder = info["path"] if info["kind"] == "diffusers" else None
     tokenizers = [load_tokenizer(family, config, model_folder, i) for i in range(len(family.text_encoder_specs))]
     if info["kind"] == "single_file":

@@ -130,7 +130,11 @@ def plan_network(config, family: Any = None) -> NetworkPlan:
     for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
         values[key] = parse_float(key, raw.get(key), above=0.0, example="16")
 
-    unknown = [k for k in raw if k not in _LORA_ARGS and k not in BLOCK_ARG_KEYS]
+    family_args = tuple(getattr(family, "lora_network_args", ()) or ())
+    unknown = [k for k in raw if k not in _LORA_ARGS and k not in BLOCK_ARG_KEYS and k not in family_args]
+    if family_args and values["conv_dim"]:
+        plan.warnings.append(f"network_args: conv_dim does nothing here ({getattr(family, 'name', '')} has no "
+                             "convolutions in its transformer blocks); LoCon applies as plain LoRA")
     if kind == "lora":
         layout = layout_for_family(_family_hint(config, family))
         plan.blocks = resolve_block_settings(raw, layout, network_dim, network_alpha, values["conv_dim"],
@@ -184,7 +188,10 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
     family = model.family
     plan = plan_network(config, family)
     warnings = list(plan.warnings)
-    te_prefixes = tuple(family.te_lora_prefixes)
+    targets = family.lora_targets(plan.raw_args, model)
+    count = targets.text_encoders if targets.text_encoders is not None else len(model.text_encoders)
+    te_prefixes = tuple(family.te_lora_prefixes)[:count]
+    text_encoders = list(model.text_encoders)[:count]
     path_map_of = getattr(family, "lora_unet_path_map", None)
     unet_path_map = path_map_of(model.unet) if path_map_of is not None else None
 
@@ -196,7 +203,7 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
 
     if plan.kind == "lycoris":
         network, more = _build_lycoris(plan, config, model, weights_sd, train_unet, train_text_encoder, te_prefixes,
-                                       unet_path_map)
+                                       unet_path_map, text_encoders)
         warnings += more
     else:
         values = plan.values
@@ -211,13 +218,14 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
         if plan.kind == "dylora":
             from sd_scripts.networks.dylora import create_dylora_network
 
-            network = create_dylora_network(model.unet, model.text_encoders, unit=plan.unit, **common)
+            network = create_dylora_network(model.unet, text_encoders, unit=plan.unit, targets=targets, **common)
         else:
             from sd_scripts.networks.lora import create_network
 
-            network = create_network(model.unet, model.text_encoders, dropout=values["dropout"],
+            network = create_network(model.unet, text_encoders, dropout=values["dropout"],
                                      rank_dropout=values["rank_dropout"], module_dropout=values["module_dropout"],
-                                     blocks=plan.blocks, **common)
+                                     blocks=plan.blocks, targets=targets, module_factory=_split_factory(targets),
+                                     **common)
         network.apply_to()
         if weights_sd is not None and not config.dim_from_weights:
             network.load_kohya_state_dict(weights_sd)
@@ -227,19 +235,36 @@ def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) 
     return BuiltNetwork(network, plan.network_dim, plan.network_alpha, plan.raw_args, warnings)
 
 
-def _build_lycoris(plan, config, model, weights_sd, train_unet, train_te, te_prefixes, unet_path_map):
+def _split_factory(targets):
+    """Modules for kohya's split_qkv: a fused projection gets one LoRA per part (``SplitLoRAModule``)."""
+    if targets.split_for is None:
+        return None
+    from sd_scripts.networks.lora import LoRAModule
+    from sd_scripts.networks.lora_split import SplitLoRAModule
+
+    def make(name, layer, **kwargs):
+        split = targets.split_for(name)
+        return SplitLoRAModule(name, layer, split, **kwargs) if split else LoRAModule(name, layer, **kwargs)
+
+    return make
+
+
+def _build_lycoris(plan, config, model, weights_sd, train_unet, train_te, te_prefixes, unet_path_map,
+                   text_encoders=None):
     from sd_scripts.networks.lycoris_adapter import create_lycoris_network, lycoris_network_from_weights
+
+    text_encoders = list(model.text_encoders) if text_encoders is None else text_encoders
 
     if weights_sd is not None and config.dim_from_weights:
         network, warnings = lycoris_network_from_weights(
-            weights_sd, model.unet, model.text_encoders, plan.lycoris, train_unet=train_unet,
+            weights_sd, model.unet, text_encoders, plan.lycoris, train_unet=train_unet,
             train_text_encoder=train_te, te_prefixes=te_prefixes, unet_path_map=unet_path_map)
         if network is not None:
             network.apply_to()
             network.load_kohya_state_dict(weights_sd)
             return network, warnings
     network, warnings = create_lycoris_network(
-        model.unet, model.text_encoders, plan.lycoris, network_dim=plan.network_dim, network_alpha=plan.network_alpha,
+        model.unet, text_encoders, plan.lycoris, network_dim=plan.network_dim, network_alpha=plan.network_alpha,
         train_unet=train_unet, train_text_encoder=train_te, te_prefixes=te_prefixes, unet_path_map=unet_path_map)
     network.apply_to()
     if weights_sd is not None:

@@ -547,7 +547,7 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                    loraplus_unet_lr_ratio: float | None = None,
                    loraplus_text_encoder_lr_ratio: float | None = None,
                    module_factory: Callable[..., AdapterModule] | None = None,
-                   network_class: type[LoRANetwork] | None = None) -> LoRANetwork:
+                   network_class: type[LoRANetwork] | None = None, targets: Any = None) -> LoRANetwork:
     """Build kohya's LoRA network (not yet applied: call :meth:`LoRANetwork.apply_to`).
 
     ``network_dim`` None means 4, ``network_alpha`` None means 1.0, ``conv_alpha`` None means 1.0
@@ -564,7 +564,8 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     ``loraplus_*`` ratios give the ``lora_up`` weights their own optimizer group at lr x ratio.
     ``module_factory(name, layer, multiplier=, lora_dim=, alpha=, dropout=, rank_dropout=,
     module_dropout=)`` and ``network_class`` build another kind of module and network on the same
-    targets (DyLoRA)."""
+    targets (DyLoRA). ``targets`` (``ModelFamily.lora_targets``) replaces kohya's SD target classes (FLUX.1:
+    the double/single blocks, CLIP-L and T5) and gives per-module-type ranks (``dim_for``)."""
     plus = dict(loraplus_lr_ratio=loraplus_lr_ratio, loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
                 loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
     if weights_sd is not None:
@@ -573,7 +574,8 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                                  module_dropout=module_dropout, train_unet=train_unet,
                                  train_text_encoder=train_text_encoder, te_prefixes=te_prefixes, multiplier=multiplier,
                                  module_dims=dims_from_state_dict(weights_sd), unet_path_map=unet_path_map,
-                                 blocks=blocks, module_factory=module_factory, network_class=network_class, **plus)
+                                 blocks=blocks, module_factory=module_factory, network_class=network_class,
+                                 targets=targets, **plus)
         network.load_kohya_state_dict(weights_sd, strict=False)
         return network
     network_dim = 4 if network_dim is None else _check_int("network_dim", network_dim, 1, "network_dim")
@@ -597,14 +599,21 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                 raise ConfigError(f"network_args: {key}={ratio} must be above 0", setting="network_args")
     use_blocks = blocks is not None and module_dims is None
     with_conv = conv_dim is not None or module_dims is not None or (use_blocks and blocks.has_conv)
-    unet_classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if with_conv else ())
+    if targets is None:
+        unet_classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if with_conv else ())
+        te_classes = (TEXT_ENCODER_TARGET_REPLACE_MODULE,) * len(tes)
+        dim_for = None
+    else:
+        unet_classes = tuple(targets.unet_classes) + (tuple(targets.unet_conv_classes) if with_conv else ())
+        te_classes = tuple(targets.te_classes)
+        dim_for = targets.dim_for
 
     candidates: list[tuple[str, nn.Module]] = []
     enabled_prefixes: set[str] = set()
     if train_text_encoder:
-        for prefix, te in zip(te_prefixes, tes):
+        for prefix, te, classes in zip(te_prefixes, tes, te_classes):
             enabled_prefixes.add(prefix)
-            candidates += _find_targets(te, prefix, TEXT_ENCODER_TARGET_REPLACE_MODULE)
+            candidates += _find_targets(te, prefix, classes)
     n_te_candidates = len(candidates)
     if train_unet and unet is not None:
         enabled_prefixes.add(PREFIX_UNET)
@@ -635,6 +644,9 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
             dim, alpha = block
         elif is_small:
             dim, alpha = network_dim, network_alpha
+            typed = dim_for(name) if dim_for is not None else None
+            if typed is not None:
+                dim = typed
         elif conv_dim is not None:
             dim, alpha = conv_dim, conv_alpha
         else:

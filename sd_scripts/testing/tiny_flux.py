@@ -94,7 +94,7 @@ def build_tiny_flux(dev: bool = True, seed: int = 0, clip_tokenizer_dir=None, t5
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        feed_forward_proj="gated-gelu",
         is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer_2.pad_token_id,
         eos_token_id=tokenizer_2.eos_token_id, tie_word_embeddings=False))
     vae = AutoencoderKL(

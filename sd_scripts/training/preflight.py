@@ -792,7 +792,7 @@ def preflight(config, model_given: bool = False) -> Plan:
         plan.summary.extend(dataset_summary(plan.dataset))
     except UserError as e:
         _collect(errors, e)
-    family_errors, family_warnings = check_family_settings(config, plan.family, plan.dataset)
+    family_errors, family_warnings = check_family_settings(config, plan.family, plan.dataset, plan.model_info)
     errors.extend(family_errors)
     plan.warnings.extend(family_warnings)
     try:

@@ -1,0 +1,365 @@
+"""FLUX.1 (dev and schnell) as a model family: its facts and steps behind the ``ModelFamily`` interface.
+
+* denoiser: ``FluxTransformer`` (``LoadedModel.unet``) on 2x2-packed latent tokens; ``predict`` packs the noisy
+  latents, calls it with sigma (= timestep / 1000), the T5 states, the pooled CLIP-L vector and, for dev, the guidance
+  scale, and unpacks the velocity back to ``[B, 16, H, W]``;
+* objective: flow matching (``training/objectives.py`` implements kohya's timestep sampling and prediction types);
+* latents: 16 channels, ``(x - 0.1159) * 0.3611``;
+* text: CLIP-L pooled output (77 tokens) + T5-XXL last hidden states (``t5xxl_max_token_length``: 512 dev, 256
+  schnell) with their attention mask (used by the transformer with ``apply_t5_attn_mask``);
+* sampler: flow-matching Euler on the shifted schedule (``sampler.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.models.family_base import LoraTargets, ModelFamily, TextEncoderSpec, TokenizerSource
+
+__all__ = ["FLUX_DEFAULTS", "FluxFamily", "T5_MAX_TOKENS", "flux_variant_of"]
+
+T5_MAX_TOKENS = {"dev": 512, "schnell": 256}  # kohya's t5xxl_max_token_length defaults
+# kohya's FLUX.1 training settings and their defaults (flux_train_utils.add_flux_train_arguments, train_util)
+FLUX_DEFAULTS = {
+    "timestep_sampling": "sigma",
+    "sigmoid_scale": 1.0,
+    "discrete_flow_shift": 3.0,
+    "model_prediction_type": "sigma_scaled",
+    "weighting_scheme": "uniform",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "mode_scale": 1.29,
+    "guidance_scale": 3.5,
+    "t5xxl_max_token_length": None,
+    "apply_t5_attn_mask": False,
+}
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+WEIGHTING_SCHEMES = ("uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+# kohya lora_flux.py network_args: per-module-type ranks, matched on the module name (its "identifier" list)
+TYPE_DIMS = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
+             ("txt_mlp_dim", ("txt_mlp",)), ("img_mod_dim", ("img_mod",)), ("txt_mod_dim", ("txt_mod",)),
+             ("single_dim", ("single_blocks", "linear")), ("single_mod_dim", ("modulation",)))
+TRAIN_BLOCKS = {"all": ("DoubleStreamBlock", "SingleStreamBlock"), "single": ("SingleStreamBlock",),
+                "double": ("DoubleStreamBlock",)}
+CLIP_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
+
+# SD-only settings: (setting, is it on?, the fix)
+_SD_ONLY = (
+    ("v_parameterization", lambda v: bool(v), "FLUX.1 is trained with flow matching; turn v_parameterization off"),
+    ("v2", lambda v: bool(v), "v2 is for Stable Diffusion 2; turn it off"),
+    ("sdxl", lambda v: bool(v), "sdxl is for Stable Diffusion XL; turn it off"),
+    ("clip_skip", lambda v: v not in (None, 0, 1), "FLUX.1 uses CLIP-L's pooled output; unset clip_skip"),
+    ("max_token_length", lambda v: v not in (None, 0, 75, 77),
+     "FLUX.1's prompt length is t5xxl_max_token_length; unset max_token_length"),
+    ("weighted_captions", lambda v: bool(v), "FLUX.1 has no prompt weighting; turn weighted_captions off"),
+    ("zero_terminal_snr", lambda v: bool(v), "it is a DDPM schedule option; turn zero_terminal_snr off"),
+    ("min_snr_gamma", lambda v: v not in (None, 0), "it weights DDPM timesteps; unset min_snr_gamma "
+                                                     "(use weighting_scheme for FLUX.1)"),
+    ("scale_v_pred_loss_like_noise_pred", lambda v: bool(v), "it is for v-prediction; turn it off"),
+    ("v_pred_like_loss", lambda v: v not in (None, 0), "it is for noise prediction; unset v_pred_like_loss"),
+    ("debiased_estimation_loss", lambda v: bool(v), "it weights DDPM timesteps; turn debiased_estimation_loss off"),
+    ("min_timestep", lambda v: v not in (None, 0), "FLUX.1 samples sigmas with timestep_sampling; unset min_timestep"),
+    ("max_timestep", lambda v: v not in (None, 1000), "FLUX.1 samples sigmas with timestep_sampling; unset "
+                                                      "max_timestep"),
+)
+
+
+def flux_variant_of(config, info: Mapping | None = None) -> str:
+    """``dev`` or ``schnell``: the ``flux_variant`` setting, else what the weights say (``info``), else dev."""
+    wanted = str(getattr(config, "flux_variant", "") or "").strip().lower()
+    if wanted:
+        return wanted
+    return str((info or {}).get("flux_variant") or "dev")
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    latent_scale = 0.3611
+    latent_shift = 0.1159
+    latent_channels = 16
+    default_resolution = 1024
+    v_resolution = 1024
+    bucket_step = 16  # latents are packed in 2x2 patches of the 8x VAE: sides that are multiples of 16 px
+    min_bucket_reso = 256
+    max_bucket_reso = 2048
+    context_dim = 4096
+    objective = "flow_matching"
+    has_own_loader = True
+    uses_v_parameterization = False
+    text_encoder_kinds = ("clip", "t5")
+    tokenizer_sources = (
+        TokenizerSource("openai/clip-vit-large-patch14", None, "openai_clip-vit-large-patch14"),
+        TokenizerSource("google/t5-v1_1-xxl", None, "google_t5-v1_1-xxl"),
+    )
+    _te_lora_prefixes = ("lora_te1", "lora_te3")  # kohya lora_flux.py: CLIP-L, T5-XXL
+
+    @property
+    def text_encoder_specs(self) -> tuple[TextEncoderSpec, ...]:
+        return (TextEncoderSpec("clip", "text_encoders.clip_l.transformer.", "quick_gelu", "text_encoder"),
+                TextEncoderSpec("t5", "text_encoders.t5xxl.transformer.", "gelu_new", "text_encoder_2"))
+
+    # ------------------------------------------------------------------------------------------- facts
+
+    def default_settings(self, v_parameterization: bool = False) -> dict:
+        return {"resolution": "1024", "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64}
+
+    def base_model_version(self, v_parameterization: bool) -> str:
+        return "flux1"  # kohya flux_utils.MODEL_VERSION_FLUX_V1
+
+    def modelspec_architecture(self, v_parameterization: bool, variant: str = "dev") -> str:
+        return f"flux-1-{variant}/lora" if variant in ("dev", "schnell") else "flux-1/lora"
+
+    def training_options(self, config) -> dict:
+        return {"guidance_scale": float(getattr(config, "guidance_scale", None) or FLUX_DEFAULTS["guidance_scale"]),
+                "apply_t5_attn_mask": bool(getattr(config, "apply_t5_attn_mask", False)),
+                "t5xxl_max_token_length": getattr(config, "t5xxl_max_token_length", None)}
+
+    def metadata(self, config, model=None) -> dict:
+        """kohya's FLUX.1 ``ss_*`` keys (flux_train_network.update_metadata)."""
+        def value(name):
+            got = getattr(config, name, None)
+            return FLUX_DEFAULTS[name] if got is None else got
+
+        return {"ss_model_type": "flux", "ss_apply_t5_attn_mask": bool(value("apply_t5_attn_mask")),
+                "ss_weighting_scheme": value("weighting_scheme"), "ss_logit_mean": value("logit_mean"),
+                "ss_logit_std": value("logit_std"), "ss_mode_scale": value("mode_scale"),
+                "ss_guidance_scale": value("guidance_scale"), "ss_timestep_sampling": value("timestep_sampling"),
+                "ss_sigmoid_scale": value("sigmoid_scale"), "ss_model_prediction_type": value("model_prediction_type"),
+                "ss_discrete_flow_shift": value("discrete_flow_shift")}
+
+    lora_network_args = ("train_blocks", "train_t5xxl", "split_qkv") + tuple(name for name, _ in TYPE_DIMS)
+
+    def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
+        """kohya lora_flux.py: Linear layers of the double/single blocks (``train_blocks`` all, single, double),
+        CLIP-L, and T5-XXL with ``train_t5xxl``; ``*_dim`` ranks per module type (0 leaves a type out);
+        ``split_qkv`` trains q, k, v (and the single blocks' MLP input) as separate LoRAs saved fused."""
+        blocks = str(network_args.get("train_blocks") or "all").strip().lower()
+        if blocks not in TRAIN_BLOCKS:
+            raise ConfigError(f"network_args: train_blocks={network_args.get('train_blocks')} must be all, single or "
+                              "double", "network_args")
+        dims = []
+        for key, identifier in TYPE_DIMS:
+            raw = network_args.get(key)
+            if raw in (None, ""):
+                continue
+            try:
+                value = int(str(raw).strip())
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise ConfigError(f"network_args: {key}={raw} must be a whole number, 0 or more", "network_args")
+            dims.append((identifier, value))
+
+        def dim_for(name: str):
+            if not name.startswith("lora_unet_"):
+                return None
+            for identifier, value in dims:
+                if all(part in name for part in identifier):
+                    return value
+            return None
+
+        split = _truthy(network_args.get("split_qkv"))
+        hidden = mlp = None
+        if split and model is not None:
+            hidden, mlp = model.unet.params.hidden_size, model.unet.params.mlp_hidden_dim
+
+        def split_for(name: str):
+            if not split or hidden is None:
+                return None
+            if "double_blocks" in name and name.endswith("_qkv"):
+                return [hidden] * 3
+            if "single_blocks" in name and name.endswith("_linear1"):
+                return [hidden] * 3 + [mlp]
+            return None
+
+        train_t5 = _truthy(network_args.get("train_t5xxl"))
+        return LoraTargets(unet_classes=TRAIN_BLOCKS[blocks], unet_conv_classes=(),
+                           text_encoders=2 if train_t5 else 1, te_classes=(CLIP_TARGETS, T5_TARGETS),
+                           dim_for=dim_for if dims else None, split_for=split_for if split else None,
+                           args=self.lora_network_args)
+
+    # ------------------------------------------------------------------------------------ settings checks
+
+    def setting_problems(self, config, info: Mapping | None = None) -> tuple[list, list[str]]:
+        """SD-only settings, bad FLUX.1 values, T5 length, resolution multiple of 16, dev/schnell and guidance."""
+        errors: list = []
+        warnings: list[str] = []
+        for setting, is_on, fix in _SD_ONLY:
+            if is_on(getattr(config, setting, None)):
+                errors.append(ConfigError(f"{setting}: not used by FLUX.1; {fix}", setting))
+        if getattr(config, "loss_type", None) in ("huber", "smooth_l1") and getattr(config, "huber_schedule", None) == "snr":
+            errors.append(ConfigError("huber_schedule: snr needs a DDPM schedule; use exponential or constant with "
+                                      "FLUX.1", "huber_schedule"))
+        for setting, choices in (("timestep_sampling", TIMESTEP_SAMPLINGS), ("model_prediction_type", PREDICTION_TYPES),
+                                 ("weighting_scheme", WEIGHTING_SCHEMES)):
+            got = getattr(config, setting, None)
+            if got is not None and got not in choices:
+                errors.append(ConfigError(f"{setting}: {got!r} is not one of {', '.join(choices)}", setting))
+        for setting, low in (("sigmoid_scale", 0.0), ("discrete_flow_shift", 0.0), ("logit_std", 0.0)):
+            got = getattr(config, setting, None)
+            if got is not None and not float(got) > low:
+                errors.append(ConfigError(f"{setting}: must be above {low:g}, not {got}", setting))
+        variant = flux_variant_of(config, info)
+        if variant not in ("dev", "schnell"):
+            errors.append(ConfigError(f"flux_variant: {variant!r} is not dev or schnell; leave it empty to read it "
+                                      "from the model", "flux_variant"))
+            variant = "dev"
+        limit = T5_MAX_TOKENS[variant]
+        length = getattr(config, "t5xxl_max_token_length", None)
+        if length is not None and not 1 <= int(length) <= 512:
+            errors.append(ConfigError(f"t5xxl_max_token_length: {length} is outside 1-512 (T5-XXL's maximum is 512); "
+                                      f"use {limit}", "t5xxl_max_token_length"))
+        elif length is not None and int(length) > limit:
+            warnings.append(f"t5xxl_max_token_length: FLUX.1 {variant} was trained with {limit} tokens; {length} "
+                            "may give worse results")
+        guidance = getattr(config, "guidance_scale", None)
+        if info and not info.get("guidance_embed", True) and guidance not in (None, FLUX_DEFAULTS["guidance_scale"]):
+            errors.append(ConfigError(f"guidance_scale: this FLUX.1 model is schnell-like (no guidance embedding), so "
+                                      f"guidance_scale {guidance} has no effect; unset guidance_scale or use a dev "
+                                      "model", "guidance_scale"))
+        if info and variant == "dev" and not info.get("guidance_embed", True) and info.get("variant_source") == "setting":
+            errors.append(ConfigError("flux_variant: dev was set but the model has no guidance embedding (a schnell "
+                                      "model); set flux_variant to schnell or leave it empty", "flux_variant"))
+        for side in _resolution_sides(config):
+            if side % 16:
+                errors.append(ConfigError(f"resolution: {side} is not a multiple of 16 (FLUX.1 packs 2x2 latent "
+                                          f"patches); use {max(16, side // 16 * 16)}", "resolution"))
+                break
+        errors += _missing_parts(config, info)
+        steps = getattr(config, "bucket_reso_steps", None)
+        if steps and int(steps) % 16:
+            errors.append(ConfigError(f"bucket_reso_steps: {steps} is not a multiple of 16 (FLUX.1 packs 2x2 latent "
+                                      "patches); use 64", "bucket_reso_steps"))
+        return errors, warnings
+
+    # ---------------------------------------------------------------------------------------- detection
+
+    def claims_single_file(self, shapes: Mapping[str, Any]) -> bool:
+        from sd_scripts.models.flux.detection import is_flux_state
+
+        return is_flux_state(shapes)
+
+    def claims_ldm_checkpoint(self, shapes: Mapping[str, Any]) -> bool:
+        return self.claims_single_file(shapes)
+
+    def claims_diffusers(self, unet_config: Mapping, text_encoder_config: Mapping, model_index: Mapping) -> bool:
+        return str(model_index.get("_class_name", "")).startswith("Flux")
+
+    def describe(self, config, info: dict, shapes: Mapping[str, Any] | None) -> dict:
+        from sd_scripts.models.flux.detection import describe_flux
+
+        return describe_flux(config, info, shapes)
+
+    def load(self, config, info: dict, dtype, vae_dtype, device=None):
+        from sd_scripts.models.flux.loading import load_flux
+        from sd_scripts.models.tokenizers import load_tokenizer
+
+        model_folder = info["path"] if info["kind"] == "diffusers" else None
+        clip_tokenizer = load_tokenizer(self, config, model_folder, 0)
+        return load_flux(self, config, info, dtype, vae_dtype, device, clip_tokenizer)
+
+    # ------------------------------------------------------------------------------------ training steps
+
+    def encode_prompts(self, model, captions, clip_skip: int | None = None, max_token_length: int | None = None,
+                       weighted: bool = False) -> dict:
+        """Captions -> ``{"y": [B, 768] pooled CLIP-L, "txt": [B, T, 4096] T5 states, "txt_mask": [B, T]}``
+        (kohya's FluxTextEncodingStrategy); the T5 attention mask is applied in T5 with ``apply_t5_attn_mask``."""
+        import torch
+
+        clip, t5 = model.text_encoders[0], model.text_encoders[1]
+        clip_tokenizer, t5_tokenizer = model.tokenizers[0], model.tokenizers[1]
+        options = getattr(model, "options", None) or {}
+        variant = "dev" if getattr(model.unet, "is_dev", True) else "schnell"
+        length = int(options.get("t5xxl_max_token_length") or T5_MAX_TOKENS[variant])
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        l_ids = clip_tokenizer(captions, max_length=77, padding="max_length", truncation=True,
+                               return_tensors="pt").input_ids
+        t5_tokens = t5_tokenizer(captions, max_length=length, padding="max_length", truncation=True,
+                                 return_tensors="pt")
+        mask = t5_tokens.attention_mask
+        pooled = clip(l_ids.to(clip.device)).pooler_output
+        t5_mask = mask.to(t5.device) if options.get("apply_t5_attn_mask") else None
+        states = t5(t5_tokens.input_ids.to(t5.device), attention_mask=t5_mask).last_hidden_state
+        return {"y": pooled, "txt": states, "txt_mask": mask.to(states.device, torch.float32)}
+
+    def predict(self, model, noisy_latents, timesteps, cond: dict, batch: Mapping | None = None):
+        """Velocity ``[B, 16, H, W]`` for noisy latents at ``timesteps`` (sigma x 1000, kohya's convention)."""
+        import torch
+
+        from sd_scripts.models.flux.packing import image_ids, pack_latents, text_ids, unpack_latents
+
+        transformer = model.unet
+        options = getattr(model, "options", None) or {}
+        count, _, height, width = noisy_latents.shape
+        device = noisy_latents.device
+        txt = cond["txt"].to(device)
+        guidance = None
+        if transformer.is_dev:
+            guidance = torch.full((count,), float(options.get("guidance_scale", FLUX_DEFAULTS["guidance_scale"])),
+                                  device=device)
+        mask = cond["txt_mask"].to(device) if options.get("apply_t5_attn_mask") else None
+        out = transformer(pack_latents(noisy_latents), image_ids(count, height, width, device=device), txt,
+                          text_ids(count, txt.shape[1], device=device), timesteps.float() / 1000,
+                          cond["y"].to(device), guidance, mask)
+        return unpack_latents(out, height, width)
+
+    def sample_image(self, model, request, make_scheduler, generator, on_step_end, clip_skip: int | None = None):
+        """kohya's FLUX sample: ``--g`` guidance (3.5), ``--l`` true CFG only when given (else 1), ``--s`` steps
+        (20 when not given), sides floored to multiples of 16."""
+        from sd_scripts.models.flux.sampler import sample_flux
+
+        given = getattr(request, "given", set())
+        guidance = request.guidance_scale if getattr(request, "guidance_scale", None) is not None else \
+            FLUX_DEFAULTS["guidance_scale"]
+        steps = request.sample_steps if "sample_steps" in given else 20
+        cfg = request.scale if "scale" in given else 1.0
+
+        def on_step(step, t):
+            on_step_end(None, step, t, {})
+
+        return sample_flux(model, self, request.prompt, request.negative_prompt, request.width, request.height, steps,
+                           guidance, cfg, generator, on_step)
+
+    def build_pipeline(self, model, scheduler):
+        raise NotImplementedError("FLUX.1 samples with sample_image")
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes", "on") if value is not None else False
+
+
+_PART_FILES = {"clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"}
+
+
+def _missing_parts(config, info: Mapping | None) -> list:
+    """CLIP-L, T5-XXL and the ae: a part setting naming a missing file, or a transformer-only model without it."""
+    import os
+
+    errors = []
+    for setting, file in _PART_FILES.items():
+        value = getattr(config, setting, None)
+        if value:
+            if not os.path.isfile(os.path.expanduser(str(value))):
+                errors.append(ConfigError(f"{setting}: {value} does not exist; give the path of {file}", setting))
+        elif info is not None and not info.get(f"has_{setting}", True):
+            errors.append(ConfigError(f"{setting}: {info.get('path')} holds only the FLUX.1 transformer; set {setting} "
+                                      f"to {file}", setting))
+    return errors
+
+
+def _resolution_sides(config) -> list[int]:
+    raw = getattr(config, "resolution", None)
+    if raw in (None, ""):
+        return []
+    try:
+        if isinstance(raw, (int, float)):
+            return [int(raw)]
+        if isinstance(raw, (list, tuple)):
+            return [int(x) for x in raw]
+        return [int(float(x)) for x in str(raw).replace("x", ",").split(",") if x.strip()]
+    except (TypeError, ValueError):
+        return []
