@@ -115,11 +115,16 @@ def _watch_parent() -> None:
     def alive() -> bool:
         if os.name != "nt":
             return os.getppid() == parent
-        try:
-            os.kill(parent, 0)
-        except OSError:
+        import ctypes  # (os.kill on Windows would end the queue, not test it)
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000 | 0x1000, False, parent)  # SYNCHRONIZE | QUERY_LIMITED_INFORMATION
+        if not handle:
             return False
-        return True
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
 
     def watch() -> None:
         while alive():

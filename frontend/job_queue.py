@@ -309,11 +309,14 @@ class _Queue:
         self.done.append(tracker)
 
     def _check_stop(self) -> bool:
-        control = read_control(self.folder)
-        if control.stop_after_current and not self.stop_requested:
-            self.say("queue: stop requested (queue_control.json): the queue stops after the current job")
-        self.stop_requested = self.stop_requested or control.stop_after_current or bool(self.interrupts.count)
-        return self.stop_requested
+        """Ctrl+C (for good) or the page's request (which the page may take back) stops after the current job."""
+        ctrl_c = bool(self.interrupts.count)
+        wanted = ctrl_c or read_control(self.folder).stop_after_current
+        if wanted != self.stop_requested and not ctrl_c:
+            self.say("queue: stop requested (queue_control.json): the queue stops after the current job" if wanted
+                     else "queue: the stop request was taken back; the queue goes on")
+        self.stop_requested = wanted
+        return wanted
 
     # ---------------------------------------------------------------- running
     def run(self) -> int:

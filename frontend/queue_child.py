@@ -139,16 +139,18 @@ class Interrupts:
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """Linux: the child gets SIGKILL when the queue dies (``prctl(PR_SET_PDEATHSIG)``)."""
     if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: between fork and exec nothing is imported
+    except (OSError, AttributeError):
         return None
 
     def prepare() -> None:  # runs in the child between fork and exec
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the queue died before the line above
             os._exit(137)
 

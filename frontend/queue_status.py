@@ -2,8 +2,8 @@
 
 The status file
 ---------------
-``<queue folder>/queue_status.json`` is replaced atomically at most once a second while the queue
-runs, and once more when it ends. For a single training (``main.py`` without a queue) the same
+``<queue folder>/queue_status.json`` is replaced atomically at most once a second while a job trains
+(and at once when a job starts or ends), and once more when the queue ends. For a single training (``main.py`` without a queue) the same
 document, with one job, is ``<output_folder>/<output_name>_status.json``
 (:func:`status_path_for_run`, ``queue_control.training_status_path``). The status page reads it; nothing else in it is private::
 

@@ -227,4 +227,4 @@ def test_queue_of_real_tiny_trainings(tmp_path, tiny_sd1_diffusers):
         assert (tmp_path / "out" / f"{name}.txt").is_file()
     assert not (tmp_path / "out" / "broken.safetensors").exists()
     assert "img_folder: folder not found" in (queue / "failed" / "3_bad_path.log").read_text(encoding="utf-8")
-    assert text.index("3_bad_path.json: img_folder") < text.index("=== job 1/2")
+    assert text.index("3_bad_path.json: img_folder") < text.index("=== job 1/3")

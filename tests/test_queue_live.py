@@ -55,6 +55,17 @@ for op, *args in plan.get("do", []):
     elif op == "stop":
         from frontend.queue_control import request_stop_after_current
         request_stop_after_current(queue)
+    elif op == "unstop":  # the page's button pressed again
+        from frontend.queue_control import set_stop_after_current
+        deadline = time.time() + 30
+        while time.time() < deadline:  # until the queue shows it is stopping
+            try:
+                if json.load(open(os.path.join(queue, "queue_status.json")))["state"] == "stopping":
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        set_stop_after_current(queue, False)
     elif op == "wait_status":  # until the queue's status file shows this job at this step
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -262,6 +273,16 @@ def test_stop_after_current_and_order_from_the_control_file(queue):
     code, said = run()
     assert code == 0, said
     assert order()[2:] == ["4_d 1", "3_c 1"]
+
+
+def test_a_stop_request_taken_back_lets_the_queue_go_on(queue):
+    folder, run, order, _ = queue
+    add_job(folder, "1_a.json", {"do": [["stop"], ["unstop"]]})
+    add_job(folder, "2_b.json")
+    code, said = run()
+    assert code == 0, said
+    assert order() == ["1_a 1", "2_b 1"]
+    assert "the stop request was taken back; the queue goes on" in said
 
 
 # ------------------------------------------------------------------------------------------ status, summary

@@ -37,7 +37,7 @@ class TrainCallbacks:
         training state into now, or None. The state is written as ``save_state`` writes one (a
         temporary folder renamed over the previous one), whether or not ``save_state`` is on; the
         queue uses it for its timed crash-recovery states. With several processes, process 0's
-        answer counts."""
+        answer counts. A full disk only warns: the previous state stays and training goes on."""
 
     def on_end(self, result: Any) -> None: ...
 

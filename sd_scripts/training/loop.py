@@ -1101,8 +1101,14 @@ class _Trainer:
             from accelerate.utils import broadcast_object_list
 
             folder = broadcast_object_list([folder])[0]
-        if folder:
+        if not folder:
+            return
+        from .state import DiskFullError
+
+        try:
             self._save_state(os.path.abspath(folder))
+        except DiskFullError as e:  # the previous state stays; training goes on without a newer one
+            self._warn(f"the state asked for at step {step} was not saved: {e}")
 
     def _save_state(self, dir_name: str) -> str | None:
         from sd_scripts.training.state import capture_rng
