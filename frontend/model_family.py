@@ -106,6 +106,26 @@ def resize_for_family(store: Any, family: str | None, fixed: frozenset[str] | se
     return changes
 
 
+def _unused_defaults(store: Any, family: str | None, fixed) -> dict[str, Any]:
+    """ArgStore defaults the family does not use (FLUX.1: clip_skip, max_clip_token_length) set to the family's
+    neutral value when the user left them at ArgsList.py's value and did not set them in a JSON file or on the
+    command line."""
+    if not family:
+        return {}
+    from sd_scripts.models.families import FAMILIES
+
+    from .settings_map import NAME_MAP
+
+    fam = FAMILIES.get(family)
+    unused = dict(getattr(fam, "unused_settings", {}) or {})
+    if not unused:
+        return {}
+    defaults = type(store)()
+    return {name: unused[NAME_MAP.get(name, name)] for name in type(store).setting_names()
+            if NAME_MAP.get(name, name) in unused and name not in fixed
+            and getattr(store, name) == getattr(defaults, name) != unused[NAME_MAP.get(name, name)]}
+
+
 def apply_family_defaults(store: Any, fixed: frozenset[str] | set[str] = frozenset()) -> tuple[Any, str | None]:
     """Size the resolution settings for the base model's family; return the store and one line saying so.
 
@@ -113,9 +133,8 @@ def apply_family_defaults(store: Any, fixed: frozenset[str] | set[str] = frozens
     changed. Only families the SD sizes do not fit (SDXL) change anything.
     """
     family, source = model_family_of(store)
-    if not family_sizes(family):
-        return store, None
-    changes = resize_for_family(store, family, fixed)
+    changes = resize_for_family(store, family, fixed) if family_sizes(family) else {}
+    changes.update(_unused_defaults(store, family, fixed))
     if not changes:
         return store, None
     shown = ", ".join(f"{name} {getattr(store, name)} -> {value}" for name, value in changes.items())

@@ -90,3 +90,20 @@ def tiny_sdxl_single_file(tmp_path_factory) -> Path:
     from sd_scripts.testing.tiny_models import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("tiny_sdxl_sf") / "model.safetensors", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_files(tmp_path_factory) -> dict:
+    """A tiny FLUX.1 dev: BFL transformer file + clip_l/t5xxl/ae files + tokenizer_cache_dir (paths by name)."""
+    from sd_scripts.testing.tiny_flux import save_tiny_flux_files
+
+    return save_tiny_flux_files(tmp_path_factory.mktemp("tiny_flux_dev"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_files(tmp_path_factory) -> dict:
+    """A tiny FLUX.1 schnell (no guidance embedding), as ``tiny_flux_files``."""
+    from sd_scripts.testing.tiny_flux import save_tiny_flux_files
+
+    return save_tiny_flux_files(tmp_path_factory.mktemp("tiny_flux_schnell"), dev=False)
+

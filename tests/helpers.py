@@ -102,3 +102,10 @@ def run_tool(name: str, argv, capsys) -> tuple[int, str, str]:
     code = tool.cli.run(tool.main, [str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def flux_settings(files: dict) -> dict:
+    """kohya settings naming every part of a tiny FLUX.1 written by ``save_tiny_flux_files``."""
+    return {"pretrained_model_name_or_path": str(files["transformer"]), "clip_l": str(files["clip_l"]),
+            "t5xxl": str(files["t5xxl"]), "ae": str(files["ae"]),
+            "tokenizer_cache_dir": str(files["tokenizer_cache_dir"])}

@@ -19,11 +19,9 @@ def _cfg(**kw) -> TrainConfig:
     return config
 
 
-@pytest.fixture(scope="module")
-def flux_files(tmp_path_factory):
-    from sd_scripts.testing.tiny_flux import save_tiny_flux_files
-
-    return save_tiny_flux_files(tmp_path_factory.mktemp("flux_parts"))
+@pytest.fixture()
+def flux_files(tiny_flux_files):
+    return tiny_flux_files
 
 
 def _parts(files, **kw):
@@ -90,10 +88,8 @@ def test_all_in_one_and_diffusers_folder_give_the_same_model(flux_files, tmp_pat
         assert torch.equal(got[2]["txt"], reference[2]["txt"]) and torch.equal(got[2]["y"], reference[2]["y"])
 
 
-def test_schnell_detection_override_and_missing_parts(tmp_path, flux_files):
-    from sd_scripts.testing.tiny_flux import save_tiny_flux_files
-
-    schnell = save_tiny_flux_files(tmp_path, dev=False)
+def test_schnell_detection_override_and_missing_parts(tiny_flux_schnell_files, flux_files):
+    schnell = tiny_flux_schnell_files
     assert detect_family(_parts(schnell))[1]["flux_variant"] == "schnell"
     assert detect_family(_parts(schnell, flux_variant="dev"))[1]["variant_source"] == "setting"
     model = load_model(_parts(schnell))

@@ -183,6 +183,8 @@ class ModelFamily:
         return {}
 
     lora_network_args: tuple[str, ...] = ()  # network_args only this family reads (FLUX: train_blocks, ...)
+    unused_settings: Mapping[str, Any] = {}  # kohya settings this family does not use -> the neutral value a front
+    # end gives them instead of its SD default (FLUX: clip_skip 1, max_token_length 75)
 
     def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
         """Where LoRA modules go (SD: kohya's networks/lora.py targets); ``model`` sizes split projections."""

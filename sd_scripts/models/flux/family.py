@@ -131,6 +131,7 @@ class FluxFamily(ModelFamily):
                 "ss_sigmoid_scale": value("sigmoid_scale"), "ss_model_prediction_type": value("model_prediction_type"),
                 "ss_discrete_flow_shift": value("discrete_flow_shift")}
 
+    unused_settings = {"clip_skip": 1, "max_token_length": 75}  # the front end's SD defaults (2, 150) do not apply
     lora_network_args = ("train_blocks", "train_t5xxl", "split_qkv") + tuple(name for name, _ in TYPE_DIMS)
 
     def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
