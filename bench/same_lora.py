@@ -5,7 +5,10 @@
 Builds tiny SD1 and SDXL models once (with this tree's code), then trains the same short runs with this tree's
 ``main.py`` and with the base revision's (checked out into a temporary git worktree, using this tree's .venv): an SD1
 LoRA with text encoder, an SDXL LoRA with cached text-encoder outputs, and an SD1 LyCORIS LoHa with conv layers. It
-prints the SHA-256 of each pair of files and exits 1 when any pair differs.
+prints the SHA-256 of each pair of files' tensor bytes and exits 1 when any pair differs: the tensors (names, dtypes,
+shapes, offsets and data) must be the same bytes, and the metadata the same text except what no two runs share: the
+start and end times (``ss_training_started_at``, ``ss_training_finished_at``, ``modelspec.date``) and the random
+``ss_session_id``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ COMMON = {"img_folder": DATASET, "net_dim": 4, "alpha": 2, "train_resolution": 6
           "shuffle_captions": True, "keep_tokens": 1, "tag_occurrence_txt_file": False}
 CASES = {
     "sd1_lora": ("sd1", {}),
-    "sdxl_lora": ("sdxl", {"sdxl": True, "unet_only": True, "cache_text_encoder_outputs": True, "no_half_vae": True}),
+    "sdxl_lora": ("sdxl", {"sdxl": True, "unet_only": True, "cache_text_encoder_outputs": True, "no_half_vae": True,
+                           "shuffle_captions": False}),  # cached text-encoder outputs need fixed captions
     "sd1_lycoris_loha": ("sd1", {"lyco": True, "network_args": {"algo": "loha", "conv_dim": 4, "conv_alpha": 1}}),
 }
 
@@ -46,9 +50,32 @@ def _train(tree: str, work: str, label: str, case: str, model: str, overrides: d
     return os.path.join(out, case + ".safetensors")
 
 
-def _sha(path: str) -> str:
+_PER_RUN = ("ss_training_started_at", "ss_training_finished_at", "modelspec.date", "ss_session_id")
+
+
+def _read(path: str) -> tuple[dict, bytes]:
+    """(header without the per-run metadata, tensor bytes) of a safetensors file."""
     with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+        raw = handle.read()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    for key in _PER_RUN:
+        header.get("__metadata__", {}).pop(key, None)
+    return header, raw[8 + size:]
+
+
+def _compare(ours_path: str, base_path: str) -> tuple[bool, str, str, str]:
+    """(same, our tensors' SHA-256, the base's, what differs)."""
+    ours, base = _read(ours_path), _read(base_path)
+    sha_ours, sha_base = hashlib.sha256(ours[1]).hexdigest(), hashlib.sha256(base[1]).hexdigest()
+    meta_ours, meta_base = ours[0].pop("__metadata__", {}), base[0].pop("__metadata__", {})
+    what = []
+    if sha_ours != sha_base or ours[0] != base[0]:
+        what.append("tensors")
+    changed = sorted(k for k in set(meta_ours) | set(meta_base) if meta_ours.get(k) != meta_base.get(k))
+    if changed:
+        what.append("metadata " + ", ".join(changed[:8]))
+    return not what, sha_ours, sha_base, "; ".join(what)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             differ = 0
             for case in args.cases:
                 family, overrides = CASES[case]
-                ours = _sha(_train(ROOT, work, "this", case, models[family], overrides))
-                base = _sha(_train(base_tree, work, "base", case, models[family], overrides))
-                same = ours == base
+                ours_path = _train(ROOT, work, "this", case, models[family], overrides)
+                base_path = _train(base_tree, work, "base", case, models[family], overrides)
+                same, ours, base, what = _compare(ours_path, base_path)
                 differ += not same
-                print(f"{case:18s} {'same' if same else 'DIFFERENT'}  this {ours[:16]}  {args.base} {base[:16]}")
+                print(f"{case:18s} {'same' if same else 'DIFFERENT (' + what + ')'}  this {ours[:16]}  "
+                      f"{args.base} {base[:16]}", flush=True)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base_tree], check=False)
     return 1 if differ else 0

@@ -24,10 +24,11 @@ def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module,
                                                                            tmp_path, monkeypatch):
     from sd_scripts.models import loading as model_loading
     from sd_scripts.training import loop as train_loop
+    from sd_scripts.training import setup as train_setup
     from sd_scripts.testing.tiny_models import tiny_tokenizer_cache_dir
     from sd_scripts.networks import factory
 
-    monkeypatch.setattr(train_loop, "_base_dtypes",
+    monkeypatch.setattr(train_setup, "_base_dtypes",
                         lambda config, device: (torch.bfloat16, torch.float32 if config.no_half_vae else torch.bfloat16))
     loads, networks = [], []
     real_load, real_build = model_loading.load_model, factory.build_network
@@ -91,7 +92,8 @@ def test_lowram_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path)
 
 def test_fp8_base_stores_the_frozen_weights_in_float8_on_cuda_only(tiny_sd1_diffusers, tmp_path):
     from sd_scripts.core.config import TrainConfig
-    from sd_scripts.training.loop import _frozen_dtypes, train
+    from sd_scripts.training.loop import train
+    from sd_scripts.training.setup import _frozen_dtypes
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     fp8 = torch.float8_e4m3fn

@@ -108,7 +108,7 @@ def test_two_processes_draw_their_own_noise_and_resume_exactly(tiny_sd1_diffuser
 
 def test_processes_load_the_model_one_at_a_time():
     """kohya's order: process k loads in turn k, everyone waits after each turn (RAM for one copy at a time)."""
-    from sd_scripts.training.loop import _in_turn
+    from sd_scripts.training.setup import _in_turn
 
     events: list[str] = []
 

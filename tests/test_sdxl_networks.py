@@ -229,7 +229,7 @@ def test_text_encoders_train_at_text_encoder_lr(te_lr, group_lrs, tiny_sdxl_sing
     result = _train(tiny_sdxl_single_file, dataset, tmp_path / "out", text_encoder_lr=te_lr, unet_lr=2e-3,
                     learning_rate=1e-3, tokenizer_cache_dir=str(tiny_tokenizer_cache_dir(tiny_sdxl_single_file)))
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
-    network, optimizer = built["network"].network, built["optimizer"][0]
+    network, optimizer = built["network"].network, built["optimizer"].optimizer
     assert [g["lr"] for g in optimizer.param_groups] == [*group_lrs, 2e-3]
     # group i holds exactly the parameters of text encoder 1, text encoder 2, the UNet
     for group, prefix in zip(optimizer.param_groups, ("lora_te1_", "lora_te2_", "lora_unet_")):

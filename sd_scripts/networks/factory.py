@@ -1,8 +1,8 @@
 """Build the trainable network a run asks for (``network_module`` + ``network_args``).
 
 The training loop calls :func:`build_network` and only uses the returned network's common
-interface (``apply_to``, ``prepare_optimizer_params``, ``kohya_state_dict``, ``train``/``eval``),
-so adding a network kind never touches the loop. Preflight calls :func:`check_network_settings`,
+interface, :class:`sd_scripts.networks.trainable.TrainableNetwork`, so adding a network kind never
+touches the loop. Preflight calls :func:`check_network_settings`,
 which parses and checks the same settings without torch or a model.
 
 Network modules (kohya's names; the ``sd_scripts.`` spelling of the 2023 tool is accepted):
@@ -22,6 +22,7 @@ from typing import Any
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS, BlockSettings, layout_for_family, resolve_block_settings
 from sd_scripts.networks.network_args import parse_float, parse_int, parse_probability, split_network_args
+from sd_scripts.networks.trainable import TrainableNetwork
 
 __all__ = ["BuiltNetwork", "NetworkPlan", "NETWORK_MODULES", "network_kind", "plan_network", "check_network_settings",
            "build_network"]
@@ -43,7 +44,7 @@ _LORA_ARGS = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropo
 
 @dataclass
 class BuiltNetwork:
-    network: object
+    network: TrainableNetwork
     network_dim: object
     network_alpha: object
     network_args: dict = field(default_factory=dict)

@@ -333,6 +333,10 @@ class LoRANetwork(nn.Module):
             weight = lora.org_module.weight
             weight += (lora.delta_weight() * m).to(weight.device, weight.dtype)
 
+    def supports_max_norm(self) -> bool:
+        """kohya's ``scale_weight_norms`` works for every LoRA/LoCon/DyLoRA module."""
+        return True
+
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
         """kohya's ``scale_weight_norms``: every module whose delta ``up @ down * alpha/dim`` has a Frobenius

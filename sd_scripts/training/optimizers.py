@@ -9,8 +9,8 @@ Public API
     Also checks the scheduler settings (see :mod:`.schedulers`). Imports nothing heavy: bitsandbytes and
     transformers are only looked up (``find_spec``), never imported.
 ``build_optimizer(config, param_groups, warnings=None) -> OptimizerBuild``
-    ``OptimizerBuild`` is a 2-tuple ``(optimizer, ss_optimizer)`` (so ``opt, name = build_optimizer(...)``
-    works) with a ``.warnings`` list. Warnings also go to ``warnings`` when a list is given; otherwise
+    ``OptimizerBuild`` has ``.optimizer``, ``.ss_optimizer``, ``.warnings`` and ``.optimizer_type``, and unpacks
+    as ``opt, name = build_optimizer(...)``. Warnings also go to ``warnings`` when a list is given; otherwise
     they are logged (logger ``sd_scripts.training.optimizers``).
 ``build_lr_scheduler(config, optimizer, num_training_steps, num_processes=1, warnings=None)``
     see :mod:`.schedulers`.
@@ -52,6 +52,7 @@ import importlib.util
 import inspect
 import io
 import logging
+from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserError, UserErrors
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
@@ -407,22 +408,18 @@ def check_optimizer_settings(config) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-class OptimizerBuild(tuple):
-    """``(optimizer, ss_optimizer)`` with ``.optimizer``, ``.ss_optimizer``, ``.warnings`` and ``.optimizer_type``."""
+@dataclasses.dataclass
+class OptimizerBuild:
+    """What :func:`build_optimizer` made: the optimizer, kohya's ``ss_optimizer`` string, the warnings found and the
+    optimizer type as resolved (its display name). Unpacks as ``optimizer, ss_optimizer = build_optimizer(...)``."""
 
-    def __new__(cls, optimizer, ss_optimizer: str, warnings: list[str], optimizer_type: str):
-        self = super().__new__(cls, (optimizer, ss_optimizer))
-        self.warnings = warnings
-        self.optimizer_type = optimizer_type
-        return self
+    optimizer: Any
+    ss_optimizer: str
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    optimizer_type: str = ""
 
-    @property
-    def optimizer(self):
-        return self[0]
-
-    @property
-    def ss_optimizer(self) -> str:
-        return self[1]
+    def __iter__(self):
+        return iter((self.optimizer, self.ss_optimizer))
 
 
 def _normalize_groups(param_groups) -> list[dict]:
@@ -446,7 +443,7 @@ def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> 
 
     ``param_groups``: a list of dicts (``params`` and optionally ``lr``, as ``prepare_optimizer_params`` gives;
     they are copied, never modified) or an iterable of tensors. Returns :class:`OptimizerBuild`
-    ``(optimizer, ss_optimizer)``; ``ss_optimizer`` is ``module.Class`` plus ``(k=v,...)`` of the
+    (``optimizer``, ``ss_optimizer``, ...); ``ss_optimizer`` is ``module.Class`` plus ``(k=v,...)`` of the
     optimizer_args actually passed (with defaults we added), as kohya writes it.
     """
     found: list[str] = []
@@ -495,7 +492,7 @@ def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> 
     args = ",".join(f"{k}={v}" for k, v in kwargs.items())
     ss_optimizer = name + (f"({args})" if args else "")
     emit_warnings(found, warnings)
-    return OptimizerBuild(optimizer, ss_optimizer, found, resolved.display)
+    return OptimizerBuild(optimizer, ss_optimizer, warnings=found, optimizer_type=resolved.display)
 
 
 def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):
