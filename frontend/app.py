@@ -79,10 +79,10 @@ def run_main(argv: list[str] | None = None) -> int:
             _warn(warning)
         store = resolved.store
         if store.multi_run_folder:
-            from .job_queue import run_queue
+            from .job_queue import queue_lock, run_queue
 
-            with _status_page(store):
-                return run_queue(store.multi_run_folder, cli_values)
+            with queue_lock(store.multi_run_folder) as folder, _status_page(store):
+                return run_queue(folder, cli_values, locked=True)
         if store.save_json_only and not store.save_json_folder:
             raise ConfigError("save_json_only: set save_json_folder (--save_json_path) so there is somewhere to "
                               "save the JSON", setting="save_json_only")

@@ -30,6 +30,7 @@ trained, 1 when any failed, 130 when the queue stopped before the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sd_scripts.core.errors import ConfigError, UserError, UserErrors
 
@@ -51,11 +52,11 @@ from .queue_lock import QueueLock
 from .queue_outputs import OutputTarget, clash_error, existing_outputs, overwrite_error, target_of
 from .queue_recovery import JobWork, interrupted_jobs
 from .queue_retry import EXIT_OUT_OF_MEMORY, memory_retry
-from .queue_status import JobTracker, StatusFile, queue_eta, queue_status_path, status_document
+from .queue_status import EventReader, JobTracker, StatusFile, queue_eta, queue_status_path, status_document
 from .queue_summary import JobOutcome, format_time, summary_table, write_summary
 from .resolve import merge_job, validate_store
 
-__all__ = ["JobOutcome", "QueuedJob", "list_jobs", "check_job", "run_queue", "job_command"]
+__all__ = ["JobOutcome", "QueuedJob", "list_jobs", "check_job", "queue_lock", "run_queue", "job_command"]
 
 
 def _natural_key(name: str) -> list:
@@ -391,8 +392,6 @@ class _Queue:
         return settings, 1, None
 
     def _attempt(self, job: QueuedJob, work: JobWork, settings: dict, resume: str | None, attempt: int) -> int:
-        from .queue_status import EventReader
-
         child_settings = dict(settings)
         if resume:
             child_settings.update(resume=resume, initial_step=None, initial_epoch=None)
@@ -501,10 +500,10 @@ def _store_values(settings: dict, store: Any) -> dict:
     return {k: v for k, v in settings.items() if k in names}
 
 
-def run_queue(folder: str, cli_values: dict | None = None, defaults: Any = None, *,
-              command: Callable[[str, str], list[str]] = job_command, check_engine: bool = True,
-              echo: bool = True, say: Callable[[str], None] = print) -> int:
-    """Run every job in ``folder``; return the exit code (0 all trained, 1 any failed, 130 stopped)."""
+@contextlib.contextmanager
+def queue_lock(folder: str) -> Iterator[str]:
+    """Check that ``folder`` is a folder and hold its lock; yields its absolute path. main.py takes it before it
+    starts the status page, so a second queue on the folder hears who runs it (not that the port is taken)."""
     if not os.path.exists(folder):
         raise ConfigError(f"multi_run_folder: folder not found: {folder}", setting="multi_run_folder")
     if not os.path.isdir(folder):
@@ -512,5 +511,14 @@ def run_queue(folder: str, cli_values: dict | None = None, defaults: Any = None,
                           "queue's job JSON files", setting="multi_run_folder")
     folder = os.path.abspath(folder)
     with QueueLock(folder):
+        yield folder
+
+
+def run_queue(folder: str, cli_values: dict | None = None, defaults: Any = None, *,
+              command: Callable[[str, str], list[str]] = job_command, check_engine: bool = True,
+              echo: bool = True, say: Callable[[str], None] = print, locked: bool = False) -> int:
+    """Run every job in ``folder``; return the exit code (0 all trained, 1 any failed, 130 stopped).
+    ``locked``: the caller holds :func:`queue_lock` already."""
+    with contextlib.nullcontext(os.path.abspath(folder)) if locked else queue_lock(folder) as folder:
         queue = _Queue(folder, dict(cli_values or {}), defaults, command, check_engine, echo, say)
         return queue.run()

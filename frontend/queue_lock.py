@@ -7,12 +7,15 @@ behind by a dead process is simply taken over by the next queue: there is no sta
 The file's text names the holder (``pid 1234 on host, since 2026-12-07 22:10:03``) for the
 one-line message a second queue prints before it exits with code 2.
 
-The file stays in the folder between runs (it is not a job: jobs are ``*.json``). A queue never
-deletes it, so two processes can never hold locks on two different files under the same name.
+A queue removes the file when it ends, while still holding the lock; a queue that opened the file
+just before checks, once it has the lock, that the file is still the one in the folder, and starts
+over if not, so two processes never hold locks on two different files under the same name. After a
+crash the file stays until the next queue takes it over (it is not a job: jobs are ``*.json``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -64,6 +67,17 @@ def _unlock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _still_there(fd: int, path: str) -> bool:
+    """The locked file is still the one at ``path`` (not one a queue removed as it ended)."""
+    if os.name == "nt":
+        return os.path.exists(path)
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
 def _holder(path: str) -> str:
     """Who holds the lock, as the file says (it is written right after the lock is taken)."""
     for _ in range(20):
@@ -88,12 +102,17 @@ class QueueLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        if not _try_lock(fd):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if not _try_lock(fd):
+                os.close(fd)
+                raise QueueLockedError(
+                    f"multi_run_folder: {self.folder} is already being run by another queue ({_holder(self.path)}); "
+                    f"wait for it to finish or stop it first (it holds {self.path})", setting="multi_run_folder")
+            if _still_there(fd, self.path):
+                break
+            _unlock(fd)  # the holder we waited for removed the file as it ended: lock the new one
             os.close(fd)
-            raise QueueLockedError(
-                f"multi_run_folder: {self.folder} is already being run by another queue ({_holder(self.path)}); "
-                f"wait for it to finish or stop it first (it holds {self.path})", setting="multi_run_folder")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -101,13 +120,20 @@ class QueueLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Remove the lock file (while still holding it: a queue that opened it meanwhile tries again) and unlock."""
         if self._fd is None:
             return
+        fd, self._fd = self._fd, None
+        if os.name != "nt":
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
         try:
-            _unlock(self._fd)
+            _unlock(fd)
         finally:
-            os.close(self._fd)
-            self._fd = None
+            os.close(fd)
+        if os.name == "nt":  # Windows removes no open file
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
 
     def __enter__(self) -> QueueLock:
         self.acquire()

@@ -216,6 +216,7 @@ def test_a_second_queue_on_the_same_folder_is_refused_and_a_dead_ones_lock_taken
     with QueueLock(str(folder)) as lock:
         assert str(os.getpid()) in (folder / LOCK_FILE).read_text()
         assert lock.path == str(folder / LOCK_FILE)
+    assert not (folder / LOCK_FILE).exists()  # a queue that ends removes its lock
 
 
 # ------------------------------------------------------------------------------------------ output clashes

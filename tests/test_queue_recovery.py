@@ -21,7 +21,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
-STEPS = 10
+STEPS = 40
+LEFT = 12  # steps no kill waits for: the job must still be running when the kill comes
 
 
 def _dataset(tmp_path):
@@ -65,16 +66,25 @@ def _run(folder, **env):
                           timeout=600, env=_env(**env))
 
 
-def _steps_after(path, offset: int) -> int:
-    """The highest step the job reported in its progress file after byte ``offset`` (0 if none)."""
+def _events_after(path, offset: int) -> dict[str, list[int]]:
+    """The events the job wrote into its progress file after byte ``offset``: {"start": [...], "step": [steps]}."""
     try:
         with open(path, "rb") as handle:
             handle.seek(offset)
             text = handle.read().decode("utf-8", "replace")
     except OSError:
+        return {}
+    found: dict[str, list[int]] = {}
+    for kind, step in re.findall(r'"event": "(start|step)", "time": [0-9.e+-]+, (?:"step": (\d+))?', text):
+        found.setdefault(kind, []).append(int(step or 0))
+    return found
+
+
+def _state_step(state) -> int:
+    try:
+        return int(json.loads((state / "train_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError):
         return 0
-    steps = [int(m) for m in re.findall(r'"step": (\d+)', text)]
-    return max(steps, default=0)
 
 
 def _jobs_of(folder) -> list[int]:
@@ -122,22 +132,29 @@ def test_killed_queue_resumes_and_ends_with_the_same_lora(tmp_path, tiny_sd1_dif
     folder = _queue(tmp_path, "killed", tiny_sd1_diffusers, data)
     events = folder / "queue_state" / "job.json" / "progress.jsonl"
     kills = []
+    during_training = set(rng.sample(range(10), 6))  # the other four kills come while the queue starts
     while len(kills) < 10:
         offset = events.stat().st_size if events.exists() else 0
+        saved = _state_step(folder / "queue_state" / "job.json" / "state")
         proc = subprocess.Popen([sys.executable, MAIN, "--multi_run_path", str(folder)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=_env())
-        target = 0 if rng.random() < 0.3 else rng.randrange(1, STEPS)  # 0: before training starts
-        if target == 0:
-            time.sleep(rng.uniform(0.3, 5))
-        else:
-            deadline = time.monotonic() + 120
-            while _steps_after(events, offset) < target and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0, 0.15))  # between steps, or while a state is being written
-        assert proc.poll() is None, f"the queue ended before kill {len(kills) + 1} (KILL_SEED={seed})"
+        # Kill while the queue starts (checks, the job's start-up), or once a step after the saved state is done;
+        # never within the last LEFT steps, so that the job cannot end before the kill.
+        target = saved + 1 + rng.randrange(3) if len(kills) in during_training and saved + 3 < STEPS - LEFT else 0
+        deadline, waited = time.monotonic() + 300, rng.uniform(0, 3)
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() < deadline:
+            new = _events_after(events, offset)
+            if target == 0 and (time.monotonic() - started > waited or "start" in new):
+                break
+            if target and max(new.get("step", [0])) >= target:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))  # between steps, or while a state is being written
+        assert proc.poll() is None, f"the queue ended before kill {len(kills) + 1} (KILL_SEED={seed}, {kills})"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills.append((target, _steps_after(events, offset)))
+        kills.append((target, max(_events_after(events, offset).get("step", [0]))))
         deadline = time.monotonic() + 10
         while _jobs_of(folder) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -145,7 +162,6 @@ def test_killed_queue_resumes_and_ends_with_the_same_lora(tmp_path, tiny_sd1_dif
 
     done = _run(folder)
     assert done.returncode == 0, f"KILL_SEED={seed} kills={kills}\n" + done.stdout[-3000:] + done.stderr[-3000:]
-    assert any(steps for _, steps in kills), f"no kill landed after a step (KILL_SEED={seed}, kills={kills})"
     _same_tensors(tmp_path / "killed-out" / "night.safetensors", tmp_path / "reference-out" / "night.safetensors")
 
     # the log kept everything, with timestamps, across every resume
