@@ -19,13 +19,19 @@ as merged so far (networks in the order given), as LyCORIS' ``get_merged_weight(
 (:meth:`NetModule.merged_weight`): DoRA rescales ``W + delta`` per output row (or input column) to
 ``m (dora_scale / ||W + delta|| - 1) + 1``, OFT/BOFT rotate the rows of ``W``.
 
-Every other checkpoint key and every dtype is kept. A module that matches no checkpoint weight is
+Every other checkpoint key and every dtype is kept (float8 tensors become bf16 unless an output dtype is chosen:
+a small delta added to a float8 weight would mostly round away). A module that matches no checkpoint weight is
 reported; a network of which no module matches, or a module whose shape differs from its weight,
 is a user error.
+
+A .safetensors checkpoint merged into a .safetensors file is streamed (:func:`stream_merge_file`): one tensor is read,
+changed and written at a time, so the memory peak does not grow with the model (a 12B FLUX.1 transformer is 24 GB in
+bf16). Other formats are read whole (:func:`merge_into_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -97,15 +103,31 @@ def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str, famil
                           f"{tuple(region_shape)}{hint}")
 
 
-def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], device=None, ckpt_name: str = "checkpoint",
-                          progress: Callable[[int, int], None] | None = None) -> CheckpointMergeReport:
-    """Add every network's deltas to ``checkpoint`` (modified in place; see the module docstring)."""
-    shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
+@dataclass
+class MergePlan:
+    """Which modules change which checkpoint tensors: ``weights[key]`` / ``biases[key]`` -> [(network, module,
+    target)], in network order."""
+
+    family: str | None
+    weights: dict[str, list[tuple[NetworkInput, NetModule, LdmTarget]]] = field(default_factory=dict)
+    biases: dict[str, list[tuple[NetworkInput, NetModule, LdmTarget]]] = field(default_factory=dict)
+    report: CheckpointMergeReport = field(default_factory=CheckpointMergeReport)
+
+
+def _bias_delta_of(mod: NetModule):
+    return mod.parts.get("diff_b") if mod.algo == "full" else mod.parts.get("b_norm") if mod.algo == "norm" else None
+
+
+def lora_map_of(shapes: Mapping[str, tuple]) -> tuple[str | None, dict[str, LdmTarget]]:
+    """``(family, {kohya module name: LdmTarget})`` for a single-file checkpoint's keys."""
     family = checkpoint_family(shapes)
-    lora_map = build_lora_map(shapes, family)
-    report = CheckpointMergeReport()
-    # weight key -> [(network input, module, target)]
-    plan: dict[str, list[tuple[NetworkInput, NetModule, LdmTarget]]] = {}
+    return family, build_lora_map(shapes, family)
+
+
+def plan_merge(shapes: Mapping[str, tuple], networks: Sequence[NetworkInput], ckpt_name: str = "checkpoint") -> MergePlan:
+    """Match every network's modules to the checkpoint's tensors (``shapes``: key -> shape) and check their shapes."""
+    family, lora_map = lora_map_of(shapes)
+    plan = MergePlan(family)
     for net in networks:
         unmatched = []
         count = 0
@@ -118,47 +140,104 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
             if target.rows is not None:
                 region = (target.rows[1] - target.rows[0],) + tuple(region[1:])
             _check_shape(net.label, mod, region, ckpt_name, family)
-            plan.setdefault(target.weight_key, []).append((net, mod, target))
+            plan.weights.setdefault(target.weight_key, []).append((net, mod, target))
+            if _bias_delta_of(mod) is not None and target.bias_key is not None:
+                plan.biases.setdefault(target.bias_key, []).append((net, mod, target))
             count += 1
         if count == 0:
             raise ConfigError(f"{net.label}: none of its {len(net.modules)} modules matches a layer of {ckpt_name} "
                               f"(is it a network for {'SD1/SD2' if family == 'sdxl' else 'SDXL'} or another model?)")
-        report.merged[net.label] = count
-        report.unmatched[net.label] = unmatched
-    total = len(plan)
-    for done, (key, items) in enumerate(plan.items()):
+        plan.report.merged[net.label] = count
+        plan.report.unmatched[net.label] = unmatched
+    return plan
+
+
+def merged_weight(weight: torch.Tensor, items, device=None) -> torch.Tensor:
+    """``weight`` with the deltas of ``items`` (a :class:`MergePlan` entry) added, in float32 on ``device``."""
+    w32 = weight.to(device=device if device is not None else weight.device, dtype=torch.float32, copy=True)
+    base = w32.clone() if any(m.algo in ("ia3", "glora") for _, m, _ in items) else w32
+    for net, mod, target in items:
+        rows = slice(*target.rows) if target.rows is not None else slice(None)
+        region = w32[rows]
+        if mod.algo == "ia3":
+            on_input = bool(int(mod.parts["on_input"].reshape(-1)[0])) if "on_input" in mod.parts else False
+            region += net.ratio * lm.ia3_delta(base[rows], mod.parts["weight"].to(w32.device).float(), on_input)
+        elif mod.algo == "glora":
+            region += net.ratio * mod.to(w32.device).base_delta(base[rows])
+        elif mod.transforms_base:
+            region.copy_(mod.to(w32.device).merged_weight(region, net.ratio))
+        elif mod.algo == "norm":
+            region += net.ratio * mod.parts["w_norm"].to(w32.device).float().reshape(region.shape)
+        else:
+            m = mod.to(w32.device) if device is not None else mod
+            region += net.ratio * m.delta(region.shape)
+    return w32
+
+
+def merged_bias(bias: torch.Tensor, items, device=None) -> torch.Tensor:
+    """``bias`` with the bias deltas (full ``diff_b``, norm ``b_norm``) of ``items`` added, in float32."""
+    b32 = bias.to(device=device if device is not None else bias.device, dtype=torch.float32, copy=True)
+    for net, mod, target in items:
+        rows = slice(*target.rows) if target.rows is not None else slice(None)
+        b32[rows] += net.ratio * _bias_delta_of(mod).to(b32.device).float().reshape(b32[rows].shape)
+    return b32
+
+
+def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], device=None, ckpt_name: str = "checkpoint",
+                          progress: Callable[[int, int], None] | None = None) -> CheckpointMergeReport:
+    """Add every network's deltas to ``checkpoint`` (modified in place; see the module docstring)."""
+    plan = plan_merge({k: tuple(v.shape) for k, v in checkpoint.items()}, networks, ckpt_name)
+    total = len(plan.weights)
+    for done, (key, items) in enumerate(plan.weights.items()):
         weight = checkpoint[key]
-        w32 = weight.to(device=device if device is not None else weight.device, dtype=torch.float32, copy=True)
-        base = w32.clone() if any(m.algo in ("ia3", "glora") for _, m, _ in items) else w32
-        bias_key = items[0][2].bias_key
-        b32 = None
-        for net, mod, target in items:
-            rows = slice(*target.rows) if target.rows is not None else slice(None)
-            region = w32[rows]
-            if mod.algo == "ia3":
-                on_input = bool(int(mod.parts["on_input"].reshape(-1)[0])) if "on_input" in mod.parts else False
-                region += net.ratio * lm.ia3_delta(base[rows], mod.parts["weight"].to(w32.device).float(), on_input)
-            elif mod.algo == "glora":
-                region += net.ratio * mod.to(w32.device).base_delta(base[rows])
-            elif mod.transforms_base:
-                region.copy_(mod.to(w32.device).merged_weight(region, net.ratio))
-            elif mod.algo == "norm":
-                region += net.ratio * mod.parts["w_norm"].to(w32.device).float().reshape(region.shape)
-            else:
-                m = mod.to(w32.device) if device is not None else mod
-                region += net.ratio * m.delta(region.shape)
-            bias_delta = mod.parts.get("diff_b") if mod.algo == "full" else mod.parts.get("b_norm") if mod.algo == "norm" else None
-            if bias_delta is not None and target.bias_key is not None:
-                if b32 is None:
-                    b32 = checkpoint[bias_key].to(device=w32.device, dtype=torch.float32, copy=True)
-                b32[rows] += net.ratio * bias_delta.to(w32.device).float().reshape(b32[rows].shape)
-        checkpoint[key] = w32.to(dtype=weight.dtype, device="cpu")
-        if b32 is not None:
-            checkpoint[bias_key] = b32.to(dtype=checkpoint[bias_key].dtype, device="cpu")
-        report.weights_changed += 1
+        checkpoint[key] = merged_weight(weight, items, device).to(dtype=weight.dtype, device="cpu")
+        plan.report.weights_changed += 1
         if progress:
             progress(done + 1, total)
-    return report
+    for key, items in plan.biases.items():
+        checkpoint[key] = merged_bias(checkpoint[key], items, device).to(dtype=checkpoint[key].dtype, device="cpu")
+    return plan.report
+
+
+def _output_dtype(dtype: torch.dtype, chosen) -> torch.dtype:
+    """A floating tensor's dtype in the merged file: the one chosen, else its own, float8 upcast to bf16 (a small
+    delta added to a float8 weight would mostly round away)."""
+    if not dtype.is_floating_point:
+        return dtype
+    if chosen is not None:
+        return chosen
+    return torch.bfloat16 if dtype.itemsize == 1 else dtype
+
+
+def stream_merge_file(src, out, networks: Sequence[NetworkInput], dtype=None, device=None, metadata=None,
+                      ckpt_name: str = "checkpoint", progress: Callable[[int, int], None] | None = None,
+                      check: Callable[[MergePlan], None] | None = None) -> CheckpointMergeReport:
+    """Merge into a .safetensors checkpoint and write a .safetensors file, one tensor at a time: the memory peak is
+    a few copies of the largest tensor, whatever the model's size (a 12B FLUX.1 transformer is never held whole).
+    ``check(plan)`` runs before anything is written."""
+    from sd_scripts.files.safetensors_stream import SafetensorsReader, SafetensorsWriter
+
+    with SafetensorsReader(src) as reader:
+        plan = plan_merge(reader.shapes(), networks, ckpt_name)
+        if check is not None:
+            check(plan)
+        entries = [(k, _output_dtype(reader.info(k).dtype, dtype), reader.info(k).shape) for k in reader.keys()]
+        meta = dict(reader.metadata) | dict(metadata or {})
+        total = len(plan.weights)
+        with SafetensorsWriter(out, entries, meta) as writer:
+            out_dtypes = {k: d for k, d, _ in entries}
+            for key in writer.order:
+                tensor = reader.read(key)
+                if key in plan.weights:
+                    tensor = merged_weight(tensor, plan.weights[key], device)
+                    plan.report.weights_changed += 1
+                    if progress:
+                        progress(plan.report.weights_changed, total)
+                elif key in plan.biases:
+                    tensor = merged_bias(tensor, plan.biases[key], device)
+                writer.write(key, tensor.to(dtype=out_dtypes[key], device="cpu"))
+                del tensor
+    return plan.report
 
 
 def _check_v2(family: str, v2: bool | None, setting: str, path) -> None:
@@ -184,7 +263,8 @@ def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequ
     import math
 
     from sd_scripts.files.lora_file import precision_dtype
-    from sd_scripts.networks.tool_io import check_output_path, load_network, read_sd_checkpoint, save_sd_checkpoint
+    from sd_scripts.networks.tool_io import (check_output_path, is_safetensors, load_network, read_checkpoint_header,
+                                             read_sd_checkpoint, save_sd_checkpoint)
 
     if len(models) != len(ratios):
         raise ConfigError(f"ratios: {len(ratios)} ratios for {len(models)} models; give one ratio per model", setting="ratios")
@@ -196,14 +276,15 @@ def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequ
     for path, ratio in zip(models, ratios):
         modules, _ = load_network(path, model_setting, with_base=True)
         nets.append(NetworkInput(str(path), modules, float(ratio)))
+    merged = {"merged_networks": json.dumps([{"file": str(n.label), "ratio": n.ratio} for n in nets])}
+    if is_safetensors(sd_model) and is_safetensors(out):
+        _, _, family = read_checkpoint_header(sd_model, ckpt_setting)
+        _check_v2(family, v2, ckpt_setting, sd_model)
+        return stream_merge_file(sd_model, out, nets, dtype, device, merged, str(sd_model), progress)
     state, metadata, family = read_sd_checkpoint(sd_model, ckpt_setting)
     _check_v2(family, v2, ckpt_setting, sd_model)
     report = merge_into_checkpoint(state, nets, device=device, ckpt_name=str(sd_model), progress=progress)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    meta = dict(metadata)
-    import json
-
-    meta["merged_networks"] = json.dumps([{"file": str(n.label), "ratio": n.ratio} for n in nets])
-    save_sd_checkpoint(out, state, meta)
+    save_sd_checkpoint(out, state, dict(metadata) | merged)
     return report

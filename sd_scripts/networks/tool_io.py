@@ -11,7 +11,8 @@ from pathlib import Path
 
 from sd_scripts.core.errors import ConfigError
 
-__all__ = ["check_output_path", "load_network", "lora_format_of", "read_sd_checkpoint", "save_sd_checkpoint"]
+__all__ = ["check_output_path", "is_safetensors", "load_network", "lora_format_of", "read_checkpoint_header",
+           "read_sd_checkpoint", "save_sd_checkpoint"]
 
 _LORA_EXTS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt", ".pth": "pt"}
 _CKPT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -45,23 +46,46 @@ def load_network(path, setting: str, with_base: bool = False):
     return parse_network(sd, source=f"{setting}: {path}", metadata=md, with_base=with_base), md
 
 
-def read_sd_checkpoint(path, setting: str):
-    """``(state_dict, metadata, family)`` of a single-file SD1/SD2/SDXL checkpoint (family ``"sd1"``, ``"sd2"`` or
-    ``"sdxl"``, from the keys); ConfigError/ModelLoadError if not one."""
-    from sd_scripts.models.loading import read_checkpoint
-    from sd_scripts.networks.ldm_lora_map import checkpoint_family
-
+def _require_file(path, setting: str) -> Path:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{setting}: {p} does not exist or is not a file; give a single-file .safetensors/.ckpt checkpoint",
                           setting=setting)
-    state, metadata = read_checkpoint(str(p), setting)
-    family = checkpoint_family(state)
+    return p
+
+
+def _family_of(shapes, path, setting: str) -> str:
+    from sd_scripts.networks.ldm_lora_map import checkpoint_family
+
+    family = checkpoint_family(shapes)
     if family is None:
-        raise ConfigError(f"{setting}: {p} is not an SD1/SD2/SDXL single-file checkpoint (no model.diffusion_model.* and "
+        raise ConfigError(f"{setting}: {path} is not an SD1/SD2/SDXL single-file checkpoint (no model.diffusion_model.* and "
                           "cond_stage_model.* / conditioner.embedders.* weights; is it a LoRA or a diffusers file?)",
                           setting=setting)
-    return state, metadata, family
+    return family
+
+
+def read_sd_checkpoint(path, setting: str):
+    """``(state_dict, metadata, family)`` of a single-file SD1/SD2/SDXL checkpoint (family ``"sd1"``, ``"sd2"`` or
+    ``"sdxl"``, from the keys); ConfigError/ModelLoadError if not one."""
+    from sd_scripts.models.loading import read_checkpoint
+
+    p = _require_file(path, setting)
+    state, metadata = read_checkpoint(str(p), setting)
+    return state, metadata, _family_of(state, p, setting)
+
+
+def read_checkpoint_header(path, setting: str):
+    """``(shapes, metadata, family)`` of a single-file checkpoint from its .safetensors header (no tensor read)."""
+    from sd_scripts.models.loading import read_checkpoint_shapes
+
+    p = _require_file(path, setting)
+    shapes, metadata, _ = read_checkpoint_shapes(str(p), setting)
+    return shapes, metadata, _family_of(shapes, p, setting)
+
+
+def is_safetensors(path) -> bool:
+    return Path(path).suffix.lower() == ".safetensors"
 
 
 def _unshare(state: Mapping) -> dict:
