@@ -33,7 +33,7 @@ _ALIASES = {"dim": "fixed", "threshold": "threshold", "ratio": "ratio", "quantil
 def build_parser():
     p = cli.ToolParser(prog="locon_extract.py", description=__doc__.split("\n\n")[0],
                        epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("--base", "--model_org", dest="base", help="the original checkpoint (single-file SD1/SD2/SDXL)")
+    p.add_argument("--base", "--model_org", dest="base", help="the original checkpoint (single-file SD1/SD2/SDXL, or a FLUX.1 transformer in BFL layout)")
     p.add_argument("--tuned", "--model_tuned", dest="tuned", help="the fine-tuned checkpoint")
     p.add_argument("--save_to", help="output file; with several values or --queue, a folder or a base name")
     p.add_argument("--mode", choices=MODES, default=None, help="how each module's rank is chosen (default fixed)")
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     entries = _entries(args, mode, linear, conv)
     device = cli.check_device(args.device)
     from sd_scripts.networks.extract import DEFAULT_MIN_DIFF, check_extract_args, extract_lora_file
-    from sd_scripts.networks.tool_io import check_output_path, read_sd_checkpoint
+    from sd_scripts.networks.tool_io import check_output_path, read_checkpoint_pair
 
     many = len(entries) > 1 or bool(args.queue)
     to_folder = str(args.save_to).endswith(("/", "\\")) or os.path.isdir(args.save_to)
@@ -149,11 +149,7 @@ def main(argv=None) -> int:
         for label, message, _ in plans:
             cli.say_error(f"skipped {label}: {message}")
         raise ConfigError(f"queue: none of the {len(plans)} entries can run", setting="queue")
-    base_sd, _, family = read_sd_checkpoint(args.base, "base")
-    tuned_sd, _, tuned_family = read_sd_checkpoint(args.tuned, "tuned")
-    if tuned_family != family:
-        raise ConfigError(f"tuned: {args.tuned} is an {tuned_family.upper()} checkpoint but {args.base} is "
-                          f"{family.upper()}; extract between two versions of the same model", setting="tuned")
+    base_sd, tuned_sd, family = read_checkpoint_pair(args.base, args.tuned)
     min_diff = DEFAULT_MIN_DIFF if args.min_diff is None else args.min_diff
     for label, entry, out in plans:
         if isinstance(entry, str):

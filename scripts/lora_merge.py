@@ -8,7 +8,7 @@
 
 Together: by SVD of the summed deltas to --new_rank (--new_conv_rank for 3x3 convs; any mix of
 ranks and LoRA/LoCon/LoHa/LoKr), or exactly with --concat (rank = sum of ranks, strengths kept).
-Into a checkpoint (--sd_model, single-file SD1/SD2/SDXL): LoRA, LoCon (Tucker too), LoHa, LoKr (each
+Into a checkpoint (--sd_model, single-file SD1/SD2/SDXL or a FLUX.1 BFL file): LoRA, LoCon (Tucker too), LoHa, LoKr (each
 with or without DoRA), IA3, GLoRA, OFT, BOFT and full networks, each with its ratio; every other key
 and every dtype is kept. Ratios are any real numbers (default 1 each).
 """
@@ -34,7 +34,7 @@ def build_parser():
     p.add_argument("--new_rank", type=int, default=None, help="rank of the merged LoRA (SVD merge)")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank of its 3x3 conv modules (default: --new_rank)")
     p.add_argument("--concat", action="store_true", help="exact merge: stack the ranks (rank = sum of ranks)")
-    p.add_argument("--sd_model", default=None, help="merge into this single-file SD1/SD2/SDXL checkpoint instead")
+    p.add_argument("--sd_model", default=None, help="merge into this single-file SD1/SD2/SDXL checkpoint or FLUX.1 transformer (BFL layout) instead")
     p.add_argument("--v2", action="store_true", help="the checkpoint is SD2 (checked; detected anyway)")
     p.add_argument("--verbose", action="store_true", help="print each merged module's rank and retained norm")
     cli.add_common(p)

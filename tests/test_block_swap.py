@@ -293,7 +293,11 @@ def test_fp8_storage_with_block_swap_and_checkpointing_matches_fp8_alone():
     assert all(t.dtype == FP8_DTYPE for i in swap.swapped for t, home in swap._homes[i] if t.dim() == 2)
 
 
-def test_fp8_storage_refuses_trainable_weights():
+def test_fp8_storage_refuses_trainable_weights_and_layers_with_a_network():
     layer = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="frozen"):
+        store_linear_weights_fp8(layer)
+    layer.requires_grad_(False)
+    layer.forward = lambda x: x  # what LoRA's apply_to does
+    with pytest.raises(ValueError, match="already attached"):
         store_linear_weights_fp8(layer)

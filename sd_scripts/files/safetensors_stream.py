@@ -24,7 +24,7 @@ import torch
 
 from sd_scripts.files.atomic import atomic_write
 
-__all__ = ["DTYPE_NAMES", "SafetensorsReader", "SafetensorsWriter", "TensorInfo", "dtype_of_name"]
+__all__ = ["DTYPE_NAMES", "LazyStateDict", "SafetensorsReader", "SafetensorsWriter", "TensorInfo", "dtype_of_name"]
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -183,3 +183,36 @@ class SafetensorsWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             self._file.write(memoryview(data.numpy()))
         self._next += 1
+
+
+class LazyStateDict(Mapping):
+    """A read-only state dict over a .safetensors file: each tensor is read when it is looked up, nothing is kept.
+    ``shapes()`` gives every key's shape from the header."""
+
+    def __init__(self, path):
+        self._reader = SafetensorsReader(path)
+        self.metadata = self._reader.metadata
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._reader:
+            raise KeyError(key)
+        return self._reader.read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._reader.keys())
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def __contains__(self, key) -> bool:
+        return key in self._reader
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._reader.shapes()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._reader.close()

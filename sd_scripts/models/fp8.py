@@ -68,6 +68,8 @@ def store_linear_weights_fp8(module: torch.nn.Module,
             continue
         if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
             raise ValueError(f"{name}: float8 storage is for frozen weights; call requires_grad_(False) first")
+        if "forward" in layer.__dict__:
+            raise ValueError(f"{name}: a network is already attached to this layer; store the weights in float8 first")
         layer.weight = torch.nn.Parameter(layer.weight.detach().to(FP8_DTYPE), requires_grad=False)
         layer.__class__ = Fp8Linear
         count += 1

@@ -29,7 +29,8 @@ import torch
 
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
-from sd_scripts.networks.ldm_lora_map import build_lora_map, lora_target_names
+from sd_scripts.networks.checkpoint_map import checkpoint_lora_map
+from sd_scripts.networks.ldm_lora_map import lora_target_names
 from sd_scripts.networks.network_state import lora_module_state, unify_alpha
 
 __all__ = ["DEFAULT_MIN_DIFF", "ExtractResult", "ModuleExtract", "check_extract_args", "extract_lora_file",
@@ -85,6 +86,13 @@ def check_extract_args(mode: str, linear_param, conv_param) -> None:
                               f"(got {value})", setting=setting)
 
 
+def _shapes_of(state: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every key's shape; a lazily read state dict gives them from its header without reading the tensors."""
+    if hasattr(state, "shapes"):
+        return {k: tuple(v) for k, v in state.shapes().items()}
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def extract_network(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], mode: str = "fixed",
                     linear_param=4, conv_param=None, clamp_quantile: float | None = None,
                     min_diff: float = DEFAULT_MIN_DIFF, device=None, randomized: bool | str = "auto",
@@ -94,20 +102,21 @@ def extract_network(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.
     check_extract_args(mode, linear_param, conv_param)
     if clamp_quantile is not None and not 0 < float(clamp_quantile) <= 1:
         raise ConfigError(f"clamp_quantile: {clamp_quantile} must be above 0 and up to 1", setting="clamp_quantile")
-    shapes = {k: tuple(v.shape) for k, v in base.items()}
-    lora_map = build_lora_map(shapes)
+    shapes = _shapes_of(base)
+    tuned_shapes = _shapes_of(tuned)
+    _, lora_map = checkpoint_lora_map(shapes)
     with_conv = conv_param is not None and not (mode == "fixed" and int(conv_param) == 0)
     names = lora_target_names(lora_map, conv=with_conv, shapes=shapes)
     if not names:
-        raise ConfigError(f"base: {base_name} has no layers a LoRA can target; is it an SD1/SD2/SDXL checkpoint?",
-                          setting="base")
+        raise ConfigError(f"base: {base_name} has no layers a LoRA can target; is it an SD1/SD2/SDXL or FLUX.1 "
+                          "checkpoint?", setting="base")
     for name in names:
         key = lora_map[name].weight_key
-        if key not in tuned:
+        if key not in tuned_shapes:
             raise ConfigError(f"tuned: {tuned_name} has no {key}; the two checkpoints have different layouts "
-                              "(SD1 vs SD2 vs SDXL?)", setting="tuned")
-        if tuple(tuned[key].shape) != shapes[key]:
-            raise ConfigError(f"tuned: {key} is {tuple(tuned[key].shape)} in {tuned_name} but {shapes[key]} in {base_name}; "
+                              "(SD1 vs SD2 vs SDXL vs FLUX.1?)", setting="tuned")
+        if tuned_shapes[key] != shapes[key]:
+            raise ConfigError(f"tuned: {key} is {tuned_shapes[key]} in {tuned_name} but {shapes[key]} in {base_name}; "
                               "the checkpoints have different shapes", setting="tuned")
     out: dict[str, torch.Tensor] = {}
     reports: list[ModuleExtract] = []
@@ -155,7 +164,7 @@ def extract_network(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.
 
 
 def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_param, conv_param, base_path,
-                       tuned_path, title: str | None = None) -> dict[str, str]:
+                       tuned_path, title: str | None = None, variant: str = "dev") -> dict[str, str]:
     from pathlib import Path
 
     from sd_scripts.files.lora_file import build_modelspec
@@ -176,7 +185,17 @@ def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_par
     if any(m.conv for m in result.modules):
         md["ss_network_args"] = json.dumps({"conv_dim": str(int(conv_param)) if fixed else "Dynamic",
                                             "conv_alpha": md["ss_network_alpha"]})
-    if sdxl:
+    if family == "flux":
+        from sd_scripts.models.families import FAMILIES
+
+        flux = FAMILIES.get("flux")  # TODO(fluxtools): registered by the FLUX family's landing; then get_family
+        md.pop("ss_v2")
+        if flux is not None:
+            md["ss_base_model_version"] = flux.base_model_version(False)
+            md.update(build_modelspec(flux.modelspec_architecture(False, variant), title, 1024))
+        else:
+            md.pop("ss_base_model_version")
+    elif sdxl:
         md.update(build_modelspec("stable-diffusion-xl-v1-base", title, 1024))
     else:
         md.update(build_modelspec("stable-diffusion-v2-512" if v2 else "stable-diffusion-v1", title, 512))
@@ -192,24 +211,21 @@ def extract_lora_file(base, tuned, save_to, mode: str = "fixed", linear_param=4,
     from pathlib import Path
 
     from sd_scripts.files.lora_file import precision_dtype, save_lora_file
-    from sd_scripts.networks.tool_io import check_output_path, lora_format_of, read_sd_checkpoint
+    from sd_scripts.networks.tool_io import check_output_path, lora_format_of, read_checkpoint_pair
 
     check_extract_args(mode, linear_param, conv_param)
     out = check_output_path(save_to, "save_to", overwrite)
     dtype = precision_dtype(save_precision)
     if checkpoints is None:
-        base_sd, _, family = read_sd_checkpoint(base, "base")
-        tuned_sd, _, tuned_family = read_sd_checkpoint(tuned, "tuned")
-        if tuned_family != family:
-            raise ConfigError(f"tuned: {tuned} is an {tuned_family.upper()} checkpoint but {base} is {family.upper()}; "
-                              "extract between two versions of the same model", setting="tuned")
+        base_sd, tuned_sd, family = read_checkpoint_pair(base, tuned)
     else:
         base_sd, tuned_sd, family = checkpoints
     if v2 and family != "sd2":
-        what = "an SDXL" if family == "sdxl" else "an SD1"
+        what = {"sdxl": "an SDXL", "flux": "a FLUX.1"}.get(family, "an SD1")
         raise ConfigError(f"is_v2: --is_v2 was given but {base} is {what} checkpoint; drop --is_v2", setting="is_v2")
     result = extract_network(base_sd, tuned_sd, mode, linear_param, conv_param, clamp_quantile, min_diff, device,
                              randomized, progress, str(base), str(tuned))
-    md = extracted_metadata(result, family, mode, linear_param, conv_param, base, tuned, Path(out).stem)
+    variant = "dev" if any(k.endswith("guidance_in.in_layer.weight") for k in base_sd) else "schnell"
+    md = extracted_metadata(result, family, mode, linear_param, conv_param, base, tuned, Path(out).stem, variant)
     save_lora_file(out, result.state_dict, md, dtype, lora_format_of(out))
     return result

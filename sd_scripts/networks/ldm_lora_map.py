@@ -35,7 +35,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["LdmTarget", "build_lora_map", "checkpoint_family", "lora_target_names"]
+__all__ = ["LdmTarget", "build_lora_map", "checkpoint_family", "clip_targets", "lora_target_names"]
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -175,7 +175,7 @@ def _name(prefix: str, path: str) -> str:
     return f"{prefix}_{path}".replace(".", "_")
 
 
-def _clip_targets(out: dict, keys, key_set, ckpt_prefix: str, lora_prefix: str) -> None:
+def clip_targets(out: dict, keys, key_set, ckpt_prefix: str, lora_prefix: str) -> None:
     """HF-named CLIP text encoder weights (SD1, SDXL's CLIP-L)."""
     for key in keys:
         if not key.endswith(".weight") or not key.startswith(ckpt_prefix):
@@ -261,10 +261,10 @@ def build_lora_map(shapes: Mapping[str, tuple], family: str | None = None) -> di
     for alias, target in aliases.items():
         out.setdefault(alias, target)
     if sdxl:
-        _clip_targets(out, keys, key_set, SDXL_CLIP_PREFIX, "lora_te1")
+        clip_targets(out, keys, key_set, SDXL_CLIP_PREFIX, "lora_te1")
         _openclip_targets(out, shapes, keys, key_set, SDXL_OPENCLIP_PREFIX, "lora_te2", skip_last=False)
         return out
-    _clip_targets(out, keys, key_set, CLIP_PREFIX, "lora_te")
+    clip_targets(out, keys, key_set, CLIP_PREFIX, "lora_te")
     # The last OpenCLIP block is not part of the text encoder SD2 trains on (kohya drops it: its
     # output is never used with the penultimate layer), so it is mapped but not a LoRA target.
     _openclip_targets(out, shapes, keys, key_set, OPENCLIP_PREFIX, "lora_te", skip_last=True)

@@ -39,7 +39,8 @@ import torch
 
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks import lora_math as lm
-from sd_scripts.networks.ldm_lora_map import LdmTarget, build_lora_map, checkpoint_family
+from sd_scripts.networks.checkpoint_map import checkpoint_lora_map
+from sd_scripts.networks.ldm_lora_map import LdmTarget
 from sd_scripts.files.lora_keys import lora_name_spellings
 from sd_scripts.networks.network_state import NetModule
 
@@ -60,6 +61,9 @@ class CheckpointMergeReport:
     merged: dict[str, int] = field(default_factory=dict)  # label -> modules merged
     unmatched: dict[str, list[str]] = field(default_factory=dict)  # label -> module names not in the checkpoint
     weights_changed: int = 0
+
+
+_OTHER_FAMILIES = {"sdxl": "SD1/SD2", "flux": "SD1/SD2/SDXL", "sd1": "SDXL or FLUX.1", "sd2": "SDXL or FLUX.1"}
 
 
 def _numel(shape) -> int:
@@ -97,8 +101,9 @@ def _check_shape(label: str, mod: NetModule, region_shape, ckpt_name: str, famil
         raise ConfigError(f"{label}: DoRA module {mod.name} has a dora_scale of {scale.numel()} values for the "
                           f"{ckpt_name} weight {tuple(region_shape)}; the file is damaged or for another model")
     if _numel(own) != _numel(region_shape) or int(own[0]) != int(region_shape[0]):
-        hint = (" (a network for SD1/SD2 on an SDXL model?)" if family == "sdxl"
-                else " (an SD1 network on an SD2 model or the reverse?)")
+        hint = {"sdxl": " (a network for SD1/SD2 on an SDXL model?)",
+                "flux": " (a network for another FLUX.1 size, or for another model?)"}.get(
+                    family, " (an SD1 network on an SD2 model or the reverse?)")
         raise ConfigError(f"{label}: module {mod.name} is shaped {tuple(own)} but the {ckpt_name} weight is "
                           f"{tuple(region_shape)}{hint}")
 
@@ -118,15 +123,9 @@ def _bias_delta_of(mod: NetModule):
     return mod.parts.get("diff_b") if mod.algo == "full" else mod.parts.get("b_norm") if mod.algo == "norm" else None
 
 
-def lora_map_of(shapes: Mapping[str, tuple]) -> tuple[str | None, dict[str, LdmTarget]]:
-    """``(family, {kohya module name: LdmTarget})`` for a single-file checkpoint's keys."""
-    family = checkpoint_family(shapes)
-    return family, build_lora_map(shapes, family)
-
-
 def plan_merge(shapes: Mapping[str, tuple], networks: Sequence[NetworkInput], ckpt_name: str = "checkpoint") -> MergePlan:
     """Match every network's modules to the checkpoint's tensors (``shapes``: key -> shape) and check their shapes."""
-    family, lora_map = lora_map_of(shapes)
+    family, lora_map = checkpoint_lora_map(shapes)
     plan = MergePlan(family)
     for net in networks:
         unmatched = []
@@ -146,7 +145,7 @@ def plan_merge(shapes: Mapping[str, tuple], networks: Sequence[NetworkInput], ck
             count += 1
         if count == 0:
             raise ConfigError(f"{net.label}: none of its {len(net.modules)} modules matches a layer of {ckpt_name} "
-                              f"(is it a network for {'SD1/SD2' if family == 'sdxl' else 'SDXL'} or another model?)")
+                              f"(is it a network for {_OTHER_FAMILIES.get(family, 'SDXL')} or another model?)")
         plan.report.merged[net.label] = count
         plan.report.unmatched[net.label] = unmatched
     return plan
@@ -199,6 +198,16 @@ def merge_into_checkpoint(checkpoint: dict, networks: Sequence[NetworkInput], de
     return plan.report
 
 
+def checkpoint_dtype(name, setting: str = "save_precision"):
+    """The output dtype asked for a merged checkpoint: float/fp16/bf16 as for LoRA files, or ``fp8`` (float8 e4m3,
+    ComfyUI's fp8 checkpoints: the merged weights are rounded to float8). None keeps each tensor's own."""
+    from sd_scripts.files.lora_file import precision_dtype
+
+    if isinstance(name, str) and name.strip().lower() in ("fp8", "fp8_e4m3fn", "float8_e4m3fn"):
+        return torch.float8_e4m3fn
+    return precision_dtype(name, setting)
+
+
 def _output_dtype(dtype: torch.dtype, chosen) -> torch.dtype:
     """A floating tensor's dtype in the merged file: the one chosen, else its own, float8 upcast to bf16 (a small
     delta added to a float8 weight would mostly round away)."""
@@ -242,7 +251,8 @@ def stream_merge_file(src, out, networks: Sequence[NetworkInput], dtype=None, de
 
 def _check_v2(family: str, v2: bool | None, setting: str, path) -> None:
     if v2 and family != "sd2":
-        what = "an SDXL checkpoint (two text encoders)" if family == "sdxl" else "an SD1 checkpoint (CLIP text encoder)"
+        what = {"sdxl": "an SDXL checkpoint (two text encoders)", "flux": "a FLUX.1 checkpoint"}.get(
+            family, "an SD1 checkpoint (CLIP text encoder)")
         raise ConfigError(f"{setting}: --v2 was given but {path} is {what}; drop --v2", setting=setting)
 
 
@@ -262,7 +272,6 @@ def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequ
     """Read the checkpoint and the networks, merge, and write ``save_to`` atomically (nothing is written on error)."""
     import math
 
-    from sd_scripts.files.lora_file import precision_dtype
     from sd_scripts.networks.tool_io import (check_output_path, is_safetensors, load_network, read_checkpoint_header,
                                              read_sd_checkpoint, save_sd_checkpoint)
 
@@ -271,7 +280,7 @@ def merge_networks_into_checkpoint_file(sd_model, models: Sequence, ratios: Sequ
     if any(not math.isfinite(float(r)) for r in ratios):
         raise ConfigError("ratios: every ratio must be a finite number", setting="ratios")
     out = check_output_path(save_to, "save_to", overwrite, exts=(".safetensors", ".ckpt"))
-    dtype = precision_dtype(save_precision, dtype_setting)
+    dtype = checkpoint_dtype(save_precision, dtype_setting)
     nets = []
     for path, ratio in zip(models, ratios):
         modules, _ = load_network(path, model_setting, with_base=True)

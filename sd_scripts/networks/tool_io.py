@@ -12,7 +12,7 @@ from pathlib import Path
 from sd_scripts.core.errors import ConfigError
 
 __all__ = ["check_output_path", "is_safetensors", "load_network", "lora_format_of", "read_checkpoint_header",
-           "read_sd_checkpoint", "save_sd_checkpoint"]
+           "read_checkpoint_pair", "read_sd_checkpoint", "save_sd_checkpoint"]
 
 _LORA_EXTS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt", ".pth": "pt"}
 _CKPT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -55,19 +55,19 @@ def _require_file(path, setting: str) -> Path:
 
 
 def _family_of(shapes, path, setting: str) -> str:
-    from sd_scripts.networks.ldm_lora_map import checkpoint_family
+    from sd_scripts.networks.checkpoint_map import checkpoint_kind
 
-    family = checkpoint_family(shapes)
+    family = checkpoint_kind(shapes)
     if family is None:
-        raise ConfigError(f"{setting}: {path} is not an SD1/SD2/SDXL single-file checkpoint (no model.diffusion_model.* and "
-                          "cond_stage_model.* / conditioner.embedders.* weights; is it a LoRA or a diffusers file?)",
-                          setting=setting)
+        raise ConfigError(f"{setting}: {path} is not an SD1/SD2/SDXL or FLUX.1 single-file checkpoint (no "
+                          "model.diffusion_model.* with cond_stage_model.* / conditioner.embedders.* weights, no "
+                          "double_blocks.*/single_blocks.*; is it a LoRA or a diffusers file?)", setting=setting)
     return family
 
 
 def read_sd_checkpoint(path, setting: str):
-    """``(state_dict, metadata, family)`` of a single-file SD1/SD2/SDXL checkpoint (family ``"sd1"``, ``"sd2"`` or
-    ``"sdxl"``, from the keys); ConfigError/ModelLoadError if not one."""
+    """``(state_dict, metadata, family)`` of a single-file SD1/SD2/SDXL or FLUX.1 checkpoint (family ``"sd1"``,
+    ``"sd2"``, ``"sdxl"`` or ``"flux"``, from the keys); ConfigError/ModelLoadError if not one."""
     from sd_scripts.models.loading import read_checkpoint
 
     p = _require_file(path, setting)
@@ -86,6 +86,31 @@ def read_checkpoint_header(path, setting: str):
 
 def is_safetensors(path) -> bool:
     return Path(path).suffix.lower() == ".safetensors"
+
+
+_FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "FLUX.1"}
+
+
+def read_checkpoint_pair(base, tuned, base_setting: str = "base", tuned_setting: str = "tuned"):
+    """``(base_state, tuned_state, family)`` of two checkpoints of the same family. A .safetensors file is read
+    lazily (:class:`~sd_scripts.files.safetensors_stream.LazyStateDict`: one tensor at a time, so two 12B FLUX.1
+    transformers never sit in memory); other formats are read whole."""
+
+    def read(path, setting):
+        if is_safetensors(path):
+            from sd_scripts.files.safetensors_stream import LazyStateDict
+
+            _, _, family = read_checkpoint_header(path, setting)
+            return LazyStateDict(path), family
+        state, _, family = read_sd_checkpoint(path, setting)
+        return state, family
+
+    base_sd, family = read(base, base_setting)
+    tuned_sd, tuned_family = read(tuned, tuned_setting)
+    if tuned_family != family:
+        raise ConfigError(f"{tuned_setting}: {tuned} is an {_FAMILY_NAMES[tuned_family]} checkpoint but {base} is "
+                          f"{_FAMILY_NAMES[family]}; extract between two versions of the same model", setting=tuned_setting)
+    return base_sd, tuned_sd, family
 
 
 def _unshare(state: Mapping) -> dict:

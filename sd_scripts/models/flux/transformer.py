@@ -19,6 +19,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from sd_scripts.models.checkpointing import checkpoint_blocks, uncheckpoint_blocks
 from sd_scripts.models.flux.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -160,18 +161,17 @@ class FluxTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.img_in.weight.device
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
+        """Checkpoint every block (``models/checkpointing.py``); ``cpu_offload``: kohya's
+        ``cpu_offload_checkpointing``, the inputs each block keeps for the backward pass wait in CPU memory."""
+        checkpoint_blocks(self.blocks, cpu_offload=cpu_offload)
         self.gradient_checkpointing = True
 
     def disable_gradient_checkpointing(self) -> None:
+        uncheckpoint_blocks(self.blocks)
         self.gradient_checkpointing = False
 
     # ----------------------------------------------------------------------------------------------- forward
-
-    def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None = None, txt_attention_mask: Tensor | None = None) -> Tensor:
@@ -187,8 +187,8 @@ class FluxTransformer(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe, txt_attention_mask)
+            img, txt = block(img, txt, vec, pe, txt_attention_mask)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = self._run(block, x, vec, pe, txt_attention_mask)
+            x = block(x, vec, pe, txt_attention_mask)
         return self.final_layer(x[:, txt.shape[1]:, ...], vec)
