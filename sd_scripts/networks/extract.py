@@ -186,15 +186,12 @@ def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_par
         md["ss_network_args"] = json.dumps({"conv_dim": str(int(conv_param)) if fixed else "Dynamic",
                                             "conv_alpha": md["ss_network_alpha"]})
     if family == "flux":
-        from sd_scripts.models.families import FAMILIES
+        from sd_scripts.models.families import get_family
 
-        flux = FAMILIES.get("flux")  # TODO(fluxtools): registered by the FLUX family's landing; then get_family
+        flux = get_family("flux")
         md.pop("ss_v2")
-        if flux is not None:
-            md["ss_base_model_version"] = flux.base_model_version(False)
-            md.update(build_modelspec(flux.modelspec_architecture(False, variant), title, 1024))
-        else:
-            md.pop("ss_base_model_version")
+        md["ss_base_model_version"] = flux.base_model_version(False)
+        md.update(build_modelspec(flux.modelspec_architecture(False, variant), title, 1024))
     elif sdxl:
         md.update(build_modelspec("stable-diffusion-xl-v1-base", title, 1024))
     else:
