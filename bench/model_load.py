@@ -4,6 +4,8 @@
     python bench/model_load.py                  # SDXL-shaped fp16 file (~6.9 GB, random weights)
     python bench/model_load.py --family sd15    # SD1.5-shaped fp16 file (~2.1 GB)
     python bench/model_load.py --keep           # keep the generated checkpoint in bench/.cache/
+    python bench/model_load.py --family flux    # FLUX.1-shaped bf16 transformer: 2+4 and 4+8 full-width blocks,
+                                                # extrapolated per block to 19+38 (a 23.8 GB file)
 
 Builds a full-size checkpoint of the family with random fp16 weights (LDM/SGM keys as a real file has them), then
 loads it in fresh processes, side by side:
@@ -11,6 +13,13 @@ loads it in fresh processes, side by side:
 * ``ours``: ``model_loading.load_model`` in float32 (what training on a CPU, or before the move to the GPU, holds);
 * ``ours bf16``: ``load_model(..., dtype=bfloat16)``;
 * ``bare``: ``safetensors.torch.load_file`` of the same file, nothing else (the floor: the file's tensors in memory).
+
+FLUX.1: a full-size transformer is 23.8 GB in bf16, more than this benchmark's machine (24 GiB) can hold next to
+the loader, so the file has every tensor of full width (hidden 3072, MLP 12288) and fewer blocks: 2 double + 4
+single, then 4 + 8 (written tensor by tensor from meta-device shapes, so writing needs no RAM); each load's peak
+is fitted as ``fixed + k x file bytes`` from the two sizes and extrapolated to the full file (19 + 38 blocks, its
+bytes from the meta-device model). CLIP-L, T5 and the VAE are the tiny test ones. ``ours fp8`` loads with
+``fp8_base`` (block linears stored in float8).
 
 Memory: the peak of the process's anonymous resident memory (``RssAnon``, sampled every 20 ms: the memory that must
 fit in RAM), and the peak RSS (``ru_maxrss``), which also counts the memory-mapped file's pages (the kernel can drop
@@ -74,6 +83,31 @@ def write_checkpoint(family: str, path: str) -> int:
     return os.path.getsize(path)
 
 
+FLUX_SIZES = ((2, 4), (4, 8))
+
+
+def flux_shapes(depth: int, single: int) -> dict:
+    from sd_scripts.models.flux.transformer import FluxParams, FluxTransformer
+    from sd_scripts.testing.random_checkpoints import meta_state_shapes
+
+    return meta_state_shapes(lambda: FluxTransformer(FluxParams(depth=depth, depth_single_blocks=single)))
+
+
+def write_flux(folder: str, depth: int, single: int) -> tuple[str, dict]:
+    """A FLUX.1-shaped bf16 transformer of ``depth`` + ``single`` full-width blocks and tiny clip_l/t5xxl/ae files."""
+    from sd_scripts.testing.random_checkpoints import write_random_checkpoint
+    from sd_scripts.testing.tiny_flux import save_tiny_flux_files
+
+    parts = os.path.join(folder, "parts")
+    files = {k: str(v) for k, v in save_tiny_flux_files(parts).items()} if not os.path.isdir(parts) else {
+        "clip_l": os.path.join(parts, "clip_l.safetensors"), "t5xxl": os.path.join(parts, "t5xxl.safetensors"),
+        "ae": os.path.join(parts, "ae.safetensors"), "tokenizer_cache_dir": os.path.join(parts, "tokenizer_cache")}
+    path = os.path.join(folder, f"flux-{depth}-{single}-random-bf16.safetensors")
+    if not os.path.exists(path):
+        write_random_checkpoint(path, flux_shapes(depth, single))
+    return path, files
+
+
 def _anon_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
@@ -107,6 +141,18 @@ def _measure(mode: str, path: str, family: str) -> dict:
         element = 2
         for t in state.values():
             t.add_(0)  # touch every page, as a load that converts the weights does
+    elif family == "flux":
+        from sd_scripts.core.config import TrainConfig
+        from sd_scripts.models.loading import load_model
+
+        files = json.loads(os.environ["BENCH_FLUX_PARTS"])
+        config = TrainConfig(pretrained_model_name_or_path=path, clip_l=files["clip_l"], t5xxl=files["t5xxl"],
+                             ae=files["ae"], tokenizer_cache_dir=files["tokenizer_cache_dir"],
+                             fp8_base=mode == "ours fp8", mixed_precision="bf16")
+        model = load_model(config, dtype=torch.bfloat16)
+        params = sum(p.numel() for p in model.unet.parameters())
+        element = 2
+        model_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     else:
         from sd_scripts.core.config import TrainConfig
         from sd_scripts.models.loading import load_model
@@ -126,12 +172,12 @@ def _measure(mode: str, path: str, family: str) -> dict:
     peak_anon[0] = max(peak_anon[0], _anon_bytes())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": mode, "seconds": seconds, "peak_rss": peak, "peak_anon": peak_anon[0],
-            "model_bytes": params * element}
+            "model_bytes": params * element, "loaded_bytes": locals().get("model_bytes", params * element)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl")
+    parser.add_argument("--family", choices=("sdxl", "sd15", "flux"), default="sdxl")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint in bench/.cache/")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -141,6 +187,8 @@ def main(argv=None) -> int:
 
     folder = os.path.join(ROOT, "bench", ".cache") if args.keep else tempfile.mkdtemp(prefix="model_load_")
     os.makedirs(folder, exist_ok=True)
+    if args.family == "flux":
+        return _flux_main(folder, args.keep)
     path = os.path.join(folder, f"{args.family}-random-fp16.safetensors")
     if not os.path.exists(path):
         print(f"writing {path} ...", flush=True)
@@ -161,6 +209,53 @@ def main(argv=None) -> int:
               f"({r['peak_anon'] / r['model_bytes']:.2f}x the loaded model), peak RSS {r['peak_rss'] / 2**30:6.2f} GiB")
     if not args.keep:
         os.remove(path)
+    return 0
+
+
+def _child(family: str, mode: str, path: str, env_extra: dict | None = None) -> dict | None:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), HF_HUB_OFFLINE="1", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, __file__, "--family", family, "--child", mode, path],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"{mode}: failed\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _flux_main(folder: str, keep: bool) -> int:
+    """Two reduced FLUX.1-shaped transformers, loaded three ways; peaks extrapolated to the full-size file."""
+    import torch
+
+    from sd_scripts.models.flux.transformer import FLUX_DEV_PARAMS
+
+    full_bytes = sum(torch.Size(s).numel() * 2 for s in flux_shapes(FLUX_DEV_PARAMS.depth,
+                                                                    FLUX_DEV_PARAMS.depth_single_blocks).values())
+    measured: dict[str, list[tuple[int, dict]]] = {}
+    for depth, single in FLUX_SIZES:
+        print(f"writing a {depth} + {single} block FLUX.1-shaped transformer ...", flush=True)
+        path, files = write_flux(folder, depth, single)
+        size = os.path.getsize(path)
+        print(f"  {size / 2**30:.2f} GiB")
+        for mode in ("bare", "ours bf16", "ours fp8"):
+            r = _child("flux", mode, path, {"BENCH_FLUX_PARTS": json.dumps(files)})
+            if r is None:
+                continue
+            measured.setdefault(mode, []).append((size, r))
+            print(f"  {mode:10s} {r['seconds']:6.1f} s  peak anonymous {r['peak_anon'] / 2**30:6.2f} GiB, "
+                  f"loaded weights {r['loaded_bytes'] / 2**30:6.2f} GiB, peak RSS {r['peak_rss'] / 2**30:6.2f} GiB")
+        if not keep:
+            os.remove(path)
+    print(f"extrapolated to FLUX.1's 19 + 38 blocks (a {full_bytes / 2**30:.2f} GiB bf16 file):")
+    for mode, points in measured.items():
+        if len(points) < 2:
+            continue
+        (x1, a), (x2, b) = points[:2]
+
+        def fit(key):
+            return a[key] + (b[key] - a[key]) / (x2 - x1) * (full_bytes - x1)
+
+        print(f"  {mode:10s} peak anonymous {fit('peak_anon') / 2**30:6.2f} GiB for {fit('loaded_bytes') / 2**30:6.2f} "
+              f"GiB of weights ({fit('peak_anon') / fit('loaded_bytes'):.2f}x), peak RSS {fit('peak_rss') / 2**30:6.2f} GiB")
     return 0
 
 

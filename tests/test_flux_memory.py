@@ -180,3 +180,26 @@ def test_gpu_fp8_base_and_block_swap_match_and_lower_the_peak():
     assert fp8[2] < whole[2] * 0.75 and abs(fp8[0] - whole[0]) < 0.1 * abs(whole[0]) + 1e-3
     fp8_swapped = run(8, True)
     assert fp8_swapped[0] == fp8[0] and fp8_swapped[2] < fp8[2]
+
+
+def test_fp8_base_loads_the_block_linears_straight_into_float8(tiny_flux_files):
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import load_model
+
+    def load(**kw):
+        config = TrainConfig(pretrained_model_name_or_path=str(tiny_flux_files["transformer"]),
+                             clip_l=str(tiny_flux_files["clip_l"]), t5xxl=str(tiny_flux_files["t5xxl"]),
+                             ae=str(tiny_flux_files["ae"]), tokenizer_cache_dir=str(tiny_flux_files["tokenizer_cache_dir"]),
+                             **kw)
+        return load_model(config, dtype=torch.bfloat16).unet
+
+    plain, fp8 = load(), load(fp8_base=True)
+    layers = [m for m in fp8.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 2 * 10 + 2 * 3 and all(m.weight.dtype == FP8_DTYPE for m in layers)
+    assert fp8.img_in.weight.dtype == torch.bfloat16 and fp8.double_blocks[0].img_attn.qkv.bias.dtype == torch.bfloat16
+    from safetensors.torch import load_file
+
+    source = load_file(str(tiny_flux_files["transformer"]))
+    for name, b in fp8.state_dict().items():  # each weight rounded once, from the file's values
+        assert torch.equal(source[name].to(b.dtype).float(), b.float()), name
+        assert torch.equal(plain.state_dict()[name], source[name].to(torch.bfloat16))

@@ -184,7 +184,8 @@ def _hf_cache_dir() -> str | None:
 
 
 def _fit_state(model, state: dict, setting: str, where: str, what: str, fix: str, dtype) -> dict:
-    """Check keys and shapes against ``model`` (1x1 conv <-> linear reshaped) and cast floats to ``dtype``.
+    """Check keys and shapes against ``model`` (1x1 conv <-> linear reshaped) and cast floats to ``dtype`` (a dtype,
+    or a function of the key giving one: float8 storage of some weights).
 
     Empties ``state`` while it builds the result, so a caller holding no other reference to the source tensors
     keeps one copy of each weight at a time, not two."""
@@ -207,8 +208,9 @@ def _fit_state(model, state: dict, setting: str, where: str, what: str, fix: str
             else:
                 raise _fail(setting, f"{where}: {what} weight {key} has shape {tuple(value.shape)}, the model expects "
                                      f"{tuple(target.shape)}; {fix}")
-        if value.is_floating_point() and dtype is not None:
-            value = value.to(dtype)
+        wanted = dtype(key) if callable(dtype) else dtype
+        if value.is_floating_point() and wanted is not None:
+            value = value.to(wanted)
         out[key] = value
     return out
 

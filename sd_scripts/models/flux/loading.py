@@ -48,13 +48,24 @@ def _part_setting(config, name: str) -> str | None:
     return os.path.expanduser(str(value)) if value else None
 
 
-def _transformer(state: dict, where: str, dtype):
+def _transformer(state: dict, where: str, dtype, fp8: bool = False):
+    """The transformer built from ``state`` in ``dtype``; ``fp8`` (``fp8_base``): its block linears stored in float8
+    as they load (``models/flux/memory.py``), so no bf16 copy of them ever exists."""
     fix = "it is not a complete FLUX.1 transformer; give flux1-dev/flux1-schnell or a model derived from them"
     try:
         params = params_from_state_dict(state)
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise load_error(SETTING, f"{where}: cannot read the transformer's sizes ({type(e).__name__}: {e}); {fix}")
-    return build_module(lambda: FluxTransformer(params), state, SETTING, where, "transformer", fix, dtype)
+    if not fp8:
+        return build_module(lambda: FluxTransformer(params), state, SETTING, where, "transformer", fix, dtype)
+    from sd_scripts.models.flux.memory import fp8_weight_keys, store_flux_weights_fp8
+    from sd_scripts.models.fp8 import FP8_DTYPE
+
+    in_fp8 = fp8_weight_keys(params)
+    transformer = build_module(lambda: FluxTransformer(params), state, SETTING, where, "transformer", fix,
+                               lambda key: FP8_DTYPE if key in in_fp8 else dtype)
+    store_flux_weights_fp8(transformer.requires_grad_(False))
+    return transformer
 
 
 def clip_config_from_state(state: Mapping, tokenizer=None):
@@ -244,6 +255,11 @@ def load_t5_tokenizer(config=None, model_folder: str | os.PathLike | None = None
 # ---------------------------------------------------------------------------------------------------- loading
 
 
+def _fp8(config) -> bool:
+    """kohya's ``fp8_base`` / ``fp8_base_unet``: the transformer's block linears in float8."""
+    return bool(getattr(config, "fp8_base", False) or getattr(config, "fp8_base_unet", False))
+
+
 def _placed(module, device):
     return module if module is None or device is None else module.to(device)
 
@@ -263,7 +279,7 @@ def load_flux(family, config, info: dict, dtype, vae_dtype, device=None, clip_to
         inside = {name: _take(checkpoint, prefix) for name, prefix in AIO_PREFIXES.items()}
         state = strip_bfl_prefix(checkpoint)
         del checkpoint
-        transformer = _placed(_transformer(state, path, dtype), device)
+        transformer = _placed(_transformer(state, path, dtype, _fp8(config)), device)
         model_folder = None
     else:
         from safetensors.torch import load_file
@@ -275,7 +291,7 @@ def load_flux(family, config, info: dict, dtype, vae_dtype, device=None, clip_to
         state: dict = {}
         for file in files:
             state.update(load_file(str(file)))
-        transformer = _placed(_transformer(diffusers_to_bfl(state), path, dtype), device)
+        transformer = _placed(_transformer(diffusers_to_bfl(state), path, dtype, _fp8(config)), device)
         inside = {}
         model_folder = folder
     tokenizers = [clip_tokenizer, load_t5_tokenizer(config, model_folder)]

@@ -17,8 +17,8 @@ import torch
 from sd_scripts.models.block_swap import BlockSwap
 from sd_scripts.models.fp8 import store_linear_weights_fp8
 
-__all__ = ["flux_swap_counts", "flux_swap_indices", "max_blocks_to_swap", "prepare_flux_transformer",
-           "store_flux_weights_fp8"]
+__all__ = ["flux_swap_counts", "flux_swap_indices", "fp8_weight_keys", "max_blocks_to_swap",
+           "prepare_flux_transformer", "store_flux_weights_fp8"]
 
 
 def flux_swap_counts(blocks_to_swap: int) -> tuple[int, int]:
@@ -45,6 +45,20 @@ def flux_swap_indices(depth: int, depth_single_blocks: int, blocks_to_swap: int)
         raise ValueError(f"blocks_to_swap {blocks_to_swap} is more than this model has "
                          f"(at most {max_blocks_to_swap(depth, depth_single_blocks)})")
     return list(range(1, 1 + double)) + [depth + j for j in range(single)]
+
+
+def fp8_weight_keys(params) -> set[str]:
+    """The state-dict keys :func:`store_flux_weights_fp8` stores in float8 (a loader casts them as they are read)."""
+    from sd_scripts.models.flux.transformer import FluxTransformer
+
+    with torch.device("meta"):
+        model = FluxTransformer(params)
+    keys = set()
+    for head in ("double_blocks", "single_blocks"):
+        for name, module in getattr(model, head).named_modules():
+            if type(module) is torch.nn.Linear:
+                keys.add(f"{head}.{name}.weight")
+    return keys
 
 
 def store_flux_weights_fp8(transformer) -> int:
