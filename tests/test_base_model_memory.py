@@ -58,8 +58,11 @@ def test_bf16_training_loads_the_base_in_bf16_and_trains_float32_weights(module,
     assert sd and all(torch.isfinite(v.float()).all() for v in sd.values())
 
 
-def test_full_bf16_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path):
+def test_full_bf16_without_cuda_says_it_has_no_effect(tiny_sd1_diffusers, tmp_path, monkeypatch):
+    from sd_scripts.training import speed
     from sd_scripts.training.loop import train
+
+    monkeypatch.setattr(speed, "cpu_bf16_support", lambda cpuinfo=None: "emulated")  # a CPU without bf16 instructions
 
     data = make_dataset(tmp_path / "data", count=2)
     result = train(tiny_config(tiny_sd1_diffusers, data, tmp_path / "out", mixed_precision="bf16", full_bf16=True,

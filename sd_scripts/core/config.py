@@ -163,6 +163,13 @@ class TrainConfig:
     xformers: bool = _f(False, "xformers attention (needs the xformers package)")
     sdpa: bool = _f(True, "PyTorch scaled-dot-product attention")
     mem_eff_attn: bool = _f(False, "memory-efficient attention (uses SDPA here)")
+    torch_compile: bool = _f(False, "compile the denoiser's repeated blocks with torch.compile (regional: each block kind "
+                                    "compiles once; the first steps take longer)")
+    dynamo_backend: str = _f("inductor", "torch.compile backend for torch_compile",
+                             choices=["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser",
+                                      "cudagraphs", "ofi", "fx2trt", "onnxrt", "tensort", "ipex", "tvm"])
+    channels_last: bool = _f(False, "the UNet's convolutions in channels_last memory layout (faster with some "
+                                    "oneDNN/cuDNN kernels; same results)")
     noise_offset: float | None = _f(None, "noise offset (0.05-0.1 helps very dark/bright images)")
     multires_noise_iterations: int | None = _f(None, "multi-resolution (pyramid) noise iterations")
     multires_noise_discount: float = _f(0.3, "multi-resolution noise discount")

@@ -56,6 +56,7 @@ from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserError, UserErrors
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
+from sd_scripts.training.speed import optimizer_speed_kwargs
 
 __all__ = [
     "parse_kv_args",
@@ -472,6 +473,8 @@ def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> 
         _lr_free_rules(resolved.display, [g.get("lr", lr) for g in groups], found)
 
     call_kwargs = dict(kwargs, **fixed)
+    # torch's fused or multi-tensor step where it has one for the device (same update, fewer kernel launches)
+    call_kwargs.update(optimizer_speed_kwargs(cls, _params_device_type(groups), kwargs))
     if lr is not None or resolved.display == "AdaFactor":
         call_kwargs["lr"] = lr
     try:
@@ -493,6 +496,13 @@ def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> 
     ss_optimizer = name + (f"({args})" if args else "")
     emit_warnings(found, warnings)
     return OptimizerBuild(optimizer, ss_optimizer, warnings=found, optimizer_type=resolved.display)
+
+
+def _params_device_type(groups: list[dict]) -> str:
+    for group in groups:
+        for p in group.get("params", []):
+            return getattr(getattr(p, "device", None), "type", "cpu")
+    return "cpu"
 
 
 def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):

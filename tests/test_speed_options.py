@@ -1,0 +1,180 @@
+"""Speed options keep the results: channels_last, torch_compile (regional), bf16 on a CPU that computes it, fused or
+multi-tensor optimizer steps; the VAE leaves memory after caching; peak memory is reported per phase."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import make_dataset, tiny_config
+
+
+class Messages:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def on_message(self, text):
+        self.lines.append(text)
+
+
+def _train(model, tmp_path, name, **overrides):
+    from sd_scripts.training.loop import train
+
+    messages = Messages()
+    data = tmp_path / "data"
+    if not data.exists():
+        make_dataset(data, count=4)
+    values = dict(max_train_steps=3, cache_latents=True, network_train_unet_only=True)
+    values.update(overrides)
+    result = train(tiny_config(model, data, tmp_path / name, **values), messages)
+    return result, messages.lines
+
+
+def _max_difference(a_path, b_path) -> float:
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ machine facts
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n", "native"),
+    ("processor: 0\nflags\t\t: fpu sse avx2 amx_bf16\n", "native"),
+    ("processor: 0\nflags\t\t: fpu sse avx2 fma\n", "emulated"),
+    ("processor: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", "native"),
+    ("processor: 0\nFeatures\t: fp asimd\n", "emulated"),
+])
+def test_cpu_bf16_support_reads_the_cpu_flags(cpuinfo, expected):
+    from sd_scripts.training.speed import cpu_bf16_support
+
+    assert cpu_bf16_support(cpuinfo) == expected
+
+
+def test_frozen_weights_are_half_on_cuda_and_bf16_on_a_native_cpu_only():
+    from sd_scripts.training.speed import bf16_cpu_note, frozen_weight_dtype
+
+    assert frozen_weight_dtype("bf16", "cuda") is torch.bfloat16
+    assert frozen_weight_dtype("fp16", "cuda") is torch.float16
+    assert frozen_weight_dtype("bf16", "cpu", "native") is torch.bfloat16
+    assert frozen_weight_dtype("bf16", "cpu", "emulated") is torch.float32
+    assert frozen_weight_dtype("fp16", "cpu", "native") is torch.float32
+    assert frozen_weight_dtype("no", "cuda") is torch.float32
+    assert bf16_cpu_note("bf16", "cpu", "native").startswith("bf16 on CPU: native")
+    assert bf16_cpu_note("bf16", "cpu", "emulated").startswith("bf16 on CPU: emulated, slower")
+    assert bf16_cpu_note("no", "cpu", "native") is None and bf16_cpu_note("bf16", "cuda") is None
+
+
+def test_optimizer_steps_are_fused_or_foreach_where_torch_has_them():
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.training.optimizers import build_optimizer
+    from sd_scripts.training.speed import optimizer_speed_kwargs
+
+    assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {}) == {"fused": True}
+    assert optimizer_speed_kwargs(torch.optim.RAdam, "cpu", {}) == {"foreach": True}
+    assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {"foreach": False}) == {}
+    assert optimizer_speed_kwargs(type("Lion", (torch.optim.Optimizer,), {"__module__": "lion_pytorch"}), "cpu", {}) == {}
+    params = [torch.nn.Parameter(torch.randn(4, 4))]
+    built = build_optimizer(TrainConfig(optimizer_type="AdamW", learning_rate=1e-3), [{"params": params}])
+    assert built.optimizer.param_groups[0]["fused"] is True
+    assert "fused" not in built.ss_optimizer  # the metadata lists the user's optimizer_args only
+    kept = build_optimizer(TrainConfig(optimizer_type="AdamW", learning_rate=1e-3, optimizer_args=["foreach=False"]),
+                           [{"params": params}])
+    assert kept.optimizer.param_groups[0]["foreach"] is False and not kept.optimizer.param_groups[0]["fused"]
+
+
+def test_fused_adamw_step_matches_the_single_tensor_step():
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 4), torch.randn(4)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(5)]
+    results = []
+    for options in ({"foreach": False}, {"fused": True}):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = torch.optim.AdamW(params, lr=1e-2, **options)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_channels_last_trains_the_same_lora(tiny_sd1_diffusers, tmp_path):
+    """NHWC convolutions add up in another order: float rounding only. SGD carries it through linearly (within
+    1e-6); Adam divides by the gradients' running size, so a near-zero gradient's rounding moves its weight by up to
+    about lr/100 in the first steps (within 1e-4 at lr 1e-3)."""
+    for optimizer, tolerance in (("SGD", 1e-6), ("AdamW", 1e-4)):
+        plain, _ = _train(tiny_sd1_diffusers, tmp_path, f"plain_{optimizer}", optimizer_type=optimizer)
+        nhwc, lines = _train(tiny_sd1_diffusers, tmp_path, f"nhwc_{optimizer}", optimizer_type=optimizer,
+                             channels_last=True)
+        assert any(line.startswith("channels_last: ") for line in lines), lines
+        assert _max_difference(plain.output_path, nhwc.output_path) <= tolerance, optimizer
+
+
+def test_native_bf16_cpu_keeps_the_frozen_weights_in_bf16_and_the_network_in_float32(tiny_sd1_diffusers, tmp_path,
+                                                                                        monkeypatch):
+    from sd_scripts.models import loading
+    from sd_scripts.networks import factory
+    from sd_scripts.training import speed
+
+    seen = []
+    real_load, real_build = loading.load_model, factory.build_network
+    monkeypatch.setattr(loading, "load_model", lambda config, **kw: seen.append(real_load(config, **kw)) or seen[-1])
+    monkeypatch.setattr(factory, "build_network", lambda *a, **kw: seen.append(real_build(*a, **kw)) or seen[-1])
+    monkeypatch.setattr(speed, "cpu_bf16_support", lambda cpuinfo=None: "native")
+    result, lines = _train(tiny_sd1_diffusers, tmp_path, "native", mixed_precision="bf16", max_train_steps=2)
+    model, built = seen
+    assert any(line.startswith("bf16 on CPU: native") for line in lines), lines
+    assert model.unet.dtype is torch.bfloat16 and model.text_encoders[0].dtype is torch.bfloat16
+    assert all(p.dtype is torch.float32 for p in built.network.parameters())
+    assert result.losses and all(abs(x) < 1e3 for x in result.losses)
+
+    monkeypatch.setattr(speed, "cpu_bf16_support", lambda cpuinfo=None: "emulated")
+    seen.clear()
+    _, lines = _train(tiny_sd1_diffusers, tmp_path, "emulated", mixed_precision="bf16", max_train_steps=1)
+    assert any(line.startswith("bf16 on CPU: emulated, slower") for line in lines), lines
+    assert seen[0].unet.dtype is torch.float32
+
+
+def test_the_vae_leaves_after_caching_unless_samples_need_it_and_memory_is_reported_per_phase(tiny_sd1_diffusers,
+                                                                                              tmp_path, monkeypatch):
+    from sd_scripts.models import loading
+
+    seen = []
+    real_load = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda config, **kw: seen.append(real_load(config, **kw)) or seen[-1])
+    _, lines = _train(tiny_sd1_diffusers, tmp_path, "cached", max_train_steps=1)
+    assert seen[0].vae is None
+    summary = [line for line in lines if line.startswith("peak RSS: ")]
+    assert summary and all(f"{phase} " in summary[0] for phase in ("load", "cache", "train")), lines
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks --w 64 --h 64 --s 2\n", encoding="utf-8")
+    seen.clear()
+    result, _ = _train(tiny_sd1_diffusers, tmp_path, "sampled", max_train_steps=1, sample_prompts=str(prompts))
+    assert seen[0].vae is not None and result.sample_files
+
+
+def test_torch_compile_trains_within_tolerance_with_checkpointing_sampling_and_an_exact_resume(tiny_sd1_diffusers,
+                                                                                              tmp_path):
+    """Regional compilation (aot_eager: dynamo and autograd tracing without a C++ toolchain; the inductor backend
+    adds code generation) over the injected LoRA modules, with gradient checkpointing, a sample image and a resume."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks --w 64 --h 64 --s 2\n", encoding="utf-8")
+    common = dict(max_train_steps=4, gradient_checkpointing=True, network_train_unet_only=False)
+    eager, _ = _train(tiny_sd1_diffusers, tmp_path, "eager", **common)
+    compiled_args = dict(common, torch_compile=True, dynamo_backend="aot_eager", save_every_n_steps=2, save_state=True,
+                         sample_prompts=str(prompts), sample_every_n_steps=2)
+    compiled, lines = _train(tiny_sd1_diffusers, tmp_path, "compiled", **compiled_args)
+    assert any(line.startswith("torch_compile: ") and "repeated blocks" in line for line in lines), lines
+    assert any(line.startswith("torch_compile: about ") for line in lines), lines
+    assert compiled.sample_files
+    assert _max_difference(eager.output_path, compiled.output_path) <= 1e-5
+    state = next(p for p in compiled.state_paths if "step00000002" in p)
+    resumed, _ = _train(tiny_sd1_diffusers, tmp_path, "resumed", **dict(compiled_args, resume=state))
+    assert _max_difference(compiled.output_path, resumed.output_path) == 0.0
