@@ -26,10 +26,11 @@ DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_
                    "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
 
 
-def repeated_blocks(denoiser: Any, names: tuple[str, ...] = REPEATED_BLOCKS) -> list:
+def repeated_blocks(denoiser: Any, names: tuple[str, ...] | None = None) -> list:
     """The denoiser's modules whose class is a repeated block: diffusers' ``_repeated_blocks`` of the model and
-    ``names``; outermost only (a block inside another listed block is compiled with it)."""
-    wanted = set(names) | set(getattr(denoiser, "_repeated_blocks", ()) or ())
+    ``names`` (default :data:`REPEATED_BLOCKS`); outermost only (a block inside another listed block is compiled
+    with it)."""
+    wanted = set(REPEATED_BLOCKS if names is None else names) | set(getattr(denoiser, "_repeated_blocks", ()) or ())
     found: list = []
     inside: set[int] = set()
     for module in denoiser.modules():

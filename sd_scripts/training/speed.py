@@ -9,6 +9,8 @@
 * :func:`apply_speed_options`: ``channels_last`` and ``torch_compile`` (``models/compile.py``) on the denoiser;
   :class:`CompileClock` reports the compile time apart from the steady steps.
 * :func:`release_vae`: the VAE leaves memory once every latent is cached (kept when samples need it).
+* :func:`cache_accelerate_package_checks` and :func:`clip_gradients`: the loop's own costs found by profiling a
+  step (``bench/profile_step.py``): accelerate's per-step package lookups and DTensor scan.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 from typing import Any
 
 __all__ = ["cpu_bf16_support", "frozen_weight_dtype", "bf16_cpu_note", "optimizer_speed_kwargs", "PhaseMemory",
-           "peak_rss_mb", "apply_speed_options", "release_vae", "CompileClock"]
+           "peak_rss_mb", "apply_speed_options", "release_vae", "CompileClock", "cache_accelerate_package_checks",
+           "clip_gradients"]
 
 _X86_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 
@@ -192,3 +195,32 @@ class CompileClock:
                                     f"steady step {steady:.3f} s")
                 self._times = None
         self._cb.on_progress(step, total, loss, lr, epoch)
+
+
+def cache_accelerate_package_checks() -> None:
+    """accelerate asks importlib whether the ``lomo_optim`` package is installed on every optimizer step and every
+    gradient clip (sys.path searches: about 4 ms each on a CPU here, three per step). The answer cannot change
+    during a run, so it is asked once."""
+    import functools
+
+    import accelerate.accelerator
+    import accelerate.optimizer
+
+    for module in (accelerate.accelerator, accelerate.optimizer):
+        check = getattr(module, "is_lomo_available", None)
+        if check is not None and not hasattr(check, "cache_info"):
+            module.is_lomo_available = functools.cache(check)
+
+
+def clip_gradients(accelerator: Any, params: list, max_norm: float):
+    """The gradients' total norm, clipped to ``max_norm``: torch's ``clip_grad_norm_`` after the loss scaler's
+    unscale, as accelerate does for one process or DDP, without its per-call package checks and DTensor scan;
+    accelerate's own for FSDP, DeepSpeed and XLA."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        accelerator.unscale_gradients()
+        # multi-tensor norm and scale: one kernel over all the gradients instead of two per tensor
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=accelerator.device.type in ("cpu", "cuda"))
+    return accelerator.clip_grad_norm_(params, max_norm)
