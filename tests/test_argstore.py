@@ -388,6 +388,8 @@ def test_sdxl_sizing_reads_no_weights_and_imports_no_torch(tmp_path):
 # ArgStore setting -> (TrainConfig field, a set value, its 0/False/unset value)
 NEW_ENGINE_SETTINGS = {
     "skip_nonfinite_steps": ("skip_nonfinite_steps", True, False),
+    "torch_compile": ("torch_compile", True, False),
+    "channels_last": ("channels_last", True, False),
     "save_last_n_steps": ("save_last_n_steps", 5, 0),
     "save_last_n_steps_state": ("save_last_n_steps_state", 3, 0),
     "save_state_on_train_end": ("save_state_on_train_end", True, False),

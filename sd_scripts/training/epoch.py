@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from sd_scripts.training.results import (StopAtOnce, TrainingInterrupted, TrainingStopped, lora_file_name,
                                          state_name)
 from sd_scripts.training.trainer_base import TrainerBase
+from sd_scripts.training.speed import clip_gradients
 from sd_scripts.training.validation import validation_due_at_epoch, validation_due_at_step
 
 __all__ = ["EpochLoop", "StopRequest"]
@@ -192,7 +193,7 @@ class EpochLoop(TrainerBase):
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         if self.config.max_grad_norm:
-            norm = accelerator.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
+            norm = clip_gradients(accelerator, self.trainable_params, self.config.max_grad_norm)
             if accelerator.scaler is None and norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
                 self._nonfinite(f"the gradient norm became {float(norm)}", batch)
                 return False

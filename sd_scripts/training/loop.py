@@ -93,11 +93,15 @@ class _Trainer(SetupSteps, Resuming, TrainStep, EpochLoop, Saving, Validating):
         self._place_base_models()  # devices and precisions (fp8_base)
         self._cache_text_encoder_outputs()
         self._set_training_modes()  # gradient checkpointing
+        self._apply_speed_options()  # channels_last, torch_compile (regional)
         self._build_optimizer()
         self._build_schedule_and_loader()
         self._prepare_outputs(built_network)  # metadata, sample prompts, loggers
         self._choose_start()  # fresh, resume or initial_step
         self._announce_start()
+        self.memory.mark("cache")  # latents and text conditioning cached, network and optimizer built
         self._train_until_done()  # epochs, saves, samples, validation; Ctrl+C
+        self.memory.mark("train")
+        self.cb.on_message(self.memory.summary())
         self.cb.on_end(self.result)
         return self.result

@@ -14,6 +14,8 @@ import os
 import time
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.training.speed import (CompileClock, PhaseMemory, apply_speed_options, bf16_cpu_note,
+                                       cache_accelerate_package_checks, release_vae)
 from sd_scripts.training.trainer_base import TrainerBase
 
 __all__ = ["SetupSteps"]
@@ -29,6 +31,7 @@ class SetupSteps(TrainerBase):
         from sd_scripts.training.state import read_progress, recover_output_folder
 
         config = self.config
+        cache_accelerate_package_checks()
         self.seed = seed = self._choose_seed(read_progress(config.resume) if config.resume else None)
         # kohya's log layout: <logging_dir>/<log_prefix><start time>/<log_tracker_name or network_train>/
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
@@ -42,6 +45,10 @@ class SetupSteps(TrainerBase):
         )
         set_seed(seed)
         self.weight_dtype, self.vae_dtype = _base_dtypes(config, accelerator.device)
+        self.memory = PhaseMemory(accelerator.device.type)  # peak memory of each phase, reported at the end
+        note = bf16_cpu_note(config.mixed_precision, accelerator.device.type)
+        if note:
+            self.cb.on_message(note)
         if accelerator.is_main_process and config.output_dir:
             for line in recover_output_folder(config.output_dir, config.output_name):
                 self.cb.on_message(f"cleaned up after an interrupted run: {line}")
@@ -78,6 +85,7 @@ class SetupSteps(TrainerBase):
 
             for line in merge_base_weights(model, config.base_weights, config.base_weights_multiplier):
                 self.cb.on_message(line)
+        self.memory.mark("load")
         self.v_param = model.v_parameterization
         self._check_prediction_type()
         self.noise_scheduler = make_noise_scheduler(self.v_param, config.zero_terminal_snr)
@@ -114,7 +122,8 @@ class SetupSteps(TrainerBase):
                                   self._vae_cache_key())
         self._prepare_validation()
         if config.cache_latents and not config.sample_prompts:
-            self.model.vae.to("cpu")
+            # every latent is cached and no sample will be drawn: nothing needs the VAE again
+            release_vae(self.model, owned=self.preloaded_model is None)
 
     def _build_network(self):
         """The trainable network, on the device in float32 (or the training precision with full_fp16/full_bf16);
@@ -179,6 +188,14 @@ class SetupSteps(TrainerBase):
         self._te_cache_complete = True
         for te in model.text_encoders:
             te.to("cpu")
+
+    def _apply_speed_options(self) -> None:
+        """channels_last and torch_compile (regional) on the denoiser, now that the network is injected and the
+        model has its device, dtype and mode; with torch_compile the compile time is reported apart."""
+        for line in apply_speed_options(self.config, self.model.unet):
+            self.cb.on_message(line)
+        if self.config.torch_compile:
+            self.cb = CompileClock(self.cb, time.perf_counter())
 
     def _set_training_modes(self) -> None:
         """Gradient checkpointing (the base models then run in train mode, as kohya's), else eval mode."""
@@ -323,11 +340,14 @@ def _weight_dtype(mixed_precision: str):
 
 
 def _base_dtypes(config, device):
-    """(frozen weights, VAE) dtypes: the mixed precision on CUDA, float32 elsewhere; ``no_half_vae`` keeps the VAE
-    in float32 (SDXL's VAE overflows in fp16)."""
+    """(frozen weights, VAE) dtypes: the mixed precision on CUDA, bf16 on a CPU that computes it natively, float32
+    elsewhere (``speed.frozen_weight_dtype``); ``no_half_vae`` keeps the VAE in float32 (SDXL's VAE overflows in
+    fp16)."""
     import torch
 
-    weight_dtype = _weight_dtype(config.mixed_precision) if device.type == "cuda" else torch.float32
+    from sd_scripts.training.speed import frozen_weight_dtype
+
+    weight_dtype = frozen_weight_dtype(config.mixed_precision, device.type)
     return weight_dtype, torch.float32 if config.no_half_vae else weight_dtype
 
 

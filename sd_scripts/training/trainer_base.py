@@ -31,6 +31,7 @@ class TrainerBase:
     accelerator: Any
     weight_dtype: Any
     vae_dtype: Any
+    memory: Any  # speed.PhaseMemory: peak memory at the end of load, cache and train
     # setup.SetupSteps._load_base_model
     model: Any  # LoadedModel
     family: Any  # ModelFamily
