@@ -1,10 +1,10 @@
-"""Declaring settings and turning raw values (JSON, command line, kohya_ss strings) into typed ones.
+"""The front end's view of the settings, and turning raw values (JSON, command line, kohya_ss strings) into typed ones.
 
-``setting(...)`` is the dataclass field used in ``ArgsList.py``; it stores the help text, group,
-choices and path kind in the field's metadata. ``settings_info(ArgStore)`` reads them back as
-:class:`SettingInfo` records, the one description that the command line, the JSON checks, the
-wizard and the README table are generated from. ``coerce(info, value)`` converts one raw value
-and raises :class:`ValueError` with a short reason ("expected an integer, got 'abc'").
+Every setting is declared once in :mod:`sd_scripts.core.settings`. ``ArgsList.py`` (generated from that table,
+edited by users) gives each one its default with ``setting(default, help)``; ``settings_info(ArgStore)`` joins
+the two into :class:`SettingInfo` records, the description that the command line, the JSON checks, the wizard
+and the README table are generated from. ``coerce(info, value)`` converts one raw value and raises
+:class:`ValueError` with a short reason ("expected an integer, got 'abc'").
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import copy
 import dataclasses
 import re
 import shlex
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd_scripts.core.setting import Range, Setting
+from sd_scripts.core.settings import declared
+
 __all__ = [
     "SettingInfo",
+    "SettingsStore",
     "setting",
     "settings_info",
     "coerce",
@@ -33,57 +35,17 @@ _TRUE = {"true", "yes", "y", "on", "1"}
 _FALSE = {"false", "no", "n", "off", "0"}
 
 
-def setting(
-    default: Any,
-    help: str,
-    *,
-    group: str,
-    required: bool = False,
-    choices: tuple | list | None = None,
-    aliases: dict[str, str] | None = None,
-    open_choices: bool = False,
-    path: str | None = None,
-    cli_names: tuple[str, ...] = (),
-    deprecated: str | None = None,
-    session: bool = False,
-) -> Any:
-    """A settings field for ``ArgStore``.
-
-    Args:
-        default: the value used when neither a JSON file nor the command line sets it.
-        help: one line for ``-h``, the wizard and the README.
-        group: heading the setting is listed under.
-        required: the run cannot start while the value is None.
-        choices: allowed values; matched without regard to case and stored in the spelling given here.
-        aliases: other spellings accepted for a choice (``{"none": "no"}``).
-        open_choices: values outside ``choices`` that look like ``package.module.Class`` are allowed.
-        path: ``"file"``, ``"dir"``, ``"file_or_dir"``, ``"model"`` (file, folder or hub id) for paths that
-            must exist; ``"out_dir"`` for folders that are created when needed.
-        cli_names: extra command-line spellings (the 2023 tool's ``--save_json_path``).
-        deprecated: what the setting maps to, for settings kept only so old files load.
-        session: describes this invocation (JSON to load, where to save one, queue folder), so a
-            loaded JSON file never sets it.
-    """
-    meta = {
-        "help": help,
-        "group": group,
-        "required": required,
-        "choices": tuple(choices) if choices else None,
-        "aliases": dict(aliases or {}),
-        "open_choices": open_choices,
-        "path": path,
-        "cli_names": tuple(cli_names),
-        "deprecated": deprecated,
-        "session": session,
-    }
+def setting(default: Any, help: str = "") -> Any:
+    """A field of ``ArgStore`` with the user's default; everything else about the setting is declared in
+    :mod:`sd_scripts.core.settings` (``help`` is repeated in ``ArgsList.py`` for its readers)."""
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda value=default: copy.deepcopy(value), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda value=default: copy.deepcopy(value))
+    return field(default=default)
 
 
 @dataclass(frozen=True)
 class SettingInfo:
-    """Everything known about one setting."""
+    """Everything known about one setting: its declaration, with the default ``ArgsList.py`` gives it."""
 
     name: str
     kind: str  # "bool", "int", "float", "str", "dict" or "list"
@@ -99,64 +61,71 @@ class SettingInfo:
     cli_names: tuple[str, ...] = ()
     deprecated: str | None = None
     session: bool = False
+    range: Range | None = None
+    declaration: Setting | None = None
 
     @property
     def is_path(self) -> bool:
         return self.path is not None
 
 
-_KINDS = {bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list"}
-
-
-def _kind_of(annotation: Any) -> tuple[str, bool]:
-    """``int | None`` -> ("int", True); ``dict[str, str] | None`` -> ("dict", True)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        if len(args) != 1:
-            raise TypeError(f"unsupported setting type {annotation!r}")
-        kind, _ = _kind_of(args[0])
-        return kind, optional
-    base = origin or annotation
-    if base not in _KINDS:
-        raise TypeError(f"unsupported setting type {annotation!r}")
-    return _KINDS[base], False
+def info_of(decl: Setting, default: Any) -> SettingInfo:
+    return SettingInfo(name=decl.name, kind=decl.kind, optional=decl.optional, default=default, help=decl.help,
+                       group=decl.group or "Other", required=decl.required, choices=decl.choices,
+                       aliases=dict(decl.aliases or {}), open_choices=decl.open_choices, path=decl.path,
+                       cli_names=decl.cli_names, deprecated=decl.deprecated, session=decl.session,
+                       range=decl.range, declaration=decl)
 
 
 _INFO_CACHE: dict[type, list[SettingInfo]] = {}
 
 
 def settings_info(cls: type) -> list[SettingInfo]:
-    """The settings of a dataclass declared with :func:`setting`, in declaration order."""
+    """The settings of ``ArgStore`` (a dataclass of :func:`setting` fields), in file order."""
     if cls in _INFO_CACHE:
         return _INFO_CACHE[cls]
-    hints = typing.get_type_hints(cls)
     infos = []
     for f in dataclasses.fields(cls):
-        kind, optional = _kind_of(hints[f.name])
+        try:
+            decl = declared(f.name)
+        except KeyError:
+            raise TypeError(f"{cls.__name__}.{f.name} is not a declared setting (sd_scripts/core/settings.py)") from None
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        meta = f.metadata
-        infos.append(
-            SettingInfo(
-                name=f.name,
-                kind=kind,
-                optional=optional,
-                default=default,
-                help=meta.get("help", ""),
-                group=meta.get("group", "Other"),
-                required=meta.get("required", False),
-                choices=meta.get("choices"),
-                aliases=meta.get("aliases", {}),
-                open_choices=meta.get("open_choices", False),
-                path=meta.get("path"),
-                cli_names=meta.get("cli_names", ()),
-                deprecated=meta.get("deprecated"),
-                session=meta.get("session", False),
-            )
-        )
+        infos.append(info_of(decl, default))
     _INFO_CACHE[cls] = infos
     return infos
+
+
+class SettingsStore:
+    """What ``ArgStore`` can do besides holding the settings."""
+
+    @classmethod
+    def settings(cls) -> list[SettingInfo]:
+        """Every setting with its type, default, help, group and choices, in file order."""
+        return settings_info(cls)
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [info.name for info in settings_info(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict saved in JSON files (ArgStore names, file order)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def convert_args_to_dict(self) -> dict[str, Any]:
+        """The 2023 tool's name for :meth:`to_dict`, kept for old scripts."""
+        return self.to_dict()
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return value
 
 
 def type_label(info: SettingInfo) -> str:

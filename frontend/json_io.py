@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserErrors
+from sd_scripts.core.settings import front_settings
 
 from .loaded_settings import LoadedSettings, coerce_file_values
 
@@ -28,11 +29,8 @@ __all__ = [
     "coerce_file_values",
 ]
 
-# Keys of the 2023 tool's files that older versions spelled differently.
-RENAMED_2023_KEYS = {
-    "save_at_n_epochs": "save_every_n_epochs",  # the name before 2023-02-09
-    "sample_every_n_epoch": "sample_every_n_epochs",  # written by the 2023 popups (a typo)
-}
+# Keys of the 2023 tool's files that older versions spelled differently (declared with each setting).
+RENAMED_2023_KEYS = {old: s.name for s in front_settings() for old in s.old_names}
 # Keys the 2023 tool wrote that carry nothing to load (when null or false).
 LEFTOVER_2023_KEYS = {"list_of_json_to_run"}
 

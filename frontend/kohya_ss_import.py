@@ -21,57 +21,22 @@ import tempfile
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserErrors
+from sd_scripts.core.settings import front_settings
 
 from .fields import SettingInfo, parse_bool, parse_key_values
 from .loaded_settings import LoadedSettings, coerce_file_values
 
 __all__ = ["convert_kohya_ss", "RENAMED_KEYS", "LORA_TYPES"]
 
-# kohya_ss key -> ArgStore name, for keys whose ArgStore name differs. Keys that share the
-# ArgStore name (v2, cache_latents, clip_skip, ...) are taken as they are.
-RENAMED_KEYS = {
-    "pretrained_model_name_or_path": "base_model",
-    "logging_dir": "log_dir",
-    "train_data_dir": "img_folder",
-    "reg_data_dir": "reg_img_folder",
-    "output_dir": "output_folder",
-    "lr_scheduler": "scheduler",
-    "train_batch_size": "batch_size",
-    "epoch": "num_epochs",
-    "seed": "test_seed",
-    "enable_bucket": "buckets",
-    "save_model_as": "save_as",
-    "shuffle_caption": "shuffle_captions",
-    "network_dim": "net_dim",
-    "network_alpha": "alpha",
-    "lora_network_weights": "lora_model_for_resume",
-    "network_weights": "lora_model_for_resume",
-    "gradient_accumulation_steps": "gradient_acc_steps",
-    "output_name": "change_output_name",
-    "max_token_length": "max_clip_token_length",
-    "max_data_loader_n_workers": "num_workers",
-    "lr_scheduler_num_cycles": "cosine_restarts",
-    "lr_scheduler_power": "scheduler_power",
-    "persistent_data_loader_workers": "persistent_workers",
-    "min_bucket_reso": "min_bucket_resolution",
-    "max_bucket_reso": "max_bucket_resolution",
-    "max_train_steps": "max_steps",
-    "optimizer": "optimizer_type",
-    "no_metadata": "no_meta",
-    "network_train_unet_only": "unet_only",
-    "network_train_text_encoder_only": "text_only",
-}
+# kohya_ss key -> ArgStore name, for keys whose ArgStore name differs (declared with each setting). Keys that
+# share the ArgStore name (v2, cache_latents, clip_skip, ...) are taken as they are.
+RENAMED_KEYS = {key: s.name for s in front_settings() for key in s.gui_names}
 
 # SDXL options the GUI prefixes with sdxl_ and applies only while its SDXL box is ticked.
 _SDXL_KEYS = {"sdxl_no_half_vae": "no_half_vae", "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs"}
 
 # Settings where the GUI writes 0 to mean "off / not given".
-_ZERO_IS_UNSET = {"save_every_n_epochs", "sample_every_n_steps", "sample_every_n_epochs", "max_steps",
-                  "min_snr_gamma", "unet_lr", "text_encoder_lr", "multires_noise_iterations", "network_dropout",
-                  "save_every_n_steps", "save_last_n_epochs", "save_last_n_epochs_state", "vae_batch_size",
-                  "caption_dropout_every_n_epochs", "gradient_acc_steps", "validate_every_n_steps",
-                  "validate_every_n_epochs", "max_validation_steps", "adaptive_noise_scale", "ip_noise_gamma",
-                  "v_pred_like_loss", "scale_weight_norms"}
+_ZERO_IS_UNSET = {s.name for s in front_settings() if s.gui_zero_unset}
 
 # LoRA_type -> (lyco, algo or None, uses conv_dim/conv_alpha)
 LORA_TYPES = {

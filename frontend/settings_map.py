@@ -10,62 +10,19 @@ installed) and reports them in one line.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NAME_MAP", "FRONT_END_ONLY", "Mapped", "to_train_config", "unsupported_settings", "kohya_name", "output_name_of"]
+from sd_scripts.core.settings import front_settings
 
-# ArgStore name -> TrainConfig (kohya) name, where they differ.
-NAME_MAP = {
-    "base_model": "pretrained_model_name_or_path",
-    "img_folder": "train_data_dir",
-    "shuffle_captions": "shuffle_caption",
-    "train_resolution": "resolution",
-    "buckets": "enable_bucket",
-    "min_bucket_resolution": "min_bucket_reso",
-    "max_bucket_resolution": "max_bucket_reso",
-    "reg_img_folder": "reg_data_dir",
-    "output_folder": "output_dir",
-    "change_output_name": "output_name",
-    "batch_size": "train_batch_size",
-    "max_clip_token_length": "max_token_length",
-    "max_steps": "max_train_steps",
-    "num_epochs": "max_train_epochs",
-    "num_workers": "max_data_loader_n_workers",
-    "persistent_workers": "persistent_data_loader_workers",
-    "test_seed": "seed",
-    "gradient_acc_steps": "gradient_accumulation_steps",
-    "log_dir": "logging_dir",
-    "scheduler": "lr_scheduler",
-    "cosine_restarts": "lr_scheduler_num_cycles",
-    "scheduler_power": "lr_scheduler_power",
-    "no_meta": "no_metadata",
-    "save_as": "save_model_as",
-    "lora_model_for_resume": "network_weights",
-    "net_dim": "network_dim",
-    "alpha": "network_alpha",
-    "unet_only": "network_train_unet_only",
-    "text_only": "network_train_text_encoder_only",
-    "warmup_lr_ratio": "lr_warmup_steps",
-    "height_resolution": "resolution",
-    "lyco": "network_module",
-    "use_8bit_adam": "optimizer_type",
-    "use_lion": "optimizer_type",
-    "locon": "network_args",
-    "locon_dim": "network_args",
-    "locon_alpha": "network_args",
-}
+__all__ = ["NAME_MAP", "FRONT_END_ONLY", "Mapped", "to_train_config", "unsupported_settings", "output_name_of"]
+
+# ArgStore name -> TrainConfig (kohya) name, where they differ (also the compound settings' targets).
+NAME_MAP = {s.name: s.feeds or s.kohya_name for s in front_settings()
+            if (s.feeds or s.kohya_name or s.name) != s.name}
 
 # Settings the front end itself acts on; the engine never sees them.
-FRONT_END_ONLY = {
-    "save_json_folder", "save_json_name", "load_json_path", "multi_run_folder", "json_load_skip_list",
-    "save_json_only", "tag_occurrence_txt_file", "sort_tag_occurrence_alphabetically",
-    "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-    "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-    "wandb_api_key", "status_port", "status_listen", "queue_state_every",
-}
-
+FRONT_END_ONLY = {s.name for s in front_settings() if s.layer == "front" and not s.feeds and not s.deprecated}
 
 
 def output_name_of(store: Any) -> str:
@@ -78,29 +35,16 @@ _EIGHT_BIT_FALLBACK = {"AdamW8bit": "AdamW", "PagedAdamW8bit": "AdamW", "Lion8bi
 _NO_BETAS = {"AdaFactor", "SGDNesterov", "SGDNesterov8bit"}
 
 
-def kohya_name(name: str) -> str:
-    return NAME_MAP.get(name, name)
-
-
-def _config_fields() -> dict[str, dataclasses.Field]:
-    from sd_scripts.core.config import TrainConfig
-
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
 def unsupported_settings(store: Any) -> list[tuple[str, str]]:
     """Settings that are set but that neither the front end nor the engine can honour."""
-    fields = _config_fields()
     out = []
-    for info in store.settings():
-        if info.name in FRONT_END_ONLY or info.deprecated:
+    for decl in front_settings():
+        if decl.layer != "none":
             continue
-        if kohya_name(info.name) in fields:
-            continue
-        value = getattr(store, info.name)
+        value = getattr(store, decl.name)
         if value is None or value is False:
             continue
-        out.append((info.name, "not supported by this trainer's engine yet; remove it from your settings"))
+        out.append((decl.name, "not supported by this trainer's engine yet; remove it from your settings"))
     return out
 
 
@@ -173,23 +117,18 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
         has_xformers = _detect_xformers()
     store, fallback_note = apply_fallbacks(store, has_cuda, has_xformers)
     notes = [fallback_note] if fallback_note else []
-    fields = _config_fields()
     values: dict[str, Any] = {}
 
     special = {"train_resolution", "height_resolution", "warmup_lr_ratio", "optimizer_type", "optimizer_args",
                "lr_scheduler_args", "lyco", "network_args", "network_module", "v2", "v_parameterization", "sdxl",
                "max_steps", "num_epochs", "persistent_workers", "caption_extension", "change_output_name"}
-    for info in store.settings():
-        name = info.name
-        if name in FRONT_END_ONLY or name in special or info.deprecated:
+    for decl in front_settings():
+        if not decl.in_engine or decl.name in special or decl.deprecated:
             continue
-        target = kohya_name(name)
-        if target not in fields:
-            continue  # unsupported_settings() refuses these when they are set
-        value = getattr(store, name)
-        if value is None and _field_default(fields[target]) is not None:
+        value = getattr(store, decl.name)
+        if value is None and decl.engine_default is not None:
             continue  # "not set": keep the engine's own default
-        values[target] = value
+        values[decl.kohya_name] = value
 
     if store.base_weights_multiplier is not None:  # a list setting holds text; preflight names what is no number
         values["base_weights_multiplier"] = [_number_or_text(v) for v in store.base_weights_multiplier]
@@ -231,7 +170,7 @@ def to_train_config(store: Any, *, has_cuda: bool | None = None, has_xformers: b
     values["network_module"] = module
     values["network_args"] = _kv_list(network_args)
 
-    config = TrainConfig(**{k: v for k, v in values.items() if k in fields})
+    config = TrainConfig(**values)
     return Mapped(config=config, store=store, notes=notes)
 
 
@@ -240,11 +179,3 @@ def _number_or_text(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return value
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None

@@ -1,8 +1,9 @@
-"""The README's settings table, generated from ArgStore.
+"""The README's settings table and ``ArgsList.py``, generated from the setting declarations.
 
-``python -m frontend.settings_table`` rewrites the part of README.md between the markers
-``<!-- settings-table:start -->`` and ``<!-- settings-table:end -->``; ``--check`` only reports
-whether it is in step (a test runs the same check).
+``python -m frontend.settings_table`` rewrites ``ArgsList.py`` (:mod:`frontend.argslist_file`) and the part of
+README.md between the markers ``<!-- settings-table:start -->`` and ``<!-- settings-table:end -->``; ``--check``
+only reports whether they are in step (tests run the same checks). Run it after changing
+``sd_scripts/core/settings.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ if ROOT not in sys.path:
 
 from frontend.fields import SettingInfo, format_value  # noqa: E402
 
-__all__ = ["START", "END", "render_settings_table", "update_readme"]
+__all__ = ["START", "END", "render_settings_table", "update_readme", "update_argslist"]
 
 START = "<!-- settings-table:start -->"
 END = "<!-- settings-table:end -->"
@@ -43,7 +44,8 @@ def render_settings_table() -> str:
     infos = ArgStore.settings()
     lines = [
         START,
-        "<!-- Generated from ArgsList.py by `python -m frontend.settings_table`; edit ArgsList.py, not this table. -->",
+        "<!-- Generated from sd_scripts/core/settings.py by `python -m frontend.settings_table`; edit the declarations, "
+        "not this table. -->",
         "",
         f"Every setting ({len(infos)}) can be set in `ArgsList.py`, in a JSON file or as a `--flag` of `main.py`. "
         "Empty default = not set.",
@@ -64,16 +66,12 @@ def render_settings_table() -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str, check_only: bool = False) -> bool:
-    """Put the table between the markers (appending a section if they are missing); True if changed."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    table = render_settings_table()
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        _, after = rest.split(END, 1)
-        new = before + table + after
-    else:
-        new = text.rstrip("\n") + ("\n\n" if text else "") + "## Settings\n\n" + table + "\n"
+def _read(path: str) -> str:
+    return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+
+
+def _rewrite(path: str, text: str, new: str, check_only: bool) -> bool:
+    """Write ``new`` unless it is ``text`` already (or only checking); True if it differs."""
     if new == text:
         return False
     if not check_only:
@@ -82,16 +80,40 @@ def update_readme(path: str, check_only: bool = False) -> bool:
     return True
 
 
+def update_readme(path: str, check_only: bool = False) -> bool:
+    """Put the table between the markers (appending a section if they are missing); True if changed."""
+    text = _read(path)
+    table = render_settings_table()
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        _, after = rest.split(END, 1)
+        new = before + table + after
+    else:
+        new = text.rstrip("\n") + ("\n\n" if text else "") + "## Settings\n\n" + table + "\n"
+    return _rewrite(path, text, new, check_only)
+
+
+def update_argslist(path: str, check_only: bool = False) -> bool:
+    """Write ``ArgsList.py`` from the declarations (the declared defaults); True if it changed."""
+    from frontend.argslist_file import render_argslist
+
+    return _rewrite(path, _read(path), render_argslist(), check_only)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    readme = os.path.join(ROOT, "README.md")
-    changed = update_readme(readme, check_only="--check" in args)
-    if "--check" in args:
-        print("README settings table is out of step: run python -m frontend.settings_table" if changed
-              else "README settings table is in step")
-        return 1 if changed else 0
-    print("README settings table updated" if changed else "README settings table already in step")
-    return 0
+    check = "--check" in args
+    changed = False
+    for name, label, update in (("ArgsList.py", "ArgsList.py", update_argslist),
+                                ("README.md", "README settings table", update_readme)):
+        differs = update(os.path.join(ROOT, name), check_only=check)
+        changed |= differs
+        if check:
+            print(f"{label} is out of step: run python -m frontend.settings_table" if differs
+                  else f"{label} is in step")
+        else:
+            print(f"{label} updated" if differs else f"{label} already in step")
+    return 1 if check and changed else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sd_scripts.core.config import TrainConfig, config_fields  # noqa: E402
+from sd_scripts.core.settings import GROUPS, declared_in_engine  # noqa: E402
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -45,24 +46,26 @@ def _resolved_types() -> dict[str, type]:
 def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Train a kohya-compatible LoRA.")
     parser.add_argument("--config_file", help="TOML file with settings (command line wins)")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}  # as main.py -h lists them
     types = _resolved_types()
     for f in config_fields():
         tp = types[f.name]
         base = _base_type(tp)
         help_text = f.metadata.get("help", "").replace("%", "%%")
+        group = groups[declared_in_engine(f.name).group]
         if base is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif _numbers_or_number(tp):
-            parser.add_argument(f"--{f.name}", nargs="+", type=float, default=None, help=help_text)
+            group.add_argument(f"--{f.name}", nargs="+", type=float, default=None, help=help_text)
         elif base is list or typing.get_origin(tp) is list or typing.get_origin(base) is list:
             item = (typing.get_args(base) or (str,))[0]  # list[float]: numbers (base_weights_multiplier)
-            parser.add_argument(f"--{f.name}", nargs="*", type=float if item is float else str, default=None,
-                                help=help_text)
+            group.add_argument(f"--{f.name}", nargs="*", type=float if item is float else str, default=None,
+                               help=help_text)
         else:
             conv = {int: int, float: float}.get(base, str)
             if f.name == "lr_warmup_steps":
                 conv = str
-            parser.add_argument(f"--{f.name}", type=conv, default=None, help=help_text)
+            group.add_argument(f"--{f.name}", type=conv, default=None, help=help_text)
     return parser
 
 

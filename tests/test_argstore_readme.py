@@ -34,3 +34,10 @@ def test_update_only_touches_the_marked_section(tmp_path):
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("# Title\n\nintro\n\n" + START) and text.endswith(END + "\n\n## After\ntext\n")
     assert update_readme(str(readme)) is False
+
+
+def test_argslist_is_in_step_with_the_declarations():
+    from frontend.settings_table import update_argslist
+
+    assert not update_argslist(os.path.join(ROOT, "ArgsList.py"), check_only=True), (
+        "ArgsList.py differs from sd_scripts/core/settings.py: run python -m frontend.settings_table")

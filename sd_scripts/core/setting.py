@@ -1,0 +1,231 @@
+"""How one setting is declared: :class:`Setting`, its value :class:`Range` and the check of a value against both.
+
+A ``Setting`` holds everything the program derives from a setting: its name in ``ArgsList.py``, JSON files and
+``main.py`` flags, its name in the engine (``TrainConfig``, kohya's command line), type, defaults, help line,
+heading, range or choices, unit, the other spellings it is read under (the 2023 tool's, the kohya_ss GUI's), its
+``ss_*`` metadata key and which layers use it. The table of every setting is :mod:`sd_scripts.core.settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Setting", "Range", "SAME", "section", "at_least", "above", "between", "is_number", "shown"]
+
+
+class _Same:
+    def __repr__(self) -> str:
+        return "SAME"
+
+
+SAME: Any = _Same()  # "the engine uses the front end's value here"
+
+_LAYERS = ("both", "front", "engine", "none")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def shown(value: Any) -> str:
+    """A value as range messages write it: numbers as ``{:g}`` (1e-05, 0.5, 3), anything else as repr."""
+    return f"{value:g}" if is_number(value) else repr(value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: ``low``/``high`` (``None``: no bound), open ends, whole numbers only.
+
+    The message reads ``must be <words>, got <value>``; ``words`` replaces the generated wording
+    ("1 or more", "above 0", "between 0 and 1", "a whole number from 0 to 1000"), ``note`` is added in
+    brackets ("(leave it unset to turn it off)").
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    whole: bool = False
+    note: str = ""
+    words: str = ""
+
+    def wording(self) -> str:
+        if self.words:
+            return self.words
+        low, high = (None if b is None else f"{b:g}" for b in (self.low, self.high))
+        if high is None:
+            text = f"above {low}" if self.low_open else f"{low} or more"
+            if self.whole:
+                text = "a whole number " + ("above " + low if self.low_open else f"of {text}")
+        elif self.low_open:
+            text = f"above {low} and " + (f"below {high}" if self.high_open else f"at most {high}")
+        elif self.high_open:
+            text = f"from {low} to below {high}"
+        elif self.whole:
+            text = f"a whole number from {low} to {high}"
+        else:
+            text = f"between {low} and {high}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def contains(self, value: Any) -> bool:
+        if not is_number(value) or (self.whole and (isinstance(value, float) and not value.is_integer())):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def problem(self, value: Any) -> str | None:
+        """None when ``value`` is allowed, else ``must be ..., got ...``."""
+        if self.contains(value):
+            return None
+        if not is_number(value) and not self.whole:
+            return f"must be a number, got {value!r}"
+        return f"must be {self.wording()}, got {shown(value)}"
+
+
+def at_least(low: float, **extra: Any) -> Range:
+    return Range(low, **extra)
+
+
+def above(low: float, **extra: Any) -> Range:
+    return Range(low, low_open=True, **extra)
+
+
+def between(low: float, high: float, **extra: Any) -> Range:
+    return Range(low, high, **extra)
+
+
+_IDENTIFIER = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting, declared once.
+
+    ``name`` is the name users write (``ArgsList.py``, JSON files, ``main.py --name``); ``kohya`` the engine's name
+    (``TrainConfig`` field, ``train_network.py --kohya``) where it differs. ``layer`` says who reads it: ``both``,
+    ``front`` (the front end acts on it; ``feeds`` names the engine setting it is turned into, if any), ``engine``
+    (kohya's command line only) or ``none`` (kept so files load; refused when set). ``default`` is the front end's
+    (the 2023 tool's); ``kohya_default``, ``kohya_type``, ``kohya_help`` and ``kohya_range`` only where the engine's
+    differ. ``range`` is checked wherever a value arrives (command line, JSON, wizard, preflight).
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    group: str | None = None  # heading in -h and the README
+    layer: str = "both"
+    kohya: str | None = None
+    kohya_type: Any = SAME
+    kohya_default: Any = SAME
+    kohya_help: str | None = None
+    kohya_range: Range | None = None
+    feeds: str | None = None
+    range: Range | None = None
+    choices: tuple | None = None
+    aliases: dict | None = None
+    open_choices: bool = False
+    unit: str | None = None
+    path: str | None = None  # "file", "dir", "file_or_dir", "model" (must exist) or "out_dir"
+    required: bool = False
+    session: bool = False  # describes this invocation: a loaded JSON file never sets it
+    deprecated: str | None = None  # what replaces it
+    cli_names: tuple[str, ...] = ()  # more main.py flags (the 2023 tool's --save_json_path)
+    old_names: tuple[str, ...] = ()  # keys of the 2023 tool's JSON files read as this setting
+    kohya_ss: tuple[str, ...] | None = None  # kohya_ss GUI keys read as this (default: the engine name)
+    gui_zero_unset: bool = False  # the kohya_ss GUI writes 0 for "not set"
+    changes_captions: bool = False  # captions differ from step to step while it is on
+    metadata: str | None = None  # the ss_* key the LoRA's metadata stores it under
+    section: str = ""  # the comment heading it stands under in ArgsList.py (set by :func:`section`)
+
+    def __post_init__(self) -> None:
+        if self.layer not in _LAYERS:
+            raise ValueError(f"{self.name}: layer must be one of {_LAYERS}, got {self.layer!r}")
+
+    # ------------------------------------------------------------------ who reads it
+    @property
+    def in_front_end(self) -> bool:
+        return self.layer != "engine"
+
+    @property
+    def in_engine(self) -> bool:
+        return self.layer in ("both", "engine")
+
+    @property
+    def kohya_name(self) -> str | None:
+        """The engine's name; None when the engine does not read it."""
+        return (self.kohya or self.name) if self.in_engine else None
+
+    # ------------------------------------------------------------------ the engine's view
+    @property
+    def engine_default(self) -> Any:
+        return self.default if self.kohya_default is SAME else self.kohya_default
+
+    @property
+    def engine_type(self) -> Any:
+        """``TrainConfig``'s type: the front end's, optional exactly when the engine's default is None."""
+        if self.kohya_type is not SAME:
+            return self.kohya_type
+        base = _without_none(self.type)
+        return base | None if self.engine_default is None else base
+
+    @property
+    def engine_range(self) -> Range | None:
+        return self.kohya_range or self.range
+
+    def engine_help(self, renames: dict[str, str]) -> str:
+        """The help line with the front end's setting names replaced by the engine's (``renames``)."""
+        if self.kohya_help:
+            return self.kohya_help
+        return _IDENTIFIER.sub(lambda m: renames.get(m.group(0), m.group(0)), self.help)
+
+    # ------------------------------------------------------------------ the front end's view
+    @property
+    def optional(self) -> bool:
+        return _without_none(self.type) != self.type
+
+    @property
+    def kind(self) -> str:
+        """"bool", "int", "float", "str", "dict" or "list"."""
+        base = _without_none(self.type)
+        origin = typing.get_origin(base) or base
+        return {bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list"}[origin]
+
+    @property
+    def gui_names(self) -> tuple[str, ...]:
+        """The kohya_ss GUI keys read as this setting (its engine name, when that is a plain rename)."""
+        if self.kohya_ss is not None:
+            return self.kohya_ss
+        name = self.kohya_name
+        return (name,) if name and name != self.name and not self.feeds else ()
+
+    def fresh_default(self) -> Any:
+        return _copy(self.default)
+
+    def fresh_engine_default(self) -> Any:
+        return _copy(self.engine_default)
+
+
+def _copy(value: Any) -> Any:
+    return type(value)(value) if isinstance(value, (list, dict)) else value
+
+
+def _without_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return args[0] if len(args) == 1 else typing.Union[tuple(args)]
+    return tp
+
+
+def section(title: str, *settings: Setting) -> tuple[Setting, ...]:
+    """Settings that stand together under ``# ---- title`` in ``ArgsList.py``."""
+    return tuple(dataclasses.replace(s, section=title) for s in settings)
