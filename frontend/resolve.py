@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.problems import Problems
+from sd_scripts.core.rules import check_rules
 
 from .fields import SettingInfo, coerce
 from .json_io import LoadedSettings, load_settings_file
@@ -221,75 +223,34 @@ def _check_path(info: SettingInfo, value: str) -> str | None:
 
 def validate_store(store: Any, *, for_training: bool = True) -> None:
     """Check required settings, paths, ranges and combinations; raise UserErrors listing all problems."""
-    errors: list[UserError] = []
-
-    def bad(name: str, text: str) -> None:
-        errors.append(ConfigError(f"{name}: {text}", setting=name))
-
+    problems = Problems()
     skip_paths = {"load_json_path", "multi_run_folder"}
     for info in store.settings():
         value = getattr(store, info.name)
         if info.required and value is None:
             if info.name == "img_folder" and (store.dataset_config or store.in_json):
                 continue
-            bad(info.name, f"required; set it in ArgsList.py, in a JSON file or with --{info.name}")
+            problems.error(info.name, f"required; set it in ArgsList.py, in a JSON file or with --{info.name}")
             continue
         if info.is_path and isinstance(value, str) and info.name not in skip_paths:
             problem = _check_path(info, value)
             if problem:
-                bad(info.name, f"{problem}: {value}")
-
-    def at_least(name: str, minimum: float, optional: bool = True) -> None:
-        value = getattr(store, name)
-        if value is None and optional:
-            return
-        if value is not None and value < minimum:
-            bad(name, f"must be {minimum:g} or more, got {value:g}")
-
-    for name in ("net_dim", "batch_size", "num_epochs", "train_resolution", "min_bucket_resolution",
-                 "max_bucket_resolution", "clip_skip", "dataset_repeats"):
-        at_least(name, 1, optional=False)
-    for name in ("max_steps", "height_resolution", "gradient_acc_steps", "bucket_reso_steps", "cosine_restarts",
-                 "save_every_n_epochs", "save_n_epoch_ratio", "save_last_n_epochs", "save_every_n_steps",
-                 "sample_every_n_steps", "sample_every_n_epochs", "save_last_n_epochs_state", "vae_batch_size",
-                 "token_warmup_min"):
-        at_least(name, 1)
-    for name in ("learning_rate", "unet_lr", "text_encoder_lr", "num_workers", "keep_tokens", "noise_offset",
-                 "prior_loss_weight", "max_grad_norm", "caption_dropout_every_n_epochs", "token_warmup_step",
-                 "multires_noise_iterations"):
-        at_least(name, 0)
-    if store.queue_state_every is not None and not store.queue_state_every > 0:
-        bad("queue_state_every", f"must be above 0 minutes, got {store.queue_state_every:g}")
-    if store.alpha is not None and store.alpha <= 0:
-        bad("alpha", f"must be above 0, got {store.alpha:g}")
-    if store.min_snr_gamma is not None and store.min_snr_gamma <= 0:
-        bad("min_snr_gamma", f"must be above 0 (leave it unset to turn it off), got {store.min_snr_gamma:g}")
-    if store.warmup_lr_ratio is not None and not 0 <= store.warmup_lr_ratio < 1:
-        bad("warmup_lr_ratio", f"must be a share of the steps from 0 to below 1 (0.05 = 5%), got {store.warmup_lr_ratio:g}")
-    for name in ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout"):
-        value = getattr(store, name)
-        if value is not None and not 0 <= value <= 1:
-            bad(name, f"must be between 0 and 1, got {value:g}")
-    if store.min_bucket_resolution > store.max_bucket_resolution:
-        bad("min_bucket_resolution", f"{store.min_bucket_resolution} is above max_bucket_resolution "
-            f"{store.max_bucket_resolution}")
-    if store.unet_only and store.text_only:
-        bad("unet_only", "cannot be combined with text_only; pick one")
-    if store.cache_latents and (store.random_crop or store.color_aug):
-        which = "random_crop" if store.random_crop else "color_aug"
-        bad(which, "needs cache_latents false (the cached latents cannot be re-cropped or re-coloured)")
-    if (store.sample_every_n_steps or store.sample_every_n_epochs or store.sample_at_first) and not store.sample_prompts:
-        bad("sample_prompts", "sample images are asked for (sample_every_n_*/sample_at_first) but no prompt file is set")
+                problems.error(info.name, f"{problem}: {value}")
+    # the declared ranges (sd_scripts/core/settings.py): required settings first
+    for info in sorted(store.settings(), key=lambda i: not i.required):
+        problem = info.declaration.front_problem(getattr(store, info.name))
+        if problem:
+            problems.error(info.name, problem)
+    check_rules(store, "front", problems)
     for name in ("change_output_name", "save_json_name"):
         value = getattr(store, name)
         if value and (_BAD_NAME_CHARS & set(value)):
-            bad(name, f"{value!r} contains characters not allowed in file names")
+            problems.error(name, f"{value!r} contains characters not allowed in file names")
     if store.resume_from_huggingface:
-        bad("resume_from_huggingface", "not supported; download the state folder and set resume to it")
+        problems.error("resume_from_huggingface", "not supported; download the state folder and set resume to it")
     if for_training:
         from .settings_map import unsupported_settings
 
         for name, text in unsupported_settings(store):
-            bad(name, text)
-    if errors:
-        raise UserErrors(errors)
+            problems.error(name, text)
+    problems.raise_errors()

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from typing import Any
 
+from sd_scripts.core.settings import front_settings
+
 __all__ = ["KEEP", "MEMORY_LABELS", "MEMORY_RECIPES", "changing_captions", "managed_settings", "plan_recipe", "probe_gpu",
            "recipe_family", "suggested_answer"]
 
@@ -61,8 +63,8 @@ MEMORY_LABELS: dict[str, dict[str, str]] = {
 # the smallest card (GiB as the driver reports it, a little under the box's GB) each answer is for
 _THRESHOLDS = {"sd": (("16gb", 15.0), ("8gb", 7.0), ("6gb", 0.0)),
                "sdxl": (("24gb", 20.0), ("16gb", 14.0), ("12gb", 9.5), ("8gb", 0.0))}
-_CAPTION_CHANGERS = ("shuffle_captions", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                     "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
+# the settings declared to change captions from step to step (sd_scripts/core/settings.py)
+_CAPTION_CHANGERS = tuple(s.name for s in front_settings() if s.changes_captions)
 
 
 def recipe_family(model_type: str) -> str:

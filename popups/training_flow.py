@@ -84,6 +84,21 @@ _SUMMARY_SECTIONS = [
 ]
 
 
+def _bounds(decl: Any) -> dict[str, Any]:
+    """The wizard's bounds for a number: what both the front end and the engine accept (the declared ranges); an
+    open upper end is left to the flow's own check."""
+    ranges = [r for r in (decl.range, decl.engine_range if decl.in_engine else None) if r is not None]
+    lows = [(r.low, r.low_open) for r in ranges if r.low is not None]
+    highs = [r.high for r in ranges if r.high is not None and not r.high_open]
+    bounds: dict[str, Any] = {}
+    if lows:
+        low = max(value for value, _ in lows)
+        bounds.update(low=low, low_open=any(is_open for value, is_open in lows if value == low))
+    if highs:
+        bounds["high"] = min(highs)
+    return bounds
+
+
 def is_lr_free(optimizer: str) -> bool:
     return optimizer in LR_FREE_OPTIMIZERS
 
@@ -163,7 +178,7 @@ class TrainingWizard:
         elif info.choices:
             values.update(kind="choice", options=tuple(info.choices))
         elif info.kind in ("int", "float"):
-            values.update(kind="number", integer=info.kind == "int")
+            values.update(kind="number", integer=info.kind == "int", **_bounds(info.declaration))
         elif info.is_path:
             values.update(kind="path", path_kind=info.path)
         else:
@@ -342,7 +357,7 @@ class TrainingWizard:
     def _model(self) -> None:
         self.section = "Model"
         if not self.store.sdxl:  # SDXL always uses the penultimate layers of both text encoders
-            self.ask_setting("clip_skip", "Clip skip: 2 for anime-style models, 1 for realistic ones", low=1, high=12)
+            self.ask_setting("clip_skip", "Clip skip: 2 for anime-style models, 1 for realistic ones")
 
     def _model_type(self, tell_sizes: bool = False) -> str:
         """Ask SD 1.x / SD 2.x / SDXL (preselecting what the model file says) and size the resolution for it.
@@ -455,8 +470,8 @@ class TrainingWizard:
         old_args = dict(self.store.network_args or {})
         args = {k: v for k, v in old_args.items() if k not in _MANAGED_NETWORK_ARGS}
         if kind != "IA3":
-            dim = self.ask_setting("net_dim", "Network dim (rank)", low=1)
-            self.ask_setting("alpha", "Network alpha (often half the dim, or 1)", low=0, low_open=True,
+            dim = self.ask_setting("net_dim", "Network dim (rank)")
+            self.ask_setting("alpha", "Network alpha (often half the dim, or 1)",
                              default=min(self.store.alpha, dim))
         if kind in ("LoCon", "LoHa", "LoKr"):
             conv_dim = self.ask_plain(
@@ -524,7 +539,7 @@ class TrainingWizard:
         scheduler = self.ask_setting("scheduler", "How should the learning rate change during training?",
                                      options=tuple(SCHEDULERS))
         if scheduler == "cosine_with_restarts":
-            self.ask_setting("cosine_restarts", "Number of restarts", low=1, optional=False,
+            self.ask_setting("cosine_restarts", "Number of restarts", optional=False,
                              default=self.store.cosine_restarts or 1)
         elif scheduler == "polynomial":
             self.ask_setting("scheduler_power", "Power of the polynomial", low=0, low_open=True, optional=False,
@@ -553,16 +568,16 @@ class TrainingWizard:
             self.set(min_bucket_resolution=min(self.store.min_bucket_resolution, *sides),
                      max_bucket_resolution=max(self.store.max_bucket_resolution, *sides))
         self.section = "Length"
-        self.ask_setting("batch_size", "Batch size (images per step; more needs more GPU memory)", low=1)
+        self.ask_setting("batch_size", "Batch size (images per step; more needs more GPU memory)")
         per_epoch = self._steps_per_epoch()
         hint = f"{per_epoch} steps per epoch at batch size {self.store.batch_size}" if per_epoch else INFOS["max_steps"].help
         mode = self.ask_plain("length_mode", "choice", "Set the training length in epochs or in steps?",
                               "steps" if self.store.max_steps else "epochs", options=("epochs", "steps"), help=hint)
         if mode == "epochs":
-            self.ask_setting("num_epochs", "Number of epochs", low=1)
+            self.ask_setting("num_epochs", "Number of epochs")
             self.set(max_steps=None)
         else:
-            self.ask_setting("max_steps", "Number of training steps", low=1, optional=False,
+            self.ask_setting("max_steps", "Number of training steps", optional=False,
                              default=self.store.max_steps or (per_epoch or 100) * self.store.num_epochs)
 
     def _steps_per_epoch(self) -> int | None:
@@ -576,11 +591,11 @@ class TrainingWizard:
     def _saving(self) -> None:
         self.section = "Saving"
         if self.store.max_steps:
-            self.ask_setting("save_every_n_steps", "Also save a LoRA every N steps (empty: only at the end)", low=1,
+            self.ask_setting("save_every_n_steps", "Also save a LoRA every N steps (empty: only at the end)",
                              none_label="only at the end")
             self.set(save_every_n_epochs=None)
         else:
-            self.ask_setting("save_every_n_epochs", "Also save a LoRA every N epochs (empty: only at the end)", low=1,
+            self.ask_setting("save_every_n_epochs", "Also save a LoRA every N epochs (empty: only at the end)",
                              none_label="only at the end")
             self.set(save_every_n_steps=None)
         self.ask_setting("save_precision", "Precision of the saved LoRA file")
@@ -591,7 +606,7 @@ class TrainingWizard:
         self.ask_setting("caption_extension", "Extension of the caption files",
                          check=lambda v: None if v.strip(".") else "give an extension such as .txt")
         if self.ask_setting("shuffle_captions", "Shuffle the tags of each caption?"):
-            self.ask_setting("keep_tokens", "Keep the first N tags in place (empty: none)", low=0, none_label="none")
+            self.ask_setting("keep_tokens", "Keep the first N tags in place (empty: none)", none_label="none")
         self.ask_setting("flip_aug", "Flip images horizontally at random?")
         store = self.store
         if store.alpha_mask or (not store.dataset_config and has_transparent_images(store.img_folder)):
@@ -617,7 +632,7 @@ class TrainingWizard:
             self.ask_setting("random_crop", "Random crops instead of centre crops?")
         self._text_encoder_cache()
         self.section = "Loss"
-        self.ask_setting("min_snr_gamma", "Min-SNR gamma (empty: off; 5 is common)", low=0, low_open=True,
+        self.ask_setting("min_snr_gamma", "Min-SNR gamma (empty: off; 5 is common)",
                          none_label="off")
 
     def _text_encoder_cache(self) -> None:
@@ -653,11 +668,11 @@ class TrainingWizard:
                               "steps" if self.store.sample_every_n_steps else "epochs", options=("epochs", "steps"),
                               help="sampling takes a while: every few hundred steps, or every epoch or two, is common")
         if when == "steps":
-            self.ask_setting("sample_every_n_steps", "Make samples every N steps", low=1, optional=False,
+            self.ask_setting("sample_every_n_steps", "Make samples every N steps", optional=False,
                              default=self.store.sample_every_n_steps or 200)
             self.set(sample_every_n_epochs=None)
         else:
-            self.ask_setting("sample_every_n_epochs", "Make samples every N epochs", low=1, optional=False,
+            self.ask_setting("sample_every_n_epochs", "Make samples every N epochs", optional=False,
                              default=self.store.sample_every_n_epochs or 1)
             self.set(sample_every_n_steps=None)
 
@@ -668,7 +683,7 @@ class TrainingWizard:
             return "give a share below 1, e.g. 0.1" if value is not None and value >= 1 else None
 
         self.ask_setting("validation_split", "Hold out a share of each folder's images to measure a validation loss "
-                         "(0: no; 0.1 is common)", low=0, check=below_one)
+                         "(0: no; 0.1 is common)", check=below_one)
 
     # ----------------------------------------------------------------------------- the end
     def summary_lines(self) -> list[str]:

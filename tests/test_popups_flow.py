@@ -854,7 +854,7 @@ def _check_runs(store):
     """validate_store and the engine preflight's settings checks, as on a CUDA machine."""
     from frontend.resolve import validate_store
     from frontend.settings_map import to_train_config
-    from sd_scripts.training import preflight
+    from sd_scripts.training.preflight import settings_checks as preflight
     from sd_scripts.models.families import check_family_settings
 
     validate_store(store)
@@ -865,7 +865,7 @@ def _check_runs(store):
 
 @pytest.mark.parametrize("model_type,answer", list(RECIPES))
 def test_each_gpu_memory_recipe_sets_exactly_its_settings_and_validates(paths, monkeypatch, model_type, answer):
-    from sd_scripts.training import preflight
+    from sd_scripts.training.preflight import settings_checks as preflight
 
     monkeypatch.setattr(preflight, "_cuda_available", lambda: True)  # fp16 and xformers need CUDA
     store, asker = run_wizard(answers(paths, model_type=model_type, gpu_memory=answer))

@@ -235,7 +235,7 @@ def test_lora_size_estimate_matches_a_saved_file(model, tmp_path, monkeypatch):
 def test_lora_size_estimate_of_full_size_sd15():
     """kohya's dim-128 SD1.5 LoRA in fp16 is 151 MB; dim 32 is 38 MB."""
     from sd_scripts.models.ldm_convert import models_to_ldm
-    from sd_scripts.training.preflight import _lora_params_from_shapes
+    from sd_scripts.training.preflight.disk_space import _lora_params_from_shapes
     from tests.test_model_loading import _meta_sd15
 
     unet, vae, te = _meta_sd15()

@@ -113,8 +113,9 @@ class Setting:
     (``TrainConfig`` field, ``train_network.py --kohya``) where it differs. ``layer`` says who reads it: ``both``,
     ``front`` (the front end acts on it; ``feeds`` names the engine setting it is turned into, if any), ``engine``
     (kohya's command line only) or ``none`` (kept so files load; refused when set). ``default`` is the front end's
-    (the 2023 tool's); ``kohya_default``, ``kohya_type``, ``kohya_help`` and ``kohya_range`` only where the engine's
-    differ. ``range`` is checked wherever a value arrives (command line, JSON, wizard, preflight).
+    (the 2023 tool's); ``kohya_default``, ``kohya_type``, ``kohya_help``, ``kohya_range`` and ``kohya_choices`` only
+    where the engine's differ. ``range`` is checked where the front end takes a value (command line, JSON files,
+    wizard) and, unless ``kohya_range`` says otherwise (``None``: not there), by the engine's preflight too.
     """
 
     name: str
@@ -127,7 +128,8 @@ class Setting:
     kohya_type: Any = SAME
     kohya_default: Any = SAME
     kohya_help: str | None = None
-    kohya_range: Range | None = None
+    kohya_range: Range | None = SAME  # None: the engine does not check the range
+    kohya_choices: tuple | None = SAME
     feeds: str | None = None
     range: Range | None = None
     choices: tuple | None = None
@@ -179,7 +181,33 @@ class Setting:
 
     @property
     def engine_range(self) -> Range | None:
-        return self.kohya_range or self.range
+        return self.range if self.kohya_range is SAME else self.kohya_range
+
+    @property
+    def engine_choices(self) -> tuple | None:
+        return self.choices if self.kohya_choices is SAME else self.kohya_choices
+
+    def engine_problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` as the engine's value of this setting (range and choices), or None.
+        None values are the engine's "not set" where its type allows them."""
+        if value is None:
+            if _without_none(self.engine_type) != self.engine_type:
+                return None
+            return f"must be {self.engine_range.wording()}, got nothing" if self.engine_range else None
+        if self.engine_range is not None:
+            problem = self.engine_range.problem(value)
+            if problem:
+                return problem
+        choices = self.engine_choices
+        if choices and value not in choices:
+            return f"{value!r} is not one of {', '.join(str(c) for c in choices)}"
+        return None
+
+    def front_problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` as the front end's (already typed) value, or None."""
+        if value is None or self.range is None:
+            return None
+        return self.range.problem(value)
 
     def engine_help(self, renames: dict[str, str]) -> str:
         """The help line with the front end's setting names replaced by the engine's (``renames``)."""

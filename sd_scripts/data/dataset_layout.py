@@ -569,7 +569,7 @@ def _dataset_spec(lookup: _Lookup) -> DatasetSpec:
         w, h = resolution
         errs.append(_setting_error("resolution", res_where, f"{w},{h} is not a multiple of 8; use e.g. {round(w / 8) * 8}"))
     multiplier = attempt(_check_range, lookup, "network_multiplier")
-    # from the config, validation_split/validation_seed are checked by preflight's check_validation_settings
+    # from the config, validation_split/validation_seed are checked by preflight (their declared ranges)
     split, split_where = lookup.get("validation_split")
     if split_where is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1):
         errs.append(_setting_error("validation_split", split_where, f"must be from 0 (off) to below 1 (the share of "

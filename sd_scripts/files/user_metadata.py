@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.core.problems import Problems
 
 __all__ = ["USER_MODELSPEC_KEYS", "modelspec_title", "user_modelspec", "thumbnail_data_url",
            "check_metadata_settings", "merged_user_modelspec"]
@@ -106,10 +107,11 @@ def user_modelspec(config) -> dict[str, str]:
     return out
 
 
-def check_metadata_settings(config) -> tuple[list[UserError], list[str]]:
-    """Preflight: ``(errors, warnings)`` for the metadata settings (the thumbnail must be an image)."""
-    errors: list[UserError] = []
-    warnings: list[str] = []
+def check_metadata_settings(config, problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
+    """Preflight: the metadata settings (the thumbnail must be an image), recorded in ``problems``; returns its
+    ``(errors, warnings)``."""
+    problems = Problems() if problems is None else problems
+    errors, warnings = problems.errors, problems.warnings
     value = _text(getattr(config, "metadata_thumbnail", None))
     if value is None:
         return errors, warnings

@@ -20,6 +20,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
+from sd_scripts.core.setting import is_number
+from sd_scripts.core.settings import engine_settings
 from sd_scripts.models.family_base import ModelFamily, TextEncoderSpec, TokenizerSource
 from sd_scripts.models.flux.family import FluxFamily
 
@@ -274,15 +277,20 @@ def requested_family(config) -> ModelFamily | None:
     return wanted
 
 
-def check_family_settings(config, family: ModelFamily | None = None, dataset=None,
-                          info: dict | None = None) -> tuple[list, list[str]]:
-    """Setting checks that depend on the model family: ``(errors, warnings)``.
+def _is_on(value: Any) -> bool:
+    """A switch that is true, or a number above 0 (a rate or a step count)."""
+    return value > 0 if is_number(value) else bool(value)
+
+
+def check_family_settings(config, family: ModelFamily | None = None, dataset=None, info: dict | None = None,
+                          problems: Problems | None = None) -> tuple[list, list[str]]:
+    """Setting checks that depend on the model family, recorded in ``problems``; returns its ``(errors, warnings)``.
 
     ``family`` is the detected family (None: the one the settings force, if any); ``dataset`` a scanned
     ``DatasetPlan`` whose subsets are checked too; ``info`` what detection read from the model files. Errors are ``ConfigError`` with one line naming the setting.
     """
-    errors: list = []
-    warnings: list[str] = []
+    problems = Problems() if problems is None else problems
+    errors, warnings = problems.errors, problems.warnings
     if family is None:
         try:
             family = requested_family(config)
@@ -295,12 +303,9 @@ def check_family_settings(config, family: ModelFamily | None = None, dataset=Non
         if not config.network_train_unet_only:
             errors.append(ConfigError(f"{setting}: needs network_train_unet_only (a trained text encoder changes its "
                                       "outputs); turn on network_train_unet_only or turn caching off", setting))
-        conflicts = [("shuffle_caption", bool(config.shuffle_caption)),
-                     ("caption_dropout_rate", (config.caption_dropout_rate or 0) > 0),
-                     ("caption_dropout_every_n_epochs", (config.caption_dropout_every_n_epochs or 0) > 0),
-                     ("caption_tag_dropout_rate", (config.caption_tag_dropout_rate or 0) > 0),
-                     ("token_warmup_step", (config.token_warmup_step or 0) > 0),
-                     ("enable_wildcard", bool(getattr(config, "enable_wildcard", False)))]
+        # the settings declared to change captions from step to step (sd_scripts/core/settings.py)
+        conflicts = [(s.kohya_name, _is_on(getattr(config, s.kohya_name)))
+                     for s in engine_settings() if s.changes_captions]
         for name, on in conflicts:
             if on:
                 errors.append(ConfigError(f"{setting}: cannot be used with {name} (captions change during training); "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.core.problems import Problems
 from sd_scripts.files import lora_keys
 
 __all__ = ["check_base_weights", "lora_file_family", "merge_base_weights", "merge_state_dict_into_model",
@@ -75,12 +76,14 @@ def _read_keys(path: str) -> tuple[list[str], dict[str, str]]:
     return keys, dict(metadata)
 
 
-def check_base_weights(config, family: Any = None) -> list[UserError]:
+def check_base_weights(config, family: Any = None, problems: Problems | None = None) -> list[UserError]:
     """Preflight: every ``base_weights`` file exists, reads as a LoRA made for ``family`` (a ModelFamily or its
-    name; unchecked when None), and ``base_weights_multiplier`` has one number per file."""
+    name; unchecked when None), and ``base_weights_multiplier`` has one number per file. Recorded in ``problems``,
+    whose errors it returns."""
     paths = list(getattr(config, "base_weights", None) or [])
     multipliers = getattr(config, "base_weights_multiplier", None)
-    errors: list[UserError] = []
+    problems = Problems() if problems is None else problems
+    errors = problems.errors
     if multipliers and not paths:
         errors.append(ConfigError("base_weights_multiplier: given without base_weights; set base_weights to the "
                                   "LoRA files to merge or remove the multipliers", "base_weights_multiplier"))

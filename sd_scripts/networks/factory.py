@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS, BlockSettings, layout_for_family, resolve_block_settings
 from sd_scripts.networks.network_args import parse_float, parse_int, parse_probability, split_network_args
 from sd_scripts.networks.trainable import TrainableNetwork
@@ -177,11 +178,15 @@ def plan_network(config, family: Any = None) -> NetworkPlan:
     return plan
 
 
-def check_network_settings(config, family: Any = None) -> list[str]:
+def check_network_settings(config, family: Any = None, problems: Problems | None = None) -> list[str]:
     """Preflight check of the network settings: raises ConfigError (one line naming the setting) for an
     unknown network_module or algo, a bad network_args value, a block-weight list of the wrong length,
-    an unknown preset...; returns warnings. Cheap: no torch, lycoris or model is loaded."""
-    return plan_network(config, family).warnings
+    an unknown preset...; returns warnings (also recorded in ``problems``). Cheap: no torch, lycoris or model is
+    loaded."""
+    warnings = plan_network(config, family).warnings
+    if problems is not None:
+        problems.warnings.extend(warnings)
+    return warnings
 
 
 def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) -> BuiltNetwork:

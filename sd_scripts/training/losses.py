@@ -22,16 +22,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sd_scripts.core.config import is_finite_number as _number, is_whole_number as _whole
-from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.core.config import is_finite_number as _number
+from sd_scripts.core.errors import UserError
+from sd_scripts.core.problems import Problems
+from sd_scripts.core.rules import RULES, check_engine_values, check_rules
+from sd_scripts.core.settings import declared_in_engine
 from sd_scripts.training.noise import apply_masked_loss, min_snr_weights
 
 __all__ = ["LOSS_TYPES", "HUBER_SCHEDULES", "huber_threshold", "elementwise_loss", "per_sample_loss",
            "snr_loss_weights", "huber_c_for", "loss_weights_for", "check_noise_loss_settings",
            "prediction_type_problems"]
 
-LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("constant", "exponential", "snr")
+LOSS_TYPES = declared_in_engine("loss_type").choices
+HUBER_SCHEDULES = declared_in_engine("huber_schedule").choices
+# the settings whose declared ranges and choices check_noise_loss_settings checks, and its rules
+NOISE_LOSS_SETTINGS = ("adaptive_noise_scale", "ip_noise_gamma", "min_timestep", "max_timestep", "loss_type",
+                       "v_pred_like_loss")
+NOISE_LOSS_RULES = tuple(rule for rule in RULES if rule.setting in (
+    "adaptive_noise_scale", "noise_offset_random_strength", "ip_noise_gamma_random_strength", "min_timestep"))
 # kohya caps the SNR at 1000 in these weightings (the SNR of timestep 0 is about 1175)
 _SNR_CAP = 1000.0
 
@@ -96,92 +104,47 @@ def snr_loss_weights(snr: torch.Tensor, v_prediction: bool, *, min_snr_gamma: fl
     return weights
 
 
-def check_noise_loss_settings(config: Any) -> tuple[list[UserError], list[str]]:
-    """Values and combinations of the noise and loss settings (preflight): ``(errors, warnings)``."""
-    errors: list[UserError] = []
-    warnings: list[str] = []
-
-    def bad(setting: str, text: str) -> None:
-        errors.append(ConfigError(f"{setting}: {text}", setting))
-
-    def get(name: str, default: Any = None) -> Any:
-        return getattr(config, name, default)
-
-    noise_offset = get("noise_offset")
-    adaptive = get("adaptive_noise_scale")
-    if adaptive is not None:
-        if not _number(adaptive):
-            bad("adaptive_noise_scale", f"must be a number, got {adaptive!r}")
-        elif not noise_offset:
-            bad("adaptive_noise_scale", "needs noise_offset (the scaled latent mean is added to the offset); set "
-                "noise_offset, e.g. 0.05, or leave adaptive_noise_scale unset")
-    if get("noise_offset_random_strength") and not noise_offset:
-        warnings.append("noise_offset_random_strength has no effect without noise_offset")
-    gamma = get("ip_noise_gamma")
-    if gamma is not None and (not _number(gamma) or gamma < 0):
-        bad("ip_noise_gamma", f"must be 0 or more (about 0.1 is usual; unset turns it off), got {gamma!r}")
-    if get("ip_noise_gamma_random_strength") and not gamma:
-        warnings.append("ip_noise_gamma_random_strength has no effect without ip_noise_gamma")
-    _check_timesteps(get("min_timestep"), get("max_timestep"), bad)
-    loss_type = get("loss_type", "l2")
-    if loss_type not in LOSS_TYPES:
-        bad("loss_type", f"{loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-    elif loss_type in ("huber", "smooth_l1"):
-        schedule = get("huber_schedule", "snr")
-        if schedule not in HUBER_SCHEDULES:
-            bad("huber_schedule", f"{schedule!r} is not one of {', '.join(HUBER_SCHEDULES)}")
-        huber_c, huber_scale = get("huber_c", 0.1), get("huber_scale", 1.0)
-        if not _number(huber_c) or not 0 < huber_c <= 1:
-            bad("huber_c", f"must be above 0 and at most 1 (0.1 is kohya's default), got {huber_c!r}")
-        if not _number(huber_scale) or huber_scale <= 0:
-            bad("huber_scale", f"must be above 0 (1 is kohya's default), got {huber_scale!r}")
-    like = get("v_pred_like_loss")
-    if like is not None and (not _number(like) or like < 0):
-        bad("v_pred_like_loss", f"must be 0 or more (unset turns it off), got {like!r}")
-    return errors, warnings
+def check_noise_loss_settings(config: Any, problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
+    """Values and combinations of the noise and loss settings (preflight): recorded in ``problems``; returns its
+    ``(errors, warnings)``."""
+    problems = Problems() if problems is None else problems
+    check_engine_values(config, problems, NOISE_LOSS_SETTINGS)
+    check_rules(config, "engine", problems, NOISE_LOSS_RULES)
+    if config.loss_type in ("huber", "smooth_l1"):
+        if config.huber_schedule not in HUBER_SCHEDULES:
+            problems.error("huber_schedule", f"{config.huber_schedule!r} is not one of {', '.join(HUBER_SCHEDULES)}")
+        if not _number(config.huber_c) or not 0 < config.huber_c <= 1:
+            problems.error("huber_c", f"must be above 0 and at most 1 (0.1 is kohya's default), got {config.huber_c!r}")
+        if not _number(config.huber_scale) or config.huber_scale <= 0:
+            problems.error("huber_scale", f"must be above 0 (1 is kohya's default), got {config.huber_scale!r}")
+    return problems.errors, problems.warnings
 
 
-def _check_timesteps(low: Any, high: Any, bad) -> None:
-    for name, value in (("min_timestep", low), ("max_timestep", high)):
-        if value is not None and (not _whole(value) or not 0 <= value <= 1000):
-            bad(name, f"must be a whole number from 0 to 1000, got {value!r}")
-            return
-    low_value = 0 if low is None else low
-    high_value = 1000 if high is None else high
-    if low_value > high_value:
-        bad("min_timestep", f"{low_value} is above max_timestep {high_value}; timesteps are drawn from min_timestep "
-            "up to below max_timestep (equal values train one constant timestep)")
-    elif low_value == high_value == 1000:
-        bad("min_timestep", "a constant timestep (min_timestep = max_timestep) must be 999 or lower; the schedule "
-            "has timesteps 0 to 999")
-
-
-def prediction_type_problems(config: Any, v_parameterization: bool) -> tuple[list[UserError], list[str]]:
-    """The settings that depend on the model's prediction type (epsilon or v): ``(errors, warnings)``."""
-    errors: list[UserError] = []
-    warnings: list[str] = []
+def prediction_type_problems(config: Any, v_parameterization: bool,
+                             problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
+    """The settings that depend on the model's prediction type (epsilon or v), recorded in ``problems``; returns
+    its ``(errors, warnings)``."""
+    problems = Problems() if problems is None else problems
     if config.scale_v_pred_loss_like_noise_pred and not v_parameterization:
-        errors.append(ConfigError("scale_v_pred_loss_like_noise_pred: needs a v-prediction model; set "
-                                  "v_parameterization for one, or turn scale_v_pred_loss_like_noise_pred off",
-                                  "scale_v_pred_loss_like_noise_pred"))
+        problems.error("scale_v_pred_loss_like_noise_pred", "needs a v-prediction model; set v_parameterization for "
+                       "one, or turn scale_v_pred_loss_like_noise_pred off")
     if config.v_pred_like_loss and v_parameterization:
-        errors.append(ConfigError("v_pred_like_loss: cannot be used with v_parameterization (the model already "
-                                  "predicts v); leave v_pred_like_loss unset", "v_pred_like_loss"))
+        problems.error("v_pred_like_loss", "cannot be used with v_parameterization (the model already predicts v); "
+                       "leave v_pred_like_loss unset")
     if config.zero_terminal_snr and not v_parameterization:
-        warnings.append("zero_terminal_snr is on but the model predicts noise (epsilon), not v: an epsilon model "
-                        "cannot learn the last, pure-noise timestep (kohya warns the same); use it with "
-                        "v_parameterization models")
+        problems.warn("zero_terminal_snr is on but the model predicts noise (epsilon), not v: an epsilon model "
+                      "cannot learn the last, pure-noise timestep (kohya warns the same); use it with "
+                      "v_parameterization models")
         high = 1000 if config.max_timestep is None else config.max_timestep
         low = 0 if config.min_timestep is None else config.min_timestep
         reaches_last = high == 1000 or (low == high == 999)
         divides = [name for name in ("min_snr_gamma", "debiased_estimation_loss", "v_pred_like_loss")
                    if getattr(config, name)]
         if reaches_last and divides:
-            errors.append(ConfigError(f"{divides[0]}: with zero_terminal_snr and an epsilon model the last "
-                                      "timestep has SNR 0, which this weighting divides by (the loss would be "
-                                      "NaN/inf); set max_timestep 999 or lower, use a v_parameterization model, or "
-                                      f"turn {divides[0]} off", divides[0]))
-    return errors, warnings
+            problems.error(divides[0], "with zero_terminal_snr and an epsilon model the last timestep has SNR 0, "
+                           "which this weighting divides by (the loss would be NaN/inf); set max_timestep 999 or "
+                           f"lower, use a v_parameterization model, or turn {divides[0]} off")
+    return problems.errors, problems.warnings
 
 
 def huber_c_for(config: Any, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:

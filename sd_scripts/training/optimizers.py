@@ -54,7 +54,8 @@ import io
 import logging
 from typing import Any
 
-from sd_scripts.core.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.core.problems import Problems
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
 from sd_scripts.training.speed import optimizer_speed_kwargs
 
@@ -347,16 +348,17 @@ def _add_decouple(kwargs: dict, display: str, cls) -> None:
 _HEAVY = ("bitsandbytes", "transformers", "schedulefree")
 
 
-def check_optimizer_settings(config) -> list[str]:
-    """Preflight for optimizer and scheduler settings: returns warnings; raises ConfigError / UserErrors.
+def check_optimizer_settings(config, problems: Problems | None = None) -> list[str]:
+    """Preflight for optimizer and scheduler settings: returns warnings (also recorded in ``problems``); raises
+    ConfigError / UserErrors.
 
     Does not import bitsandbytes or transformers (their presence is looked up only); imports torch and
     light optimizer packages (dadaptation, prodigyopt, lion_pytorch) to check ``optimizer_args`` names.
     """
     from sd_scripts.training.schedulers import check_scheduler_settings
 
-    warnings: list[str] = []
-    errors: list[UserError] = []
+    found = Problems()
+    warnings, errors = found.warnings, found.errors
     opt_type = _legacy_type(config, errors, warnings)
     kwargs: dict = {}
     try:
@@ -391,16 +393,11 @@ def check_optimizer_settings(config) -> list[str]:
                 _lr_free_rules(resolved.display, _config_lrs(config), warnings)
             except ConfigError as e:
                 errors.append(e)
-    try:
+    with found.collecting():
         warnings.extend(check_scheduler_settings(config, resolved.display if resolved else None, adafactor_relative_step=relative_step))
-    except UserErrors as e:
-        errors.extend(e.errors)
-    except UserError as e:
-        errors.append(e)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise UserErrors(errors)
+    if problems is not None:
+        problems.warnings.extend(warnings)
+    found.raise_errors(one_as_is=True)
     return warnings
 
 

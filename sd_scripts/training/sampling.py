@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 
 __all__ = ["SamplePrompt", "SAMPLERS", "SamplingAborted", "parse_prompt_line", "load_sample_prompts", "make_sampler",
            "zero_terminal_snr_sampler", "generate_samples", "sample_file_name", "sampler_problem", "check_sampling_settings"]
@@ -99,12 +100,15 @@ def sampler_problem(name: str) -> str | None:
     return None
 
 
-def check_sampling_settings(config) -> list[ConfigError]:
-    """Sampler availability for ``sample_sampler`` (names are checked by preflight; --ss by the prompt file)."""
-    if not getattr(config, "sample_prompts", None) or not getattr(config, "sample_sampler", None):
-        return []
-    problem = sampler_problem(config.sample_sampler)
-    return [ConfigError(f"sample_sampler: {problem}", "sample_sampler")] if problem else []
+def check_sampling_settings(config, problems: Problems | None = None) -> list[ConfigError]:
+    """Sampler availability for ``sample_sampler`` (names are checked by preflight; --ss by the prompt file),
+    recorded in ``problems``, whose errors it returns."""
+    problems = Problems() if problems is None else problems
+    if getattr(config, "sample_prompts", None) and getattr(config, "sample_sampler", None):
+        problem = sampler_problem(config.sample_sampler)
+        if problem:
+            problems.error("sample_sampler", problem)
+    return problems.errors
 
 
 def _set_option(prompt: SamplePrompt, key: str, name: str, value: Any, where: str) -> None:

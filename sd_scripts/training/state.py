@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.core.problems import Problems
 
 __all__ = [
     "STATE_FILE", "TrainProgress", "LoadedState", "DiskFullError", "state_dir_name", "save_train_state",
@@ -315,8 +316,15 @@ def read_progress(path: str | os.PathLike) -> dict[str, Any]:
     return _read_info(Path(path))
 
 
-def check_resume_settings(config) -> list[UserError]:
-    """Preflight for ``resume``: the folder is a complete state and the network/optimizer settings match."""
+def check_resume_settings(config, problems: Problems | None = None) -> list[UserError]:
+    """Preflight for ``resume``: the folder is a complete state and the network/optimizer settings match. Recorded
+    in ``problems``, whose errors it returns."""
+    problems = Problems() if problems is None else problems
+    problems.extend(_resume_problems(config))
+    return problems.errors
+
+
+def _resume_problems(config) -> list[UserError]:
     if not getattr(config, "resume", None):
         return []
     path = Path(config.resume)

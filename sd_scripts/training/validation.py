@@ -22,39 +22,15 @@ every epoch) and ``max_validation_steps`` (cap on validation batches).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-from sd_scripts.core.config import is_whole_number as _is_int
-from sd_scripts.core.errors import ConfigError, UserError
 
-__all__ = ["VALIDATION_TIMESTEPS", "check_validation_settings", "resolve_validation_seed",
+__all__ = ["VALIDATION_TIMESTEPS", "resolve_validation_seed",
            "validation_plan", "validation_due_at_step", "validation_due_at_epoch", "validation_timesteps",
            "batch_generator_seed"]
 
 # kohya: linspace(min_timestep, max_timestep, 6)[1:-1] over the 1000 training timesteps
 VALIDATION_TIMESTEPS = (200, 400, 600, 800)
-
-
-def check_validation_settings(config: Any) -> list[UserError]:
-    """Value checks of the validation settings (preflight)."""
-    errors: list[UserError] = []
-    split = getattr(config, "validation_split", 0.0)
-    if split is not None:
-        if isinstance(split, bool) or not isinstance(split, (int, float)) or not math.isfinite(split):
-            errors.append(ConfigError(f"validation_split: must be a number from 0 to below 1, got {split!r}",
-                                      "validation_split"))
-        elif not 0 <= split < 1:
-            errors.append(ConfigError(f"validation_split: must be from 0 (off) to below 1 (the share of images held "
-                                      f"out, e.g. 0.1), got {split:g}", "validation_split"))
-    seed = getattr(config, "validation_seed", None)
-    if seed is not None and not _is_int(seed):
-        errors.append(ConfigError(f"validation_seed: must be a whole number, got {seed!r}", "validation_seed"))
-    for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
-        value = getattr(config, name, None)
-        if value is not None and (not _is_int(value) or value < 1):
-            errors.append(ConfigError(f"{name}: must be a whole number of 1 or more when given, got {value!r}", name))
-    return errors
 
 
 def resolve_validation_seed(config: Any) -> int:

@@ -15,28 +15,20 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.settings import declared_in_engine
 from sd_scripts.models.family_base import LoraTargets, ModelFamily, TextEncoderSpec, TokenizerSource
 
 __all__ = ["FLUX_DEFAULTS", "FluxFamily", "T5_MAX_TOKENS", "flux_variant_of"]
 
 T5_MAX_TOKENS = {"dev": 512, "schnell": 256}  # kohya's t5xxl_max_token_length defaults
 # kohya's FLUX.1 training settings and their defaults (flux_train_utils.add_flux_train_arguments, train_util)
-FLUX_DEFAULTS = {
-    "timestep_sampling": "sigma",
-    "sigmoid_scale": 1.0,
-    "discrete_flow_shift": 3.0,
-    "model_prediction_type": "sigma_scaled",
-    "weighting_scheme": "uniform",
-    "logit_mean": 0.0,
-    "logit_std": 1.0,
-    "mode_scale": 1.29,
-    "guidance_scale": 3.5,
-    "t5xxl_max_token_length": None,
-    "apply_t5_attn_mask": False,
-}
-TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
-PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
-WEIGHTING_SCHEMES = ("uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+# the FLUX.1 settings' defaults and choices, as declared (sd_scripts/core/settings.py)
+FLUX_DEFAULTS = {name: declared_in_engine(name).engine_default for name in (
+    "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "weighting_scheme",
+    "logit_mean", "logit_std", "mode_scale", "guidance_scale", "t5xxl_max_token_length", "apply_t5_attn_mask")}
+TIMESTEP_SAMPLINGS = declared_in_engine("timestep_sampling").choices
+PREDICTION_TYPES = declared_in_engine("model_prediction_type").choices
+WEIGHTING_SCHEMES = declared_in_engine("weighting_scheme").choices
 
 # kohya lora_flux.py network_args: per-module-type ranks, matched on the module name (its "identifier" list)
 TYPE_DIMS = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
