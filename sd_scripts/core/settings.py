@@ -301,7 +301,7 @@ SETTINGS: tuple[Setting, ...] = (
             "at the start (the inductor backend needs a C++ compiler)", PRECISION),
         Setting("dynamo_backend", str, "inductor", "torch.compile backend for torch_compile", PRECISION,
             choices=("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
-                     "fx2trt", "onnxrt", "tensort", "ipex", "tvm")),
+                     "fx2trt", "onnxrt", "tensort", "ipex", "tvm"), kohya_choices=None),
         Setting("channels_last", bool, False,
             "the UNet's convolutions in channels_last memory layout (faster with some GPUs and CPUs; same results up "
             "to float rounding)", PRECISION),

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from sd_scripts.core.settings import declared_in_engine
+
 __all__ = ["REPEATED_BLOCKS", "repeated_blocks", "compile_repeated_blocks", "use_channels_last", "DYNAMO_BACKENDS"]
 
 # class names of the repeated blocks, for denoisers that do not list theirs in diffusers' ``_repeated_blocks``
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "DoubleStreamBlock", "SingleStreamBlock")
 
-# kohya's choices for ``dynamo_backend`` (torch.compile backends; those absent from this torch fail when used)
-DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
-                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
+# kohya's choices for ``dynamo_backend`` (torch.compile backends; those absent from this torch fail when used), as
+# declared (sd_scripts/core/settings.py)
+DYNAMO_BACKENDS = declared_in_engine("dynamo_backend").choices
 
 
 def repeated_blocks(denoiser: Any, names: tuple[str, ...] | None = None) -> list:
