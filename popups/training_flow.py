@@ -621,7 +621,8 @@ class TrainingWizard:
 
     def _precision_and_caching(self) -> None:
         self.section = "Precision and caching"
-        precision = self.ask_setting("mixed_precision", "Training precision (bf16 needs an RTX 30xx or newer)")
+        precision = self.ask_setting("mixed_precision", "Training precision (bf16 needs an RTX 30xx or newer; "
+                                     f"without a GPU it is faster only on a CPU with bf16 instructions: {_cpu_bf16()})")
         if self.store.sdxl and precision == "fp16":
             self.ask_setting("no_half_vae", "Keep the VAE in float32 (the SDXL VAE overflows in fp16)?", default=True)
         if self.ask_setting("cache_latents", "Cache latents (faster; no random crop or colour augmentation)?"):
@@ -778,3 +779,11 @@ def _arg_number(args: dict, key: str, fallback: float) -> float:
         return float(args[key])
     except (KeyError, TypeError, ValueError):
         return float(fallback)
+
+
+def _cpu_bf16() -> str:
+    """What this machine's CPU does with bf16, for the precision question (no torch import: /proc/cpuinfo)."""
+    from sd_scripts.training.speed import cpu_bf16_support
+
+    support = cpu_bf16_support(ask_torch=False)
+    return {"native": "this one has them", "emulated": "this one has not"}.get(support, "AMX or AVX512-BF16")

@@ -37,9 +37,10 @@ def _cpu_flags(cpuinfo: str) -> set[str]:
     return flags
 
 
-def cpu_bf16_support(cpuinfo: str | None = None) -> str:
+def cpu_bf16_support(cpuinfo: str | None = None, ask_torch: bool = True) -> str:
     """``"native"`` or ``"emulated"``. Reads ``/proc/cpuinfo`` where there is one (or ``cpuinfo`` given);
-    elsewhere asks oneDNN (``torch.ops.mkldnn._is_mkldnn_bf16_supported``)."""
+    elsewhere asks oneDNN (``torch.ops.mkldnn._is_mkldnn_bf16_supported``), or says ``"unknown"`` when
+    ``ask_torch`` is off (a caller that must not import torch)."""
     if cpuinfo is None and os.path.isfile("/proc/cpuinfo"):
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -49,6 +50,8 @@ def cpu_bf16_support(cpuinfo: str | None = None) -> str:
     if cpuinfo is not None:
         flags = _cpu_flags(cpuinfo)
         return "native" if flags & _X86_BF16_FLAGS or "bf16" in flags else "emulated"
+    if not ask_torch:
+        return "unknown"
     try:
         import torch
 
