@@ -182,3 +182,18 @@ def test_torch_compile_trains_within_tolerance_with_checkpointing_sampling_and_a
     state = next(p for p in compiled.state_paths if "step00000002" in p)
     resumed, _ = _train(tiny_sd1_diffusers, tmp_path, "resumed", **dict(compiled_args, resume=state))
     assert _max_difference(compiled.output_path, resumed.output_path) == 0.0
+
+
+def test_streamed_safetensors_reading_gives_the_file_s_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from sd_scripts.models.checkpoint_io import read_checkpoint
+
+    tensors = {"b.weight": torch.randn(3, 4).half(), "a.ids": torch.arange(5), "c": torch.randn(2, 2).bfloat16(),
+               "empty": torch.zeros(0), "scalar": torch.tensor(3.0)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    state, metadata = read_checkpoint(str(path), streamed=True)
+    assert metadata == {"format": "pt"} and state.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key

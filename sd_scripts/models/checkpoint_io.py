@@ -21,7 +21,7 @@ from sd_scripts.core.errors import ModelLoadError
 
 __all__ = ["LoadedModel", "PICKLE_EXTS", "SAFETENSORS_EXTS", "SETTING", "build_module", "fit_state", "hf_cache_dir",
            "is_safetensors", "load_error", "offline", "read_checkpoint", "read_checkpoint_shapes",
-           "read_safetensors_header"]
+           "read_safetensors_header", "read_safetensors_streamed"]
 
 SETTING = "pretrained_model_name_or_path"
 SAFETENSORS_EXTS = (".safetensors", ".sft")
@@ -136,16 +136,20 @@ def _unwrap_state_dict(obj: Any, path: str, setting: str) -> dict:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def read_checkpoint(path: str, setting: str = SETTING, mmap: bool = True) -> tuple[dict, dict]:
+def read_checkpoint(path: str, setting: str = SETTING, mmap: bool = True, streamed: bool = False) -> tuple[dict, dict]:
     """``(state_dict, safetensors metadata)`` of a single-file checkpoint (pickles loaded with weights_only).
 
     ``mmap=False`` reads a .safetensors file into memory with one sequential read (kohya's
-    ``disable_mmap_load_safetensors``) instead of paging it in tensor by tensor."""
+    ``disable_mmap_load_safetensors``) instead of paging it in tensor by tensor. ``streamed`` reads it in file order
+    into one buffer per tensor (:func:`read_safetensors_streamed`): for callers that cast and drop each part's
+    tensors, the peak memory is then about the built model, not the model plus the file."""
     if _is_safetensors(path):
         _, metadata = _read_safetensors_header(path, setting)  # a clear error for a broken file
         from safetensors import safe_open
 
         try:
+            if streamed:
+                return read_safetensors_streamed(path), metadata
             if not mmap:
                 from safetensors.torch import load
 
@@ -158,6 +162,36 @@ def read_checkpoint(path: str, setting: str = SETTING, mmap: bool = True) -> tup
     if path.lower().endswith(PICKLE_EXTS):
         return _unwrap_state_dict(_torch_load(path, setting), path, setting), {}
     raise _fail(setting, f"{path} has an unknown extension; use a .safetensors or .ckpt file, or a diffusers folder")
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def read_safetensors_streamed(path: str) -> dict:
+    """Every tensor of a .safetensors file, each read into a buffer of its own, in file order. A memory-mapped file
+    keeps every page it has read resident (and counted in the process's memory) until the last tensor viewing it is
+    gone, so a loader that casts part after part would hold the whole file beside the model; here each source
+    tensor's memory is freed as soon as its cast copy exists."""
+    import torch
+
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        start = 8 + length
+        out = {}
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            dtype = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
+            f.seek(start + begin)
+            buffer = bytearray(end - begin)
+            if f.readinto(buffer) != end - begin:
+                raise ValueError(f"the data of {key} is cut short")
+            shape = list(entry["shape"])
+            out[key] = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)).reshape(shape)
+    return {key: out[key] for key in header}  # the file's key order
 
 
 def read_checkpoint_shapes(path: str, setting: str = SETTING) -> tuple[dict, dict, dict | None]:

@@ -381,7 +381,9 @@ def _load_single_file(family: ModelFamily, info: dict, config, tokenizers: list,
     from sd_scripts.models.ldm_convert import LDM_VAE_PREFIX
 
     path = info["path"]
-    checkpoint, _ = read_checkpoint(path, mmap=not getattr(config, "disable_mmap_load_safetensors", False))
+    # tensor by tensor into memory of their own (also what disable_mmap_load_safetensors asks for: sequential reads):
+    # each part's source tensors are freed as it is cast, where a memory map would keep the whole file resident
+    checkpoint, _ = read_checkpoint(path, streamed=True)
     v_param = info["v_parameterization"]
     if info.get("yaml"):
         ldm_config = _read_yaml(Path(info["yaml"]))
