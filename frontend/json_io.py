@@ -14,7 +14,8 @@ import os
 import time
 from typing import Any
 
-from sd_scripts.core.errors import ConfigError, UserErrors
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 from sd_scripts.core.settings import front_settings
 
 from .loaded_settings import LoadedSettings, coerce_file_values
@@ -99,9 +100,9 @@ def load_settings_file(path: str, store_cls: type | None = None) -> LoadedSettin
             continue  # a note for people reading the file
         else:
             loaded.ignored.append(key)
-    values, errors = coerce_file_values(raw, infos, name)
-    if errors:
-        raise UserErrors(errors)
+    problems = Problems()
+    values = coerce_file_values(raw, infos, name, problems)
+    problems.raise_errors()
     loaded.skip_list = list(values.pop("json_load_skip_list", None) or [])
     loaded.values = values
     return loaded

@@ -20,7 +20,7 @@ import shlex
 import tempfile
 from typing import Any
 
-from sd_scripts.core.errors import ConfigError, UserErrors
+from sd_scripts.core.problems import Problems
 from sd_scripts.core.settings import front_settings
 
 from .fields import SettingInfo, parse_bool, parse_key_values
@@ -148,13 +148,13 @@ class _Converter:
         self.name = os.path.basename(path)
         self.infos = infos
         self.raw: dict[str, tuple[Any, str]] = {}
-        self.errors: list[ConfigError] = []
+        self.problems = Problems()
         self.ignored: list[str] = []
         self.notes: list[str] = []
         self.network_args: dict[str, str] = {}
 
     def error(self, key: str, text: str, setting: str | None = None) -> None:
-        self.errors.append(ConfigError(f"{self.name}: {key}: {text}", setting=setting or key))
+        self.problems.error(setting or key, text, named=key, where=self.name)
 
     def set(self, name: str, value: Any, key: str) -> None:
         if name in _ZERO_IS_UNSET and _is_off(value):
@@ -188,10 +188,8 @@ class _Converter:
         self.sdxl_options()
         self.additional_parameters()
 
-        values, errors = coerce_file_values(self.raw, self.infos, self.name)
-        errors = self.errors + errors
-        if errors:
-            raise UserErrors(errors)
+        values = coerce_file_values(self.raw, self.infos, self.name, self.problems)
+        self.problems.raise_errors()
         if self.network_args:
             merged = dict(values.get("network_args") or {})
             merged.update(self.network_args)

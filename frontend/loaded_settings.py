@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 
 from .fields import SettingInfo, coerce
 
@@ -32,11 +32,10 @@ class LoadedSettings:
 
 
 def coerce_file_values(
-    raw: dict[str, tuple[Any, str]], infos: dict[str, SettingInfo], file_name: str
-) -> tuple[dict[str, Any], list[ConfigError]]:
-    """Convert ``{setting: (value, key as written in the file)}``; collect one error per bad value."""
+    raw: dict[str, tuple[Any, str]], infos: dict[str, SettingInfo], file_name: str, problems: Problems
+) -> dict[str, Any]:
+    """Convert ``{setting: (value, key as written in the file)}``; record one error per bad value in ``problems``."""
     values: dict[str, Any] = {}
-    errors: list[ConfigError] = []
     for name, (value, key) in raw.items():
         info = infos[name]
         if isinstance(value, str) and value.strip() == "":
@@ -45,5 +44,5 @@ def coerce_file_values(
             values[name] = coerce(info, value)
         except ValueError as err:
             label = key if key == name else f"{key} (-> {name})"
-            errors.append(ConfigError(f"{file_name}: {label}: {err}", setting=name))
-    return values, errors
+            problems.error(name, str(err), named=label, where=file_name)
+    return values

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_scripts.core.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.problems import Problems
 from sd_scripts.core.rules import check_rules
 
@@ -127,17 +127,16 @@ def resolve_paths(values: dict[str, Any], infos: dict[str, SettingInfo], also_lo
 def _typed(values: dict[str, Any], infos: dict[str, SettingInfo], source: str) -> dict[str, Any]:
     """Check and convert values given in Python (ArgsList.py edits, callers of resolve_settings)."""
     out: dict[str, Any] = {}
-    errors: list[UserError] = []
+    problems = Problems()
     for name, value in values.items():
         if name not in infos:
-            errors.append(ConfigError(f"{source}: unknown setting {name}", setting=name))
+            problems.add(ConfigError(f"{source}: unknown setting {name}", setting=name))
             continue
         try:
             out[name] = coerce(infos[name], value)
         except ValueError as err:
-            errors.append(ConfigError(f"{source}: {name}: {err}", setting=name))
-    if errors:
-        raise UserErrors(errors)
+            problems.error(name, str(err), where=source)
+    problems.raise_errors()
     return out
 
 

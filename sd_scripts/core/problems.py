@@ -23,9 +23,12 @@ class Problems:
         self.errors: list[UserError] = []
         self.warnings: list[str] = []
 
-    def error(self, setting: str, text: str, kind: type[UserError] = ConfigError) -> None:
-        """A mistake in ``setting``: the message reads ``<setting>: <text>``."""
-        self.errors.append(kind(f"{setting}: {text}", setting))
+    def error(self, setting: str, text: str, kind: type[UserError] = ConfigError, *, named: str | None = None,
+              where: str | None = None) -> None:
+        """A mistake in ``setting``: the message reads ``<setting>: <text>`` (``named``: the name shown instead, such
+        as a file's own key; ``where``: what comes first, such as the file's name)."""
+        prefix = f"{where}: " if where else ""
+        self.errors.append(kind(f"{prefix}{named or setting}: {text}", setting))
 
     def add(self, error: UserError) -> None:
         """An error raised elsewhere (several, for ``UserErrors``)."""

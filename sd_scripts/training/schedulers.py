@@ -35,7 +35,8 @@ import inspect
 import math
 from typing import Any
 
-from sd_scripts.core.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
 
 __all__ = [
@@ -207,8 +208,8 @@ def _name(config) -> str:
 
 def check_scheduler_settings(config, optimizer_type: str | None = None, adafactor_relative_step: bool = False) -> list[str]:
     """Preflight for scheduler settings: returns warnings; raises ConfigError / UserErrors."""
-    warnings: list[str] = []
-    errors: list[UserError] = []
+    found = Problems()
+    warnings, errors = found.warnings, found.errors
 
     def attempt(fn, *a, **k):
         try:
@@ -278,10 +279,7 @@ def check_scheduler_settings(config, optimizer_type: str | None = None, adafacto
                 ))
             if name == "warmup_stable_decay" and not decay:
                 warnings.append("lr_scheduler warmup_stable_decay with lr_decay_steps 0 never decays; set lr_decay_steps (steps, a ratio or N%)")
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise UserErrors(errors)
+    found.raise_errors(one_as_is=True)
     return warnings
 
 
