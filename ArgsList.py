@@ -414,6 +414,12 @@ class ArgStore(SettingsStore):
         "SDXL on small cards (needs mixed_precision fp16 or bf16; off without CUDA)")
     fp8_base_unet: bool = setting(
         False, "as fp8_base, for the UNet only")
+    blocks_to_swap: int = setting(
+        0, "FLUX.1: transformer blocks kept in CPU memory and copied to the GPU as they run, forward and backward "
+        "(kohya's count: N//2 double + 2(N - N//2) single blocks, up to 35): much less VRAM, slower")
+    cpu_offload_checkpointing: bool = setting(
+        False, "FLUX.1 with gradient_checkpointing: the activations kept between blocks wait in CPU memory (about 1 "
+        "GB less VRAM at 1024 px, about 15% slower)")
     wandb_run_name: str | None = setting(
         None, "Weights & Biases run name (default: log_prefix, output name and start time)")
 

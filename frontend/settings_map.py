@@ -95,6 +95,9 @@ def apply_fallbacks(store: Any, has_cuda: bool, has_xformers: bool) -> tuple[Any
             if getattr(store, name, False):
                 updates[name] = False
                 changes.append(f"{name} -> off")
+        if getattr(store, "blocks_to_swap", 0):  # the blocks would be copied from RAM to RAM
+            updates["blocks_to_swap"] = 0
+            changes.append(f"blocks_to_swap {store.blocks_to_swap} -> 0")
         if store.optimizer_type in _EIGHT_BIT_FALLBACK:
             updates["optimizer_type"] = _EIGHT_BIT_FALLBACK[store.optimizer_type]
             changes.append(f"optimizer_type {store.optimizer_type} -> {updates['optimizer_type']}")

@@ -1,7 +1,9 @@
 """GPU memory recipes for the training wizard: one answer sets the memory settings known to fit a card.
 
-``MEMORY_RECIPES`` holds, per model family (SD 1.x/2.x share one table, SDXL has its own), the ArgStore values of
-each answer. :func:`plan_recipe` turns an answer into changes: a setting still at its ``ArgsList.py`` default is the
+``MEMORY_RECIPES`` holds, per model family (SD 1.x/2.x share one table, SDXL and FLUX.1 have their own), the
+ArgStore values of each answer. The FLUX.1 recipes are the community's figures (kohya's FLUX.1 guide: with
+``fp8_base``, 24 GB trains at batch 2, 16 GB at batch 1 with some blocks swapped, 12 GB with ``blocks_to_swap 16``
+and 8-bit AdamW), not measured here yet: their labels say so. :func:`plan_recipe` turns an answer into changes: a setting still at its ``ArgsList.py`` default is the
 recipe's to set, any other value is the user's own (command line, JSON file, an earlier answer) and stays; a change
 that would clash with other settings is left out, with one line saying why. :func:`probe_gpu` reads the card's
 memory without importing torch (``nvidia-smi``), or from ``torch.cuda`` when torch is already loaded.
@@ -44,7 +46,19 @@ MEMORY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                      cache_text_encoder_outputs=False, fp8_base=False, batch_size=4, mixed_precision="bf16",
                      no_half_vae=False),
     },
+    "flux": {
+        "12gb": dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=True, unet_only=True,
+                     cache_text_encoder_outputs=True, fp8_base=True, blocks_to_swap=16, batch_size=1,
+                     optimizer_type="AdamW8bit", mixed_precision="bf16"),
+        "16gb": dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=True, unet_only=True,
+                     cache_text_encoder_outputs=True, fp8_base=True, blocks_to_swap=8, batch_size=1,
+                     optimizer_type="AdamW8bit", mixed_precision="bf16"),
+        "24gb": dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=False, unet_only=True,
+                     cache_text_encoder_outputs=True, fp8_base=True, blocks_to_swap=0, batch_size=2,
+                     mixed_precision="bf16"),
+    },
 }
+COMMUNITY_FIGURES = "community figures (kohya's FLUX.1 guide), not measured here yet"
 MEMORY_LABELS: dict[str, dict[str, str]] = {
     "sd": {
         KEEP: "Keep my settings (change nothing)",
@@ -59,17 +73,24 @@ MEMORY_LABELS: dict[str, dict[str, str]] = {
         "16gb": "16 GB: gradient checkpointing, batch size 2, bf16",
         "24gb": "24 GB or more: batch size 4, bf16",
     },
+    "flux": {
+        KEEP: "Keep my settings (change nothing)",
+        "12gb": f"12 GB: float8 model, 16 blocks swapped to the CPU, 8-bit AdamW, batch size 1 ({COMMUNITY_FIGURES})",
+        "16gb": f"16 GB: float8 model, 8 blocks swapped to the CPU, 8-bit AdamW, batch size 1 ({COMMUNITY_FIGURES})",
+        "24gb": f"24 GB or more: float8 model, batch size 2 ({COMMUNITY_FIGURES})",
+    },
 }
 # the smallest card (GiB as the driver reports it, a little under the box's GB) each answer is for
 _THRESHOLDS = {"sd": (("16gb", 15.0), ("8gb", 7.0), ("6gb", 0.0)),
-               "sdxl": (("24gb", 20.0), ("16gb", 14.0), ("12gb", 9.5), ("8gb", 0.0))}
+               "sdxl": (("24gb", 20.0), ("16gb", 14.0), ("12gb", 9.5), ("8gb", 0.0)),
+               "flux": (("24gb", 20.0), ("16gb", 14.0), ("12gb", 0.0))}
 # the settings declared to change captions from step to step (sd_scripts/core/settings.py)
 _CAPTION_CHANGERS = tuple(s.name for s in front_settings() if s.changes_captions)
 
 
 def recipe_family(model_type: str) -> str:
-    """The recipe table of a wizard model type: ``sdxl``, or ``sd`` for SD 1.x and 2.x."""
-    return "sdxl" if model_type == "sdxl" else "sd"
+    """The recipe table of a wizard model type: ``sdxl``, ``flux``, or ``sd`` for SD 1.x and 2.x."""
+    return model_type if model_type in ("sdxl", "flux") else "sd"
 
 
 def managed_settings(family: str) -> list[str]:
@@ -157,7 +178,7 @@ def plan_recipe(store: Any, family: str, answer: str) -> tuple[dict[str, Any], l
 
     pinned = "full_fp16" if store.full_fp16 else "full_bf16" if store.full_bf16 else None
     offer_if_in_recipe("mixed_precision", f"{pinned} needs {store.mixed_precision}" if pinned else None)
-    for name in ("batch_size", "optimizer_type", "gradient_checkpointing", "no_half_vae"):
+    for name in ("batch_size", "optimizer_type", "gradient_checkpointing", "no_half_vae", "blocks_to_swap"):
         offer_if_in_recipe(name)
     augment = "random_crop" if store.random_crop else "color_aug" if store.color_aug else None
     offer_if_in_recipe("cache_latents", f"{augment} needs the images encoded each step" if augment else None)

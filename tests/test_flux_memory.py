@@ -203,3 +203,41 @@ def test_fp8_base_loads_the_block_linears_straight_into_float8(tiny_flux_files):
     for name, b in fp8.state_dict().items():  # each weight rounded once, from the file's values
         assert torch.equal(source[name].to(b.dtype).float(), b.float()), name
         assert torch.equal(plain.state_dict()[name], source[name].to(torch.bfloat16))
+
+
+def test_memory_settings_are_checked_before_the_model_loads():
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.families import get_family
+    from sd_scripts.models.memory_settings import memory_setting_problems
+
+    flux, sdxl = get_family("flux"), get_family("sdxl")
+    full = {"double_blocks": 19, "single_blocks": 38}
+
+    def problems(family, info=None, **kw):
+        errors, _ = memory_setting_problems(TrainConfig(**kw), family, info)
+        return [(e.setting, str(e)) for e in errors]
+
+    assert problems(flux, full, blocks_to_swap=16, gradient_checkpointing=True, cpu_offload_checkpointing=True) == []
+    assert problems(flux, full, blocks_to_swap=37)[0][1] == ("blocks_to_swap: 37 is more than this model's 19 + 38 "
+                                                             "blocks allow; give at most 36")
+    assert problems(flux, {"double_blocks": 3, "single_blocks": 5}, blocks_to_swap=5)[0][0] == "blocks_to_swap"
+    assert problems(sdxl, blocks_to_swap=4)[0][1].startswith("blocks_to_swap: only FLUX.1 transformers swap blocks")
+    assert [s for s, _ in problems(sdxl, cpu_offload_checkpointing=True, gradient_checkpointing=True)] == \
+        ["cpu_offload_checkpointing"]
+    # declared with the settings: the range and the rule that offloading needs checkpointing
+    from sd_scripts.core.problems import Problems
+    from sd_scripts.core.rules import check_engine_values, check_rules
+
+    found = Problems()
+    check_engine_values(TrainConfig(blocks_to_swap=-1), found, ["blocks_to_swap"])
+    check_rules(TrainConfig(cpu_offload_checkpointing=True), "engine", found)
+    assert [e.setting for e in found.errors] == ["blocks_to_swap", "cpu_offload_checkpointing"]
+    assert "needs gradient_checkpointing" in str(found.errors[1])
+
+
+def test_flux_detection_reads_the_block_counts(tiny_flux_files):
+    from sd_scripts.core.config import TrainConfig
+    from sd_scripts.models.loading import detect_family
+
+    family, info = detect_family(TrainConfig(pretrained_model_name_or_path=str(tiny_flux_files["transformer"])))
+    assert family.name == "flux" and (info["double_blocks"], info["single_blocks"]) == (2, 2)

@@ -1029,3 +1029,75 @@ def test_a_recipe_leaves_out_what_other_settings_pin():
     assert "unet_only" not in changes and "cache_text_encoder_outputs" not in changes
     assert skipped == [] and changes["batch_size"] == 4  # the user's own cache and UNet-only training stay
     assert plan_recipe(ArgStore(), "sd", "keep") == ({}, [])
+
+
+# ------------------------------------------------------------------------------------------ FLUX.1 memory recipes
+# the documented FLUX.1 recipes (README "The guided wizard"; kohya's FLUX.1 guide, community figures)
+FLUX_RECIPES = {
+    "12gb": dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=True, unet_only=True,
+                 cache_text_encoder_outputs=True, fp8_base=True, blocks_to_swap=16, batch_size=1,
+                 optimizer_type="AdamW8bit", mixed_precision="bf16"),
+    "16gb": dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=True, unet_only=True,
+                 cache_text_encoder_outputs=True, fp8_base=True, blocks_to_swap=8, batch_size=1,
+                 optimizer_type="AdamW8bit", mixed_precision="bf16"),
+    "24gb": dict(gradient_checkpointing=True, cache_latents=True, cache_latents_to_disk=False, unet_only=True,
+                 cache_text_encoder_outputs=True, fp8_base=True, blocks_to_swap=0, batch_size=2, mixed_precision="bf16"),
+}
+
+
+def _flux_config_problems(store):
+    """validate_store, preflight's settings checks and the memory-saver checks for a full-size FLUX.1, on CUDA."""
+    from frontend.resolve import validate_store
+    from frontend.settings_map import to_train_config
+    from sd_scripts.models.families import check_family_settings, get_family
+    from sd_scripts.models.memory_settings import memory_setting_problems
+    from sd_scripts.training.preflight import settings_checks as preflight
+
+    validate_store(store)
+    config = to_train_config(store, has_cuda=True, has_xformers=False).config
+    info = {"double_blocks": 19, "single_blocks": 38}
+    return ([str(e) for e in preflight.check_settings(config)] + [str(e) for e in check_family_settings(config)[0]]
+            + [str(e) for e in memory_setting_problems(config, get_family("flux"), info)[0]])
+
+
+@pytest.mark.parametrize("answer", list(FLUX_RECIPES))
+def test_each_flux_memory_recipe_sets_exactly_its_settings_and_validates(paths, monkeypatch, answer):
+    from popups.gpu_memory import MEMORY_LABELS, MEMORY_RECIPES, plan_recipe, recipe_family
+    from sd_scripts.training.preflight import settings_checks as preflight
+
+    monkeypatch.setattr(preflight, "_cuda_available", lambda: True)
+    assert recipe_family("flux") == "flux" and list(MEMORY_RECIPES["flux"]) == ["12gb", "16gb", "24gb"]
+    assert "community figures" in MEMORY_LABELS["flux"][answer]
+    store = ArgStore()
+    changes, skipped = plan_recipe(store, "flux", answer)
+    recipe = FLUX_RECIPES[answer]
+    assert skipped == []
+    assert changes == {k: v for k, v in recipe.items() if v != getattr(store, k)}
+    changed = store.replace(**changes)
+    assert {name: getattr(changed, name) for name in recipe} == recipe
+    assert _flux_config_problems(changed.replace(base_model=paths["base_model"], img_folder=paths["img_folder"],
+                                                 output_folder=paths["output_folder"])) == []
+
+
+def test_a_flux_memory_recipe_keeps_the_users_own_settings_and_leaves_out_clashes():
+    from popups.gpu_memory import plan_recipe, suggested_answer
+
+    own = ArgStore(batch_size=3, blocks_to_swap=4, mixed_precision="no", shuffle_captions=True)
+    changes, skipped = plan_recipe(own, "flux", "12gb")
+    assert "batch_size" not in changes and "blocks_to_swap" not in changes and "mixed_precision" not in changes
+    assert "fp8_base" not in changes and "cache_text_encoder_outputs" not in changes
+    assert any(line.startswith("fp8_base on left out") for line in skipped)
+    assert any(line.startswith("cache_text_encoder_outputs on left out") for line in skipped)
+    assert changes["gradient_checkpointing"] is True and own.replace(**changes).optimizer_type == "AdamW8bit"
+    assert [suggested_answer("flux", gib) for gib in (8.0, 11.6, 15.6, 23.6, 79.6)] == \
+        ["12gb", "12gb", "16gb", "24gb", "24gb"]
+
+
+@pytest.mark.skipif("flux" not in __import__("popups.training_flow", fromlist=["MODEL_TYPES"]).MODEL_TYPES,
+                    reason="the wizard's FLUX.1 model type comes with the FLUX.1 front end")
+@pytest.mark.parametrize("answer", list(FLUX_RECIPES))
+def test_the_wizard_offers_the_flux_recipes(paths, answer):
+    store, asker = run_wizard(answers(paths, model_type="flux", gpu_memory=answer))
+    question = asker.questions("gpu_memory")[0]
+    assert question.options == ("keep", "12gb", "16gb", "24gb") and "community figures" in question.label(answer)
+    assert {name: getattr(store, name) for name in FLUX_RECIPES[answer]} == FLUX_RECIPES[answer]

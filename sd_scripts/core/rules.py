@@ -111,6 +111,9 @@ RULES: tuple[Rule, ...] = (
          where=("engine",)),
     Rule("fp8_base_unet", _NEEDS_FP8, lambda v: v.fp8_base_unet and v.mixed_precision not in ("fp16", "bf16"),
          where=("engine",)),
+    Rule("cpu_offload_checkpointing", "moves the checkpointed activations to the CPU, so it needs "
+         "{gradient_checkpointing}; turn {gradient_checkpointing} on",
+         lambda v: v.cpu_offload_checkpointing and not v.gradient_checkpointing),
     Rule("initial_step", lambda v, n: f"{v.initial_step} is not below {n['max_steps']} {v.max_steps}; raise "
          f"{n['max_steps']} or start earlier",
          lambda v: _whole(v.initial_step) and v.initial_step >= 0 and v.num_epochs is None and _whole(v.max_steps)

@@ -506,6 +506,13 @@ SETTINGS: tuple[Setting, ...] = (
             "small cards (needs mixed_precision fp16 or bf16; off without CUDA)", PRECISION, metadata="ss_fp8_base"),
         Setting("fp8_base_unet", bool, False, "as fp8_base, for the UNet only", PRECISION,
             metadata="ss_fp8_base_unet"),
+        Setting("blocks_to_swap", int, 0,
+            "FLUX.1: transformer blocks kept in CPU memory and copied to the GPU as they run, forward and backward "
+            "(kohya's count: N//2 double + 2(N - N//2) single blocks, up to 35): much less VRAM, slower", PRECISION,
+            range=at_least(0, whole=True)),
+        Setting("cpu_offload_checkpointing", bool, False,
+            "FLUX.1 with gradient_checkpointing: the activations kept between blocks wait in CPU memory (about 1 GB "
+            "less VRAM at 1024 px, about 15% slower)", PRECISION),
         Setting("wandb_run_name", str | None, None,
             "Weights & Biases run name (default: log_prefix, output name and start time)", LOGGING),
     ),

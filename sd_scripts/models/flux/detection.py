@@ -27,12 +27,14 @@ def is_flux_diffusers_folder(folder: Path, model_index: Mapping | None = None) -
 
 def describe_flux(config, info: dict, shapes: Mapping | None) -> dict:
     """Detection facts: ``flux_variant`` ("dev" | "schnell") and its source, and which parts the model file itself
-    holds (``has_clip_l``, ``has_t5xxl``, ``has_ae``)."""
+    holds (``has_clip_l``, ``has_t5xxl``, ``has_ae``), and the transformer's ``double_blocks`` / ``single_blocks``."""
     if info["kind"] == "single_file":
         keys = list(shapes)
         has_guidance = any(k.endswith("guidance_in.in_layer.weight") for k in keys)
         parts = {name: any(k.startswith(prefix) for k in keys) for name, prefix in AIO_PREFIXES.items()}
         fmt = "safetensors" if is_safetensors(info["path"]) else "ckpt"
+        blocks = [len({k.split(head + ".", 1)[1].split(".", 1)[0] for k in keys if head + "." in k})
+                  for head in ("double_blocks", "single_blocks")]
     else:
         import json
 
@@ -43,6 +45,7 @@ def describe_flux(config, info: dict, shapes: Mapping | None) -> dict:
             raise load_error(SETTING, f"{folder} has no readable transformer/config.json; give a complete FLUX.1 "
                                       "diffusers folder") from None
         has_guidance = bool(transformer.get("guidance_embeds"))
+        blocks = [int(transformer.get("num_layers", 19)), int(transformer.get("num_single_layers", 38))]
         parts = {"clip_l": (folder / "text_encoder").is_dir(), "t5xxl": (folder / "text_encoder_2").is_dir(),
                  "ae": (folder / "vae").is_dir()}
         fmt = "diffusers"
@@ -51,6 +54,6 @@ def describe_flux(config, info: dict, shapes: Mapping | None) -> dict:
     return {"format": fmt, "flux_variant": variant, "variant_source": "setting" if wanted else "model files",
             "guidance_embed": has_guidance, "v_parameterization": False, "v_source": "family",
             "trained_zero_terminal_snr": False, "has_clip_l": parts["clip_l"], "has_t5xxl": parts["t5xxl"],
-            "has_ae": parts["ae"]}
+            "has_ae": parts["ae"], "double_blocks": blocks[0], "single_blocks": blocks[1]}
 
 

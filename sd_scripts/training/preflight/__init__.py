@@ -42,6 +42,7 @@ def preflight(config, model_given: bool = False) -> Plan:
     from sd_scripts.data.dataset_layout import scan_dataset
     from sd_scripts.files.user_metadata import check_metadata_settings
     from sd_scripts.models.families import check_family_settings
+    from sd_scripts.models.memory_settings import memory_setting_problems
     from sd_scripts.networks.factory import check_network_settings
     from sd_scripts.training.losses import check_noise_loss_settings
     from sd_scripts.training.loop_settings import check_loop_settings
@@ -69,6 +70,7 @@ def preflight(config, model_given: bool = False) -> Plan:
         problems.warnings.extend(getattr(plan.dataset, "warnings", []) or [])
         plan.summary.extend(dataset_summary(plan.dataset))
     check_family_settings(config, plan.family, plan.dataset, plan.model_info, problems)
+    problems.extend(*memory_setting_problems(config, plan.family, plan.model_info))
     with problems.collecting():
         check_network_settings(config, plan.family, problems)
     check_output_outside_dataset(config, plan.dataset, problems)
