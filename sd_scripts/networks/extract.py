@@ -14,7 +14,7 @@ of the total). In ``fixed`` mode a rank far below the matrix size uses a randomi
 (``SVDResult.exact`` False; its relative error is reported per module).
 
 Text-encoder modules are kept when ``max |delta| > min_diff`` (per module: kohya's all-or-nothing
-gate dropped whole text encoders, reference F.3). The file is written with kohya keys, one alpha,
+gate dropped whole text encoders). The file is written with kohya keys, one alpha,
 and kohya's minimum metadata (``ss_network_module``, dims, ``ss_v2``, ``ss_base_model_version``).
 """
 

@@ -2,7 +2,7 @@
 
 Driven by the checkpoint's own keys, so it needs no model config and works for any block count and
 layers per block (full-size and tiny models alike). The UNet's LDM paths are turned into the
-diffusers paths kohya names its SD1/SD2 modules by (reference kohya §6.2, the inverse of
+diffusers paths kohya names its SD1/SD2 modules by (as kohya's model_util converts them, the inverse of
 :func:`sd_scripts.models.ldm_convert.unet_ldm_name`):
 
 * ``input_blocks.0.0`` -> ``conv_in``; ``time_embed.0/2`` -> ``time_embedding.linear_1/2``; ``out.0/2`` ->

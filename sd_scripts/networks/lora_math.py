@@ -4,7 +4,8 @@ This is the bottom layer of the LoRA tools (resize, merge, extract, merge into a
 no file names, no state-dict keys, no printing. Every function takes and returns tensors
 (or plain numbers) and works on whatever device its inputs are on.
 
-Conventions (see ``shared/reference/lora-tools-and-lycoris.md`` section 1.2 and D):
+Conventions (kohya-ss/sd-scripts' and LyCORIS 4.1.3's, which the tools' tests in ``tests/test_lora_resize.py``,
+``tests/test_lora_merge.py`` and ``tests/test_lycoris_merge.py`` check against):
 
 * A weight of shape ``(out, in)`` or ``(out, in, kh, kw)`` is handled as the matrix
   ``(out, in*kh*kw)``; its delta is reshaped back at the end.
@@ -458,7 +459,7 @@ def select_rank(s: torch.Tensor, method: str, param: float | None, cap: int) -> 
     """Number of singular values to keep, between 1 and ``min(cap, len(s))``.
 
     Resize methods keep the *smallest* rank that meets the target (kohya's ``resize_lora``
-    keeps one more than that, see the reference A.4):
+    keeps one more than that):
 
     * ``fixed``: ``cap``.
     * ``sv_ratio``: the values with ``S[0] / S[i] <= param`` (``param >= 1``).

@@ -5,11 +5,11 @@ The module -> weight map is :mod:`sd_scripts.networks.ldm_lora_map` (family dete
 keys; SDXL networks use kohya's SGM UNet names and ``lora_te1_`` / ``lora_te2_``).
 
 ``W' = W + sum_i ratio_i * delta_i`` per weight, computed in float32 and cast back to the
-weight's own dtype once, whatever the number of networks. The deltas (reference D.2):
+weight's own dtype once, whatever the number of networks. The deltas (LyCORIS 4.1.3's formulas):
 
 * LoRA/LoCon: ``(alpha/r) up @ down``, Tucker ``lora_mid`` included;
 * LoHa: ``(alpha/r) (w1a w1b) ⊙ (w2a w2b)`` and LoKr ``(alpha/r) kron(w1, w2)``, each scaled
-  **once** (LyCORIS 3.0-4.1.3's own merge squares alpha/r, reference D.3);
+  **once** (LyCORIS 3.0-4.1.3's own merge squares alpha/r);
 * IA3: ``W_base ⊙ w`` along the output rows or input columns (``on_input``);
 * full: ``diff`` (and ``diff_b`` on the bias); norm: ``w_norm`` / ``b_norm``;
 * GLoRA: ``(alpha/r) (W a1 a2 + b1 b2)`` with the base ``W``.

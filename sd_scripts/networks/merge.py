@@ -6,11 +6,11 @@ Both LoRA-to-LoRA modes start from each module's low-rank form ``ratio * (alpha/
 * ``--concat``: the forms are stacked along the rank axis with ``sqrt(|ratio * scale|)`` on each
   side (the sign on the up side) and ``alpha = rank`` (scale 1), so the output delta is **exactly**
   ``sum ratio_i * delta_i``, for any ranks and any real ratios. (kohya's concat keeps the first
-  file's alpha, which halves two equal LoRAs; its non-concat merge sums ups and downs separately and
-  acts as ``ratio * |ratio|``: reference B.1.)
+  file's alpha, which halves two equal LoRAs; its non-concat merge sums ups and downs separately and so
+  acts as ``ratio * |ratio|``. ``tests/test_lora_merge.py`` checks the exact sums.)
 * SVD: the stacked form is decomposed in factor space and truncated to ``new_rank`` /
-  ``new_conv_rank`` (k x k convs), ``alpha = rank``. No quantile clamp (the reference B.3 measured
-  it as the main error source of kohya's svd_merge).
+  ``new_conv_rank`` (k x k convs), ``alpha = rank``. No quantile clamp (kohya's svd_merge clamps the
+  factors' values at a quantile, which changes the merged delta beyond the truncation).
 
 Merging into a checkpoint is :mod:`sd_scripts.networks.lycoris_merge`.
 """

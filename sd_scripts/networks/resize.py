@@ -4,7 +4,7 @@ Each module's delta is decomposed in factor space (:func:`lora_math.factor_svd`)
 and down factors and an SVD of the small core, so no ``out x in*k*k`` matrix is formed unless
 that is cheaper. The result is a kohya LoRA/LoCon file: the strength is kept by writing
 ``alpha' = (alpha / r) * r'`` for LoRA modules, ``alpha' = r'`` (scale 1) for modules converted
-from another algorithm. Differences from kohya's tool (reference A.4/A.5), on purpose:
+from another algorithm. Differences from kohya's ``resize_lora.py``, on purpose:
 
 * dynamic methods keep the *smallest* rank that meets the target, never above the module's
   own rank (kohya keeps one more, and can add noise singular values beyond the original rank);
