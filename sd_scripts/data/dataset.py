@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.data.buckets import BucketManager, bucket_info as make_bucket_info, crop_ltrb, crop_offsets
 from sd_scripts.data.captions import process_caption
 from sd_scripts.data.dataset_layout import DatasetPlan, ImageRecord, place_in_buckets
@@ -109,13 +110,13 @@ def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
 class TrainDataset:
     """Batches of a :class:`DatasetPlan` (see the module docstring)."""
 
-    def __init__(self, plan: DatasetPlan, config: Any, seed: int | None):
+    def __init__(self, plan: DatasetPlan, config: TrainConfig, seed: int | None):
         self.plan = plan
         self.config = config
         self.seed = int(seed) if seed is not None else 0
-        self.prior_loss_weight = float(getattr(config, "prior_loss_weight", 1.0))
+        self.prior_loss_weight = float(config.prior_loss_weight)
         # [epoch, step, max_train_steps], shared with DataLoader worker processes
-        self._shared = multiprocessing.RawArray("q", [1, 0, int(getattr(config, "max_train_steps", 0) or 0)])
+        self._shared = multiprocessing.RawArray("q", [1, 0, int(config.max_train_steps or 0)])
         self._built_epoch = 0
         self._latents: dict[int, Any] | None = None
         self._latents_flipped: dict[int, Any] = {}

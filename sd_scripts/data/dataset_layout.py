@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, DatasetError, UserError
 from sd_scripts.data.captions import count_tags
 from sd_scripts.data.dataset_plan import DatasetPlan, DatasetSpec, ImageRecord, Placement, SubsetSpec, place_in_buckets
@@ -110,7 +111,7 @@ class _ScanState:
             self.roots.append(root)
 
 
-def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None) -> DatasetPlan:
+def scan_dataset(config: TrainConfig, progress: Callable[[int, int], None] | None = None) -> DatasetPlan:
     """Check the dataset settings and folders and return the :class:`DatasetPlan`.
 
     Raises ``ConfigError`` / ``DatasetError`` (one line naming the setting and the fix) for one
@@ -130,11 +131,11 @@ def scan_dataset(config: Any, progress: Callable[[int, int], None] | None = None
 def _collect_layout(state: _ScanState) -> None:
     """Settings, folders and captions."""
     config = state.config
-    if getattr(config, "caption_extention", None):
+    if config.caption_extention:
         state.warnings.append("caption_extention is kohya's old misspelling; it still works, but write caption_extension")
-    state.dataset_config = getattr(config, "dataset_config", None)
-    in_json = getattr(config, "in_json", None)
-    repeats = getattr(config, "dataset_repeats", 1)
+    state.dataset_config = config.dataset_config
+    in_json = config.in_json
+    repeats = config.dataset_repeats
     if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
         state.errors.append(ConfigError(f"dataset_repeats: must be a whole number of at least 1, got {repeats!r}",
                                         "dataset_repeats"))
@@ -163,7 +164,7 @@ class _TomlDataset:
     base_dir: str  # its folder: relative image_dir and metadata_file paths may start there
     seen: set[str] = field(default_factory=set)  # folders (or metadata files) already read
 
-    def lookup(self, config: Any, sub: dict, where: str) -> Lookup:
+    def lookup(self, config: TrainConfig, sub: dict, where: str) -> Lookup:
         return Lookup(config, [(sub, f"dataset_config {where}"), (self.table, f"dataset_config {self.where}"),
                                (self.general, "dataset_config [general]")])
 
@@ -303,9 +304,9 @@ def _collect_in_json(state: _ScanState, in_json: str) -> None:
     config = state.config
     lookup = Lookup(config, [])
     state.datasets.append(state.attempt(dataset_spec, lookup))
-    if getattr(config, "reg_data_dir", None):
+    if config.reg_data_dir:
         state.warnings.append("reg_data_dir is ignored with in_json: fine-tuning datasets have no regularization images")
-    image_dir = getattr(config, "train_data_dir", None)
+    image_dir = config.train_data_dir
     if image_dir:
         _check_image_folder(image_dir, "train_data_dir")
     else:  # kohya needs the keys to be paths then; the metadata's own folder is searched too
@@ -318,11 +319,11 @@ def _collect_folders(state: _ScanState) -> None:
     config = state.config
     lookup = Lookup(config, [])
     state.datasets.append(state.attempt(dataset_spec, lookup))
-    root = check_root(getattr(config, "train_data_dir", None), "train_data_dir")
+    root = check_root(config.train_data_dir, "train_data_dir")
     state.roots.append(root)
     for path, repeats, tokens in state.attempt(dreambooth_folders, root, "train_data_dir", state.warnings) or []:
         state.add_subset(state.attempt(subset_spec, lookup, path, 0, repeats, tokens, False), "train_data_dir")
-    reg_root = getattr(config, "reg_data_dir", None)
+    reg_root = config.reg_data_dir
     if reg_root and state.attempt(check_root, reg_root, "reg_data_dir") is not None:
         state.roots.append(reg_root)
         for path, repeats, tokens in state.attempt(dreambooth_folders, reg_root, "reg_data_dir", state.warnings) or []:
@@ -332,13 +333,13 @@ def _collect_folders(state: _ScanState) -> None:
 def _check_subset_settings(state: _ScanState) -> None:
     """Settings that clash with a subset's own: masked_loss without alpha masks, cached latents with augmentation."""
     config, subsets = state.config, state.subsets
-    if getattr(config, "masked_loss", False) and subsets and not any(sub.alpha_mask for sub in subsets):
+    if config.masked_loss and subsets and not any(sub.alpha_mask for sub in subsets):
         state.errors.append(ConfigError(
             "masked_loss: the masks come from the images' alpha channels here, and no subset has alpha_mask; "
             "set alpha_mask (or alpha_mask = true in the dataset_config subsets), or turn masked_loss off",
             "masked_loss",
         ))
-    if getattr(config, "cache_latents", False) or getattr(config, "cache_latents_to_disk", False):
+    if config.cache_latents or config.cache_latents_to_disk:
         for i, sub in enumerate(subsets):
             for key in ("color_aug", "random_crop"):
                 if getattr(sub, key) and not getattr(config, key, False):  # set globally: reported already
@@ -408,7 +409,7 @@ def _finish_scan(state: _ScanState, progress) -> DatasetPlan:
         from_dataset_config=bool(state.dataset_config),
         roots=[os.path.abspath(r) for r in state.roots],
     )
-    if getattr(config, "cache_latents_to_disk", False):
+    if config.cache_latents_to_disk:
         from sd_scripts.data.latent_cache import resolve_cache_dir
 
         resolve_cache_dir(config, plan)

@@ -142,7 +142,7 @@ _UNSUPPORTED_SUBSET_KEYS = {
 class Lookup:
     """First non-None of subset -> dataset -> general -> config -> default, remembering where it came from."""
 
-    def __init__(self, config: Any, levels: list[tuple[dict, str]]):
+    def __init__(self, config: TrainConfig, levels: list[tuple[dict, str]]):
         self.config = config
         self.levels = levels  # (table, description) from most to least specific
 
@@ -295,16 +295,16 @@ def combine_errors(errors: list[UserError]) -> UserError:
 # --------------------------------------------------------------------------- settings and specs
 
 
-def check_dataset_settings(config: Any) -> None:
+def check_dataset_settings(config: TrainConfig) -> None:
     """Config-level checks that need no folders (also run by :func:`scan_dataset`)."""
     errors = dataset_settings_errors(config)
     if errors:
         raise combine_errors(errors)
 
 
-def dataset_settings_errors(config: Any) -> list[UserError]:
+def dataset_settings_errors(config: TrainConfig) -> list[UserError]:
     errors: list[UserError] = []
-    cache = bool(getattr(config, "cache_latents", False) or getattr(config, "cache_latents_to_disk", False))
+    cache = bool(config.cache_latents or config.cache_latents_to_disk)
     if cache:
         for key in ("color_aug", "random_crop"):
             if getattr(config, key, False):
@@ -313,13 +313,13 @@ def dataset_settings_errors(config: Any) -> list[UserError]:
                     f"turn off {key} or cache_latents",
                     "cache_latents",
                 ))
-    vae_bs = getattr(config, "vae_batch_size", 1)
+    vae_bs = config.vae_batch_size
     if vae_bs is not None and (not isinstance(vae_bs, int) or vae_bs < 1):
         errors.append(ConfigError(f"vae_batch_size: must be at least 1, got {vae_bs!r}", "vae_batch_size"))
-    bs = getattr(config, "train_batch_size", 1)
+    bs = config.train_batch_size
     if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
         errors.append(ConfigError(f"train_batch_size: must be at least 1, got {bs!r}", "train_batch_size"))
-    plw = getattr(config, "prior_loss_weight", 1.0)
+    plw = config.prior_loss_weight
     if plw is None or isinstance(plw, bool) or not isinstance(plw, (int, float)) or plw < 0 or not math.isfinite(plw):
         errors.append(ConfigError(f"prior_loss_weight: must be a number >= 0, got {plw!r}", "prior_loss_weight"))
     return errors

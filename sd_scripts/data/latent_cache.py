@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.files.atomic import atomic_write
 from sd_scripts.core.errors import ConfigError
 
@@ -46,12 +47,12 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_cache_dir(config: Any, plan: Any = None) -> str:
+def resolve_cache_dir(config: TrainConfig, plan: Any = None) -> str:
     """The latent cache folder for ``config``; refuses one inside the dataset folders of ``plan``."""
     folder = getattr(config, "latent_cache_dir", None)
     setting = "latent_cache_dir"
     if not folder:
-        output_dir = getattr(config, "output_dir", None)
+        output_dir = config.output_dir
         if not output_dir:
             raise ConfigError(
                 "cache_latents_to_disk: needs output_dir (the cache is kept in <output_dir>/.latent_cache); set output_dir",

@@ -24,6 +24,7 @@ import random
 from contextlib import nullcontext
 from typing import Any, Callable
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError
 
 __all__ = ["CACHE_DIR_NAME", "CACHE_FORMAT", "TextEncoderOutputCache", "build_text_encoder_cache", "fixed_captions",
@@ -33,10 +34,10 @@ CACHE_FORMAT = "lets-te-1"
 CACHE_DIR_NAME = ".te_cache"
 
 
-def wants_text_encoder_cache(config) -> bool:
+def wants_text_encoder_cache(config: TrainConfig) -> bool:
     """True when the settings ask for text-encoder output caching (in memory or on disk)."""
-    return bool(getattr(config, "cache_text_encoder_outputs", False)
-                or getattr(config, "cache_text_encoder_outputs_to_disk", False))
+    return bool(config.cache_text_encoder_outputs
+                or config.cache_text_encoder_outputs_to_disk)
 
 
 def fixed_captions(plan) -> list[str]:
@@ -50,9 +51,9 @@ def fixed_captions(plan) -> list[str]:
     return list(dict.fromkeys(captions))
 
 
-def resolve_te_cache_dir(config, plan=None) -> str:
+def resolve_te_cache_dir(config: TrainConfig, plan=None) -> str:
     """``<output_dir>/.te_cache``; refused (ConfigError) when it would be inside a dataset folder of ``plan``."""
-    output_dir = getattr(config, "output_dir", None)
+    output_dir = config.output_dir
     if not output_dir:
         raise ConfigError("cache_text_encoder_outputs_to_disk: needs output_dir (the cache is kept in "
                           "<output_dir>/.te_cache); set output_dir", "cache_text_encoder_outputs_to_disk")
@@ -164,7 +165,7 @@ class TextEncoderOutputCache:
                 torch.cat([r[name] for r in rows]) for name in rows[0]}
 
 
-def build_text_encoder_cache(config, plan, model, *, settings_key: str = "", batch_size: int = 1,
+def build_text_encoder_cache(config: TrainConfig, plan, model, *, settings_key: str = "", batch_size: int = 1,
                              context: Callable[[], Any] = nullcontext,
                              progress: Callable[[int, int], None] | None = None) -> TextEncoderOutputCache:
     """The filled cache for every caption of ``plan`` (a ``DatasetPlan``) with ``model`` (a ``LoadedModel``).
@@ -176,7 +177,7 @@ def build_text_encoder_cache(config, plan, model, *, settings_key: str = "", bat
     family = model.family
     settings = {"family": family.name, "model": settings_key, "clip_skip": config.clip_skip,
                 "max_token_length": config.max_token_length, "weighted": bool(config.weighted_captions)}
-    folder = resolve_te_cache_dir(config, plan) if getattr(config, "cache_text_encoder_outputs_to_disk", False) else None
+    folder = resolve_te_cache_dir(config, plan) if config.cache_text_encoder_outputs_to_disk else None
     cache = TextEncoderOutputCache(settings, folder)
 
     def encode(captions: list[str]) -> dict:

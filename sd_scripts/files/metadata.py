@@ -12,6 +12,7 @@ import random
 import time
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.settings import engine_settings
 
 __all__ = ["MINIMUM_KEYS", "build_training_metadata", "finish_metadata"]
@@ -23,7 +24,7 @@ def _s(value: Any) -> str:
     return str(value)
 
 
-def build_training_metadata(config, *, family, v_parameterization: bool, dataset, network_dim, network_alpha,
+def build_training_metadata(config: TrainConfig, *, family, v_parameterization: bool, dataset, network_dim, network_alpha,
                             network_args: dict, optimizer_name: str, num_batches_per_epoch: int,
                             num_train_epochs: int, max_train_steps: int, lr_warmup_steps: int,
                             num_processes: int, model_hashes: dict[str, str]) -> dict[str, str]:
@@ -57,11 +58,11 @@ def build_training_metadata(config, *, family, v_parameterization: bool, dataset
     # kohya's current train_network.py writes neither key; LoRA metadata viewers show ss_masked_loss, so a
     # masked run says so (only then, so unmasked files keep kohya's key set)
     subsets = getattr(getattr(dataset, "plan", None), "subsets", None) or []
-    if getattr(config, "alpha_mask", False):
+    if config.alpha_mask:
         md["ss_alpha_mask"] = True
-    if getattr(config, "masked_loss", False) or any(getattr(s, "alpha_mask", False) for s in subsets):
+    if config.masked_loss or any(getattr(s, "alpha_mask", False) for s in subsets):
         md["ss_masked_loss"] = True
-    if getattr(config, "dataset_config", None) and hasattr(dataset, "datasets_metadata"):
+    if config.dataset_config and hasattr(dataset, "datasets_metadata"):
         # kohya with a dataset TOML: every dataset and subset in one JSON list (the flat keys above stay too)
         md["ss_datasets"] = json.dumps(dataset.datasets_metadata())
     if network_args:

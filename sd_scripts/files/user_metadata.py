@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, UserError
 from sd_scripts.core.problems import Problems
 
@@ -44,9 +45,9 @@ def _text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
-def modelspec_title(config) -> str | None:
+def modelspec_title(config: TrainConfig) -> str | None:
     """``metadata_title``, else ``output_name`` (kohya's order)."""
-    return _text(getattr(config, "metadata_title", None)) or _text(getattr(config, "output_name", None))
+    return _text(config.metadata_title) or _text(config.output_name)
 
 
 def _image_mime(path: str) -> str | None:
@@ -96,7 +97,7 @@ def _thumbnail_problem(text: str) -> str | None:
     return None
 
 
-def user_modelspec(config) -> dict[str, str]:
+def user_modelspec(config: TrainConfig) -> dict[str, str]:
     """The ``modelspec.*`` keys the user set (author, description, ..., thumbnail as a data URL)."""
     out: dict[str, str] = {}
     for setting, key in USER_MODELSPEC_KEYS.items():
@@ -107,12 +108,12 @@ def user_modelspec(config) -> dict[str, str]:
     return out
 
 
-def check_metadata_settings(config, problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
+def check_metadata_settings(config: TrainConfig, problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
     """Preflight: the metadata settings (the thumbnail must be an image), recorded in ``problems``; returns its
     ``(errors, warnings)``."""
     problems = Problems() if problems is None else problems
     errors, warnings = problems.errors, problems.warnings
-    value = _text(getattr(config, "metadata_thumbnail", None))
+    value = _text(config.metadata_thumbnail)
     if value is None:
         return errors, warnings
     text = value.strip()

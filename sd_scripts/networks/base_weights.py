@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, UserError
 from sd_scripts.core.problems import Problems
 from sd_scripts.files import lora_keys
@@ -76,12 +77,12 @@ def _read_keys(path: str) -> tuple[list[str], dict[str, str]]:
     return keys, dict(metadata)
 
 
-def check_base_weights(config, family: Any = None, problems: Problems | None = None) -> list[UserError]:
+def check_base_weights(config: TrainConfig, family: Any = None, problems: Problems | None = None) -> list[UserError]:
     """Preflight: every ``base_weights`` file exists, reads as a LoRA made for ``family`` (a ModelFamily or its
     name; unchecked when None), and ``base_weights_multiplier`` has one number per file. Recorded in ``problems``,
     whose errors it returns."""
-    paths = list(getattr(config, "base_weights", None) or [])
-    multipliers = getattr(config, "base_weights_multiplier", None)
+    paths = list(config.base_weights or [])
+    multipliers = config.base_weights_multiplier
     problems = Problems() if problems is None else problems
     errors = problems.errors
     if multipliers and not paths:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.problems import Problems
 from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS, BlockSettings, layout_for_family, resolve_block_settings
@@ -77,7 +78,7 @@ def network_kind(network_module: str | None) -> str:
     return kind
 
 
-def _family_hint(config, family):
+def _family_hint(config: TrainConfig, family):
     if family is not None:
         return family
     if getattr(config, "sdxl", None):
@@ -87,14 +88,14 @@ def _family_hint(config, family):
     return None
 
 
-def plan_network(config, family: Any = None) -> NetworkPlan:
+def plan_network(config: TrainConfig, family: Any = None) -> NetworkPlan:
     """Parse and check ``network_module``, ``network_dim``/``alpha``/``dropout`` and ``network_args``.
 
     ``family`` (a ModelFamily or its name; default: what the settings force, else SD1/SD2) sets the
     block-weight list lengths. Raises ConfigError naming the setting; problems that do not stop the
     run are in ``warnings``."""
-    kind = network_kind(getattr(config, "network_module", None))
-    raw = split_network_args(getattr(config, "network_args", None))
+    kind = network_kind(config.network_module)
+    raw = split_network_args(config.network_args)
     dim = config.network_dim
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, float)) or dim < 1 or dim != int(dim)):
         raise ConfigError(f"network_dim: must be 1 or more, got {dim}", setting="network_dim")
@@ -105,7 +106,7 @@ def plan_network(config, family: Any = None) -> NetworkPlan:
         network_alpha = float(network_alpha)
     except (TypeError, ValueError):
         raise ConfigError(f"network_alpha: {alpha!r} is not a number; write it like 1 or 8", setting="network_alpha") from None
-    network_dropout = getattr(config, "network_dropout", None)
+    network_dropout = config.network_dropout
     if network_dropout is not None:
         try:
             parse_probability("network_dropout", network_dropout)
@@ -138,47 +139,61 @@ def plan_network(config, family: Any = None) -> NetworkPlan:
         plan.warnings.append(f"network_args: conv_dim does nothing here ({getattr(family, 'name', '')} has no "
                              "convolutions in its transformer blocks); LoCon applies as plain LoRA")
     if kind == "lora":
-        layout = layout_for_family(_family_hint(config, family))
-        plan.blocks = resolve_block_settings(raw, layout, network_dim, network_alpha, values["conv_dim"],
-                                             values["conv_alpha"])
-        if plan.blocks is not None:
-            plan.warnings += plan.blocks.warnings
-            if getattr(config, "network_train_text_encoder_only", False):
-                plan.warnings.append("network_args: block weights apply to the UNet, which is not trained "
-                                     "(network_train_text_encoder_only)")
-        if "unit" in unknown:
-            unknown.remove("unit")
-            plan.warnings.append("network_args: unit is a DyLoRA setting and does nothing with networks.lora; "
-                                 "set network_module to networks.dylora for DyLoRA")
-        lyco = [k for k in unknown if k in _LYCORIS_ONLY]
-        if lyco:
-            unknown = [k for k in unknown if k not in _LYCORIS_ONLY]
-            plan.warnings.append(f"network_args: {', '.join(lyco)}: LyCORIS only, ignored by networks.lora; "
-                                 "set network_module to lycoris.kohya for LyCORIS")
-    else:  # dylora
-        unknown = [k for k in unknown if k != "unit"]
-        plan.unit = parse_int("unit", raw.get("unit"), minimum=1) or 1
-        if network_dim % plan.unit:
-            raise ConfigError(f"network_args: unit={raw.get('unit')} must divide network_dim {network_dim}; "
-                              "pick a unit that divides it (unit=1 always works)", setting="network_args")
-        if values["conv_dim"] is not None and values["conv_dim"] != network_dim:
-            raise ConfigError(f"network_args: conv_dim={values['conv_dim']} must equal network_dim {network_dim} for "
-                              "DyLoRA (as kohya); set them to the same value", setting="network_args")
-        dropped = [k for k in ("dropout", "rank_dropout", "module_dropout") if values.get(k)]
-        if dropped:
-            plan.warnings.append(f"DyLoRA does not support {', '.join(dropped)} (as kohya); ignored")
-            for k in dropped:
-                values[k] = None
-        block_keys = [k for k in raw if k in BLOCK_ARG_KEYS]
-        if block_keys:
-            plan.warnings.append(f"network_args: {', '.join(block_keys)} work with networks.lora only; "
-                                 "networks.dylora ignores them")
+        unknown = _plan_lora(plan, config, family, unknown)
+    else:
+        unknown = _plan_dylora(plan, unknown)
     if unknown:
         plan.warnings.append(f"network_args not used by {config.network_module}: {', '.join(unknown)}")
     return plan
 
 
-def check_network_settings(config, family: Any = None, problems: Problems | None = None) -> list[str]:
+def _plan_lora(plan: NetworkPlan, config: TrainConfig, family: Any, unknown: list[str]) -> list[str]:
+    """kohya LoRA's block weights and the warnings for network_args it does not use; the keys still unknown."""
+    raw, values, network_dim, network_alpha = plan.raw_args, plan.values, plan.network_dim, plan.network_alpha
+    layout = layout_for_family(_family_hint(config, family))
+    plan.blocks = resolve_block_settings(raw, layout, network_dim, network_alpha, values["conv_dim"],
+                                         values["conv_alpha"])
+    if plan.blocks is not None:
+        plan.warnings += plan.blocks.warnings
+        if config.network_train_text_encoder_only:
+            plan.warnings.append("network_args: block weights apply to the UNet, which is not trained "
+                                 "(network_train_text_encoder_only)")
+    if "unit" in unknown:
+        unknown.remove("unit")
+        plan.warnings.append("network_args: unit is a DyLoRA setting and does nothing with networks.lora; "
+                             "set network_module to networks.dylora for DyLoRA")
+    lyco = [k for k in unknown if k in _LYCORIS_ONLY]
+    if lyco:
+        unknown = [k for k in unknown if k not in _LYCORIS_ONLY]
+        plan.warnings.append(f"network_args: {', '.join(lyco)}: LyCORIS only, ignored by networks.lora; "
+                             "set network_module to lycoris.kohya for LyCORIS")
+    return unknown
+
+
+def _plan_dylora(plan: NetworkPlan, unknown: list[str]) -> list[str]:
+    """DyLoRA's ``unit`` and what kohya's DyLoRA refuses or ignores; the keys still unknown."""
+    raw, values, network_dim = plan.raw_args, plan.values, plan.network_dim
+    unknown = [k for k in unknown if k != "unit"]
+    plan.unit = parse_int("unit", raw.get("unit"), minimum=1) or 1
+    if network_dim % plan.unit:
+        raise ConfigError(f"network_args: unit={raw.get('unit')} must divide network_dim {network_dim}; "
+                          "pick a unit that divides it (unit=1 always works)", setting="network_args")
+    if values["conv_dim"] is not None and values["conv_dim"] != network_dim:
+        raise ConfigError(f"network_args: conv_dim={values['conv_dim']} must equal network_dim {network_dim} for "
+                          "DyLoRA (as kohya); set them to the same value", setting="network_args")
+    dropped = [k for k in ("dropout", "rank_dropout", "module_dropout") if values.get(k)]
+    if dropped:
+        plan.warnings.append(f"DyLoRA does not support {', '.join(dropped)} (as kohya); ignored")
+        for k in dropped:
+            values[k] = None
+    block_keys = [k for k in raw if k in BLOCK_ARG_KEYS]
+    if block_keys:
+        plan.warnings.append(f"network_args: {', '.join(block_keys)} work with networks.lora only; "
+                             "networks.dylora ignores them")
+    return unknown
+
+
+def check_network_settings(config: TrainConfig, family: Any = None, problems: Problems | None = None) -> list[str]:
     """Preflight check of the network settings: raises ConfigError (one line naming the setting) for an
     unknown network_module or algo, a bad network_args value, a block-weight list of the wrong length,
     an unknown preset...; returns warnings (also recorded in ``problems``). Cheap: no torch, lycoris or model is
@@ -189,7 +204,7 @@ def check_network_settings(config, family: Any = None, problems: Problems | None
     return warnings
 
 
-def build_network(config, model, *, train_unet: bool, train_text_encoder: bool) -> BuiltNetwork:
+def build_network(config: TrainConfig, model, *, train_unet: bool, train_text_encoder: bool) -> BuiltNetwork:
     """Create, apply and (if asked) load the network for ``config`` on ``model`` (a LoadedModel)."""
     family = model.family
     plan = plan_network(config, family)
@@ -255,7 +270,7 @@ def _split_factory(targets):
     return make
 
 
-def _build_lycoris(plan, config, model, weights_sd, train_unet, train_te, te_prefixes, unet_path_map,
+def _build_lycoris(plan, config: TrainConfig, model, weights_sd, train_unet, train_te, te_prefixes, unet_path_map,
                    text_encoders=None):
     from sd_scripts.networks.lycoris_adapter import create_lycoris_network, lycoris_network_from_weights
 

@@ -17,11 +17,11 @@ Formulas follow kohya-ss/sd-scripts (``conditional_loss``, ``get_huber_threshold
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.config import is_finite_number as _number
 from sd_scripts.core.errors import UserError
 from sd_scripts.core.problems import Problems
@@ -104,7 +104,7 @@ def snr_loss_weights(snr: torch.Tensor, v_prediction: bool, *, min_snr_gamma: fl
     return weights
 
 
-def check_noise_loss_settings(config: Any, problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
+def check_noise_loss_settings(config: TrainConfig, problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
     """Values and combinations of the noise and loss settings (preflight): recorded in ``problems``; returns its
     ``(errors, warnings)``."""
     problems = Problems() if problems is None else problems
@@ -120,7 +120,7 @@ def check_noise_loss_settings(config: Any, problems: Problems | None = None) -> 
     return problems.errors, problems.warnings
 
 
-def prediction_type_problems(config: Any, v_parameterization: bool,
+def prediction_type_problems(config: TrainConfig, v_parameterization: bool,
                              problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
     """The settings that depend on the model's prediction type (epsilon or v), recorded in ``problems``; returns
     its ``(errors, warnings)``."""
@@ -138,8 +138,9 @@ def prediction_type_problems(config: Any, v_parameterization: bool,
         high = 1000 if config.max_timestep is None else config.max_timestep
         low = 0 if config.min_timestep is None else config.min_timestep
         reaches_last = high == 1000 or (low == high == 999)
-        divides = [name for name in ("min_snr_gamma", "debiased_estimation_loss", "v_pred_like_loss")
-                   if getattr(config, name)]
+        divides = [name for name, on in (("min_snr_gamma", config.min_snr_gamma),
+                                         ("debiased_estimation_loss", config.debiased_estimation_loss),
+                                         ("v_pred_like_loss", config.v_pred_like_loss)) if on]
         if reaches_last and divides:
             problems.error(divides[0], "with zero_terminal_snr and an epsilon model the last timestep has SNR 0, "
                            "which this weighting divides by (the loss would be NaN/inf); set max_timestep 999 or "
@@ -147,14 +148,14 @@ def prediction_type_problems(config: Any, v_parameterization: bool,
     return problems.errors, problems.warnings
 
 
-def huber_c_for(config: Any, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
+def huber_c_for(config: TrainConfig, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
     """The per-sample Huber ``c`` of a training step under ``config``; None unless loss_type is huber or smooth_l1."""
     if config.loss_type not in ("huber", "smooth_l1"):
         return None
     return huber_threshold(timesteps, alphas_cumprod, config.huber_schedule, config.huber_c, config.huber_scale)
 
 
-def loss_weights_for(config: Any, snr: torch.Tensor, v_prediction: bool) -> torch.Tensor | None:
+def loss_weights_for(config: TrainConfig, snr: torch.Tensor, v_prediction: bool) -> torch.Tensor | None:
     """:func:`snr_loss_weights` of a training step under ``config``."""
     return snr_loss_weights(snr, v_prediction, min_snr_gamma=config.min_snr_gamma,
                             scale_v_pred_loss_like_noise_pred=config.scale_v_pred_loss_like_noise_pred,

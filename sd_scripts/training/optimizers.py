@@ -54,6 +54,7 @@ import io
 import logging
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, UserError
 from sd_scripts.core.problems import Problems
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
@@ -135,11 +136,11 @@ def _names_line() -> str:
     return ", ".join(optimizer_names()) + ", any torch.optim class (Adam, RAdam...) or package.module.Class"
 
 
-def _legacy_type(config, errors: list[UserError] | None, warnings: list[str]) -> str:
+def _legacy_type(config: TrainConfig, errors: list[UserError] | None, warnings: list[str]) -> str:
     """The optimizer type after applying use_8bit_adam / use_lion_optimizer; raises (or collects) conflicts."""
-    opt_type = (getattr(config, "optimizer_type", None) or "").strip()
-    use_8bit = bool(getattr(config, "use_8bit_adam", False))
-    use_lion = bool(getattr(config, "use_lion_optimizer", False))
+    opt_type = (config.optimizer_type or "").strip()
+    use_8bit = bool(config.use_8bit_adam)
+    use_lion = bool(config.use_lion_optimizer)
 
     def fail(msg: str, setting: str) -> None:
         err = ConfigError(msg, setting)
@@ -274,24 +275,24 @@ def _check_arg_names(kwargs: dict, display: str, cls) -> None:
             raise ConfigError(f"optimizer_args: {display} has no argument {key}; valid: {', '.join(valid)}", "optimizer_args")
 
 
-def _adafactor_rules(kwargs: dict, config, warnings: list[str]) -> bool:
+def _adafactor_rules(kwargs: dict, config: TrainConfig, warnings: list[str]) -> bool:
     """kohya's AdaFactor handling: fills relative_step in kwargs, adds warnings; returns relative_step."""
     if "relative_step" not in kwargs:
         kwargs["relative_step"] = True
     if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
         warnings.append("optimizer_args: AdaFactor warmup_init=True needs relative_step=True, so relative_step is set to True")
         kwargs["relative_step"] = True
-    scheduler = (getattr(config, "lr_scheduler", "") or "").lower()
+    scheduler = (config.lr_scheduler or "").lower()
     if kwargs["relative_step"]:
-        if getattr(config, "unet_lr", None) is not None or getattr(config, "text_encoder_lr", None) is not None:
+        if config.unet_lr is not None or config.text_encoder_lr is not None:
             warnings.append("unet_lr and text_encoder_lr are ignored by AdaFactor with relative_step=True (it computes its own step size)")
-        if scheduler not in ("", "constant", "adafactor") and not getattr(config, "lr_scheduler_type", None):
+        if scheduler not in ("", "constant", "adafactor") and not config.lr_scheduler_type:
             warnings.append(
                 f"lr_scheduler {config.lr_scheduler} is replaced by AdaFactor's own schedule (relative_step=True); "
                 "for a schedule set optimizer_args relative_step=False scale_parameter=False warmup_init=False"
             )
     else:
-        if float(getattr(config, "max_grad_norm", 0.0) or 0.0) != 0.0:
+        if float(config.max_grad_norm or 0.0) != 0.0:
             warnings.append("AdaFactor with relative_step=False clips its own updates; consider max_grad_norm 0")
         if scheduler != "constant_with_warmup":
             warnings.append("AdaFactor with relative_step=False works best with lr_scheduler constant_with_warmup")
@@ -323,13 +324,13 @@ def _lr_free_rules(display: str, lrs: list, warnings: list[str]) -> None:
         warnings.append(f"optimizer_type {display} finds its own step size; set learning_rate (and unet_lr / text_encoder_lr) around 1.0, not {min(lrs):g}")
 
 
-def _config_lrs(config) -> list[float]:
-    lr = getattr(config, "learning_rate", None)
+def _config_lrs(config: TrainConfig) -> list[float]:
+    lr = config.learning_rate
     lrs = []
-    if not getattr(config, "network_train_text_encoder_only", False):
-        lrs.append(getattr(config, "unet_lr", None) if getattr(config, "unet_lr", None) is not None else lr)
-    if not getattr(config, "network_train_unet_only", False):
-        te_lr = getattr(config, "text_encoder_lr", None)
+    if not config.network_train_text_encoder_only:
+        lrs.append(config.unet_lr if config.unet_lr is not None else lr)
+    if not config.network_train_unet_only:
+        te_lr = config.text_encoder_lr
         if isinstance(te_lr, (list, tuple)):  # one per text encoder
             lrs.extend(te_lr or [lr])
         else:
@@ -348,7 +349,7 @@ def _add_decouple(kwargs: dict, display: str, cls) -> None:
 _HEAVY = ("bitsandbytes", "transformers", "schedulefree")
 
 
-def check_optimizer_settings(config, problems: Problems | None = None) -> list[str]:
+def check_optimizer_settings(config: TrainConfig, problems: Problems | None = None) -> list[str]:
     """Preflight for optimizer and scheduler settings: returns warnings (also recorded in ``problems``); raises
     ConfigError / UserErrors.
 
@@ -362,7 +363,7 @@ def check_optimizer_settings(config, problems: Problems | None = None) -> list[s
     opt_type = _legacy_type(config, errors, warnings)
     kwargs: dict = {}
     try:
-        kwargs = parse_kv_args(getattr(config, "optimizer_args", None), "optimizer_args")
+        kwargs = parse_kv_args(config.optimizer_args, "optimizer_args")
     except ConfigError as e:
         errors.append(e)
     resolved = None
@@ -436,7 +437,7 @@ def _normalize_groups(param_groups) -> list[dict]:
     return out
 
 
-def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> OptimizerBuild:
+def build_optimizer(config: TrainConfig, param_groups, warnings: list[str] | None = None) -> OptimizerBuild:
     """Create the optimizer named by ``config.optimizer_type`` over ``param_groups``.
 
     ``param_groups``: a list of dicts (``params`` and optionally ``lr``, as ``prepare_optimizer_params`` gives;
@@ -446,12 +447,12 @@ def build_optimizer(config, param_groups, warnings: list[str] | None = None) -> 
     """
     found: list[str] = []
     opt_type = _legacy_type(config, None, found)
-    kwargs = parse_kv_args(getattr(config, "optimizer_args", None), "optimizer_args")
+    kwargs = parse_kv_args(config.optimizer_args, "optimizer_args")
     resolved = resolve_optimizer_type(opt_type)
     cls = _import_class(resolved)
     _check_arg_names(kwargs, resolved.display, cls)
     groups = _normalize_groups(param_groups)
-    lr = getattr(config, "learning_rate", None)
+    lr = config.learning_rate
 
     fixed: dict = {}
     if resolved.spec is not None:
@@ -502,7 +503,7 @@ def _params_device_type(groups: list[dict]) -> str:
     return "cpu"
 
 
-def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):
+def build_lr_scheduler(config: TrainConfig, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):
     """See :func:`sd_scripts.training.schedulers.build_lr_scheduler`."""
     from sd_scripts.training.schedulers import build_lr_scheduler as _build
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.problems import Problems
 
@@ -100,11 +101,11 @@ def sampler_problem(name: str) -> str | None:
     return None
 
 
-def check_sampling_settings(config, problems: Problems | None = None) -> list[ConfigError]:
+def check_sampling_settings(config: TrainConfig, problems: Problems | None = None) -> list[ConfigError]:
     """Sampler availability for ``sample_sampler`` (names are checked by preflight; --ss by the prompt file),
     recorded in ``problems``, whose errors it returns."""
     problems = Problems() if problems is None else problems
-    if getattr(config, "sample_prompts", None) and getattr(config, "sample_sampler", None):
+    if config.sample_prompts and config.sample_sampler:
         problem = sampler_problem(config.sample_sampler)
         if problem:
             problems.error("sample_sampler", problem)

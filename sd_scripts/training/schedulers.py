@@ -35,6 +35,7 @@ import inspect
 import math
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.problems import Problems
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
@@ -194,7 +195,7 @@ def _validate_step_rules(rules: Any) -> None:
         raise ConfigError(f'lr_scheduler_args: step_rules "{rules}" is malformed; {example}', "lr_scheduler_args") from None
 
 
-def _min_lr_given(config, kwargs: dict) -> bool:
+def _min_lr_given(config: TrainConfig, kwargs: dict) -> bool:
     return (
         getattr(config, "lr_scheduler_min_lr_ratio", None) is not None
         or kwargs.get("min_lr") is not None
@@ -202,11 +203,11 @@ def _min_lr_given(config, kwargs: dict) -> bool:
     )
 
 
-def _name(config) -> str:
-    return (getattr(config, "lr_scheduler", None) or "constant").strip().lower()
+def _name(config: TrainConfig) -> str:
+    return (config.lr_scheduler or "constant").strip().lower()
 
 
-def check_scheduler_settings(config, optimizer_type: str | None = None, adafactor_relative_step: bool = False) -> list[str]:
+def check_scheduler_settings(config: TrainConfig, optimizer_type: str | None = None, adafactor_relative_step: bool = False) -> list[str]:
     """Preflight for scheduler settings: returns warnings; raises ConfigError / UserErrors."""
     found = Problems()
     warnings, errors = found.warnings, found.errors
@@ -218,11 +219,11 @@ def check_scheduler_settings(config, optimizer_type: str | None = None, adafacto
             errors.append(e)
             return None
 
-    kwargs = attempt(parse_kv_args, getattr(config, "lr_scheduler_args", None), "lr_scheduler_args") or {}
-    warmup = attempt(_steps_value, getattr(config, "lr_warmup_steps", 0), "lr_warmup_steps")
+    kwargs = attempt(parse_kv_args, config.lr_scheduler_args, "lr_scheduler_args") or {}
+    warmup = attempt(_steps_value, config.lr_warmup_steps, "lr_warmup_steps")
     decay = attempt(_steps_value, getattr(config, "lr_decay_steps", 0), "lr_decay_steps")
     name = _name(config)
-    custom = (getattr(config, "lr_scheduler_type", None) or "").strip()
+    custom = (config.lr_scheduler_type or "").strip()
     schedule_free = bool(optimizer_type) and optimizer_type.lower().endswith("schedulefree")
 
     for key in _DERIVED_KEYS:
@@ -319,22 +320,22 @@ def _adafactor_schedule(optimizer, initial_lr: float):
     return _PerGroupAdafactorSchedule(optimizer, initial_lr)
 
 
-def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):
+def build_lr_scheduler(config: TrainConfig, optimizer, num_training_steps: int, num_processes: int = 1, warnings: list[str] | None = None):
     """Create the lr scheduler for ``optimizer`` (see the module docstring for the step units).
 
     Warnings go to ``warnings`` when a list is given, else to the log. Raises ConfigError on bad settings.
     """
 
     found: list[str] = []
-    kwargs = parse_kv_args(getattr(config, "lr_scheduler_args", None), "lr_scheduler_args")
+    kwargs = parse_kv_args(config.lr_scheduler_args, "lr_scheduler_args")
     total = int(num_training_steps) * int(num_processes)
     relative = _is_relative_step_adafactor(optimizer)
     schedule_free = is_schedule_free(optimizer)
     found.extend(check_scheduler_settings(config, type(optimizer).__name__ if schedule_free else None, adafactor_relative_step=relative))
-    num_warmup = resolve_warmup_steps(getattr(config, "lr_warmup_steps", 0), num_training_steps, num_processes, "lr_warmup_steps")
+    num_warmup = resolve_warmup_steps(config.lr_warmup_steps, num_training_steps, num_processes, "lr_warmup_steps")
     num_decay = resolve_warmup_steps(getattr(config, "lr_decay_steps", 0), num_training_steps, num_processes, "lr_decay_steps")
     name = _name(config)
-    custom = (getattr(config, "lr_scheduler_type", None) or "").strip()
+    custom = (config.lr_scheduler_type or "").strip()
 
     if schedule_free:
         sched = _constant_scheduler(optimizer)
@@ -346,7 +347,7 @@ def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes
         except (TypeError, ValueError) as e:
             raise ConfigError(f"lr_scheduler_args: {custom} rejected the settings ({' '.join(str(e).split())}); fix lr_scheduler_args", "lr_scheduler_args") from None
     elif relative:
-        initial_lr = getattr(config, "learning_rate", None) or 0.0
+        initial_lr = config.learning_rate or 0.0
         if name.startswith("adafactor:"):
             try:
                 initial_lr = float(name.split(":", 1)[1])
@@ -368,15 +369,15 @@ def build_lr_scheduler(config, optimizer, num_training_steps: int, num_processes
     return sched
 
 
-def _transformers_scheduler(config, name, optimizer, kwargs, num_warmup, num_decay, total, found):
+def _transformers_scheduler(config: TrainConfig, name, optimizer, kwargs, num_warmup, num_decay, total, found):
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
     try:
         func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
     except (ValueError, KeyError):
         raise ConfigError(f"lr_scheduler: {name} is not available in the installed transformers; valid: {', '.join(scheduler_names())}", "lr_scheduler") from None
-    num_cycles = getattr(config, "lr_scheduler_num_cycles", 1) or 1
-    power = getattr(config, "lr_scheduler_power", 1.0)
+    num_cycles = config.lr_scheduler_num_cycles or 1
+    power = config.lr_scheduler_power
     min_lr_ratio = getattr(config, "lr_scheduler_min_lr_ratio", None)
     derived: dict[str, Any] = {}
     if name != "constant":

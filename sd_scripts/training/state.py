@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, UserError
 from sd_scripts.core.problems import Problems
 
@@ -204,7 +205,7 @@ def folder_bytes(path: str | os.PathLike) -> int:
 # ----------------------------------------------------------------------------- save
 
 
-def _settings_of(config) -> dict[str, Any]:
+def _settings_of(config: TrainConfig) -> dict[str, Any]:
     out = {}
     for name in MATCHING_SETTINGS:
         value = getattr(config, name, None)
@@ -264,7 +265,7 @@ def save_train_state(folder: str | os.PathLike, *, network_state: dict, optimize
             "max_train_steps": progress.max_train_steps,
             "seed": progress.seed,
             "group_names": list(progress.group_names),
-            "output_name": getattr(config, "output_name", None),
+            "output_name": config.output_name,
             "settings": _settings_of(config),
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -316,7 +317,7 @@ def read_progress(path: str | os.PathLike) -> dict[str, Any]:
     return _read_info(Path(path))
 
 
-def check_resume_settings(config, problems: Problems | None = None) -> list[UserError]:
+def check_resume_settings(config: TrainConfig, problems: Problems | None = None) -> list[UserError]:
     """Preflight for ``resume``: the folder is a complete state and the network/optimizer settings match. Recorded
     in ``problems``, whose errors it returns."""
     problems = Problems() if problems is None else problems
@@ -324,8 +325,8 @@ def check_resume_settings(config, problems: Problems | None = None) -> list[User
     return problems.errors
 
 
-def _resume_problems(config) -> list[UserError]:
-    if not getattr(config, "resume", None):
+def _resume_problems(config: TrainConfig) -> list[UserError]:
+    if not config.resume:
         return []
     path = Path(config.resume)
     if not path.is_dir():
@@ -336,7 +337,7 @@ def _resume_problems(config) -> list[UserError]:
         return [e]
     saved = info.get("settings") or {}
     now = _settings_of(config)
-    if getattr(config, "dim_from_weights", False):
+    if config.dim_from_weights:
         saved = {k: v for k, v in saved.items() if k != "network_dim"}
     diffs = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in saved if k in now and saved[k] != now[k]]
     if diffs:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
+
 
 __all__ = ["VALIDATION_TIMESTEPS", "resolve_validation_seed",
            "validation_plan", "validation_due_at_step", "validation_due_at_epoch", "validation_timesteps",
@@ -33,10 +35,9 @@ __all__ = ["VALIDATION_TIMESTEPS", "resolve_validation_seed",
 VALIDATION_TIMESTEPS = (200, 400, 600, 800)
 
 
-def resolve_validation_seed(config: Any) -> int:
+def resolve_validation_seed(config: TrainConfig) -> int:
     """``validation_seed``, else ``seed``, else 0 (the split must not change from run to run)."""
-    for name in ("validation_seed", "seed"):
-        value = getattr(config, name, None)
+    for value in (config.validation_seed, config.seed):
         if value is not None:
             return int(value)
     return 0
@@ -59,13 +60,13 @@ def validation_plan(plan: Any) -> Any | None:
     return dataclasses.replace(plan, subsets=subsets, images=images, validation_images=[])
 
 
-def validation_due_at_step(config: Any, step: int) -> bool:
-    every = getattr(config, "validate_every_n_steps", None)
+def validation_due_at_step(config: TrainConfig, step: int) -> bool:
+    every = config.validate_every_n_steps
     return bool(every) and step % every == 0
 
 
-def validation_due_at_epoch(config: Any, epoch: int) -> bool:
-    every = getattr(config, "validate_every_n_epochs", None)
+def validation_due_at_epoch(config: TrainConfig, epoch: int) -> bool:
+    every = config.validate_every_n_epochs
     return not every or epoch % every == 0
 
 
