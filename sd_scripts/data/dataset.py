@@ -1,6 +1,6 @@
 """The training dataset: bucketed batches, augmentations, captions, latent cache.
 
-``TrainDataset(plan, config, seed)`` turns a :class:`~.dataset_layout.DatasetPlan` into batches:
+``TrainDataset(plan, config, seed)`` turns a :class:`~.dataset_plan.DatasetPlan` into batches:
 
 * every image is placed in a bucket (kohya's rules, :mod:`.buckets`) once per repeat; a batch
   never mixes buckets (nor datasets of a ``dataset_config``); ``len()`` is batches per epoch;
@@ -33,7 +33,7 @@ import numpy as np
 from sd_scripts.core.config import TrainConfig
 from sd_scripts.data.buckets import BucketManager, bucket_info as make_bucket_info, crop_ltrb, crop_offsets
 from sd_scripts.data.captions import process_caption
-from sd_scripts.data.dataset_layout import DatasetPlan, ImageRecord, place_in_buckets
+from sd_scripts.data.dataset_plan import DatasetPlan, ImageRecord, place_in_buckets
 from sd_scripts.core.errors import DatasetError
 from sd_scripts.data.images import ImageProblem, load_image, load_image_with_alpha, resize_image
 from sd_scripts.data.latent_cache import DiskLatentCache, cache_key, file_digest, resolve_cache_dir
