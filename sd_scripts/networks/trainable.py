@@ -1,7 +1,8 @@
 """What the training loop needs from a network: the :class:`TrainableNetwork` protocol.
 
 Every network :func:`sd_scripts.networks.factory.build_network` returns implements it: ``LoRANetwork``
-(:mod:`.lora`, LoRA/LoCon), ``DyLoRANetwork`` (:mod:`.dylora`) and the LyCORIS adapter (:mod:`.lycoris_adapter`).
+(:mod:`.lora_network`, LoRA/LoCon), ``DyLoRANetwork`` (:mod:`.dylora`) and ``LycorisNetworkAdapter``
+(:mod:`.lycoris_network`).
 The loop calls nothing else on a network, so a new network kind never touches the loop.
 """
 
