@@ -25,7 +25,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 from multiprocessing.context import get_spawning_popen
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -105,6 +105,15 @@ def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class _LatentStore:
+    """Cached latents by item index: the image's, its mirror image's (flip_aug) and its alpha mask."""
+
+    latents: dict[int, Any] = field(default_factory=dict)
+    flipped: dict[int, Any] = field(default_factory=dict)
+    masks: dict[int, Any] = field(default_factory=dict)
 
 
 class TrainDataset:
@@ -424,8 +433,6 @@ class TrainDataset:
         kept with the latents (in memory and in the disk files). ``progress(done, total)`` is called after
         each VAE batch. Raises ``DatasetError`` naming the image when latents are not finite.
         """
-        import torch
-
         for item in self._items:
             subset = self.plan.subsets[item.record.subset]
             if subset.color_aug or subset.random_crop:
@@ -435,83 +442,95 @@ class TrainDataset:
                     "cache_latents",
                 )
         vae_batch_size = max(1, int(vae_batch_size or 1))
-        latents: dict[int, Any] = {}
-        flipped: dict[int, Any] = {}
-        masks: dict[int, Any] = {}
+        store = _LatentStore()
         cache = DiskLatentCache(resolve_cache_dir(self.config, self.plan)) if to_disk else None
         keys: dict[int, str] = {}
-        digests: dict[str, str] = {}
-        todo: list[int] = []
-        for index, item in enumerate(self._items):
-            need_flip = self.plan.subsets[item.record.subset].flip_aug
+        digests: dict[str, str] = {}  # image path -> content digest, each file read once
+        todo = [index for index in range(len(self._items))
+                if cache is None or not self._load_cached(cache, index, settings_key, keys, digests, store)]
+        groups = self._vae_batches(todo, vae_batch_size)
+        done = 0
+        total = len(todo)
+        for group in groups:
+            self._encode_group(encode_fn, group, store)
             if cache is not None:
-                path = item.record.path
-                if path not in digests:
-                    try:
-                        digests[path] = file_digest(path)
-                    except OSError as e:
-                        raise DatasetError(
-                            f"train_data_dir: image '{path}' cannot be read any more ({e.strerror}); restore it or restart to rescan"
-                        ) from None
-                key = cache_key(digests[path], self._cache_settings(item, settings_key))
-                keys[index] = key
-                spatial = (item.bucket[1] // 8, item.bucket[0] // 8)
-                need_mask = self.plan.subsets[item.record.subset].alpha_mask
-                found = cache.load(key, spatial, need_flip, (item.bucket[1], item.bucket[0]) if need_mask else None)
-                if found is not None:
-                    latents[index] = torch.from_numpy(found[0])
-                    if need_flip:
-                        flipped[index] = torch.from_numpy(found[1])
-                    if need_mask:
-                        masks[index] = torch.from_numpy(found[2])
-                    continue
-            todo.append(index)
+                for i in group:
+                    item = self._items[i]
+                    f = store.flipped.get(i)
+                    cache.save(
+                        keys[i],
+                        store.latents[i].float().numpy(),
+                        None if f is None else f.float().numpy(),
+                        item.record.size,
+                        item.crop_ltrb,
+                        None if i not in store.masks else store.masks[i].numpy(),
+                    )
+            done += len(group)
+            if progress is not None:
+                progress(done, total)
+        self._latents = store.latents
+        self._latents_flipped = store.flipped
+        self._masks = store.masks
 
-        # group by bucket (largest first, like kohya sorts by area) and encode in VAE batches
-        todo.sort(key=lambda i: (-self._items[i].bucket[0] * self._items[i].bucket[1], self._items[i].bucket, i))
+    def _load_cached(self, cache: DiskLatentCache, index: int, settings_key: str, keys: dict[int, str],
+                     digests: dict[str, str], store: _LatentStore) -> bool:
+        """Item ``index``'s latents (and mirror image, mask) from the disk cache into ``store``; False when the cache
+        lacks them. Its cache key goes into ``keys`` either way."""
+        import torch
+
+        item = self._items[index]
+        subset = self.plan.subsets[item.record.subset]
+        path = item.record.path
+        if path not in digests:
+            try:
+                digests[path] = file_digest(path)
+            except OSError as e:
+                raise DatasetError(
+                    f"train_data_dir: image '{path}' cannot be read any more ({e.strerror}); restore it or restart to rescan"
+                ) from None
+        keys[index] = key = cache_key(digests[path], self._cache_settings(item, settings_key))
+        spatial = (item.bucket[1] // 8, item.bucket[0] // 8)
+        found = cache.load(key, spatial, subset.flip_aug, (item.bucket[1], item.bucket[0]) if subset.alpha_mask else None)
+        if found is None:
+            return False
+        store.latents[index] = torch.from_numpy(found[0])
+        if subset.flip_aug:
+            store.flipped[index] = torch.from_numpy(found[1])
+        if subset.alpha_mask:
+            store.masks[index] = torch.from_numpy(found[2])
+        return True
+
+    def _vae_batches(self, todo: list[int], vae_batch_size: int) -> list[list[int]]:
+        """The items to encode grouped by bucket (largest first, as kohya sorts by area), at most vae_batch_size
+        to a group."""
+        todo = sorted(todo, key=lambda i: (-self._items[i].bucket[0] * self._items[i].bucket[1], self._items[i].bucket, i))
         groups: list[list[int]] = []
         for index in todo:
             if groups and self._items[groups[-1][0]].bucket == self._items[index].bucket and len(groups[-1]) < vae_batch_size:
                 groups[-1].append(index)
             else:
                 groups.append([index])
+        return groups
 
-        done = 0
-        total = len(todo)
-        for group in groups:
-            pairs = [self._image_and_mask(self._items[i]) for i in group]
-            images = self._to_tensor([arr for arr, _mask in pairs])
-            for i, (_arr, mask) in zip(group, pairs):
-                if mask is not None:
-                    masks[i] = torch.from_numpy(mask)
-            out = self._encode(encode_fn, images, group)
-            flip_members = [k for k, i in enumerate(group) if self.plan.subsets[self._items[i].record.subset].flip_aug]
-            out_flip = None
-            if flip_members:
-                out_flip = self._encode(encode_fn, torch.flip(images[flip_members], dims=[3]), [group[k] for k in flip_members])
-            for k, i in enumerate(group):
-                latents[i] = out[k]
-            if out_flip is not None:
-                for j, k in enumerate(flip_members):
-                    flipped[group[k]] = out_flip[j]
-            if cache is not None:
-                for i in group:
-                    item = self._items[i]
-                    f = flipped.get(i)
-                    cache.save(
-                        keys[i],
-                        latents[i].float().numpy(),
-                        None if f is None else f.float().numpy(),
-                        item.record.size,
-                        item.crop_ltrb,
-                        None if i not in masks else masks[i].numpy(),
-                    )
-            done += len(group)
-            if progress is not None:
-                progress(done, total)
-        self._latents = latents
-        self._latents_flipped = flipped
-        self._masks = masks
+    def _encode_group(self, encode_fn: EncodeFn, group: list[int], store: _LatentStore) -> None:
+        """Encode one VAE batch (and the mirror images of its flip_aug items) into ``store``, masks kept."""
+        import torch
+
+        pairs = [self._image_and_mask(self._items[i]) for i in group]
+        images = self._to_tensor([arr for arr, _mask in pairs])
+        for i, (_arr, mask) in zip(group, pairs):
+            if mask is not None:
+                store.masks[i] = torch.from_numpy(mask)
+        out = self._encode(encode_fn, images, group)
+        flip_members = [k for k, i in enumerate(group) if self.plan.subsets[self._items[i].record.subset].flip_aug]
+        out_flip = None
+        if flip_members:
+            out_flip = self._encode(encode_fn, torch.flip(images[flip_members], dims=[3]), [group[k] for k in flip_members])
+        for k, i in enumerate(group):
+            store.latents[i] = out[k]
+        if out_flip is not None:
+            for j, k in enumerate(flip_members):
+                store.flipped[group[k]] = out_flip[j]
 
     def _encode(self, encode_fn: EncodeFn, images, indices: list[int]):
         import torch
