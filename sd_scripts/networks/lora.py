@@ -216,14 +216,7 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                 raise ConfigError(f"network_args: {key}={ratio} must be above 0", setting="network_args")
     use_blocks = blocks is not None and module_dims is None
     with_conv = conv_dim is not None or module_dims is not None or (use_blocks and blocks.has_conv)
-    if targets is None:
-        unet_classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if with_conv else ())
-        te_classes = (TEXT_ENCODER_TARGET_REPLACE_MODULE,) * len(tes)
-        dim_for = None
-    else:
-        unet_classes = tuple(targets.unet_classes) + (tuple(targets.unet_conv_classes) if with_conv else ())
-        te_classes = tuple(targets.te_classes)
-        dim_for = targets.dim_for
+    unet_classes, te_classes, dim_for = _target_classes(targets, with_conv, len(tes))
     candidates, n_te_candidates, enabled_prefixes = _candidates(
         unet if train_unet else None, tes if train_text_encoder else [], te_prefixes, te_classes, unet_classes,
         unet_path_map)
@@ -243,6 +236,16 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
         (te_loras if i < n_te_candidates else unet_loras).append(lora)
     return (network_class or LoRANetwork)(unet_loras, te_loras, te_prefixes=te_prefixes, multiplier=multiplier,
                                           blocks=blocks, **plus)
+
+
+def _target_classes(targets: Any, with_conv: bool, n_text_encoders: int):
+    """(UNet classes, one class list per text encoder, ``dim_for``): kohya's SD targets, or a family's
+    (``ModelFamily.lora_targets``) with its per-module-type ranks."""
+    if targets is None:
+        unet_classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if with_conv else ())
+        return unet_classes, (TEXT_ENCODER_TARGET_REPLACE_MODULE,) * n_text_encoders, None
+    unet_classes = tuple(targets.unet_classes) + (tuple(targets.unet_conv_classes) if with_conv else ())
+    return unet_classes, tuple(targets.te_classes), targets.dim_for
 
 
 def _rank_of(name: str, layer: nn.Module, module_dims: Mapping[str, tuple[int, float]] | None,

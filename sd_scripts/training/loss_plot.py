@@ -79,91 +79,113 @@ def save_loss_plot(path: str | os.PathLike, losses: Sequence[float], lrs: Sequen
     from sd_scripts.files.atomic import atomic_write
 
     losses = [float(v) for v in losses]
-    n = len(losses)
     img = Image.new("RGB", (_W, _H), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    x0, x1, y0, y1 = _LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM
-    d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+    chart = _Chart(ImageDraw.Draw(img), ImageFont.load_default(), len(losses), first_step)
+    chart.d.rectangle([chart.x0, chart.y0, chart.x1, chart.y1], outline=(120, 120, 120))
+    _draw_steps(chart)
+    legend = _draw_losses(chart, losses, validation)
+    legend += _draw_lrs(chart, lrs, group_names)
+    _draw_title_and_legend(chart, title, legend)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
+    return str(path)
 
-    def xpos(i: int) -> float:
-        return x0 + (x1 - x0) * (i / max(n - 1, 1))
 
-    # x axis: steps
-    last_step = first_step + max(n - 1, 0)
-    for t in _ticks(first_step, last_step, 8):
+class _Chart:
+    """The drawing, its font, the plot area and the x position of each step."""
+
+    def __init__(self, d, font, n: int, first_step: int):
+        self.d, self.font, self.n, self.first_step = d, font, n, first_step
+        self.x0, self.x1, self.y0, self.y1 = _LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM
+
+    def xpos(self, i: int) -> float:
+        return self.x0 + (self.x1 - self.x0) * (i / max(self.n - 1, 1))
+
+
+def _draw_steps(c: _Chart) -> None:
+    """The x axis: steps."""
+    last_step = c.first_step + max(c.n - 1, 0)
+    for t in _ticks(c.first_step, last_step, 8):
         t = int(round(t))
-        x = x0 + (x1 - x0) * ((t - first_step) / max(last_step - first_step, 1))
-        d.line([x, y1, x, y1 + 4], fill=(90, 90, 90))
-        d.text((x, y1 + 6), str(t), fill=(60, 60, 60), font=font, anchor="mt")
-    d.text(((x0 + x1) / 2, _H - 14), "step", fill=(40, 40, 40), font=font, anchor="mm")
+        x = c.x0 + (c.x1 - c.x0) * ((t - c.first_step) / max(last_step - c.first_step, 1))
+        c.d.line([x, c.y1, x, c.y1 + 4], fill=(90, 90, 90))
+        c.d.text((x, c.y1 + 6), str(t), fill=(60, 60, 60), font=c.font, anchor="mt")
+    c.d.text(((c.x0 + c.x1) / 2, _H - 14), "step", fill=(40, 40, 40), font=c.font, anchor="mm")
 
-    # loss, left axis
+
+def _draw_losses(c: _Chart, losses: list[float], validation) -> list[tuple[str, tuple]]:
+    """The loss, its moving average and the validation loss on the left axis; their legend entries."""
+    d, font = c.d, c.font
     val_points = [(int(step), float(v)) for step, v in (validation or []) if math.isfinite(float(v))]
     lo, hi = _range(losses + [v for _, v in val_points])
 
     def ypos(v: float) -> float:
         v = min(max(v, lo), hi)
-        return y1 - (y1 - y0) * ((v - lo) / (hi - lo))
+        return c.y1 - (c.y1 - c.y0) * ((v - lo) / (hi - lo))
 
     for t in _ticks(lo, hi):
         y = ypos(t)
-        d.line([x0, y, x1, y], fill=(235, 235, 235))
-        d.line([x0 - 4, y, x0, y], fill=(90, 90, 90))
-        d.text((x0 - 6, y), _fmt(t), fill=_AVG, font=font, anchor="rm")
-    d.text((12, (y0 + y1) / 2), "loss", fill=_AVG, font=font, anchor="lm")
-    window = max(1, min(100, n // 20 or 1))
+        d.line([c.x0, y, c.x1, y], fill=(235, 235, 235))
+        d.line([c.x0 - 4, y, c.x0, y], fill=(90, 90, 90))
+        d.text((c.x0 - 6, y), _fmt(t), fill=_AVG, font=font, anchor="rm")
+    d.text((12, (c.y0 + c.y1) / 2), "loss", fill=_AVG, font=font, anchor="lm")
+    window = max(1, min(100, c.n // 20 or 1))
     avg = moving_average(losses, window)
-    _polyline(d, [(xpos(i), ypos(v)) for i, v in enumerate(losses)], _LOSS, 1)
-    _polyline(d, [(xpos(i), ypos(v)) for i, v in enumerate(avg)], _AVG, 2)
-    val_xy = [(xpos(step - first_step), ypos(v)) for step, v in val_points]
+    _polyline(d, [(c.xpos(i), ypos(v)) for i, v in enumerate(losses)], _LOSS, 1)
+    _polyline(d, [(c.xpos(i), ypos(v)) for i, v in enumerate(avg)], _AVG, 2)
+    val_xy = [(c.xpos(step - c.first_step), ypos(v)) for step, v in val_points]
     _polyline(d, val_xy, _VAL, 2)
     for x, y in val_xy:
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_VAL)
-
-    # learning rates, right axis
     legend = [("loss", _LOSS), (f"loss, average of {window}", _AVG)]
     if val_points:
         legend.append(("validation loss", _VAL))
+    return legend
+
+
+def _draw_lrs(c: _Chart, lrs, group_names) -> list[tuple[str, tuple]]:
+    """The learning rate of each group on the right axis; their legend entries."""
+    d, font, n = c.d, c.font, c.n
     rows = [list(map(float, r)) for r in (lrs or [])]
-    if rows and any(rows):
-        groups = max(len(r) for r in rows)
-        names = list(group_names or [])
-        names += [f"group {i}" for i in range(len(names), groups)]
-        all_lr = [v for r in rows for v in r if math.isfinite(v)]
-        llo, lhi = _range(all_lr)
-        if all_lr and min(all_lr) >= 0:
-            llo = 0.0  # learning rates start the axis at zero
+    if not (rows and any(rows)):
+        return []
+    groups = max(len(r) for r in rows)
+    names = list(group_names or [])
+    names += [f"group {i}" for i in range(len(names), groups)]
+    all_lr = [v for r in rows for v in r if math.isfinite(v)]
+    llo, lhi = _range(all_lr)
+    if all_lr and min(all_lr) >= 0:
+        llo = 0.0  # learning rates start the axis at zero
 
-        def lypos(v: float) -> float:
-            v = min(max(v, llo), lhi)
-            return y1 - (y1 - y0) * ((v - llo) / (lhi - llo))
+    def lypos(v: float) -> float:
+        v = min(max(v, llo), lhi)
+        return c.y1 - (c.y1 - c.y0) * ((v - llo) / (lhi - llo))
 
-        for t in _ticks(llo, lhi):
-            y = lypos(t)
-            d.line([x1, y, x1 + 4, y], fill=(90, 90, 90))
-            d.text((x1 + 6, y), _fmt(t), fill=_LR_COLORS[0], font=font, anchor="lm")
-        d.text((_W - 12, (y0 + y1) / 2), "lr", fill=_LR_COLORS[0], font=font, anchor="rm")
-        for g in range(groups):
-            color = _LR_COLORS[g % len(_LR_COLORS)]
-            pts = [(xpos(i), lypos(r[g])) if g < len(r) else (xpos(i), float("nan")) for i, r in enumerate(rows[:n] if n else rows)]
-            _polyline(d, pts, color, 1)
-            legend.append((f"lr {names[g]}", color))
+    for t in _ticks(llo, lhi):
+        y = lypos(t)
+        d.line([c.x1, y, c.x1 + 4, y], fill=(90, 90, 90))
+        d.text((c.x1 + 6, y), _fmt(t), fill=_LR_COLORS[0], font=font, anchor="lm")
+    d.text((_W - 12, (c.y0 + c.y1) / 2), "lr", fill=_LR_COLORS[0], font=font, anchor="rm")
+    legend = []
+    for g in range(groups):
+        color = _LR_COLORS[g % len(_LR_COLORS)]
+        pts = [(c.xpos(i), lypos(r[g])) if g < len(r) else (c.xpos(i), float("nan")) for i, r in enumerate(rows[:n] if n else rows)]
+        _polyline(d, pts, color, 1)
+        legend.append((f"lr {names[g]}", color))
+    return legend
 
-    # title and legend
-    d.text((x0, 16), title, fill=(20, 20, 20), font=font, anchor="lm")
-    lx = x1
+
+def _draw_title_and_legend(c: _Chart, title: str, legend: list[tuple[str, tuple]]) -> None:
+    d, font = c.d, c.font
+    d.text((c.x0, 16), title, fill=(20, 20, 20), font=font, anchor="lm")
+    lx = c.x1
     for label, color in reversed(legend):
         w = d.textlength(label, font=font)
         lx -= w + 26
         d.line([lx, 16, lx + 16, 16], fill=color, width=3)
         d.text((lx + 20, 16), label, fill=(40, 40, 40), font=font, anchor="lm")
-    if n == 0:
-        d.text(((x0 + x1) / 2, (y0 + y1) / 2), "no steps", fill=(120, 120, 120), font=font, anchor="mm")
-
-    with atomic_write(path) as f:
-        img.save(f, format="PNG")
-    return str(path)
+    if c.n == 0:
+        d.text(((c.x0 + c.x1) / 2, (c.y0 + c.y1) / 2), "no steps", fill=(120, 120, 120), font=font, anchor="mm")
 
 
 def _polyline(d, pts: list[tuple[float, float]], color, width: int) -> None:
