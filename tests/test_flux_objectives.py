@@ -88,7 +88,9 @@ def test_noising_target_and_prediction_types_by_hand():
     pred = torch.randn(2, 16, 4, 4)
     out, target = objective.prediction_and_target(pred, noised)
     assert torch.equal(out, pred) and torch.allclose(target, noise - latents)
-    assert objective.element_weights() is None
+    assert objective.loss_weights(noised) is None
+    scaled_objective = FlowMatchingObjective(_cfg(model_prediction_type="sigma_scaled", weighting_scheme="cosmap"), "cpu")
+    assert torch.allclose(scaled_objective.loss_weights(noised), flow_loss_weights("cosmap", sigmas))
     s = sigmas.view(-1, 1, 1, 1)
     additive, w = apply_prediction_type("additive", pred, noised.model_input, s, "uniform")
     assert torch.allclose(additive, pred + noised.model_input) and w is None

@@ -39,7 +39,7 @@ def test_prompt_line_options():
         ("a cat --s 0", "--s has the bad value"),
         ("a cat --d", "--d has no value"),
         ("a cat --ss nosuch", "--ss 'nosuch' is not a sampler"),
-        ("a cat --g 3.5", "--g is a kohya option for other model families"),
+        ("a cat --cn hint.png", "--cn is a kohya option for other model families"),
         ("--w 512", "prompt text is empty"),
     ],
 )

@@ -33,6 +33,7 @@ __all__ = ["BuiltNetwork", "NetworkPlan", "NETWORK_MODULES", "network_kind", "pl
 NETWORK_MODULES = {
     "networks.lora": "lora",
     "sd_scripts.networks.lora": "lora",
+    "networks.lora_flux": "lora",  # kohya's FLUX.1 LoRA: the same network on FLUX.1's modules
     "networks.dylora": "dylora",
     "sd_scripts.networks.dylora": "dylora",
     "lycoris.kohya": "lycoris",

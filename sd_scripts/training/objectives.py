@@ -56,13 +56,18 @@ class DDPMObjective:
                                      max_timestep=config.max_timestep)
         return self.noised_at(latents, noise, timesteps)
 
-    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  perturb: bool = True) -> Noised:
+        """Latents noised at ``timesteps``; ``perturb`` False (validation) leaves input perturbation out."""
         from sd_scripts.training.noise import add_noise, perturb_noise
 
         config = self.config
         # input perturbation (ip_noise_gamma) noises the latents with more than the target noise
-        noisy = add_noise(self.alphas_cumprod, latents,
-                          perturb_noise(noise, config.ip_noise_gamma, config.ip_noise_gamma_random_strength), timesteps)
+        if perturb:
+            noise_in = perturb_noise(noise, config.ip_noise_gamma, config.ip_noise_gamma_random_strength)
+        else:
+            noise_in = noise
+        noisy = add_noise(self.alphas_cumprod, latents, noise_in, timesteps)
         return Noised(noisy, timesteps, latents, noise)
 
     def prediction_and_target(self, pred: torch.Tensor, noised: Noised) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,35 +166,33 @@ class FlowMatchingObjective:
     def __init__(self, config, device):
         self.config = config
         self.schedule = flow_sigma_schedule(float(config.discrete_flow_shift))
-        self._weights: torch.Tensor | None = None
+        self.alphas_cumprod = None  # no DDPM schedule
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor) -> Noised:
         sigmas = sample_flow_sigmas(self.config, latents.shape[0], tuple(latents.shape[-2:]), latents.device,
                                     self.schedule)
         return self.noised_with(latents, noise, sigmas)
 
-    def noised_with(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> Noised:
+    def noised_with(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                    perturb: bool = True) -> Noised:
         from sd_scripts.training.noise import perturb_noise
 
         config = self.config
         s = sigmas.view(-1, 1, 1, 1).to(latents.device)
-        noisy = (1.0 - s) * latents.float() + s * perturb_noise(noise, config.ip_noise_gamma,
-                                                              config.ip_noise_gamma_random_strength).float()
+        noise_in = perturb_noise(noise, config.ip_noise_gamma, config.ip_noise_gamma_random_strength) if perturb \
+            else noise
+        noisy = (1.0 - s) * latents.float() + s * noise_in.float()
         return Noised(noisy.to(latents.dtype), (sigmas * 1000).to(latents.device), latents, noise,
                       sigmas.to(latents.device))
 
-    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
-        return self.noised_with(latents, noise, timesteps.float() / 1000)
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  perturb: bool = True) -> Noised:
+        return self.noised_with(latents, noise, timesteps.float() / 1000, perturb)
 
     def prediction_and_target(self, pred: torch.Tensor, noised: Noised) -> tuple[torch.Tensor, torch.Tensor]:
-        pred, self._weights = apply_prediction_type(self.config.model_prediction_type, pred.float(),
-                                                     noised.model_input.float(), noised.sigmas.view(-1, 1, 1, 1),
-                                                     self.config.weighting_scheme)
+        pred, _ = apply_prediction_type(self.config.model_prediction_type, pred.float(), noised.model_input.float(),
+                                        noised.sigmas.view(-1, 1, 1, 1), self.config.weighting_scheme)
         return pred, noised.noise.float() - noised.latents.float()
-
-    def element_weights(self):
-        """The element-wise weights the last ``prediction_and_target`` set (sigma_scaled), or None."""
-        return self._weights
 
     def huber_c(self, noised: Noised):
         from sd_scripts.training.losses import huber_c_for
@@ -197,7 +200,10 @@ class FlowMatchingObjective:
         return huber_c_for(self.config, noised.timesteps, None)
 
     def loss_weights(self, noised: Noised):
-        return None
+        """Per-sample weights: kohya's sigma_sqrt / cosmap weighting with sigma_scaled predictions, else None."""
+        if self.config.model_prediction_type != "sigma_scaled":
+            return None
+        return flow_loss_weights(self.config.weighting_scheme, noised.sigmas.float())
 
     def validation_timesteps(self, count: int, device) -> list[torch.Tensor]:
         """Fixed sigmas 0.2, 0.4, 0.6, 0.8 (as timesteps x 1000)."""

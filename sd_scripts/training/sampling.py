@@ -2,7 +2,8 @@
 
 Prompt files, as kohya reads them:
 
-* ``.txt``: one prompt per line, ``text --n negative --w 512 --h 512 --d seed --l cfg --s steps --ss sampler``;
+* ``.txt``: one prompt per line, ``text --n negative --w 512 --h 512 --d seed --l cfg --s steps --ss sampler``
+  (FLUX.1: ``--g`` guidance, 3.5 by default; ``--l`` true CFG only when given; 20 steps unless ``--s``);
   empty lines and lines starting with ``#`` are skipped;
 * ``.json``: a list of such strings, or of dicts with ``prompt, negative_prompt, width, height, seed,
   scale, sample_steps, sample_sampler``;
@@ -55,11 +56,12 @@ for _alias in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a"):
 # Samplers whose diffusers class needs an optional package.
 _NEEDS = {"LMSDiscreteScheduler": "scipy"}
 
-_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps", "ss": "sampler"}
-# kohya options for other model families (FLUX, SD3, Lumina, ControlNet): named in the error
-_OTHER_FAMILY_OPTIONS = {"g", "cn", "ctr", "rcfg", "fs", "am", "f", "c", "t"}
+_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
+            "ss": "sampler", "g": "guidance_scale"}
+# kohya options for other model families (SD3, Lumina, ControlNet): named in the error
+_OTHER_FAMILY_OPTIONS = {"cn", "ctr", "rcfg", "fs", "am", "f", "c", "t"}
 _JSON_KEYS = {"prompt", "negative_prompt", "width", "height", "seed", "scale", "sample_steps", "sample_sampler", "sampler",
-              "enum"}
+              "enum", "guidance_scale"}
 
 
 class SamplingAborted(Exception):
@@ -76,7 +78,9 @@ class SamplePrompt:
     scale: float = 7.5
     sample_steps: int = 30
     sampler: str | None = None
+    guidance_scale: float | None = None  # --g: FLUX.1 dev's embedded guidance (3.5 when not given)
     extra: dict = field(default_factory=dict)
+    given: set = field(default_factory=set)  # the options the prompt set (FLUX.1 has other defaults for the rest)
 
     def normalise(self) -> "SamplePrompt":
         """kohya's limits: sides floored to multiples of 8 (64 at least), 1..1000 steps."""
@@ -121,7 +125,7 @@ def _set_option(prompt: SamplePrompt, key: str, name: str, value: Any, where: st
             setattr(prompt, name, number)
         elif name == "seed":
             setattr(prompt, name, int(str(value).strip()))
-        elif name == "scale":
+        elif name in ("scale", "guidance_scale"):
             setattr(prompt, name, float(str(value).strip()))
         elif name == "sampler":
             text = str(value).strip().lower()
@@ -133,6 +137,7 @@ def _set_option(prompt: SamplePrompt, key: str, name: str, value: Any, where: st
             prompt.negative_prompt = str(value).strip()
     except (ValueError, TypeError):
         raise ConfigError(f"{where}: --{key} has the bad value {value!r}; fix the prompt file", "sample_prompts") from None
+    prompt.given.add(name)
 
 
 def parse_prompt_line(line: str, where: str = "sample_prompts") -> SamplePrompt:
@@ -145,8 +150,10 @@ def parse_prompt_line(line: str, where: str = "sample_prompts") -> SamplePrompt:
         if key not in _OPTIONS:
             if key in _OTHER_FAMILY_OPTIONS:
                 raise ConfigError(f"{where}: --{key} is a kohya option for other model families, not for Stable "
-                                  "Diffusion 1/2/XL; remove it (use --n, --w, --h, --d, --l, --s, --ss)", "sample_prompts")
-            raise ConfigError(f"{where}: unknown option --{key} (use --n, --w, --h, --d, --l, --s or --ss)", "sample_prompts")
+                                  "Diffusion or FLUX.1; remove it (use --n, --w, --h, --d, --l, --s, --ss, --g)",
+                                  "sample_prompts")
+            raise ConfigError(f"{where}: unknown option --{key} (use --n, --w, --h, --d, --l, --s, --ss or --g)",
+                              "sample_prompts")
         if not value.strip() and key != "n":
             raise ConfigError(f"{where}: --{key} has no value; write e.g. --{key} {_EXAMPLES[key]}", "sample_prompts")
         _set_option(prompt, key, _OPTIONS[key], value, where)
@@ -155,7 +162,7 @@ def parse_prompt_line(line: str, where: str = "sample_prompts") -> SamplePrompt:
     return prompt.normalise()
 
 
-_EXAMPLES = {"w": "512", "h": "512", "d": "1234", "l": "7.5", "s": "28", "ss": "euler_a", "n": "blurry"}
+_EXAMPLES = {"w": "512", "h": "512", "d": "1234", "l": "7.5", "s": "28", "ss": "euler_a", "n": "blurry", "g": "3.5"}
 
 
 def _from_dict(item: dict, where: str, defaults: dict | None = None) -> SamplePrompt:
@@ -164,13 +171,13 @@ def _from_dict(item: dict, where: str, defaults: dict | None = None) -> SamplePr
     unknown = sorted(set(merged) - _JSON_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; use prompt, negative_prompt, width, height, seed, scale, "
-                          "sample_steps, sample_sampler", "sample_prompts")
+                          "sample_steps, sample_sampler, guidance_scale", "sample_prompts")
     text = merged.get("prompt")
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{where}: no prompt text; give \"prompt\"", "sample_prompts")
     prompt = SamplePrompt(prompt=text.strip())
     keys = {"negative_prompt": "n", "width": "w", "height": "h", "seed": "d", "scale": "l", "sample_steps": "s",
-            "sample_sampler": "ss", "sampler": "ss"}
+            "sample_sampler": "ss", "sampler": "ss", "guidance_scale": "g"}
     for name, key in keys.items():
         if merged.get(name) is not None:
             _set_option(prompt, key, _OPTIONS[key], merged[name], where)
@@ -333,18 +340,15 @@ def generate_samples(model, prompts: list[SamplePrompt], *, out_dir: str, output
         for i, sp in enumerate(prompts):
             if should_stop is not None and should_stop():
                 raise SamplingAborted()
-            scheduler = make_sampler(sp.sampler or default_sampler, v_parameterization)
-            if zero_terminal_snr:
-                scheduler = zero_terminal_snr_sampler(scheduler)
-            pipe = model.family.build_pipeline(model, scheduler)
-            pipe.set_progress_bar_config(disable=True)
+            def make_scheduler(sp=sp):
+                scheduler = make_sampler(sp.sampler or default_sampler, v_parameterization)
+                return zero_terminal_snr_sampler(scheduler) if zero_terminal_snr else scheduler
+
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
-                image = pipe(prompt=sp.prompt, negative_prompt=sp.negative_prompt or None, width=sp.width,
-                             height=sp.height, num_inference_steps=sp.sample_steps, guidance_scale=sp.scale,
-                             generator=generator, clip_skip=_pipeline_clip_skip(clip_skip),
-                             callback_on_step_end=on_step_end).images[0]
+                image = model.family.sample_image(model, sp, make_scheduler, generator, on_step_end,
+                                                  clip_skip=_pipeline_clip_skip(clip_skip))
             path = os.path.join(out_dir, sample_file_name(output_name, label, i, stamp, sp.seed))
             with atomic_write(path) as f:
                 image.save(f, format="PNG")
