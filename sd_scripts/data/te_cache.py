@@ -176,7 +176,8 @@ def build_text_encoder_cache(config: TrainConfig, plan, model, *, settings_key: 
     """
     family = model.family
     settings = {"family": family.name, "model": settings_key, "clip_skip": config.clip_skip,
-                "max_token_length": config.max_token_length, "weighted": bool(config.weighted_captions)}
+                "max_token_length": config.max_token_length, "weighted": bool(config.weighted_captions),
+                **family.training_options(config)}  # FLUX.1: the T5 length and mask shape the outputs
     folder = resolve_te_cache_dir(config, plan) if config.cache_text_encoder_outputs_to_disk else None
     cache = TextEncoderOutputCache(settings, folder)
 

@@ -261,8 +261,9 @@ def build_modelspec(family_arch: str, title: str | None, resolution: Any, predic
     arch = family_arch if "/" in family_arch else f"{family_arch}/lora"
     if implementation is None:
         implementation = SDXL_IMPLEMENTATION if arch.startswith("stable-diffusion-xl") else "diffusers"
-    pred = str(prediction_type).lower()
-    pred = "v" if pred in ("v", "v_prediction", "v-prediction") else "epsilon"
+    pred = None if prediction_type is None else str(prediction_type).lower()
+    if pred is not None:
+        pred = "v" if pred in ("v", "v_prediction", "v-prediction") else "epsilon"
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": arch,
@@ -270,8 +271,9 @@ def build_modelspec(family_arch: str, title: str | None, resolution: Any, predic
         "modelspec.title": title if title else f"LoRA@{int(time.time())}",
         "modelspec.resolution": _resolution_text(resolution),
         "modelspec.date": _date_text(date),
-        "modelspec.prediction_type": pred,
     }
+    if pred is not None:
+        spec["modelspec.prediction_type"] = pred
     if timestep_range is not None:
         spec["modelspec.timestep_range"] = f"{int(timestep_range[0])},{int(timestep_range[1])}"
     if clip_skip is not None:

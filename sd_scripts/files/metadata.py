@@ -65,6 +65,7 @@ def build_training_metadata(config: TrainConfig, *, family, v_parameterization: 
     if config.dataset_config and hasattr(dataset, "datasets_metadata"):
         # kohya with a dataset TOML: every dataset and subset in one JSON list (the flat keys above stay too)
         md["ss_datasets"] = json.dumps(dataset.datasets_metadata())
+    md.update(family.metadata(config))  # the family's own keys (FLUX.1: ss_guidance_scale, ss_timestep_sampling ...)
     if network_args:
         md["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
     model_path = config.pretrained_model_name_or_path

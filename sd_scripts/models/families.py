@@ -51,7 +51,7 @@ class SD1Family(ModelFamily):
     ldm_text_encoder_prefix = "cond_stage_model.transformer."
     tokenizer_sources = (TokenizerSource("openai/clip-vit-large-patch14", None, "openai_clip-vit-large-patch14"),)
 
-    def modelspec_architecture(self, v_parameterization: bool) -> str:
+    def modelspec_architecture(self, v_parameterization: bool, model=None) -> str:
         return "stable-diffusion-v1/lora"
 
     def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
@@ -80,7 +80,7 @@ class SD2Family(ModelFamily):
     ldm_text_encoder_prefix = "cond_stage_model.model."
     tokenizer_sources = (TokenizerSource("stabilityai/stable-diffusion-2", "tokenizer", "stabilityai_stable-diffusion-2"),)
 
-    def modelspec_architecture(self, v_parameterization: bool) -> str:
+    def modelspec_architecture(self, v_parameterization: bool, model=None) -> str:
         return "stable-diffusion-v2-768-v/lora" if v_parameterization else "stable-diffusion-v2-512/lora"
 
     def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
@@ -122,7 +122,7 @@ class SDXLFamily(ModelFamily):
         """kohya writes ``sdxl_base_v1-0`` for every SDXL LoRA (v-prediction shows in ``modelspec.prediction_type``)."""
         return "sdxl_base_v1-0"
 
-    def modelspec_architecture(self, v_parameterization: bool) -> str:
+    def modelspec_architecture(self, v_parameterization: bool, model=None) -> str:
         return "stable-diffusion-xl-v1-base/lora"
 
     def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:

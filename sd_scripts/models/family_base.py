@@ -125,8 +125,15 @@ class ModelFamily:
         """kohya's ``ss_base_model_version``: sd_v1, sd_v1_v, sd_v2, sd_v2_v."""
         return f"sd_{self.version_tag}" + ("_v" if v_parameterization else "")
 
-    def modelspec_architecture(self, v_parameterization: bool) -> str:
+    modelspec_implementation: str | None = None  # None: build_modelspec's (diffusers / sgm)
+    uses_clip_skip: bool = True  # modelspec.encoder_layer is written
+
+    def modelspec_architecture(self, v_parameterization: bool, model=None) -> str:
         raise NotImplementedError
+
+    def modelspec_prediction_type(self, v_parameterization: bool) -> str | None:
+        """``modelspec.prediction_type``: v or epsilon; None leaves it out (flow matching, as kohya)."""
+        return "v" if v_parameterization else "epsilon"
 
     def diffusers_unet_config(self, v_parameterization: bool = False) -> dict:
         """Full-size diffusers UNet config of the family's standard model."""

@@ -68,10 +68,10 @@ class SetupSteps(TrainerBase):
         return "tensorboard" if self.config.logging_dir else None
 
     def _load_base_model(self) -> None:
-        """The model (given, or loaded in the training precision), ``base_weights`` merged in, its noise schedule;
-        every base weight frozen, the VAE on the device."""
+        """The model (given, or loaded in the training precision), ``base_weights`` merged in, the family's training
+        objective (noise schedule and target); every base weight frozen, the VAE on the device."""
         from sd_scripts.models.loading import load_model
-        from sd_scripts.training.noise import make_noise_scheduler
+        from sd_scripts.training.objectives import make_objective
 
         config, device = self.config, self.accelerator.device
         # frozen weights straight in the training precision: a float32 copy of SDXL alone is 13.5 GB of RAM
@@ -80,6 +80,8 @@ class SetupSteps(TrainerBase):
             device=device if config.lowram and device.type == "cuda" else None))
         self.model = model
         self.family = model.family
+        if not model.options:  # a model given in memory: the family's calls read these settings
+            model.options = self.family.training_options(config)
         if config.base_weights:  # kohya: merged into the base model before the network is built
             from sd_scripts.networks.base_weights import merge_base_weights
 
@@ -88,12 +90,12 @@ class SetupSteps(TrainerBase):
         self.memory.mark("load")
         self.v_param = model.v_parameterization
         self._check_prediction_type()
-        self.noise_scheduler = make_noise_scheduler(self.v_param, config.zero_terminal_snr)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+        self.objective = make_objective(self.family, config, self.v_param, device)
+        self.alphas_cumprod = self.objective.alphas_cumprod  # the DDPM schedule (None for flow matching)
 
         for module in [model.unet, model.vae, *model.text_encoders]:
             module.requires_grad_(False)
-        if config.xformers:
+        if config.xformers and hasattr(model.unet, "enable_xformers_memory_efficient_attention"):
             model.unet.enable_xformers_memory_efficient_attention()
         model.vae.to(device, dtype=self.vae_dtype).eval()
 
@@ -293,9 +295,10 @@ class SetupSteps(TrainerBase):
             high = config.max_timestep
             timesteps = (config.min_timestep or 0, 1000 if high is None else high)
         self.metadata.update(build_modelspec(
-            self.family.modelspec_architecture(self.v_param), title=modelspec_title(config) or "LoRA",
-            resolution=f"{res[0]}x{res[-1]}", prediction_type="v" if self.v_param else "epsilon",
-            clip_skip=config.clip_skip, timestep_range=timesteps, extra=user_modelspec(config),
+            self.family.modelspec_architecture(self.v_param, self.model), title=modelspec_title(config) or "LoRA",
+            resolution=f"{res[0]}x{res[-1]}", prediction_type=self.family.modelspec_prediction_type(self.v_param),
+            clip_skip=config.clip_skip if self.family.uses_clip_skip else None, timestep_range=timesteps,
+            extra=user_modelspec(config), implementation=self.family.modelspec_implementation,
         ))
         self.result.metadata = self.metadata
 

@@ -14,7 +14,7 @@ class TrainStep(TrainerBase):
     def _step_loss(self, batch):
         import torch
 
-        from sd_scripts.training.noise import add_noise, perturb_noise, sample_noise, sample_timesteps, velocity_target
+        from sd_scripts.training.noise import sample_noise
 
         config, device = self.config, self.accelerator.device
         with torch.no_grad():
@@ -22,32 +22,28 @@ class TrainStep(TrainerBase):
                 latents = batch["latents"].to(device)
             else:
                 latents = self._encode_images(batch["images"])
-            latents = (latents * self.family.latent_scale).to(self.weight_dtype)
+            latents = self.family.scale_latents(latents).to(self.weight_dtype)
         cond = self._encode_prompts(batch["captions"])
         noise = sample_noise(latents, config.noise_offset, config.multires_noise_iterations, config.multires_noise_discount,
                              random_strength=config.noise_offset_random_strength,
                              adaptive_noise_scale=config.adaptive_noise_scale)
-        timesteps = sample_timesteps(latents.shape[0], device, min_timestep=config.min_timestep,
-                                     max_timestep=config.max_timestep)
-        # input perturbation (ip_noise_gamma) noises the latents with more than the target noise
-        noisy = add_noise(self.alphas_cumprod, latents,
-                          perturb_noise(noise, config.ip_noise_gamma, config.ip_noise_gamma_random_strength), timesteps)
+        # the family's objective draws the timesteps and noises the latents (input perturbation included)
+        noised = self.objective.noised(latents, noise)
         with self.accelerator.autocast():
-            pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
-        target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
-        return self._per_sample_loss(pred, target, timesteps, batch).mean()
+            pred = self.family.predict(self.model, noised.model_input, noised.timesteps, cond, batch)
+        return self._per_sample_loss(pred, noised, batch).mean()
 
-    def _per_sample_loss(self, pred, target, timesteps, batch):
-        """kohya's loss of a batch, per sample: ``loss_type`` (Huber threshold per timestep), alpha masks, the
-        images' loss weights (prior_loss_weight) and the SNR weightings; training and validation share it."""
-        from sd_scripts.training.losses import huber_c_for, loss_weights_for, per_sample_loss
-        from sd_scripts.training.noise import snr_of
+    def _per_sample_loss(self, pred, noised, batch):
+        """kohya's loss of a batch, per sample: the objective's target, ``loss_type`` (Huber threshold per
+        timestep), alpha masks, the images' loss weights (prior_loss_weight) and the objective's weights (SNR
+        weightings; FLUX's weighting_scheme); training and validation share it."""
+        from sd_scripts.training.losses import per_sample_loss
 
         config = self.config
-        huber_c = huber_c_for(config, timesteps, self.alphas_cumprod)
-        loss = per_sample_loss(pred, target, config.loss_type, huber_c, batch.get("alpha_masks"))
+        pred, target = self.objective.prediction_and_target(pred, noised)
+        loss = per_sample_loss(pred, target, config.loss_type, self.objective.huber_c(noised), batch.get("alpha_masks"))
         loss = loss * batch["loss_weights"].to(loss.device)
-        weights = loss_weights_for(config, snr_of(self.alphas_cumprod, timesteps), self.v_param)
+        weights = self.objective.loss_weights(noised)
         if weights is not None:
             loss = loss * weights
         return loss

@@ -36,8 +36,8 @@ class TrainerBase:
     model: Any  # LoadedModel
     family: Any  # ModelFamily
     v_param: bool
-    noise_scheduler: Any
-    alphas_cumprod: Any
+    objective: Any  # objectives.DDPMObjective | FlowMatchingObjective: noising, target, loss weights
+    alphas_cumprod: Any  # the DDPM schedule, or None
     # setup.SetupSteps._build_datasets (validation_run.Validating._prepare_validation)
     dataset: Any  # TrainDataset
     val_dataset: Any  # TrainDataset of the held-out images, or None

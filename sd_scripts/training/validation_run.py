@@ -81,7 +81,6 @@ class Validating(TrainerBase):
         """Add batch ``index``'s summed loss over the fixed timesteps to ``total[0]`` and its count to ``total[1]``."""
         import torch
 
-        from sd_scripts.training.noise import add_noise, velocity_target
         from sd_scripts.training.validation import batch_generator_seed, validation_timesteps
 
         device = self.accelerator.device
@@ -91,15 +90,14 @@ class Validating(TrainerBase):
             latents = batch["latents"].to(device)
         else:
             latents = self._encode_images(batch["images"], generator)
-        latents = (latents * self.family.latent_scale).to(self.weight_dtype)
+        latents = self.family.scale_latents(latents).to(self.weight_dtype)
         cond = self._encode_prompts(batch["captions"])
         for t in validation_timesteps(self.config):
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
+            noised = self.objective.noised_at(latents, noise, timesteps, perturb=False)
             with self.accelerator.autocast():
-                pred = self.family.predict(self.model, noisy, timesteps, cond, batch)
-            target = velocity_target(self.alphas_cumprod, latents, noise, timesteps) if self.v_param else noise
-            losses = self._per_sample_loss(pred, target, timesteps, batch)
+                pred = self.family.predict(self.model, noised.model_input, noised.timesteps, cond, batch)
+            losses = self._per_sample_loss(pred, noised, batch)
             total[0] += losses.double().sum()
             total[1] += losses.numel()

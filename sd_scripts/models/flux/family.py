@@ -102,8 +102,16 @@ class FluxFamily(ModelFamily):
     def base_model_version(self, v_parameterization: bool) -> str:
         return "flux1"  # kohya flux_utils.MODEL_VERSION_FLUX_V1
 
-    def modelspec_architecture(self, v_parameterization: bool, variant: str = "dev") -> str:
+    modelspec_implementation = "https://github.com/black-forest-labs/flux"  # kohya sai_model_spec.IMPL_FLUX
+    uses_clip_skip = False
+
+    def modelspec_architecture(self, v_parameterization: bool, model=None) -> str:
+        """``flux-1-dev/lora`` or ``flux-1-schnell/lora`` (the loaded model's variant; dev without a model)."""
+        variant = _variant(model) if model is not None else "dev"
         return f"flux-1-{variant}/lora" if variant in ("dev", "schnell") else "flux-1/lora"
+
+    def modelspec_prediction_type(self, v_parameterization: bool) -> str | None:
+        return None
 
     def training_options(self, config) -> dict:
         return {"guidance_scale": float(getattr(config, "guidance_scale", None) or FLUX_DEFAULTS["guidance_scale"]),
@@ -266,8 +274,7 @@ class FluxFamily(ModelFamily):
         clip, t5 = model.text_encoders[0], model.text_encoders[1]
         clip_tokenizer, t5_tokenizer = model.tokenizers[0], model.tokenizers[1]
         options = getattr(model, "options", None) or {}
-        variant = "dev" if getattr(model.unet, "is_dev", True) else "schnell"
-        length = int(options.get("t5xxl_max_token_length") or T5_MAX_TOKENS[variant])
+        length = int(options.get("t5xxl_max_token_length") or T5_MAX_TOKENS.get(_variant(model), 512))
         captions = [captions] if isinstance(captions, str) else list(captions)
         l_ids = clip_tokenizer(captions, max_length=77, padding="max_length", truncation=True,
                                return_tensors="pt").input_ids
@@ -319,6 +326,14 @@ class FluxFamily(ModelFamily):
 
     def build_pipeline(self, model, scheduler):
         raise NotImplementedError("FLUX.1 samples with sample_image")
+
+
+def _variant(model) -> str:
+    """A loaded model's variant: what detection settled (``flux_variant`` or the weights), else its weights."""
+    info = getattr(model, "info", None) or {}
+    if info.get("flux_variant"):
+        return str(info["flux_variant"])
+    return "dev" if getattr(model.unet, "is_dev", True) else "schnell"
 
 
 def _truthy(value) -> bool:

@@ -1,0 +1,97 @@
+"""FLUX.1 LoRA training end to end on the tiny model: the engine, kohya's command line and main.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import flux_settings, make_dataset, tiny_config, tree_digest  # noqa: E402
+
+
+def _config(files, tmp_path, **overrides):
+    data = make_dataset(tmp_path / "data", size=(64, 64))
+    values = flux_settings(files) | {"resolution": "64", "bucket_reso_steps": 64, "max_train_steps": 3,
+                                     "network_dim": 4, "network_alpha": 2.0, "clip_skip": None}
+    values.update(overrides)
+    return tiny_config(files["transformer"], data, tmp_path / "out", **values)
+
+
+def test_train_saves_a_kohya_flux_lora_with_flux_metadata(tiny_flux_files, tmp_path):
+    from safetensors import safe_open
+
+    from sd_scripts.training.loop import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks shape, red --w 64 --h 64 --d 1 --g 3.5 --s 3\nblue circle --w 72 --h 88 --d 2 --s 2\n",
+                       encoding="utf-8")
+    config = _config(tiny_flux_files, tmp_path, sample_prompts=str(prompts), sample_every_n_steps=3,
+                     model_prediction_type="raw", timestep_sampling="shift", discrete_flow_shift=3.1582,
+                     guidance_scale=1.0, apply_t5_attn_mask=True, network_args=["train_blocks=all"],
+                     validation_split=0.25, validate_every_n_steps=3)
+    before = tree_digest(tmp_path / "data")
+    result = train(config)
+    assert tree_digest(tmp_path / "data") == before
+    assert result.global_step == 3 and all(map(lambda x: x == x, result.losses))
+    with safe_open(result.output_path, "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_1_linear1.alpha" in keys
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in keys)
+    assert not any(k.startswith("lora_te3_") for k in keys)
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert "modelspec.prediction_type" not in meta and "modelspec.encoder_layer" not in meta
+    assert meta["ss_apply_t5_attn_mask"] == "True" and meta["ss_guidance_scale"] == "1.0"
+    assert meta["ss_timestep_sampling"] == "shift" and meta["ss_model_prediction_type"] == "raw"
+    assert meta["ss_discrete_flow_shift"] == "3.1582" and meta["ss_weighting_scheme"] == "uniform"
+    assert json.loads(meta["ss_network_args"]) == {"train_blocks": "all"}
+    images = [p for p in result.sample_files if "_grid_" not in p]
+    assert len(images) == 2 and any("_grid_" in p for p in result.sample_files)
+    from PIL import Image
+
+    assert Image.open(images[1]).size == (64, 80)  # sides floored to multiples of 16
+    assert result.validation_losses and result.validation_losses[0][1] == result.validation_losses[0][1]
+
+
+def test_schnell_unet_only_with_cached_text_encoder_outputs_and_lokr(tiny_flux_schnell_files, tmp_path):
+    pytest.importorskip("lycoris")
+    from safetensors import safe_open
+
+    from sd_scripts.training.loop import train
+
+    config = _config(tiny_flux_schnell_files, tmp_path, network_train_unet_only=True,
+                     cache_text_encoder_outputs_to_disk=True, cache_latents=True, network_module="lycoris.kohya",
+                     network_args=["algo=lokr", "factor=4"], weighting_scheme="logit_normal",
+                     timestep_sampling="sigma")
+    result = train(config)
+    with safe_open(result.output_path, "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1.lokr_w1") for k in keys)
+    assert not any(k.startswith("lora_te") for k in keys)
+    assert os.listdir(tmp_path / "out" / ".te_cache")
+
+
+def test_kohya_flux_command_line(tiny_flux_files, tmp_path, capsys):
+    from sd_scripts import flux_train_network
+
+    data = make_dataset(tmp_path / "data")
+    settings = flux_settings(tiny_flux_files)
+    argv = [f"--{k}={v}" for k, v in settings.items()] + [
+        "--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--output_name", "kohya_flux",
+        "--resolution", "64", "--min_bucket_reso", "64", "--max_train_steps", "2", "--network_module", "networks.lora_flux",
+        "--network_dim", "4", "--optimizer_type", "AdamW", "--network_train_unet_only",
+        "--timestep_sampling", "flux_shift", "--model_prediction_type", "sigma_scaled", "--weighting_scheme",
+        "cosmap"]
+    assert flux_train_network.main(argv) == 0
+    assert (tmp_path / "out" / "kohya_flux.safetensors").is_file()
+    code = flux_train_network.main(["--pretrained_model_name_or_path", str(tmp_path / "none.safetensors"),
+                                    "--model_family", "sdxl"])
+    assert code == 2
+    assert "flux_train_network.py" in capsys.readouterr().err
