@@ -7,9 +7,12 @@ planned. Each question about a setting takes its default and its one-line explan
 the same engine runs and the same JSON is saved. The last window lists the choices with the
 estimated number of steps and offers start, save as JSON, or back.
 
-Right after the base model comes the model type (SD 1.x, SD 2.x, SDXL), preselected from the model's
+Right after the base model comes the model type (SD 1.x, SD 2.x, SDXL, FLUX.1), preselected from the model's
 header when that can be read without torch; SDXL sizes the resolution and bucket defaults (1024 px,
 buckets 512-2048) before the images are checked, skips clip skip, offers ``no_half_vae`` under fp16.
+FLUX.1 asks for the CLIP-L, T5-XXL and autoencoder files the model file lacks, starts from kohya's FLUX.1
+settings (``FLUX_WIZARD_DEFAULTS``: dim 16, 1e-4, 1024 px, cached latents and text-encoder outputs) for the
+settings still at their defaults, and asks the FLUX.1 training choices instead of clip skip.
 The text-encoder output cache is offered only for UNet-only training with captions that stay the same.
 Then "How much memory does your GPU have?" sets the memory settings to a recipe for that family
 (``gpu_memory.MEMORY_RECIPES``; preselected from the detected card, else "keep my settings"); the later
@@ -46,12 +49,23 @@ _NETWORK_LABELS = {
 # network_args keys this wizard manages (the rest of a loaded file's network_args is kept)
 _MANAGED_NETWORK_ARGS = {"algo", "conv_dim", "conv_alpha", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp",
                          "factor"}
-MODEL_TYPES = ("sd1", "sd2", "sdxl")
+MODEL_TYPES = ("sd1", "sd2", "sdxl", "flux")
 _MODEL_LABELS = {
     "sd1": "Stable Diffusion 1.x (SD 1.5 and the models based on it)",
     "sd2": "Stable Diffusion 2.x (512 or 768-v)",
     "sdxl": "SDXL (SDXL base, Pony, Illustrious, NoobAI ...)",
+    "flux": "FLUX.1 (dev or schnell, and the models based on them)",
 }
+# FLUX.1's starting point (kohya's FLUX.1 guide: dim 16, 1e-4, 1024 px, latents and text-encoder outputs cached,
+# AdamW8bit on CUDA, and its recommended shift sampling with raw predictions at guidance 1), for settings the user
+# has not changed from ArgsList.py; the clip skip and CLIP token length FLUX.1 does not use get neutral values
+FLUX_WIZARD_DEFAULTS = {"net_dim": 16, "alpha": 16, "learning_rate": 1e-4, "cache_latents": True, "unet_only": True,
+                        "cache_text_encoder_outputs": True, "optimizer_type": "AdamW8bit",
+                        "timestep_sampling": "shift", "discrete_flow_shift": 3.1582, "model_prediction_type": "raw",
+                        "guidance_scale": 1.0, "clip_skip": 1, "max_clip_token_length": 75}
+_FLUX_PARTS = {"clip_l": "CLIP-L text encoder (clip_l.safetensors)",
+               "t5xxl": "T5-XXL text encoder (t5xxl_fp16.safetensors or an fp8 one)",
+               "ae": "autoencoder (ae.safetensors)"}
 LR_FREE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD", "DAdaptAdan", "Prodigy"}
 _DECOUPLE_OPTIMIZERS = {"DAdaptation", "DAdaptAdam"}
 _LR_FREE_HINT = "learning-rate-free optimizer: about 1.0, one rate for the whole network"
@@ -66,7 +80,8 @@ _SUMMARY_LABELS = {"start": "Start training", "save": "Save as JSON", "back": "B
 _SUMMARY_SECTIONS = [
     ("Paths", ["base_model", "img_folder", "reg_img_folder", "output_folder", "change_output_name"]),
     ("JSON", ["load_json_path", "save_json_folder", "save_json_name", "save_json_only"]),
-    ("Model", ["sdxl", "v2", "v_parameterization", "clip_skip"]),
+    ("Model", ["sdxl", "v2", "v_parameterization", "clip_skip", "clip_l", "t5xxl", "ae", "flux_variant",
+               "guidance_scale", "timestep_sampling", "discrete_flow_shift", "model_prediction_type"]),
     ("GPU memory", []),  # the recipe answer (summary_lines)
     ("Optimizer", ["optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr"]),
     ("Network", ["net_dim", "alpha", "lyco", "network_args", "unet_only", "text_only"]),
@@ -162,6 +177,7 @@ class TrainingWizard:
         self._report_key: tuple | None = None
         self.notes: list[str] = []
         self._sized_for: str | None = None  # the model family whose sizes the resolution settings hold
+        self._kind: str | None = None  # the model type answered
         self._gpu: tuple[str, float] | None | bool = False  # probe_gpu()'s answer; False: not probed yet
         self._memory_answer: tuple[str, str] | None = None  # (recipe family, answer) of the GPU memory question
         self._memory_applied: dict[str, tuple[Any, Any]] = {}  # setting -> (value before the recipe, recipe's value)
@@ -356,6 +372,9 @@ class TrainingWizard:
 
     def _model(self) -> None:
         self.section = "Model"
+        if self._kind == "flux":
+            self._flux_settings()
+            return
         if not self.store.sdxl:  # SDXL always uses the penultimate layers of both text encoders
             self.ask_setting("clip_skip", "Clip skip: 2 for anime-style models, 1 for realistic ones")
 
@@ -377,6 +396,9 @@ class TrainingWizard:
         if kind == "sd2":
             self.set(v2=True, sdxl=False)
             self.ask_setting("v_parameterization", "Is it a 768-v model (v-prediction, e.g. SD 2.x 768)?")
+        elif kind == "flux":
+            self.set(v2=False, sdxl=False, v_parameterization=False)
+            self._flux_parts()
         else:
             # v_parameterization false: told from the model files (an SDXL v-pred model says so in its metadata)
             self.set(v2=False, sdxl=kind == "sdxl", v_parameterization=False)
@@ -385,12 +407,56 @@ class TrainingWizard:
             self._sized_for = model_family_of(self.defaults)[0]
         sizes = resize_for_family(self.store, kind, previous=self._sized_for)
         self._sized_for = kind
+        self._kind = kind
+        if kind == "flux":
+            sizes.update(self._flux_defaults())
         if sizes:
             if tell_sizes:
                 shown = ", ".join(f"{name} {getattr(self.store, name)} -> {value}" for name, value in sizes.items())
                 self.notes.append(f"sized for {_MODEL_LABELS[kind].split(' (')[0]}: {shown}")
             self.set(**sizes)
         return kind
+
+    def _flux_parts(self) -> None:
+        """FLUX.1's text encoders and autoencoder: asked for when the model file does not hold them (a BFL
+        transformer-only file); a model that holds them may still take other files (empty: its own)."""
+        from types import SimpleNamespace
+
+        from sd_scripts.core.errors import UserError
+        from sd_scripts.models.loading import detect_family
+
+        inside: dict = {}
+        path = self.store.base_model
+        if path and (os.path.isdir(path) or str(path).lower().endswith((".safetensors", ".sft"))):
+            probe = SimpleNamespace(pretrained_model_name_or_path=path, model_family="flux", sdxl=None, v2=None,
+                                    v_parameterization=None, flux_variant=None)
+            try:
+                _, inside = detect_family(probe)
+            except (UserError, OSError, ValueError, KeyError, TypeError):
+                inside = {}
+        for part, label in _FLUX_PARTS.items():
+            lacks = inside.get(f"has_{part}") is False  # unknown (an unreadable file): preflight tells later
+            prompt = (f"Choose the {label}" if lacks else
+                      f"Choose the {label}, or leave it empty to use the model file's own")
+            self.ask_setting(part, prompt, optional=not lacks, filetypes=(".safetensors", ".sft"),
+                             none_label="the model's own")
+
+    def _flux_defaults(self) -> dict[str, Any]:
+        """FLUX_WIZARD_DEFAULTS for the settings still at ArgsList.py's values."""
+        shipped = ArgStore()
+        return {name: value for name, value in FLUX_WIZARD_DEFAULTS.items()
+                if getattr(self.store, name) == getattr(shipped, name) != value}
+
+    def _flux_settings(self) -> None:
+        """kohya's FLUX.1 training choices (the wizard starts from kohya's recommended ones)."""
+        self.ask_setting("guidance_scale", "Guidance scale given to FLUX.1 dev while training (kohya recommends 1.0; "
+                         "schnell ignores it)", low=0)
+        self.ask_setting("timestep_sampling", "How noise levels are drawn (kohya recommends shift)")
+        if self.store.timestep_sampling in ("sigma", "shift"):
+            self.ask_setting("discrete_flow_shift", "Shift of the noise schedule (kohya recommends 3.1582)", low=0,
+                             low_open=True)
+        self.ask_setting("model_prediction_type", "How the model's prediction is used (kohya recommends raw)")
+        self.ask_setting("apply_t5_attn_mask", "Hide T5 padding tokens from the attention (apply_t5_attn_mask)?")
 
     def _gpu_memory(self, model_type: str, tell: bool = False) -> None:
         """Ask the GPU's memory and set the memory settings to that card's recipe for the model family.
@@ -633,6 +699,9 @@ class TrainingWizard:
             self.ask_setting("random_crop", "Random crops instead of centre crops?")
         self._text_encoder_cache()
         self.section = "Loss"
+        if self._kind == "flux":  # a DDPM weighting: FLUX.1 has timestep_sampling and weighting_scheme instead
+            self.set(min_snr_gamma=None)
+            return
         self.ask_setting("min_snr_gamma", "Min-SNR gamma (empty: off; 5 is common)",
                          none_label="off")
 

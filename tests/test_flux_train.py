@@ -95,3 +95,31 @@ def test_kohya_flux_command_line(tiny_flux_files, tmp_path, capsys):
                                     "--model_family", "sdxl"])
     assert code == 2
     assert "flux_train_network.py" in capsys.readouterr().err
+
+
+def test_main_trains_flux_from_a_json_file_with_the_parts_as_settings(tiny_flux_files, tmp_path, capsys):
+    import main
+
+    data = make_dataset(tmp_path / "data", count=2, size=(64, 64))
+    out = tmp_path / "out"
+    job = tmp_path / "flux.json"
+    job.write_text(json.dumps({
+        "base_model": str(tiny_flux_files["transformer"]), "clip_l": str(tiny_flux_files["clip_l"]),
+        "t5xxl": str(tiny_flux_files["t5xxl"]), "ae": str(tiny_flux_files["ae"]),
+        "tokenizer_cache_dir": str(tiny_flux_files["tokenizer_cache_dir"]), "img_folder": str(data),
+        "output_folder": str(out), "change_output_name": "flux", "train_resolution": 64, "min_bucket_resolution": 64,
+        "max_bucket_resolution": 128, "max_steps": 2, "batch_size": 2, "net_dim": 2, "alpha": 1,
+        "optimizer_type": "AdamW", "mixed_precision": "no", "xformers": False, "num_workers": 0,
+        "unet_only": True, "cache_text_encoder_outputs": True, "timestep_sampling": "sigmoid",
+        "model_prediction_type": "additive", "guidance_scale": 2.0}), encoding="utf-8")
+    code = main.main(["--load_json_path", str(job)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    from safetensors import safe_open
+
+    with safe_open(str(out / "flux.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_timestep_sampling"] == "sigmoid" and meta["ss_guidance_scale"] == "2.0"
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    saved = json.loads((out / "flux_settings.json").read_text(encoding="utf-8"))
+    assert saved["t5xxl"] == str(tiny_flux_files["t5xxl"]) and saved["clip_skip"] == 1  # FLUX's neutral value

@@ -18,19 +18,23 @@ EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.json"))
 def test_the_promised_examples_exist():
     names = {os.path.basename(p) for p in EXAMPLES}
     assert {"first_lora.json", "locon.json", "dadaptation.json", "samples_during_training.json",
-            "sdxl_lora.json"} <= names
+            "sdxl_lora.json", "flux_lora.json"} <= names
     assert len(list_jobs(os.path.join(ROOT, "examples", "queue"))) >= 2
 
 
 @pytest.fixture(scope="module")
 def quickstart_model() -> str:
     """The examples train the quick-start model; build it as the quick start does when it is missing."""
+    from sd_scripts.testing.tiny_flux import save_tiny_flux_diffusers
     from sd_scripts.testing.tiny_models import save_tiny_diffusers
 
-    for name, family in (("model", "sd1"), ("model_sdxl", "sdxl")):
+    for name, family in (("model", "sd1"), ("model_sdxl", "sdxl"), ("model_flux", "flux")):
         folder = os.path.join(ROOT, "examples", "quickstart", name)
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            save_tiny_diffusers(folder, family, seed=0)
+            if family == "flux":
+                save_tiny_flux_diffusers(folder, seed=0)
+            else:
+                save_tiny_diffusers(folder, family, seed=0)
     return os.path.join(ROOT, "examples", "quickstart", "model")
 
 

@@ -712,7 +712,7 @@ def test_an_sdxl_model_is_preselected_and_gets_sdxl_sized_questions(paths, xl_mo
     assert keys.index("model_type") == keys.index("base_model") + 1  # right after the model, before the images
     question = asker.questions("model_type")[0]
     assert question.default == "sdxl" and question.help.startswith("the model file says SDXL")
-    assert set(question.options) == {"sd1", "sd2", "sdxl"} and "Pony" in question.label("sdxl")
+    assert set(question.options) == {"sd1", "sd2", "sdxl", "flux"} and "Pony" in question.label("sdxl")
     resolution = asker.questions("train_resolution")[0]
     assert resolution.default == 1024 and "SDXL models train at 1024" in resolution.prompt
     assert "clip_skip" not in keys  # SDXL always uses the penultimate layers
@@ -1101,3 +1101,22 @@ def test_the_wizard_offers_the_flux_recipes(paths, answer):
     question = asker.questions("gpu_memory")[0]
     assert question.options == ("keep", "12gb", "16gb", "24gb") and "community figures" in question.label(answer)
     assert {name: getattr(store, name) for name in FLUX_RECIPES[answer]} == FLUX_RECIPES[answer]
+
+
+def test_flux_branch_asks_for_the_parts_and_starts_from_kohyas_flux_settings(paths, tiny_flux_files):
+    model = str(tiny_flux_files["transformer"])
+    parts = {name: str(tiny_flux_files[name]) for name in ("clip_l", "t5xxl", "ae")}
+    store, asker = run_wizard(answers(paths, base_model=model, **parts))
+    assert asker.questions("model_type")[0].default == "flux"
+    assert [q.optional for q in (asker.questions(n)[0] for n in parts)] == [False, False, False]
+    assert {n: getattr(store, n) for n in parts} == parts
+    assert "clip_skip" not in asker.keys and "min_snr_gamma" not in asker.keys
+    assert asker.questions("gpu_memory")[0].default == "keep"  # no GPU here
+    assert {"guidance_scale", "timestep_sampling", "model_prediction_type"} <= set(asker.keys)
+    assert (store.net_dim, store.learning_rate, store.train_resolution) == (16, 1e-4, 1024)
+    assert (store.unet_only, store.cache_latents, store.cache_text_encoder_outputs) == (True, True, True)
+    assert (store.timestep_sampling, store.model_prediction_type, store.guidance_scale) == ("shift", "raw", 1.0)
+    assert (store.clip_skip, store.max_clip_token_length, store.min_snr_gamma) == (1, 75, None)
+    # the user's own values stay
+    store, _ = run_wizard(answers(paths, base_model=model, **parts), ArgStore(net_dim=8))
+    assert store.net_dim == 8
