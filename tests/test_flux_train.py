@@ -123,3 +123,27 @@ def test_main_trains_flux_from_a_json_file_with_the_parts_as_settings(tiny_flux_
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
     saved = json.loads((out / "flux_settings.json").read_text(encoding="utf-8"))
     assert saved["t5xxl"] == str(tiny_flux_files["t5xxl"]) and saved["clip_skip"] == 1  # FLUX's neutral value
+
+
+def test_resume_is_bit_identical_and_alpha_masks_train(tiny_flux_files, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from sd_scripts.training.loop import train
+
+    data = make_dataset(tmp_path / "data", folder="1_sks shape", count=4)
+    for i, png in enumerate(sorted((data / "1_sks shape").glob("*.png"))):
+        rgba = Image.open(png).convert("RGBA")
+        rgba.putalpha(Image.new("L", rgba.size, 255 if i % 2 else 96))
+        rgba.save(png)
+    settings = flux_settings(tiny_flux_files) | {"resolution": "64", "max_train_steps": 4, "network_dim": 4,
+                                                 "clip_skip": None, "alpha_mask": True, "noise_offset": 0.05,
+                                                 "loss_type": "huber", "huber_schedule": "exponential",
+                                                 "ip_noise_gamma": 0.1, "timestep_sampling": "sigmoid"}
+    whole = train(tiny_config(tiny_flux_files["transformer"], data, tmp_path / "whole", save_state=True,
+                              save_every_n_steps=2, **settings))
+    resumed = train(tiny_config(tiny_flux_files["transformer"], data, tmp_path / "resumed",
+                                resume=str(tmp_path / "whole" / "tiny-step00000002-state"), **settings))
+    a, b = load_file(whole.output_path), load_file(resumed.output_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.global_step == 4 and len(resumed.losses) == 4

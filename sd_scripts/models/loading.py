@@ -49,11 +49,14 @@ __all__ = [
 ]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "text_encoder/config.json",
+_HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "transformer/config.json", "text_encoder/config.json",
                      "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
 _HUB_WEIGHT_FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-                     "text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
+                     "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+                     "text_encoder_2/model-*.safetensors", "text_encoder_2/model.safetensors.index.json",
+                     "transformer/diffusion_pytorch_model*.safetensors",
+                     "transformer/diffusion_pytorch_model.safetensors.index.json"]  # FLUX.1 (sharded)
 
 
 # ------------------------------------------------------------------------------------------------- file reading
@@ -89,7 +92,8 @@ def _resolve_hub_repo(repo_id: str, with_weights: bool) -> Path:
     kwargs = {"allow_patterns": patterns, "cache_dir": _hf_cache_dir()}
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
-        if (folder / "model_index.json").is_file() and (not with_weights or (folder / "unet").is_dir()):
+        if (folder / "model_index.json").is_file() and (not with_weights or (folder / "unet").is_dir()
+                                                        or (folder / "transformer").is_dir()):
             return folder
     except Exception:  # noqa: BLE001 - not cached
         pass
