@@ -76,7 +76,7 @@ def config_from_args(argv: list[str] | None = None, *, prog: str = "train_networ
     from sd_scripts.core.errors import ConfigError
 
     args = build_parser(prog).parse_args(argv)
-    values: dict = {}
+    values: dict = kohya_cli_defaults()  # kohya's defaults where the engine's differ (enable_bucket, caption_extension...)
     if args.config_file:
         import toml
 
@@ -106,6 +106,14 @@ def config_from_args(argv: list[str] | None = None, *, prog: str = "train_networ
             raise ConfigError(f"{name}: {prog} always uses {name}={value}; use train_network.py for other models")
         values[name] = value
     return TrainConfig(**values)
+
+
+def kohya_cli_defaults() -> dict:
+    """``{kohya name: kohya's default}`` for the settings whose kohya default differs from ``TrainConfig``'s."""
+    from sd_scripts.core.setting import SAME
+    from sd_scripts.core.settings import engine_settings
+
+    return {s.kohya_name: s.kohya_cli_default for s in engine_settings() if s.kohya_cli_default is not SAME}
 
 
 def _with_script_fix(err, prog: str, fixed: dict):

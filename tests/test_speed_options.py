@@ -72,25 +72,26 @@ def test_optimizer_steps_are_fused_or_foreach_where_torch_has_them():
     from sd_scripts.training.optimizers import build_optimizer
     from sd_scripts.training.speed import optimizer_speed_kwargs
 
-    assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {}) == {"fused": True}
+    assert optimizer_speed_kwargs(torch.optim.AdamW, "cuda", {}) == {"fused": True}
+    assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {}) == {"foreach": True}
     assert optimizer_speed_kwargs(torch.optim.RAdam, "cpu", {}) == {"foreach": True}
     assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {"foreach": False}) == {}
     assert optimizer_speed_kwargs(type("Lion", (torch.optim.Optimizer,), {"__module__": "lion_pytorch"}), "cpu", {}) == {}
     params = [torch.nn.Parameter(torch.randn(4, 4))]
     built = build_optimizer(TrainConfig(optimizer_type="AdamW", learning_rate=1e-3), [{"params": params}])
-    assert built.optimizer.param_groups[0]["fused"] is True
-    assert "fused" not in built.ss_optimizer  # the metadata lists the user's optimizer_args only
+    assert built.optimizer.param_groups[0]["foreach"] is True
+    assert "foreach" not in built.ss_optimizer  # the metadata lists the user's optimizer_args only
     kept = build_optimizer(TrainConfig(optimizer_type="AdamW", learning_rate=1e-3, optimizer_args=["foreach=False"]),
                            [{"params": params}])
     assert kept.optimizer.param_groups[0]["foreach"] is False and not kept.optimizer.param_groups[0]["fused"]
 
 
-def test_fused_adamw_step_matches_the_single_tensor_step():
+def test_fused_and_foreach_adamw_steps_match_the_single_tensor_step():
     torch.manual_seed(0)
     weights = [torch.randn(8, 4), torch.randn(4)]
     grads = [[torch.randn_like(w) for w in weights] for _ in range(5)]
     results = []
-    for options in ({"foreach": False}, {"fused": True}):
+    for options in ({"foreach": False}, {"fused": True}, {"foreach": True}):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         opt = torch.optim.AdamW(params, lr=1e-2, **options)
         for step in grads:
@@ -98,8 +99,9 @@ def test_fused_adamw_step_matches_the_single_tensor_step():
                 p.grad = g.clone()
             opt.step()
         results.append([p.detach() for p in params])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------- training

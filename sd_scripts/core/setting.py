@@ -114,7 +114,9 @@ class Setting:
     ``front`` (the front end acts on it; ``feeds`` names the engine setting it is turned into, if any), ``engine``
     (kohya's command line only) or ``none`` (kept so files load; refused when set). ``default`` is the front end's
     (the 2023 tool's); ``kohya_default``, ``kohya_type``, ``kohya_help``, ``kohya_range`` and ``kohya_choices`` only
-    where the engine's differ. ``range`` is checked where the front end takes a value (command line, JSON files,
+    where the engine's differ. ``kohya_cli_default`` is kohya's own argparse default where it differs from the
+    engine's (``TrainConfig``'s, which library callers get): the kohya command line (``train_network.py``) uses it, so
+    a kohya command line runs as it does in kohya. ``range`` is checked where the front end takes a value (command line, JSON files,
     wizard) and, unless ``kohya_range`` says otherwise (``None``: not there), by the engine's preflight too.
     """
 
@@ -127,6 +129,7 @@ class Setting:
     kohya: str | None = None
     kohya_type: Any = SAME
     kohya_default: Any = SAME
+    kohya_cli_default: Any = SAME
     kohya_help: str | None = None
     kohya_range: Range | None = SAME  # None: the engine does not check the range
     kohya_choices: tuple | None = SAME
@@ -170,6 +173,11 @@ class Setting:
     @property
     def engine_default(self) -> Any:
         return self.default if self.kohya_default is SAME else self.kohya_default
+
+    @property
+    def cli_default(self) -> Any:
+        """The default of ``train_network.py --<kohya name>``: kohya's."""
+        return self.engine_default if self.kohya_cli_default is SAME else self.kohya_cli_default
 
     @property
     def engine_type(self) -> Any:

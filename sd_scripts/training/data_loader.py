@@ -6,6 +6,7 @@ tells where each epoch starts (``step_base``).
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -78,7 +79,7 @@ def build_data_loader(config, dataset, dataset_plan, max_train_steps: int, seed:
     view = StepAwareDataset(dataset, ga, max_train_steps, token_warmup)
     loader = torch.utils.data.DataLoader(
         view, batch_size=1, shuffle=False, collate_fn=_first,
-        num_workers=config.max_data_loader_n_workers,
+        num_workers=min(config.max_data_loader_n_workers, os.cpu_count() or 1),  # kohya's cap
         persistent_workers=config.persistent_data_loader_workers and config.max_data_loader_n_workers > 0,
         # its own generator: starting an epoch must not draw from torch's global one (exact resume)
         generator=torch.Generator().manual_seed(seed),

@@ -86,9 +86,10 @@ def bf16_cpu_note(mixed_precision: str | None, device_type: str, bf16_support: s
 
 
 def optimizer_speed_kwargs(optimizer_class: Any, params_device_type: str, user_kwargs: dict) -> dict:
-    """``fused=True`` where torch's optimizer has a fused step for the device (CUDA; CPU for Adam/AdamW/SGD/
-    Adagrad since torch 2.4), else ``foreach=True`` where it has a multi-tensor one; nothing for other optimizers
-    or when the user set either. Same update, fewer kernel launches."""
+    """``fused=True`` where torch's optimizer has a fused step for a GPU, else ``foreach=True`` where it has a
+    multi-tensor one (on a CPU too: ``bench/speed_options.py`` measured foreach ahead of fused there, fused being a
+    per-tensor loop on the CPU); nothing for other optimizers or when the user set either. Same update, fewer
+    kernel launches."""
     if "fused" in user_kwargs or "foreach" in user_kwargs:
         return {}
     module = getattr(optimizer_class, "__module__", "") or ""
@@ -98,7 +99,7 @@ def optimizer_speed_kwargs(optimizer_class: Any, params_device_type: str, user_k
         names = inspect.signature(optimizer_class.__init__).parameters
     except (TypeError, ValueError):
         return {}
-    if "fused" in names and _has_fused(optimizer_class, params_device_type):
+    if "fused" in names and params_device_type != "cpu" and _has_fused(optimizer_class, params_device_type):
         return {"fused": True}
     if "foreach" in names:
         return {"foreach": True}
