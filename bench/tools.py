@@ -5,6 +5,9 @@
     python bench/tools.py --stage resize  # one stage
     python bench/tools.py --quick         # one module of each shape (minutes -> seconds)
     python bench/tools.py --device cuda   # the math on the GPU
+    python bench/tools.py --family flux   # FLUX.1 shapes: resize (rank 64 -> 16, sv_fro 0.9) and extract (rank 16)
+                                          # on one block linear of each of FLUX.1's 8 shapes, timed one by one and
+                                          # weighted by how many of each the transformer has (19 x 10 + 38 x 3)
 
 Stages:
 
@@ -70,10 +73,19 @@ def sd15_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def lora_layers(shapes, quick: bool):
-    from sd_scripts.networks.ldm_lora_map import build_lora_map, lora_target_names
+def flux_shapes() -> dict[str, tuple[int, ...]]:
+    """BFL keys and shapes of the full-size FLUX.1 dev transformer (meta device)."""
+    from sd_scripts.models.flux.transformer import FluxTransformer
+    from sd_scripts.testing.random_checkpoints import meta_state_shapes
 
-    lmap = build_lora_map(shapes)
+    return meta_state_shapes(FluxTransformer)
+
+
+def lora_layers(shapes, quick: bool):
+    from sd_scripts.networks.checkpoint_map import checkpoint_lora_map
+    from sd_scripts.networks.ldm_lora_map import lora_target_names
+
+    _, lmap = checkpoint_lora_map(shapes)
     names = lora_target_names(lmap, conv=True, shapes=shapes)
     if quick:
         seen, kept = set(), []
@@ -270,6 +282,85 @@ def stage_merge(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ FLUX.1
+
+
+def _flux_layers():
+    """(shapes of the chosen weights, lora map, one module name per shape, {name: how many the model has})."""
+    shapes = flux_shapes()
+    lmap, names = lora_layers(shapes, quick=True)
+    _, every = lora_layers(shapes, quick=False)
+    counts = {name: sum(1 for n in every if shapes[lmap[n].weight_key] == shapes[lmap[name].weight_key])
+              for name in names}
+    return shapes, lmap, names, counts
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def stage_flux_resize(args) -> dict:
+    """A rank-64 FLUX.1 LoRA resized to 16 (and sv_fro 0.9), per module: ours (factor-space SVD) against the
+    full-matrix SVD; the whole LoRA's time is the per-shape times weighted by the module counts."""
+    from sd_scripts.networks.network_state import parse_network
+    from sd_scripts.networks.resize import resize_network
+
+    shapes, lmap, names, counts = _flux_layers()
+    modules = parse_network(random_lora(shapes, lmap, names, 64))
+    result = {"modules_in_a_full_lora": sum(counts.values()), "rank": 64, "per_shape": {}}
+    for label, method, param in (("fixed 16", "fixed", None), ("sv_fro 0.9", "sv_fro", 0.9)):
+        total_ours = total_full = 0.0
+        worst = 0.0
+        for name in names:
+            one = {name: modules[name]}
+            ours, t_ours = _timed(lambda: resize_network(one, 16 if method == "fixed" else 64,
+                                                         method=None if method == "fixed" else method, param=param,
+                                                         device=args.device), args.device)
+            base, t_full = _timed(lambda: full_matrix_resize(one, 16 if method == "fixed" else 64, method, param,
+                                                             args.device), args.device)
+            worst = max(worst, _delta_difference(ours.state_dict, one, base))
+            total_ours += t_ours * counts[name]
+            total_full += t_full * counts[name]
+            result["per_shape"].setdefault(label, {})[f"{shapes[lmap[name].weight_key]}"] = {
+                "ours_s": round(t_ours, 4), "full_matrix_s": round(t_full, 3), "count": counts[name]}
+        result[label] = {"full_lora_ours_s": round(total_ours, 2), "full_lora_full_matrix_s": round(total_full, 1),
+                         "speedup": round(total_full / total_ours, 1), "max_rel_delta_difference": worst}
+    result.update(_peak(args.device))
+    return result
+
+
+def stage_flux_extract(args) -> dict:
+    """Rank-16 extraction between two FLUX.1 weights of each shape (randomized SVD), per module, weighted by the
+    module counts; the reported error against the exact truncation error."""
+    from sd_scripts.networks import lora_math as lm
+    from sd_scripts.networks.extract import extract_network
+
+    shapes, lmap, names, counts = _flux_layers()
+    keys = {lmap[n].weight_key for n in names} | {"img_in.weight"}
+    small = {k: shapes[k] for k in keys}
+    base = random_checkpoint(small, 0, dtype=__import__("torch").bfloat16)
+    tuned = _tuned_from(base, small, lmap, names)
+    total, checks = 0.0, []
+    for name in names:
+        key = lmap[name].weight_key
+        only = dict(base, **{key: tuned[key]})  # the other layers are equal: skipped as unchanged
+        res, t = _timed(lambda: extract_network(base, only, "fixed", 16, device=args.device), args.device)
+        total += t * counts[name]
+        m = res.modules[0]
+        w = (tuned[key].float() - base[key].float())
+        exact = lm.retained_stats(lm.dense_svd(w, randomized=False), m.rank)["rel_error"]
+        checks.append({"shape": str(shapes[key]), "count": counts[name], "s": round(t, 3),
+                       "reported_error": round(m.rel_error, 4), "exact_truncation_error": round(exact, 4),
+                       "randomized": not m.exact})
+    out = {"full_transformer_s": round(total, 1), "per_shape": checks}
+    out.update(_peak(args.device))
+    return out
+
+
 def _clamp_split_factors(res, k: int, q: float):
     """The clamp extraction used before: both evenly split factors to the q-quantile of their absolute values."""
     import torch
@@ -306,11 +397,14 @@ def stage_clamp(args) -> dict:
 
 
 STAGES = {"resize": stage_resize, "extract": stage_extract, "merge": stage_merge, "clamp": stage_clamp}
+FLUX_STAGES = {"flux_resize": stage_flux_resize, "flux_extract": stage_flux_extract}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="LoRA tool benchmarks on SD1.5-shaped weights")
-    p.add_argument("--stage", choices=tuple(STAGES), default=None, help="run one stage in this process")
+    p = argparse.ArgumentParser(description="LoRA tool benchmarks on SD1.5- or FLUX.1-shaped weights")
+    p.add_argument("--stage", choices=tuple(STAGES) + tuple(FLUX_STAGES), default=None,
+                   help="run one stage in this process")
+    p.add_argument("--family", choices=("sd15", "flux"), default="sd15", help="the model's shapes")
     p.add_argument("--quick", action="store_true", help="one layer of each shape")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -320,13 +414,13 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = STAGES[args.stage](args)
+        result = (STAGES | FLUX_STAGES)[args.stage](args)
         result["stage"] = args.stage
         result["device"] = args.device or "cpu"
         result["threads"] = torch.get_num_threads()
         print("RESULT " + json.dumps(result))
         return 0
-    for stage in STAGES:
+    for stage in FLUX_STAGES if args.family == "flux" else STAGES:
         cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage]
         if args.quick:
             cmd.append("--quick")
