@@ -162,6 +162,17 @@ class ModelFamily:
                                          self.diffusers_vae_config(v_parameterization),
                                          self.text_encoder_kinds[0], v_parameterization)
 
+    # ----------------------------------------------------------------------------------- training placement
+
+    def place_denoiser(self, model, config, device, dtype):
+        """Put the frozen denoiser on ``device`` for training, its weights in ``dtype`` (float8 on CUDA with
+        kohya's ``fp8_base``); returns what must stay alive while it trains (None here)."""
+        model.unet.to(device, dtype=dtype)
+        return None
+
+    def enable_gradient_checkpointing(self, model, config) -> None:
+        model.unet.enable_gradient_checkpointing()
+
     # ----------------------------------------------------------------------------------- latent transform
 
     def scale_latents(self, latents):

@@ -186,12 +186,17 @@ def extracted_metadata(result: ExtractResult, family: str, mode: str, linear_par
         md["ss_network_args"] = json.dumps({"conv_dim": str(int(conv_param)) if fixed else "Dynamic",
                                             "conv_alpha": md["ss_network_alpha"]})
     if family == "flux":
+        from types import SimpleNamespace
+
         from sd_scripts.models.families import get_family
 
         flux = get_family("flux")
         md.pop("ss_v2")
         md["ss_base_model_version"] = flux.base_model_version(False)
-        md.update(build_modelspec(flux.modelspec_architecture(False, variant), title, 1024))
+        described = SimpleNamespace(info={"flux_variant": variant})  # what modelspec_architecture reads of a model
+        md.update(build_modelspec(flux.modelspec_architecture(False, described), title, 1024,
+                                  implementation=flux.modelspec_implementation,
+                                  prediction_type=flux.modelspec_prediction_type(False)))
     elif sdxl:
         md.update(build_modelspec("stable-diffusion-xl-v1-base", title, 1024))
     else:

@@ -90,8 +90,9 @@ class _Trainer(SetupSteps, Resuming, TrainStep, EpochLoop, Saving, Validating):
         self._load_base_model()  # frozen, base_weights merged, noise schedule
         self._build_datasets()  # latents cached, validation images held out
         built_network = self._build_network()
-        self._place_base_models()  # devices and precisions (fp8_base)
-        self._cache_text_encoder_outputs()
+        self._place_text_encoders()  # devices and precisions (fp8_base)
+        self._cache_text_encoder_outputs()  # then the text encoders leave the GPU
+        self._place_denoiser()  # the family's placement: fp8_base, blocks_to_swap
         self._set_training_modes()  # gradient checkpointing
         self._apply_speed_options()  # channels_last, torch_compile (regional)
         self._build_optimizer()

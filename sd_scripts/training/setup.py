@@ -156,16 +156,12 @@ class SetupSteps(TrainerBase):
                        "network trains in float32)")
         return built
 
-    def _place_base_models(self) -> None:
-        """The frozen UNet and text encoders on the device, in float8 with fp8_base / fp8_base_unet on CUDA."""
+    def _place_text_encoders(self) -> None:
+        """The frozen text encoders on the device, in float8 with fp8_base on CUDA."""
         import torch
 
         config, device, model = self.config, self.accelerator.device, self.model
-        unet_dtype, te_dtype = _frozen_dtypes(config, self.weight_dtype, device)
-        if (config.fp8_base or config.fp8_base_unet) and device.type != "cuda":
-            self._warn(f"{'fp8_base' if config.fp8_base else 'fp8_base_unet'}: has no effect here (float8 weights "
-                       "need a CUDA device)")
-        model.unet.to(device, dtype=unet_dtype)
+        _, te_dtype = _frozen_dtypes(config, self.weight_dtype, device)
         for te in model.text_encoders:
             te.to(device, dtype=te_dtype)
             if te_dtype != self.weight_dtype:
@@ -173,6 +169,18 @@ class SetupSteps(TrainerBase):
                     if isinstance(module, torch.nn.Embedding):
                         module.to(dtype=self.weight_dtype)  # no float8 embedding lookup (kohya keeps them too)
         self.te_dtype = te_dtype
+
+    def _place_denoiser(self) -> None:
+        """The frozen denoiser on the device, after the text encoders have cached their outputs and left it (so
+        FLUX.1's T5 and transformer never share the GPU): the family's placement (fp8_base, blocks_to_swap)."""
+        config, device = self.config, self.accelerator.device
+        unet_dtype, _ = _frozen_dtypes(config, self.weight_dtype, device)
+        if (config.fp8_base or config.fp8_base_unet) and device.type != "cuda":
+            self._warn(f"{'fp8_base' if config.fp8_base else 'fp8_base_unet'}: has no effect here (float8 weights "
+                       "need a CUDA device)")
+        if getattr(config, "blocks_to_swap", 0) and device.type != "cuda":
+            self._warn("blocks_to_swap: has no effect here (no CUDA device to swap blocks into)")
+        self.denoiser_placement = self.family.place_denoiser(self.model, config, device, unet_dtype)
 
     def _cache_text_encoder_outputs(self) -> None:
         """cache_text_encoder_outputs: encode every caption once now, then free the text encoders' memory."""
@@ -203,7 +211,7 @@ class SetupSteps(TrainerBase):
         """Gradient checkpointing (the base models then run in train mode, as kohya's), else eval mode."""
         config, model = self.config, self.model
         if config.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
+            self.family.enable_gradient_checkpointing(model, config)
             model.unet.train()
             if self.train_te:
                 for te in model.text_encoders:

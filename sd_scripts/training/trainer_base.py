@@ -42,11 +42,12 @@ class TrainerBase:
     dataset: Any  # TrainDataset
     val_dataset: Any  # TrainDataset of the held-out images, or None
     validation_seed: int
-    # setup.SetupSteps._build_network / _place_base_models / _cache_text_encoder_outputs
+    # setup.SetupSteps._build_network / _place_text_encoders / _cache_text_encoder_outputs / _place_denoiser
     network: TrainableNetwork
     train_te: bool
     full_half: bool
     te_dtype: Any
+    denoiser_placement: Any  # what the family's place_denoiser keeps alive (FLUX.1's block swap), or None
     _prompt_cache: dict
     _te_cache_complete: bool
     # setup.SetupSteps._build_optimizer / _build_schedule_and_loader

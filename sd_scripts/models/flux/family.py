@@ -113,6 +113,20 @@ class FluxFamily(ModelFamily):
     def modelspec_prediction_type(self, v_parameterization: bool) -> str | None:
         return None
 
+    def place_denoiser(self, model, config, device, dtype):
+        """The transformer keeps the dtypes it was loaded in (``fp8_base``: its block linears already float8, the rest
+        in the training precision, ``models/flux/memory.py``); with ``blocks_to_swap`` the swapped blocks stay in CPU
+        memory and visit the GPU as they run. Returns the block swap (None without)."""
+        import torch
+
+        from sd_scripts.models.flux.memory import prepare_flux_transformer
+
+        swap = int(getattr(config, "blocks_to_swap", 0) or 0) if torch.device(device).type == "cuda" else 0
+        return prepare_flux_transformer(model.unet, device, blocks_to_swap=swap)
+
+    def enable_gradient_checkpointing(self, model, config) -> None:
+        model.unet.enable_gradient_checkpointing(cpu_offload=bool(getattr(config, "cpu_offload_checkpointing", False)))
+
     def training_options(self, config) -> dict:
         return {"guidance_scale": float(getattr(config, "guidance_scale", None) or FLUX_DEFAULTS["guidance_scale"]),
                 "apply_t5_attn_mask": bool(getattr(config, "apply_t5_attn_mask", False)),
