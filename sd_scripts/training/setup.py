@@ -173,14 +173,17 @@ class SetupSteps(TrainerBase):
     def _place_denoiser(self) -> None:
         """The frozen denoiser on the device, after the text encoders have cached their outputs and left it (so
         FLUX.1's T5 and transformer never share the GPU): the family's placement (fp8_base, blocks_to_swap)."""
+        import torch
+
         config, device = self.config, self.accelerator.device
         unet_dtype, _ = _frozen_dtypes(config, self.weight_dtype, device)
-        if (config.fp8_base or config.fp8_base_unet) and device.type != "cuda":
+        self.denoiser_placement = self.family.place_denoiser(self.model, config, device, unet_dtype)
+        float8 = any(p.dtype == torch.float8_e4m3fn for p in self.model.unet.parameters())
+        if (config.fp8_base or config.fp8_base_unet) and not float8:
             self._warn(f"{'fp8_base' if config.fp8_base else 'fp8_base_unet'}: has no effect here (float8 weights "
                        "need a CUDA device)")
-        if getattr(config, "blocks_to_swap", 0) and device.type != "cuda":
+        if getattr(config, "blocks_to_swap", 0) and self.denoiser_placement is None:
             self._warn("blocks_to_swap: has no effect here (no CUDA device to swap blocks into)")
-        self.denoiser_placement = self.family.place_denoiser(self.model, config, device, unet_dtype)
 
     def _cache_text_encoder_outputs(self) -> None:
         """cache_text_encoder_outputs: encode every caption once now, then free the text encoders' memory."""
