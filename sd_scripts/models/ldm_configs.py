@@ -20,6 +20,23 @@ def config_value(config, key, default=None):
 # ---------------------------------------------------------------------------------------------- LDM yaml config
 
 
+def _vae_ddconfig(vae_config, resolution: int) -> dict:
+    """The VAE's ``ddconfig`` (its block layout) in an LDM or SGM config."""
+    vboc = list(config_value(vae_config, "block_out_channels"))
+    return {
+        "double_z": True,
+        "z_channels": int(config_value(vae_config, "latent_channels")),
+        "resolution": resolution,
+        "in_channels": int(config_value(vae_config, "in_channels")),
+        "out_ch": int(config_value(vae_config, "out_channels")),
+        "ch": vboc[0],
+        "ch_mult": [c // vboc[0] for c in vboc],
+        "num_res_blocks": int(config_value(vae_config, "layers_per_block")),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+
+
 def ldm_config_from_diffusers(unet_config, vae_config, text_encoder_kind: str = "clip",
                               v_prediction: bool = False) -> dict:
     """An LDM-style model config (as in ``v1-inference.yaml``) describing a diffusers UNet/VAE pair.
@@ -56,19 +73,7 @@ def ldm_config_from_diffusers(unet_config, vae_config, text_encoder_kind: str = 
                 raise ValueError("per-block head counts need use_linear_projection (SD2-style num_head_channels)")
             heads = heads[0]
         unet_params["num_heads"] = int(heads)
-    vboc = list(config_value(vae_config, "block_out_channels"))
-    ddconfig = {
-        "double_z": True,
-        "z_channels": int(config_value(vae_config, "latent_channels")),
-        "resolution": int(config_value(vae_config, "sample_size")),
-        "in_channels": int(config_value(vae_config, "in_channels")),
-        "out_ch": int(config_value(vae_config, "out_channels")),
-        "ch": vboc[0],
-        "ch_mult": [c // vboc[0] for c in vboc],
-        "num_res_blocks": int(config_value(vae_config, "layers_per_block")),
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
+    ddconfig = _vae_ddconfig(vae_config, int(config_value(vae_config, "sample_size")))
     if text_encoder_kind == "openclip":
         cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                 "params": {"freeze": True, "layer": "penultimate"}}
@@ -143,20 +148,7 @@ def sgm_config_from_diffusers(unet_config, vae_config, v_prediction: bool = Fals
         "spatial_transformer_attn_type": "softmax-xformers",
         "legacy": False,
     }
-    vboc = list(config_value(vae_config, "block_out_channels"))
-    ddconfig = {
-        "attn_type": "vanilla-xformers",
-        "double_z": True,
-        "z_channels": int(config_value(vae_config, "latent_channels")),
-        "resolution": 256,
-        "in_channels": int(config_value(vae_config, "in_channels")),
-        "out_ch": int(config_value(vae_config, "out_channels")),
-        "ch": vboc[0],
-        "ch_mult": [c // vboc[0] for c in vboc],
-        "num_res_blocks": int(config_value(vae_config, "layers_per_block")),
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
+    ddconfig = {"attn_type": "vanilla-xformers", **_vae_ddconfig(vae_config, 256)}
     scaling = "VScaling" if v_prediction else "EpsScaling"
     weighting = "VWeighting" if v_prediction else "EpsWeighting"
     emb_models = [
