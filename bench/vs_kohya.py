@@ -41,7 +41,7 @@ CLOCK = ROOT / "bench" / "step_clock.py"
 HOW_TO_GET_KOHYA = (
     "--kohya DIR --kohya_python PY are needed: git clone https://github.com/kohya-ss/sd-scripts DIR && "
     "python3.11 -m venv DIR-venv && DIR-venv/bin/pip install torch==<ours> torchvision==<its match> && "
-    "DIR-venv/bin/pip install -c <(echo torch==<ours>) -r DIR/requirements.txt (see README: Benchmarks)")
+    "DIR-venv/bin/pip install -c <(echo torch==<ours>) -r DIR/requirements.txt (README: Against kohya's sd-scripts)")
 
 
 @dataclass(frozen=True)
@@ -253,11 +253,12 @@ def print_table(results: list[tuple[Row, dict]]) -> None:
 TOOL_CASES = {
     # name: (our command, kohya's command); {lora} is a rank-16 LoRA trained by a row, {ckpt} the checkpoint
     "resize 16->8": (["scripts/lora_resize.py", "--model", "{lora}", "--save_to", "{out}/ours_resized.safetensors",
-                      "--new_rank", "8", "--save_precision", "fp16", "--device", "cpu"],
+                      "--new_rank", "8", "--save_precision", "fp16", "--device", "cpu", "--overwrite"],
                      ["networks/resize_lora.py", "--model", "{lora}", "--save_to", "{out}/kohya_resized.safetensors",
                       "--new_rank", "8", "--save_precision", "fp16", "--device", "cpu"]),
-    "merge into checkpoint": (["scripts/locon_loha_merge.py", "--sd_model", "{ckpt}", "--models", "{lora}",
-                               "--ratios", "1", "--save_to", "{out}/ours_merged.safetensors", "--save_precision", "fp16"],
+    "merge into checkpoint": (["scripts/locon_loha_merge.py", "--base", "{ckpt}", "--lycoris", "{lora}",
+                               "--weight", "1", "--save_to", "{out}/ours_merged.safetensors", "--dtype", "fp16",
+                               "--overwrite"],
                               ["networks/merge_lora.py", "--sd_model", "{ckpt}", "--models", "{lora}", "--ratios", "1",
                                "--save_to", "{out}/kohya_merged.safetensors", "--save_precision", "fp16"]),
 }
