@@ -6,6 +6,9 @@
     python bench/train_step.py --gpu           on CUDA: SD1.5-shaped at 512 px, batch 1/4/8, and SDXL-shaped at
                                                1024 px, batch 1/4, with and without gradient checkpointing:
                                                images/s, peak VRAM, share of the GPU's bf16 peak
+    python bench/train_step.py --only flux     FLUX.1: the tiny model, and full-width blocks (1 double + 1 single)
+                                               at 256 px in bf16 (bench/flux_step.py)
+    python bench/train_step.py --gpu --only flux   full-size FLUX.1 at 512/1024 px, fp8_base, blocks_to_swap 0/8/16
 
 "ours" is ``sd_scripts.training.loop.train`` (dataset with cached latents, noise, timesteps,
 text conditioning, loss, clipping, optimizer and scheduler, progress callbacks). "bare" is the
@@ -248,13 +251,24 @@ def _gpu_case(name, peak, kind, base, data, tmp, size, batch, steps, ckpt, flop_
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["tiny", "sd15", "sdxl"], help="run one CPU case")
+    parser.add_argument("--only", choices=["tiny", "sd15", "sdxl", "flux"], help="run one case")
     parser.add_argument("--gpu", action="store_true", help="GPU benchmark at 512 px (needs CUDA)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.gpu:
+        if args.only == "flux":
+            from bench.flux_step import gpu_flux
+
+            gpu_flux(max(args.steps, 6), make_images, peak_memory_mb, BF16_PEAK)
+            return 0
         gpu([1, 4, 8], max(args.steps, 8))
+        return 0
+    if args.only == "flux":
+        from bench.flux_step import compare_cpu
+
+        compare_cpu("tiny", 64, 2, max(args.steps, 8), args.rounds, make_images, peak_memory_mb)
+        compare_cpu("blocks", 256, 1, args.steps, args.rounds, make_images, peak_memory_mb)
         return 0
     if args.only in (None, "tiny"):
         for batch in (1, 4):
