@@ -162,6 +162,7 @@ def test_the_vae_leaves_after_caching_unless_samples_need_it_and_memory_is_repor
     assert seen[0].vae is not None and result.sample_files
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_within_tolerance_with_checkpointing_sampling_and_an_exact_resume(tiny_sd1_diffusers,
                                                                                               tmp_path, monkeypatch):
     """Regional compilation (aot_eager: dynamo and autograd tracing without a C++ toolchain; the inductor backend
