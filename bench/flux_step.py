@@ -55,7 +55,7 @@ def build_flux(kind: str, dev: bool = True):
         with torch.no_grad():
             for p in transformer.parameters():
                 p.normal_(0.0, 0.02, generator=g)
-        transformer.requires_grad_(False)
+    transformer.requires_grad_(False)
     return LoadedModel(family=family, unet=transformer, vae=parts["vae"],
                        text_encoders=[parts["text_encoder"], parts["text_encoder_2"]],
                        tokenizers=[parts["tokenizer"], parts["tokenizer_2"]], v_parameterization=False,
@@ -88,6 +88,7 @@ def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, **
     from sd_scripts.training.loop import train
 
     model = copy.copy(base)
+    model.unet = copy.deepcopy(base.unet)  # the loop leaves its network attached: each run gets a clean transformer
     timer = StepTimer()
     train(flux_config(data, out, size, batch, steps, pretrained_model_name_or_path=base.model_path, **extra), timer,
           model=model)
@@ -104,12 +105,14 @@ def time_bare(base, size: int, batch: int, steps: int, device, dtype, t5_tokens:
     from sd_scripts.models.flux.packing import image_ids, text_ids
     from sd_scripts.networks.factory import build_network
 
-    transformer = base.unet.to(device)
+    transformer = copy.deepcopy(base.unet).to(device).requires_grad_(False)  # frozen, as the loop freezes it
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         transformer.train()
     config = flux_config(Path("."), Path("."), size, batch, steps)
-    built = build_network(config, base, train_unet=True, train_text_encoder=False)
+    model = copy.copy(base)
+    model.unet = transformer
+    built = build_network(config, model, train_unet=True, train_text_encoder=False)
     network = built.network
     network.to(device)
     params = [p for p in network.parameters() if p.requires_grad]
@@ -189,7 +192,6 @@ def gpu_flux(steps: int, make_images, peak_memory_mb, bf16_peak: dict) -> None:
                     print(f"{name} flux {size}px blocks_to_swap {swap}: out of memory", flush=True)
                     continue
                 mem = peak_memory_mb(device)
-                base.unet.to("cpu")  # every block back together for the next case
                 flop = FLUX_PARAMS_PER_IMAGE_TOKEN_FLOP * (size // 16) ** 2
                 share = f", {flop / ours / peak * 100:.1f}% of bf16 peak" if peak else ""
                 print(f"{name} flux {size}px batch 1 fp8_base blocks_to_swap {swap}: {ours:.3f} s/step "
@@ -199,4 +201,3 @@ def gpu_flux(steps: int, make_images, peak_memory_mb, bf16_peak: dict) -> None:
                 bare = time_bare(base, size, 1, steps, device, torch.bfloat16, gradient_checkpointing=True)
                 print(f"{name} flux {size}px bare loop (no swap): {bare:.3f} s/step, peak VRAM "
                       f"{peak_memory_mb(device):.0f} MiB", flush=True)
-                base.unet.to("cpu")

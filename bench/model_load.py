@@ -4,7 +4,7 @@
     python bench/model_load.py                  # SDXL-shaped fp16 file (~6.9 GB, random weights)
     python bench/model_load.py --family sd15    # SD1.5-shaped fp16 file (~2.1 GB)
     python bench/model_load.py --keep           # keep the generated checkpoint in bench/.cache/
-    python bench/model_load.py --family flux    # FLUX.1-shaped bf16 transformer: 2+4 and 4+8 full-width blocks,
+    python bench/model_load.py --family flux    # FLUX.1-shaped bf16 transformer: 1+2 and 2+4 full-width blocks,
                                                 # extrapolated per block to 19+38 (a 23.8 GB file)
 
 Builds a full-size checkpoint of the family with random fp16 weights (LDM/SGM keys as a real file has them), then
@@ -15,11 +15,13 @@ loads it in fresh processes, side by side:
 * ``bare``: ``safetensors.torch.load_file`` of the same file, nothing else (the floor: the file's tensors in memory).
 
 FLUX.1: a full-size transformer is 23.8 GB in bf16, more than this benchmark's machine (24 GiB) can hold next to
-the loader, so the file has every tensor of full width (hidden 3072, MLP 12288) and fewer blocks: 2 double + 4
-single, then 4 + 8 (written tensor by tensor from meta-device shapes, so writing needs no RAM); each load's peak
+the loader, so the file has every tensor of full width (hidden 3072, MLP 12288) and fewer blocks: 1 double + 2
+single, then 2 + 4 (written tensor by tensor from meta-device shapes, so writing needs no RAM); each load's peak
 is fitted as ``fixed + k x file bytes`` from the two sizes and extrapolated to the full file (19 + 38 blocks, its
 bytes from the meta-device model). CLIP-L, T5 and the VAE are the tiny test ones. ``ours fp8`` loads with
-``fp8_base`` (block linears stored in float8).
+``fp8_base`` (block linears stored in float8). After loading, every weight is read once: a weight the loader leaves
+memory-mapped from the file counts in the peak RSS (file pages the kernel may drop and read again), not in the
+anonymous memory.
 
 Memory: the peak of the process's anonymous resident memory (``RssAnon``, sampled every 20 ms: the memory that must
 fit in RAM), and the peak RSS (``ru_maxrss``), which also counts the memory-mapped file's pages (the kernel can drop
@@ -83,7 +85,7 @@ def write_checkpoint(family: str, path: str) -> int:
     return os.path.getsize(path)
 
 
-FLUX_SIZES = ((2, 4), (4, 8))
+FLUX_SIZES = ((1, 2), (2, 4))
 
 
 def flux_shapes(depth: int, single: int) -> dict:
@@ -150,6 +152,8 @@ def _measure(mode: str, path: str, family: str) -> dict:
                              ae=files["ae"], tokenizer_cache_dir=files["tokenizer_cache_dir"],
                              fp8_base=mode == "ours fp8", mixed_precision="bf16")
         model = load_model(config, dtype=torch.bfloat16)
+        for p in model.unet.parameters():  # touch every weight (a memory-mapped one is read in now), as training does
+            p.detach().reshape(-1).view(torch.uint8).sum()
         params = sum(p.numel() for p in model.unet.parameters())
         element = 2
         model_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
