@@ -9,7 +9,7 @@ import pytest
 from ArgsList import ArgStore
 from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.setting import Range, Setting, above, at_least, between
-from sd_scripts.core.settings import GROUPS, SETTINGS, engine_settings, front_settings
+from sd_scripts.core.settings import GROUPS, SETTINGS, WIZARD_STEPS, engine_settings, front_settings
 
 
 def test_names_are_unique_in_each_layer():
@@ -23,6 +23,13 @@ def test_every_setting_has_a_heading_help_and_section():
         assert s.group in GROUPS, s.name
         assert s.help and "\n" not in s.help, s.name
         assert s.section, s.name
+
+
+def test_wizard_steps_are_known_and_name_front_end_settings():
+    """``wizard=`` names one of the wizard's steps, and only for settings the wizard can write (the front end's)."""
+    asked = [s for s in SETTINGS if s.wizard is not None]
+    assert asked and all(s.wizard in WIZARD_STEPS and s.in_front_end and s.layer != "none" for s in asked)
+    assert {s.wizard for s in asked} == set(WIZARD_STEPS)  # no step without a setting
 
 
 def test_argstore_and_trainconfig_are_the_declared_settings():

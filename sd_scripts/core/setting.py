@@ -3,7 +3,8 @@
 A ``Setting`` holds everything the program derives from a setting: its name in ``ArgsList.py``, JSON files and
 ``main.py`` flags, its name in the engine (``TrainConfig``, kohya's command line), type, defaults, help line,
 heading, range or choices, unit, the other spellings it is read under (the 2023 tool's, the kohya_ss GUI's), its
-``ss_*`` metadata key and which layers use it. The table of every setting is :mod:`sd_scripts.core.settings`.
+``ss_*`` metadata key, the training wizard's step that asks it and which layers use it. The table of every
+setting is :mod:`sd_scripts.core.settings`.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Setting:
     changes_captions: bool = False  # captions differ from step to step while it is on
     metadata: str | None = None  # the ss_* key the LoRA's metadata stores it under
     section: str = ""  # the comment heading it stands under in ArgsList.py (set by :func:`section`)
+    wizard: str | None = None  # the training wizard's step that asks it (settings.WIZARD_STEPS); None: not asked
 
     def __post_init__(self) -> None:
         if self.layer not in _LAYERS:
