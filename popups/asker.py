@@ -49,7 +49,8 @@ class Question:
     ``default`` is what closing the window gives. ``optional`` lets an empty answer mean None
     (shown as ``none_label``). Numbers are checked against ``low``/``high`` (``low_open``: the
     answer must be above ``low``); ``check`` adds a rule of the flow's own (returns a reason or
-    None). ``error`` holds the reason the previous answer was refused.
+    None). ``error`` holds the reason the previous answer was refused. ``settings`` names the
+    settings the answer decides.
     """
 
     key: str
@@ -72,6 +73,7 @@ class Question:
     details: tuple = ()
     check: Callable[[Any], str | None] | None = None
     error: str | None = None
+    settings: tuple = ()  # the settings the answer decides (the training wizard's questions)
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -2,10 +2,13 @@
 
 Start (new setup, load a JSON file, or run a queue folder), then the paths (re-asked after a JSON
 load only if the user wants), saving a JSON, and the settings in the order a LoRA is usually
-planned. Each question about a setting takes its default and its one-line explanation from
-``ArgsList.py``; the answers go into an ``ArgStore``, the same object the command line builds, so
-the same engine runs and the same JSON is saved. The last window lists the choices with the
-estimated number of steps and offers start, save as JSON, or back.
+planned. Which step asks a setting is part of its declaration (``wizard=`` in
+``sd_scripts/core/settings.py``, the steps in ``WIZARD_STEPS``): a question about a setting takes its
+window title, help line, bounds and choices from there and its default from the store, and a question
+of the wizard's own (the model type, the GPU memory recipe, the network type ...) names the settings its
+answer decides, each declared for that step. The answers go into an ``ArgStore``, the same object the
+command line builds, so the same engine runs and the same JSON is saved. The last window lists the
+choices by step, with the estimated number of steps, and offers start, save as JSON, or back.
 
 Right after the base model comes the model type (SD 1.x, SD 2.x, SDXL, FLUX.1), preselected from the model's
 header when that can be read without torch; SDXL sizes the resolution and bucket defaults (1024 px,
@@ -25,9 +28,13 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from ArgsList import OPTIMIZERS, SAMPLERS, SCHEDULERS, ArgStore
+from ArgsList import ArgStore
 from frontend.fields import format_value
 from frontend.model_family import cheap_family, model_family_of, resize_for_family
+from sd_scripts.core.settings import (STEP_CACHING, STEP_CAPTIONS, STEP_GPU_MEMORY, STEP_LEARNING_RATES, STEP_LENGTH,
+                                      STEP_LOAD_JSON, STEP_LOSS, STEP_MODEL, STEP_NETWORK, STEP_OPTIMIZER, STEP_PATHS,
+                                      STEP_QUEUE, STEP_RESOLUTION, STEP_SAMPLES, STEP_SAVE_JSON, STEP_SAVING,
+                                      STEP_SCHEDULE, STEP_VALIDATION, WIZARD_STEPS, asked_in_wizard, declared)
 
 from . import gpu_memory
 from .asker import Asker, Cancelled, Question, ask
@@ -37,6 +44,13 @@ from .dataset_check import (DatasetReport, check_dataset, estimate_steps, has_tr
 __all__ = ["TrainingWizard", "NETWORK_TYPES", "LR_FREE_OPTIMIZERS", "MODEL_TYPES"]
 
 INFOS = {info.name: info for info in ArgStore.settings()}
+
+
+def _names(step: str) -> tuple[str, ...]:
+    """The settings declared for a step of the wizard (``wizard=`` in sd_scripts/core/settings.py)."""
+    return tuple(s.name for s in asked_in_wizard(step))
+
+
 NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr", "IA3")
 _LYCORIS_ALGOS = {"LoHa": "loha", "LoKr": "lokr", "IA3": "ia3"}
 _NETWORK_LABELS = {
@@ -56,6 +70,8 @@ _MODEL_LABELS = {
     "sdxl": "SDXL (SDXL base, Pony, Illustrious, NoobAI ...)",
     "flux": "FLUX.1 (dev or schnell, and the models based on them)",
 }
+# what the model type answer sets (the CLIP token length: FLUX.1's neutral one, FLUX_WIZARD_DEFAULTS)
+_MODEL_TYPE_DECIDES = ("sdxl", "v2", "v_parameterization", "max_clip_token_length")
 # FLUX.1's starting point (kohya's FLUX.1 guide: dim 16, 1e-4, 1024 px, latents and text-encoder outputs cached,
 # AdamW8bit on CUDA, and its recommended shift sampling with raw predictions at guidance 1), for settings the user
 # has not changed from ArgsList.py; the clip skip and CLIP token length FLUX.1 does not use get neutral values
@@ -75,28 +91,7 @@ SUMMARY_ACTIONS = ("start", "save", "back")
 # settings whose scan errors mean "choose another image folder"
 _FOLDER_SETTINGS = {"train_data_dir", "reg_data_dir", "img_folder", "reg_img_folder"}
 _SUMMARY_LABELS = {"start": "Start training", "save": "Save as JSON", "back": "Back"}
-
-# settings listed in the last window, by section
-_SUMMARY_SECTIONS = [
-    ("Paths", ["base_model", "img_folder", "reg_img_folder", "output_folder", "change_output_name"]),
-    ("JSON", ["load_json_path", "save_json_folder", "save_json_name", "save_json_only"]),
-    ("Model", ["sdxl", "v2", "v_parameterization", "clip_skip", "clip_l", "t5xxl", "ae", "flux_variant",
-               "guidance_scale", "timestep_sampling", "discrete_flow_shift", "model_prediction_type"]),
-    ("GPU memory", []),  # the recipe answer (summary_lines)
-    ("Optimizer", ["optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr"]),
-    ("Network", ["net_dim", "alpha", "lyco", "network_args", "unet_only", "text_only"]),
-    ("Schedule", ["scheduler", "cosine_restarts", "scheduler_power", "warmup_lr_ratio"]),
-    ("Resolution and length", ["train_resolution", "height_resolution", "min_bucket_resolution",
-                               "max_bucket_resolution", "bucket_no_upscale", "batch_size", "num_epochs", "max_steps"]),
-    ("Saving", ["save_every_n_epochs", "save_every_n_steps", "save_precision", "training_comment"]),
-    ("Captions", ["caption_extension", "shuffle_captions", "keep_tokens", "flip_aug", "alpha_mask",
-                  "tag_occurrence_txt_file", "sort_tag_occurrence_alphabetically"]),
-    ("Precision and caching", ["mixed_precision", "no_half_vae", "fp8_base", "gradient_checkpointing", "cache_latents",
-                               "cache_latents_to_disk", "random_crop", "cache_text_encoder_outputs",
-                               "cache_text_encoder_outputs_to_disk"]),
-    ("Loss", ["min_snr_gamma"]),
-    ("Samples", ["sample_prompts", "sample_sampler", "sample_every_n_steps", "sample_every_n_epochs"]),
-]
+OTHER_SETTINGS = "Other settings (not asked here)"  # the summary's heading for the rest of the user's own values
 
 
 def _bounds(decl: Any) -> dict[str, Any]:
@@ -172,7 +167,7 @@ class TrainingWizard:
         self.save_json = save_json or _save_settings_json
         self.make_report = make_report
         self.show_picture = show_picture
-        self.section = "Start"
+        self.step = "Start"  # the step asking now: a WIZARD_STEPS entry, or Start / Summary
         self.report: DatasetReport | None = None
         self._report_key: tuple | None = None
         self.notes: list[str] = []
@@ -184,15 +179,20 @@ class TrainingWizard:
         self._memory_skipped: list[str] = []
 
     # ----------------------------------------------------------------------------- plumbing
-    def question(self, name: str, prompt: str, **extra: Any) -> Question:
-        """A question about the ArgStore setting ``name``: its help, its current value as default."""
+    def question(self, name: str, prompt: str, also: tuple[str, ...] = (), **extra: Any) -> Question:
+        """A question about the ArgStore setting ``name``, asked at the step its declaration names: the declared help,
+        bounds and choices, its current value as default. ``also``: the settings its answer decides besides."""
         info = INFOS[name]
-        values: dict[str, Any] = dict(key=name, prompt=prompt, title=self.section, help=info.help,
-                                      default=getattr(self.store, name), optional=info.optional)
+        settings = (name, *also)
+        self._check_step(settings)
+        default = getattr(self.store, name)
+        values: dict[str, Any] = dict(key=name, prompt=prompt, title=self.step, help=info.help, default=default,
+                                      optional=info.optional, settings=settings)
         if info.kind == "bool":
             values.update(kind="yes_no", optional=False)
         elif info.choices:
-            values.update(kind="choice", options=tuple(info.choices))
+            extra_choice = (default,) if info.open_choices and default not in info.choices else ()  # a custom class
+            values.update(kind="choice", options=tuple(info.choices) + extra_choice)
         elif info.kind in ("int", "float"):
             values.update(kind="number", integer=info.kind == "int", **_bounds(info.declaration))
         elif info.is_path:
@@ -202,13 +202,27 @@ class TrainingWizard:
         values.update(extra)
         return Question(**values)
 
-    def ask_setting(self, name: str, prompt: str, **extra: Any) -> Any:
-        value = ask(self.asker, self.question(name, prompt, **extra))
+    def ask_setting(self, name: str, prompt: str, also: tuple[str, ...] = (), **extra: Any) -> Any:
+        value = ask(self.asker, self.question(name, prompt, also, **extra))
         self.set(**{name: value})
         return value
 
-    def ask_plain(self, key: str, kind: str, prompt: str, default: Any, **extra: Any) -> Any:
-        return ask(self.asker, Question(key=key, kind=kind, prompt=prompt, title=self.section, default=default, **extra))
+    def ask_plain(self, key: str, kind: str, prompt: str, default: Any, settings: tuple[str, ...] = (),
+                  **extra: Any) -> Any:
+        """A question of the wizard's own (``key`` is no setting); ``settings``: those its answer decides (declared
+        for this step), the first one's help line unless ``help`` is given."""
+        self._check_step(settings)
+        if settings:
+            extra.setdefault("help", INFOS[settings[0]].help)
+        return ask(self.asker, Question(key=key, kind=kind, prompt=prompt, title=self.step, default=default,
+                                        settings=tuple(settings), **extra))
+
+    def _check_step(self, names: tuple[str, ...]) -> None:
+        """A setting is asked at the step its declaration names (a mismatch is a bug of the wizard or the table)."""
+        for name in names:
+            if declared(name).wizard != self.step:
+                raise LookupError(f"the wizard asks {name} at its step {self.step!r}, but sd_scripts/core/settings.py "
+                                  f"declares wizard={declared(name).wizard!r}")
 
     def set(self, **changes: Any) -> None:
         self.store = dataclasses.replace(self.store, **changes)
@@ -238,14 +252,14 @@ class TrainingWizard:
                     "queue": "Run a queue: every JSON file in a folder"},
             help="a JSON file holds every setting; a queue folder trains each of its JSON files in turn")
         if start == "queue":
-            self.section = "Queue"
+            self.step = STEP_QUEUE
             folder = self.ask_setting("multi_run_folder", "Choose the folder of JSON files to train one after another",
                                       optional=False, check=_has_json_files)
             return self.store.replace(multi_run_folder=folder)
         self.set(multi_run_folder=None)  # a queue folder given on the command line is not run after all
         if start == "load_json":
             self._load_json()
-            self.section = "Paths"
+            self.step = STEP_PATHS
             if self.ask_plain("reask_paths", "yes_no", "Choose a new base model, image folder, output folder and name?",
                               False, help="the rest of the settings stay as the JSON file has them"):
                 self._paths(tell_sizes=True)
@@ -260,7 +274,7 @@ class TrainingWizard:
         from frontend.resolve import resolve_settings
         from sd_scripts.core.errors import UserError, UserErrors
 
-        self.section = "Load JSON"
+        self.step = STEP_LOAD_JSON
         question = self.question("load_json_path", "Choose the JSON file to load", optional=False,
                                  filetypes=(".json",))
         while True:
@@ -277,9 +291,9 @@ class TrainingWizard:
             return
 
     def _save_json_questions(self) -> None:
-        self.section = "Save JSON"
+        self.step = STEP_SAVE_JSON
         wanted = self.ask_plain("save_json", "yes_no", "Save these settings as a JSON file too?",
-                                bool(self.store.save_json_folder),
+                                bool(self.store.save_json_folder), settings=_names(STEP_SAVE_JSON),
                                 help="a JSON file can be loaded again, or put in a queue folder")
         if not wanted:
             self.set(save_json_folder=None, save_json_name=None, save_json_only=False)
@@ -292,17 +306,18 @@ class TrainingWizard:
 
     # ----------------------------------------------------------------------------- paths
     def _paths(self, tell_sizes: bool = False) -> None:
-        self.section = "Paths"
+        self.step = STEP_PATHS
         self.ask_setting("base_model", "Choose the base model to train on", optional=False,
                          filetypes=(".safetensors", ".ckpt"))
         # the model type sizes the resolution, which the dataset check below measures the images against
-        self.section = "Model"
+        self.step = STEP_MODEL
         kind = self._model_type(tell_sizes=tell_sizes)
+        self.step = STEP_GPU_MEMORY
         self._gpu_memory(kind, tell=tell_sizes)
-        self.section = "Paths"
+        self.step = STEP_PATHS
         self._image_folder()
         if self.ask_plain("use_reg", "yes_no", "Use regularization images?", self.store.reg_img_folder is not None,
-                          help=INFOS["reg_img_folder"].help):
+                          settings=("reg_img_folder",)):
             self.ask_setting("reg_img_folder", "Choose the regularization image folder", optional=False)
         else:
             self.set(reg_img_folder=None)
@@ -371,7 +386,7 @@ class TrainingWizard:
         self._validation()
 
     def _model(self) -> None:
-        self.section = "Model"
+        self.step = STEP_MODEL
         if self._kind == "flux":
             self._flux_settings()
             return
@@ -390,7 +405,7 @@ class TrainingWizard:
             hint = "could not be told from the file without loading it"
         kind = self.ask_plain("model_type", "choice", "Which kind of model is the base model?",
                               detected if detected in MODEL_TYPES else chosen, options=MODEL_TYPES,
-                              labels=_MODEL_LABELS,
+                              labels=_MODEL_LABELS, settings=_MODEL_TYPE_DECIDES,
                               help=f"{hint}; SDXL-based models (Pony, Illustrious, NoobAI) are SDXL. "
                                    "SDXL trains at 1024 px with two text encoders")
         if kind == "sd2":
@@ -450,11 +465,10 @@ class TrainingWizard:
     def _flux_settings(self) -> None:
         """kohya's FLUX.1 training choices (the wizard starts from kohya's recommended ones)."""
         self.ask_setting("guidance_scale", "Guidance scale given to FLUX.1 dev while training (kohya recommends 1.0; "
-                         "schnell ignores it)", low=0)
+                         "schnell ignores it)")
         self.ask_setting("timestep_sampling", "How noise levels are drawn (kohya recommends shift)")
         if self.store.timestep_sampling in ("sigma", "shift"):
-            self.ask_setting("discrete_flow_shift", "Shift of the noise schedule (kohya recommends 3.1582)", low=0,
-                             low_open=True)
+            self.ask_setting("discrete_flow_shift", "Shift of the noise schedule (kohya recommends 3.1582)")
         self.ask_setting("model_prediction_type", "How the model's prediction is used (kohya recommends raw)")
         self.ask_setting("apply_t5_attn_mask", "Hide T5 padding tokens from the attention (apply_t5_attn_mask)?")
 
@@ -474,9 +488,11 @@ class TrainingWizard:
         else:
             found = "no CUDA GPU found here"
         kind_name = _MODEL_LABELS[model_type].split(" (")[0]
+        # the recipe also presets settings of later steps (batch size, precision, caching): those are asked there
+        own = tuple(name for name in _names(STEP_GPU_MEMORY) if name in gpu_memory.managed_settings(family))
         answer = self.ask_plain(
             "gpu_memory", "choice", f"How much memory does your GPU have? (sets the memory settings for {kind_name})",
-            self._memory_default(family), options=options, labels=gpu_memory.MEMORY_LABELS[family],
+            self._memory_default(family), options=options, labels=gpu_memory.MEMORY_LABELS[family], settings=own,
             help=f"{found}; the recipe sets batch size, precision, caching and gradient checkpointing to values known "
                  "to fit, and only settings still at their defaults. bf16 needs an RTX 30xx or newer")
         if (family, answer) == self._memory_answer:
@@ -513,10 +529,8 @@ class TrainingWizard:
         self._memory_applied = {}
 
     def _optimizer(self) -> None:
-        self.section = "Optimizer"
-        before = self.store.optimizer_type
-        optimizer = self.ask_setting("optimizer_type", "Which optimizer?",
-                                     options=tuple(OPTIMIZERS) + (() if before in OPTIMIZERS else (before,)))
+        self.step = STEP_OPTIMIZER
+        optimizer = self.ask_setting("optimizer_type", "Which optimizer?", also=("optimizer_args",))
         args = dict(self.store.optimizer_args or {})
         if optimizer in _DECOUPLE_OPTIMIZERS:
             args.setdefault("decouple", "True")  # AdamW-style weight decay, as the 2023 tool set it
@@ -530,9 +544,9 @@ class TrainingWizard:
             self.set(learning_rate=INFOS["learning_rate"].default)
 
     def _network(self) -> None:
-        self.section = "Network"
+        self.step = STEP_NETWORK
         kind = self.ask_plain("network_type", "choice", "Which kind of network?", network_type_of(self.store),
-                              options=NETWORK_TYPES, labels=_NETWORK_LABELS, help=INFOS["lyco"].help)
+                              options=NETWORK_TYPES, labels=_NETWORK_LABELS, settings=("lyco", "network_args"))
         old_args = dict(self.store.network_args or {})
         args = {k: v for k, v in old_args.items() if k not in _MANAGED_NETWORK_ARGS}
         if kind != "IA3":
@@ -542,11 +556,12 @@ class TrainingWizard:
         if kind in ("LoCon", "LoHa", "LoKr"):
             conv_dim = self.ask_plain(
                 "conv_dim", "number", "Dim (rank) of the 3x3 convolution layers", int(_arg_number(
-                    old_args, "conv_dim", min(self.store.net_dim, 32))), integer=True, low=1,
+                    old_args, "conv_dim", min(self.store.net_dim, 32))), integer=True, low=1, settings=("network_args",),
                 help="the convolutions add texture and detail; 4 to 32 is common, keep it at most the dim")
             conv_alpha = self.ask_plain(
                 "conv_alpha", "number", "Alpha of the 3x3 convolution layers",
                 _arg_number(old_args, "conv_alpha", min(self.store.alpha, conv_dim)), low=0, low_open=True,
+                settings=("network_args",),
                 help="the convolution layers are scaled by conv_alpha / conv_dim")
             args.update(conv_dim=str(conv_dim), conv_alpha=format_value(float(conv_alpha)))
         if kind == "IA3":
@@ -557,11 +572,12 @@ class TrainingWizard:
             args = {"algo": _LYCORIS_ALGOS[kind], **args}
             if kind in ("LoHa", "LoKr") and self.ask_plain(
                     "use_tucker", "yes_no", "Use Tucker (CP) decomposition for the convolutions?", _use_tucker(old_args),
-                    help="smaller files for the 3x3 convolutions; sometimes less accurate"):
+                    settings=("network_args",), help="smaller files for the 3x3 convolutions; sometimes less accurate"):
                 args["use_tucker"] = "True"
             if kind == "LoKr":
                 factor = self.ask_plain("factor", "number", "LoKr factor (-1: chosen automatically)",
                                         int(_arg_number(old_args, "factor", -1)), integer=True, low=-1,
+                                        settings=("network_args",),
                                         check=lambda v: "use -1 or a factor of 1 or more" if v == 0 else None,
                                         help="how the Kronecker product splits each weight; -1 lets LyCORIS choose")
                 if factor != -1:
@@ -578,11 +594,11 @@ class TrainingWizard:
                                "unet" if self.store.unet_only else "text" if self.store.text_only else "both",
                                options=("both", "unet", "text"),
                                labels={"both": "UNet and text encoder", "unet": "UNet only", "text": "Text encoder only"},
-                               help="most LoRAs train both")
+                               settings=("unet_only", "text_only"), help="most LoRAs train both")
         self.set(unet_only=parts == "unet", text_only=parts == "text")
 
     def _learning_rates(self) -> None:
-        self.section = "Learning rates"
+        self.step = STEP_LEARNING_RATES
         if is_lr_free(self.store.optimizer_type):
             self.ask_setting("learning_rate", f"Learning rate ({_LR_FREE_HINT})", low=0, low_open=True)
             self.set(unet_lr=None, text_encoder_lr=None)
@@ -601,14 +617,13 @@ class TrainingWizard:
             self.set(text_encoder_lr=None)
 
     def _schedule(self) -> None:
-        self.section = "Schedule"
-        scheduler = self.ask_setting("scheduler", "How should the learning rate change during training?",
-                                     options=tuple(SCHEDULERS))
+        self.step = STEP_SCHEDULE
+        scheduler = self.ask_setting("scheduler", "How should the learning rate change during training?")
         if scheduler == "cosine_with_restarts":
             self.ask_setting("cosine_restarts", "Number of restarts", optional=False,
                              default=self.store.cosine_restarts or 1)
         elif scheduler == "polynomial":
-            self.ask_setting("scheduler_power", "Power of the polynomial", low=0, low_open=True, optional=False,
+            self.ask_setting("scheduler_power", "Power of the polynomial", optional=False,
                              default=self.store.scheduler_power or 1.0)
         if scheduler in ("constant", "adafactor"):
             self.set(warmup_lr_ratio=None)
@@ -617,28 +632,30 @@ class TrainingWizard:
                              high=0.99, none_label="no warm-up")
 
     def _resolution_and_length(self) -> None:
-        self.section = "Resolution"
+        self.step = STEP_RESOLUTION
         step = (self.store.bucket_reso_steps or 64) if self.store.buckets else 8
         multiple = (lambda v: None if v % step == 0 else
                     f"must be a multiple of {step}, e.g. {max(step, round(v / step) * step)}")
         prompt = "Training resolution (width)" + ("; SDXL models train at 1024" if self.store.sdxl else "")
-        width = self.ask_setting("train_resolution", prompt, low=step, check=multiple)
+        # the bucket range is widened to hold the resolution below (the engine refuses it otherwise)
+        width = self.ask_setting("train_resolution", prompt, low=step, check=multiple,
+                                 also=("min_bucket_resolution", "max_bucket_resolution"))
         self.ask_setting("height_resolution", "Training height (empty: the same as the width)", low=step,
                          check=multiple, none_label=f"same as the width ({width})")
         if self.store.height_resolution == width:
             self.set(height_resolution=None)
         if self.store.buckets:
             self.ask_setting("bucket_no_upscale", "Never upscale small images into bigger buckets?")
-            # the bucket range must hold the resolution (the engine refuses it otherwise): widen it
             sides = (width, self.store.height_resolution or width)
             self.set(min_bucket_resolution=min(self.store.min_bucket_resolution, *sides),
                      max_bucket_resolution=max(self.store.max_bucket_resolution, *sides))
-        self.section = "Length"
+        self.step = STEP_LENGTH
         self.ask_setting("batch_size", "Batch size (images per step; more needs more GPU memory)")
         per_epoch = self._steps_per_epoch()
         hint = f"{per_epoch} steps per epoch at batch size {self.store.batch_size}" if per_epoch else INFOS["max_steps"].help
         mode = self.ask_plain("length_mode", "choice", "Set the training length in epochs or in steps?",
-                              "steps" if self.store.max_steps else "epochs", options=("epochs", "steps"), help=hint)
+                              "steps" if self.store.max_steps else "epochs", options=("epochs", "steps"),
+                              settings=("num_epochs", "max_steps"), help=hint)
         if mode == "epochs":
             self.ask_setting("num_epochs", "Number of epochs")
             self.set(max_steps=None)
@@ -655,7 +672,7 @@ class TrainingWizard:
             return None
 
     def _saving(self) -> None:
-        self.section = "Saving"
+        self.step = STEP_SAVING
         if self.store.max_steps:
             self.ask_setting("save_every_n_steps", "Also save a LoRA every N steps (empty: only at the end)",
                              none_label="only at the end")
@@ -668,7 +685,7 @@ class TrainingWizard:
         self.ask_setting("training_comment", "A comment stored in the LoRA's metadata (empty: none)", none_label="none")
 
     def _captions(self) -> None:
-        self.section = "Captions"
+        self.step = STEP_CAPTIONS
         self.ask_setting("caption_extension", "Extension of the caption files",
                          check=lambda v: None if v.strip(".") else "give an extension such as .txt")
         if self.ask_setting("shuffle_captions", "Shuffle the tags of each caption?"):
@@ -682,23 +699,24 @@ class TrainingWizard:
                                    self.store.sort_tag_occurrence_alphabetically else "count",
                                    options=("count", "alphabetically"),
                                    labels={"count": "by count", "alphabetically": "alphabetically"},
-                                   help=INFOS["sort_tag_occurrence_alphabetically"].help)
+                                   settings=("sort_tag_occurrence_alphabetically",))
             self.set(sort_tag_occurrence_alphabetically=order == "alphabetically")
 
     def _precision_and_caching(self) -> None:
-        self.section = "Precision and caching"
+        self.step = STEP_CACHING
         precision = self.ask_setting("mixed_precision", "Training precision (bf16 needs an RTX 30xx or newer; "
                                      f"without a GPU it is faster only on a CPU with bf16 instructions: {_cpu_bf16()})")
         if self.store.sdxl and precision == "fp16":
             self.ask_setting("no_half_vae", "Keep the VAE in float32 (the SDXL VAE overflows in fp16)?", default=True)
-        if self.ask_setting("cache_latents", "Cache latents (faster; no random crop or colour augmentation)?"):
+        if self.ask_setting("cache_latents", "Cache latents (faster; no random crop or colour augmentation)?",
+                            also=("random_crop", "color_aug")):
             self.ask_setting("cache_latents_to_disk", "Keep the latent cache on disk between runs?")
             self.set(random_crop=False, color_aug=False)
         else:
             self.set(cache_latents_to_disk=False)
             self.ask_setting("random_crop", "Random crops instead of centre crops?")
         self._text_encoder_cache()
-        self.section = "Loss"
+        self.step = STEP_LOSS
         if self._kind == "flux":  # a DDPM weighting: FLUX.1 has timestep_sampling and weighting_scheme instead
             self.set(min_snr_gamma=None)
             return
@@ -726,17 +744,17 @@ class TrainingWizard:
             self.set(cache_text_encoder_outputs_to_disk=False)
 
     def _samples(self) -> None:
-        self.section = "Sample images"
+        self.step = STEP_SAMPLES
         if not self.ask_plain("sample_images", "yes_no", "Make sample images while training?",
-                              self.store.sample_prompts is not None, help=INFOS["sample_prompts"].help):
+                              self.store.sample_prompts is not None, settings=_names(STEP_SAMPLES)):
             self.set(sample_prompts=None, sample_every_n_steps=None, sample_every_n_epochs=None, sample_at_first=False)
             return
         self.ask_setting("sample_prompts", "Choose the text file of prompts", optional=False, filetypes=(".txt",))
         self.ask_setting("sample_sampler", "Sampler for the sample images", optional=False,
-                         default=self.store.sample_sampler or "ddim", options=tuple(SAMPLERS))
+                         default=self.store.sample_sampler or "ddim")
         when = self.ask_plain("sample_when", "choice", "Make samples every N steps or every N epochs?",
                               "steps" if self.store.sample_every_n_steps else "epochs", options=("epochs", "steps"),
-                              help="sampling takes a while: every few hundred steps, or every epoch or two, is common")
+                              settings=("sample_every_n_steps", "sample_every_n_epochs"), help="sampling takes a while: every few hundred steps, or every epoch or two, is common")
         if when == "steps":
             self.ask_setting("sample_every_n_steps", "Make samples every N steps", optional=False,
                              default=self.store.sample_every_n_steps or 200)
@@ -747,7 +765,7 @@ class TrainingWizard:
             self.set(sample_every_n_steps=None)
 
     def _validation(self) -> None:
-        self.section = "Validation loss"
+        self.step = STEP_VALIDATION
 
         def below_one(value: float | None) -> str | None:
             return "give a share below 1, e.g. 0.1" if value is not None and value >= 1 else None
@@ -757,19 +775,22 @@ class TrainingWizard:
 
     # ----------------------------------------------------------------------------- the end
     def summary_lines(self) -> list[str]:
-        """The chosen settings by section, then the dataset and the estimated number of steps."""
+        """The chosen settings under the step that asks them, the user's other settings, then the dataset and the
+        estimated number of steps."""
         from sd_scripts.core.errors import UserError
 
         lines: list[str] = []
-        for title, names in _SUMMARY_SECTIONS:
-            if title == "GPU memory" and self._memory_answer is not None:
+        for step in WIZARD_STEPS + [OTHER_SETTINGS]:
+            shown = []
+            if step == STEP_GPU_MEMORY and self._memory_answer is not None:
                 family, answer = self._memory_answer
-                lines += [title, f"  gpu_memory: {gpu_memory.MEMORY_LABELS[family][answer]}"]
-                lines += [f"  {line}" for line in self._memory_skipped]
-            shown = [f"  {name}: {format_value(getattr(self.store, name))}" for name in names
-                     if _worth_listing(self.store, name)]
+                shown += [f"  gpu_memory: {gpu_memory.MEMORY_LABELS[family][answer]}"]
+                shown += [f"  {line}" for line in self._memory_skipped]
+            names = _names(step) if step != OTHER_SETTINGS else _not_asked_but_set(self.store)
+            shown += [f"  {name}: {format_value(getattr(self.store, name))}" for name in names
+                      if _worth_listing(self.store, name)]
             if shown:
-                lines += [title] + shown
+                lines += [step] + shown
         try:
             report = self.dataset()
             total, per_epoch, epochs = estimate_steps(self.store, report)
@@ -787,7 +808,7 @@ class TrainingWizard:
         from sd_scripts.core.errors import UserError, UserErrors
 
         while True:
-            self.section = "Summary"
+            self.step = "Summary"
             start = "Save the JSON file (no training)" if self.store.save_json_only else _SUMMARY_LABELS["start"]
             action = self.ask_plain("summary", "summary", "Check your settings", "start", options=SUMMARY_ACTIONS,
                                     labels={**_SUMMARY_LABELS, "start": start}, details=tuple(self.summary_lines()),
@@ -810,7 +831,7 @@ class TrainingWizard:
     def _save_now(self) -> None:
         from sd_scripts.core.errors import UserError
 
-        self.section = "Save JSON"
+        self.step = STEP_SAVE_JSON
         folder = self.ask_plain("save_now_folder", "path", "Folder to save the JSON file in",
                                 self.store.save_json_folder or self.store.output_folder, path_kind="out_dir",
                                 help=INFOS["save_json_folder"].help)
@@ -832,6 +853,12 @@ def _save_settings_json(store: Any, folder: str, name: str | None) -> str:
 
 
 _ONLY_WITH_SCHEDULER = {"cosine_restarts": "cosine_with_restarts", "scheduler_power": "polynomial"}
+
+
+def _not_asked_but_set(store: Any) -> list[str]:
+    """The settings no step asks whose value is not ``ArgsList.py``'s (the command line's, a JSON file's)."""
+    return [info.name for info in INFOS.values()
+            if info.declaration.wizard is None and getattr(store, info.name) != info.default]
 
 
 def _worth_listing(store: Any, name: str) -> bool:

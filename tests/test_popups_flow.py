@@ -1120,3 +1120,70 @@ def test_flux_branch_asks_for_the_parts_and_starts_from_kohyas_flux_settings(pat
     # the user's own values stay
     store, _ = run_wizard(answers(paths, base_model=model, **parts), ArgStore(net_dim=8))
     assert store.net_dim == 8
+
+
+# ------------------------------------------------------------------------------------------ steps from the declarations
+class _RecordingWizard(TrainingWizard):
+    """The wizard, noting every setting it writes (``set``), whatever the step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.written: set[str] = set()
+
+    def set(self, **changes):
+        self.written.update(changes)
+        super().set(**changes)
+
+
+def test_each_wizard_step_asks_exactly_the_settings_declared_for_it(paths):
+    """A question decides the settings declared for its step (``wizard=`` in sd_scripts/core/settings.py) and no
+    others; every declared one is asked on some branch; the wizard writes no setting declared for no step."""
+    from sd_scripts.core.settings import SETTINGS, WIZARD_STEPS, declared
+
+    queue = paths["tmp"] / "queue"
+    queue.mkdir()
+    (queue / "a.json").write_text("{}", encoding="utf-8")
+    reg = make_dataset(paths["tmp"] / "reg", folder="1_shape", count=2)
+    runs = [
+        ({"start": "queue", "multi_run_folder": str(queue)}, None),
+        ({"start": "load_json", "load_json_path": _saved_job(paths), "reask_paths": False}, None),
+        (answers(paths, save_json=True, save_json_folder=str(paths["tmp"] / "js"), model_type="sd2", use_reg=True,
+                 reg_img_folder=str(reg), network_type="LoKr", train_parts="unet", scheduler="polynomial",
+                 length_mode="steps", shuffle_captions=True, cache_latents=False, sample_images=True,
+                 sample_prompts=paths["prompts"], sample_when="steps", summary=CANCEL), ArgStore(alpha_mask=True)),
+        (answers(paths, model_type="sdxl", gpu_memory="8gb", network_type="LoCon", train_parts="both",
+                 scheduler="cosine_with_restarts", mixed_precision="fp16", summary=CANCEL), None),
+        (answers(paths, model_type="flux", gpu_memory="12gb", timestep_sampling="shift", summary=CANCEL), None),
+    ]
+    asked: dict[str, set[str]] = {}
+    written: set[str] = set()
+    for script, defaults in runs:
+        asker = ScriptedAsker(script)
+        wizard = _RecordingWizard(asker, defaults or ArgStore())
+        wizard.run()
+        written |= wizard.written
+        for q in asker.asked:
+            assert q.key not in INFOS or q.key in q.settings, q.key  # a question about a setting names it
+            for name in q.settings:
+                assert declared(name).wizard == q.title, (q.key, name)
+                asked.setdefault(q.title, set()).add(name)
+    declared_steps = {step: {s.name for s in SETTINGS if s.wizard == step} for step in WIZARD_STEPS}
+    assert asked == declared_steps
+    assert not {name for name in written if declared(name).wizard is None}
+
+
+def test_a_question_at_another_step_than_declared_is_refused(paths):
+    wizard = TrainingWizard(ScriptedAsker({}), ArgStore())
+    wizard.step = "Saving"
+    with pytest.raises(LookupError, match="net_dim .* declares wizard='Network'"):
+        wizard.question("net_dim", "Network dim")
+
+
+def test_the_summary_lists_the_choices_under_their_steps_and_the_other_settings(paths):
+    store, asker = run_wizard(answers(paths, gpu_memory="6gb", summary=CANCEL), ArgStore(noise_offset=0.05))
+    details = asker.questions("summary")[0].details
+    gpu = details.index("GPU memory")
+    assert details[gpu + 1].startswith("  gpu_memory: 6 GB") and details[gpu + 2] == "  gradient_checkpointing: True"
+    other = details.index("Other settings (not asked here)")
+    assert details[other + 1] == "  noise_offset: 0.05"
+    assert details.index("Paths") < details.index("Model") < gpu < details.index("Optimizer") < other
