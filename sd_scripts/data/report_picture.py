@@ -17,6 +17,8 @@ The file is written atomically.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from sd_scripts.data.buckets import crop_offsets
 from sd_scripts.data.images import ImageProblem, load_preview
@@ -148,95 +150,138 @@ def _thumbnail(canvas, draw, entry: ImageEntry, x: int, y: int, marks: list[tupl
 
 def save_report_picture(report: DatasetReport, path: str | os.PathLike, max_thumbnails: int = 400) -> str:
     """Draw ``report`` (see the module docstring) and write it to ``path`` as a PNG; returns the path."""
-    from PIL import Image, ImageDraw
-
     from sd_scripts.files.atomic import atomic_write
 
-    fonts = {"title": _font(18), "text": _font(13), "small": _font(10), "mark": _font(9)}
     header = report.settings + [
         f"{len(report.images)} images in {sum(len(b) for b in report.buckets)} buckets; "
         f"{report.batches_per_epoch} batches = {report.steps_per_epoch} steps per epoch; "
         f"{report.problem_count()} with problems"]
     shown = _shown(report, max_thumbnails)
-    canvas = Image.new("RGB", (_W, _layout_height(report, shown, len(header))), _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
+    sheet = _Sheet.blank(_layout_height(report, shown, len(header)))
+    _draw_header(sheet, report, header)
+    _draw_bucket_chart(sheet, report)
+    _draw_legend(sheet, report)
+    _draw_contact_sheet(sheet, report, shown)
+    _draw_unreadable(sheet, report)
+    with atomic_write(path) as f:
+        sheet.canvas.save(f, format="PNG", optimize=True)
+    return str(path)
 
-    y = _MARGIN
-    draw.text((_MARGIN, y), _fit(f"Dataset report: {report.root}", fonts["title"], _W - 2 * _MARGIN, draw),
+
+@dataclass
+class _Sheet:
+    """The picture being drawn and how far down it is drawn (``y``)."""
+
+    canvas: Any
+    draw: Any
+    fonts: dict[str, Any]
+    y: int = _MARGIN
+
+    @classmethod
+    def blank(cls, height: int) -> _Sheet:
+        from PIL import Image, ImageDraw
+
+        canvas = Image.new("RGB", (_W, height), _BACKGROUND)
+        fonts = {"title": _font(18), "text": _font(13), "small": _font(10), "mark": _font(9)}
+        return cls(canvas, ImageDraw.Draw(canvas), fonts)
+
+    def heading(self, text: str, room: int = 24) -> None:
+        self.draw.text((_MARGIN, self.y), text, fill=_TEXT, font=self.fonts["text"])
+        self.y += room
+
+
+def _draw_header(sheet: _Sheet, report: DatasetReport, header: list[str]) -> None:
+    draw, fonts = sheet.draw, sheet.fonts
+    draw.text((_MARGIN, sheet.y), _fit(f"Dataset report: {report.root}", fonts["title"], _W - 2 * _MARGIN, draw),
               fill=_TEXT, font=fonts["title"])
-    y += 26
+    sheet.y += 26
     for line in header:
-        draw.text((_MARGIN, y), _fit(line, fonts["text"], _W - 2 * _MARGIN, draw), fill=_MUTED, font=fonts["text"])
-        y += 18
-    y += 14
+        draw.text((_MARGIN, sheet.y), _fit(line, fonts["text"], _W - 2 * _MARGIN, draw), fill=_MUTED,
+                  font=fonts["text"])
+        sheet.y += 18
+    sheet.y += 14
 
-    # the bucket chart
-    draw.text((_MARGIN, y), "Buckets (images x repeats per epoch)", fill=_TEXT, font=fonts["text"])
-    y += 24
+
+def _draw_bucket_chart(sheet: _Sheet, report: DatasetReport) -> None:
+    """One bar per bucket, its length the images x repeats it trains per epoch."""
+    draw, font = sheet.draw, sheet.fonts["text"]
+    sheet.heading("Buckets (images x repeats per epoch)")
     most = max((sum(e.repeats for e in entries) for b in report.buckets for entries in b.values()), default=1)
     bar_room = _W - 2 * _MARGIN - _BAR_LABEL_W - 230
     for d, per_bucket in enumerate(report.buckets):
         for bucket, entries in per_bucket.items():
+            y = sheet.y
             label = f"{bucket[0]}x{bucket[1]}" + (f" ({d + 1})" if len(report.buckets) > 1 else "")
             with_repeats = sum(e.repeats for e in entries)
-            draw.text((_MARGIN + _BAR_LABEL_W - 8, y + _BAR_H // 2), label, fill=_TEXT, font=fonts["text"], anchor="rm")
+            draw.text((_MARGIN + _BAR_LABEL_W - 8, y + _BAR_H // 2), label, fill=_TEXT, font=font, anchor="rm")
             length = max(2, round(bar_room * with_repeats / max(1, most)))
             x0 = _MARGIN + _BAR_LABEL_W
             draw.rectangle([x0, y, x0 + length, y + _BAR_H], fill=_BAR)
             draw.text((x0 + length + 8, y + _BAR_H // 2), f"{len(entries)} images, {with_repeats} with repeats",
-                      fill=_MUTED, font=fonts["text"], anchor="lm")
-            y += _BAR_H + 6
-    y += 14
+                      fill=_MUTED, font=font, anchor="lm")
+            sheet.y += _BAR_H + 6
+    sheet.y += 14
 
-    # the legend of marks
-    draw.text((_MARGIN, y), "Marks (the shaded part of a picture is cropped away in training)", fill=_TEXT,
-              font=fonts["text"])
-    y += 24
+
+def _draw_legend(sheet: _Sheet, report: DatasetReport) -> None:
+    """The marks, their colours and how many images have each."""
+    draw, fonts = sheet.draw, sheet.fonts
+    sheet.heading("Marks (the shaded part of a picture is cropped away in training)")
     for key, (mark, text) in PROBLEMS.items():
+        y = sheet.y
         count = len(report.with_problem(key))
         w = int(draw.textlength(mark, font=fonts["mark"])) + 6
         draw.rectangle([_MARGIN, y + 1, _MARGIN + w, y + 13], fill=_COLORS[key])
         draw.text((_MARGIN + 3, y + 7), mark, fill=(255, 255, 255), font=fonts["mark"], anchor="lm")
         draw.text((_MARGIN + 90, y + 7), f"{count}: {text}", fill=_MUTED, font=fonts["text"], anchor="lm")
-        y += 18
-    y += 10
+        sheet.y += 18
+    sheet.y += 10
 
-    # the contact sheet
+
+def _draw_contact_sheet(sheet: _Sheet, report: DatasetReport, shown) -> None:
+    """Each bucket's thumbnails under its name, with their marks."""
     groups = _duplicate_groups(report)
     for d, bucket, entries, left_out in shown:
         title = f"{bucket[0]}x{bucket[1]}" + (f", dataset {d + 1}" if len(report.buckets) > 1 else "")
         total = len(entries) + left_out
-        draw.text((_MARGIN, y + 4), f"{title}: {total} image{'s' if total != 1 else ''}", fill=_TEXT, font=fonts["text"])
-        y += 26
+        sheet.y += 4
+        sheet.heading(f"{title}: {total} image{'s' if total != 1 else ''}", 22)
         for n, entry in enumerate(entries):
             x = _MARGIN + (n % _COLUMNS) * _CELL_W
-            cy = y + (n // _COLUMNS) * _CELL_H
-            marks = []
-            for key in entry.problems:
-                mark = PROBLEMS[key][0]
-                if key == "duplicate":
-                    mark += f" {groups.get(entry.path, '')}".rstrip()
-                elif key == "small" and entry.upscale > 1:
-                    mark += f" x{entry.upscale:.2g}"
-                marks.append((mark, _COLORS[key]))
-            _thumbnail(canvas, draw, entry, x, cy, marks, fonts)
-        y += _rows(len(entries)) * _CELL_H
+            cy = sheet.y + (n // _COLUMNS) * _CELL_H
+            _thumbnail(sheet.canvas, sheet.draw, entry, x, cy, _marks(entry, groups), sheet.fonts)
+        sheet.y += _rows(len(entries)) * _CELL_H
         if left_out:
-            draw.text((_MARGIN, y), f"and {left_out} more in this bucket (not drawn)", fill=_MUTED, font=fonts["text"])
-            y += 18
-    if report.unreadable:
-        draw.text((_MARGIN, y + 4), f"Unreadable, not trained on: {len(report.unreadable)}", fill=_TEXT,
-                  font=fonts["text"])
-        y += 26
-        for n, (bad, _reason) in enumerate(report.unreadable):
-            x = _MARGIN + (n % _COLUMNS) * _CELL_W
-            cy = y + (n // _COLUMNS) * _CELL_H
-            draw.rectangle([x, cy, x + _THUMB - 1, cy + _THUMB - 1], fill=(160, 160, 160))
-            draw.line([x, cy, x + _THUMB - 1, cy + _THUMB - 1], fill=(120, 120, 120), width=2)
-            draw.line([x, cy + _THUMB - 1, x + _THUMB - 1, cy], fill=(120, 120, 120), width=2)
-            name = _fit(os.path.basename(bad), fonts["small"], _THUMB, draw)
-            draw.text((x + _THUMB // 2, cy + _THUMB + 2), name, fill=_MUTED, font=fonts["small"], anchor="mt")
+            sheet.draw.text((_MARGIN, sheet.y), f"and {left_out} more in this bucket (not drawn)", fill=_MUTED,
+                            font=sheet.fonts["text"])
+            sheet.y += 18
 
-    with atomic_write(path) as f:
-        canvas.save(f, format="PNG", optimize=True)
-    return str(path)
+
+def _marks(entry: ImageEntry, groups: dict[str, int]) -> list[tuple[str, tuple]]:
+    """(text, colour) of each of the entry's problems."""
+    marks = []
+    for key in entry.problems:
+        mark = PROBLEMS[key][0]
+        if key == "duplicate":
+            mark += f" {groups.get(entry.path, '')}".rstrip()
+        elif key == "small" and entry.upscale > 1:
+            mark += f" x{entry.upscale:.2g}"
+        marks.append((mark, _COLORS[key]))
+    return marks
+
+
+def _draw_unreadable(sheet: _Sheet, report: DatasetReport) -> None:
+    """The unreadable images as crossed grey tiles."""
+    if not report.unreadable:
+        return
+    draw, small = sheet.draw, sheet.fonts["small"]
+    sheet.y += 4
+    sheet.heading(f"Unreadable, not trained on: {len(report.unreadable)}", 22)
+    for n, (bad, _reason) in enumerate(report.unreadable):
+        x = _MARGIN + (n % _COLUMNS) * _CELL_W
+        cy = sheet.y + (n // _COLUMNS) * _CELL_H
+        draw.rectangle([x, cy, x + _THUMB - 1, cy + _THUMB - 1], fill=(160, 160, 160))
+        draw.line([x, cy, x + _THUMB - 1, cy + _THUMB - 1], fill=(120, 120, 120), width=2)
+        draw.line([x, cy + _THUMB - 1, x + _THUMB - 1, cy], fill=(120, 120, 120), width=2)
+        name = _fit(os.path.basename(bad), small, _THUMB, draw)
+        draw.text((x + _THUMB // 2, cy + _THUMB + 2), name, fill=_MUTED, font=small, anchor="mt")

@@ -21,8 +21,10 @@ This module finds the targets and builds the network (:func:`create_network`); t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -209,11 +211,7 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     if train_text_encoder and tes and len(tes) != len(te_prefixes):
         raise ValueError(f"{len(tes)} text encoders but te_prefixes {te_prefixes}")
 
-    for key, ratio in plus.items():
-        if ratio is not None:
-            plus[key] = _check_float(key, ratio, "network_args")
-            if plus[key] <= 0:
-                raise ConfigError(f"network_args: {key}={ratio} must be above 0", setting="network_args")
+    plus = _checked_loraplus(plus)
     use_blocks = blocks is not None and module_dims is None
     with_conv = conv_dim is not None or module_dims is not None or (use_blocks and blocks.has_conv)
     unet_classes, te_classes, dim_for = _target_classes(targets, with_conv, len(tes))
@@ -223,19 +221,51 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     if module_dims is not None:
         module_dims = _checked_module_dims(module_dims, candidates, enabled_prefixes, te_prefixes)
 
+    ranks = _Ranks((network_dim, network_alpha), (conv_dim, conv_alpha), module_dims, blocks if use_blocks else None,
+                   dim_for)
+    make = functools.partial(module_factory or LoRAModule, multiplier=multiplier, dropout=dropout,
+                             rank_dropout=rank_dropout, module_dropout=module_dropout)
+    unet_loras, te_loras = _build_modules(candidates, n_te_candidates, ranks, make)
+    return (network_class or LoRANetwork)(unet_loras, te_loras, te_prefixes=te_prefixes, multiplier=multiplier,
+                                          blocks=blocks, **plus)
+
+
+def _checked_loraplus(plus: dict[str, float | None]) -> dict[str, float | None]:
+    """The ``loraplus_*`` ratios as floats above 0 (None: not set)."""
+    checked = dict(plus)
+    for key, ratio in plus.items():
+        if ratio is not None:
+            checked[key] = _check_float(key, ratio, "network_args")
+            if checked[key] <= 0:
+                raise ConfigError(f"network_args: {key}={ratio} must be above 0", setting="network_args")
+    return checked
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """What gives each module its rank and alpha (see :func:`_rank_of`); ``blocks`` only for UNet modules."""
+
+    linear: tuple[int, float]
+    conv: tuple[int | None, float]
+    module_dims: Mapping[str, tuple[int, float]] | None
+    blocks: BlockSettings | None
+    dim_for: Any
+
+
+def _build_modules(candidates: list, n_te_candidates: int, ranks: _Ranks,
+                   make: Callable[..., AdapterModule]) -> tuple[list[AdapterModule], list[AdapterModule]]:
+    """(UNet modules, text-encoder modules): one module per candidate layer whose rank is not 0 (the text
+    encoders' candidates come first)."""
     unet_loras: list[AdapterModule] = []
     te_loras: list[AdapterModule] = []
     for i, (name, layer) in enumerate(candidates):
-        block_settings = blocks if use_blocks and i >= n_te_candidates else None
-        dim, alpha = _rank_of(name, layer, module_dims, block_settings, (network_dim, network_alpha),
-                              (conv_dim, conv_alpha), dim_for)
+        block_settings = ranks.blocks if i >= n_te_candidates else None
+        dim, alpha = _rank_of(name, layer, ranks.module_dims, block_settings, ranks.linear, ranks.conv, ranks.dim_for)
         if not dim:
             continue
-        lora = (module_factory or LoRAModule)(name, layer, multiplier=multiplier, lora_dim=dim, alpha=alpha,
-                                              dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+        lora = make(name, layer, lora_dim=dim, alpha=alpha)
         (te_loras if i < n_te_candidates else unet_loras).append(lora)
-    return (network_class or LoRANetwork)(unet_loras, te_loras, te_prefixes=te_prefixes, multiplier=multiplier,
-                                          blocks=blocks, **plus)
+    return unet_loras, te_loras
 
 
 def _target_classes(targets: Any, with_conv: bool, n_text_encoders: int):

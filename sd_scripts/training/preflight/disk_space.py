@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 from sd_scripts.core.config import is_whole_number as _is_int
 from sd_scripts.core.errors import UserError
@@ -252,12 +253,31 @@ def check_disk_space(config, plan: Plan, problems: Problems | None = None
     """
     if not config.output_dir or (os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir)):
         return [], [], []
-    lora = estimate_lora_bytes(config, plan.family, plan.model_info)
     steps, epochs = steps_and_epochs(config, plan.dataset)
-    n_loras, n_states = _count_saves(config, steps, epochs)
-    needs: dict[Any, DiskNeed] = {}
+    needs = _Needs()
+    _add_saved_files(needs, config, plan, steps, epochs)
+    _add_latent_cache(needs, config, plan)
+    samples = _sample_bytes(config, steps, epochs)
+    needs.add(os.path.join(config.output_dir, "sample"), "output_dir", samples,
+              f"sample images of about {_human(samples)}")
+    _add_te_cache(needs, config, plan)
+    if config.logging_dir:
+        logs = steps * _LOG_BYTES_PER_STEP
+        needs.add(config.logging_dir, "logging_dir", logs, f"training logs of about {_human(logs)}")
+    problems = Problems() if problems is None else problems
+    found = len(problems.errors), len(problems.warnings)
+    for need in needs.by_device.values():
+        _check_free_space(need, problems)
+    return problems.errors[found[0]:], problems.warnings[found[1]:], list(needs.by_device.values())
 
-    def add(folder: str, setting: str, amount: int, part: str) -> None:
+
+class _Needs:
+    """The bytes a run writes, per disk (the device of the folder's nearest existing ancestor)."""
+
+    def __init__(self) -> None:
+        self.by_device: dict[Any, DiskNeed] = {}
+
+    def add(self, folder: str, setting: str, amount: int, part: str) -> None:
         if amount <= 0:
             return
         anchor = existing_ancestor(folder)
@@ -267,59 +287,67 @@ def check_disk_space(config, plan: Plan, problems: Problems | None = None
             device = os.stat(anchor).st_dev
         except OSError:
             return
-        need = needs.setdefault(device, DiskNeed(path=anchor, setting=setting))
+        need = self.by_device.setdefault(device, DiskNeed(path=anchor, setting=setting))
         need.bytes += amount
         need.parts.append(part)
 
-    add(config.output_dir, "output_dir", lora * n_loras,
-        f"{n_loras} LoRA files of about {_human(lora)}" if n_loras > 1 else f"a LoRA file of about {_human(lora)}")
+
+def _add_saved_files(needs: _Needs, config, plan: Plan, steps: int, epochs: int) -> None:
+    """The LoRA files and training states saved in ``output_dir``."""
+    lora = estimate_lora_bytes(config, plan.family, plan.model_info)
+    n_loras, n_states = _count_saves(config, steps, epochs)
+    needs.add(config.output_dir, "output_dir", lora * n_loras,
+              f"{n_loras} LoRA files of about {_human(lora)}" if n_loras > 1 else f"a LoRA file of about {_human(lora)}")
     if n_states:
         # network weights in float32 plus optimizer state (two moments for Adam-like optimizers)
         state = (lora if config.save_precision in (None, "float", "fp32") else lora * 2) * 3
-        add(config.output_dir, "output_dir", state * n_states, f"{n_states} training state(s) of about {_human(state)}")
+        needs.add(config.output_dir, "output_dir", state * n_states,
+                  f"{n_states} training state(s) of about {_human(state)}")
+
+
+def _add_latent_cache(needs: _Needs, config, plan: Plan) -> None:
     if config.cache_latents_to_disk and plan.dataset is not None:
         from sd_scripts.data.latent_cache import resolve_cache_dir
 
-        try:
-            cache_dir = resolve_cache_dir(config, plan.dataset)
-        except UserError:
-            cache_dir = None
-        if cache_dir:
-            setting = "latent_cache_dir" if getattr(config, "latent_cache_dir", None) else "output_dir"
-            amount = _latent_cache_bytes(config, plan.dataset)
-            if os.path.isdir(cache_dir):
-                amount -= _folder_bytes(cache_dir)  # a previous run's cache is mostly reused
-            add(cache_dir, setting, amount, f"a latent cache of about {_human(max(amount, 0))}")
-    samples = _sample_bytes(config, steps, epochs)
-    add(os.path.join(config.output_dir, "sample"), "output_dir", samples, f"sample images of about {_human(samples)}")
-    if getattr(config, "cache_text_encoder_outputs_to_disk", False) and plan.dataset is not None:
+        setting = "latent_cache_dir" if getattr(config, "latent_cache_dir", None) else "output_dir"
+        _add_cache(needs, partial(resolve_cache_dir, config, plan.dataset), setting,
+                   partial(_latent_cache_bytes, config, plan.dataset), "a latent cache")
+
+
+def _add_te_cache(needs: _Needs, config, plan: Plan) -> None:
+    if config.cache_text_encoder_outputs_to_disk and plan.dataset is not None:
         from sd_scripts.data.te_cache import resolve_te_cache_dir
 
-        try:
-            te_dir = resolve_te_cache_dir(config, plan.dataset)
-        except UserError:
-            te_dir = None
-        if te_dir:
-            amount = _te_cache_bytes(config, plan.family, plan.dataset)
-            if os.path.isdir(te_dir):
-                amount -= _folder_bytes(te_dir)
-            add(te_dir, "output_dir", amount, f"a text-encoder cache of about {_human(max(amount, 0))}")
-    if config.logging_dir:
-        logs = steps * _LOG_BYTES_PER_STEP
-        add(config.logging_dir, "logging_dir", logs, f"training logs of about {_human(logs)}")
-    problems = Problems() if problems is None else problems
-    found = len(problems.errors), len(problems.warnings)
-    for need in needs.values():
-        try:
-            free = shutil.disk_usage(need.path).free
-        except OSError:
-            continue
-        what = ", ".join(need.parts)
-        if free < need.bytes:
-            problems.error(need.setting, f"not enough free disk space in {need.path}: {_human(free)} free, this run "
-                           f"needs about {_human(need.bytes)} ({what}); free some space or choose an {need.setting} "
-                           "on another disk")
-        elif free < 2 * need.bytes:
-            problems.warn(f"{need.setting}: disk space is short in {need.path}: {_human(free)} free, this run "
-                          f"needs about {_human(need.bytes)} ({what})")
-    return problems.errors[found[0]:], problems.warnings[found[1]:], list(needs.values())
+        _add_cache(needs, partial(resolve_te_cache_dir, config, plan.dataset), "output_dir",
+                   partial(_te_cache_bytes, config, plan.family, plan.dataset), "a text-encoder cache")
+
+
+def _add_cache(needs: _Needs, resolve: Callable[[], str | None], setting: str, estimate: Callable[[], int],
+               what: str) -> None:
+    """An on-disk cache in the folder ``resolve()`` names (none where it refuses the settings: reported by the
+    cache's own checks), less what a previous run left there (mostly reused)."""
+    try:
+        folder = resolve()
+    except UserError:
+        folder = None
+    if folder:
+        amount = estimate()
+        if os.path.isdir(folder):
+            amount -= _folder_bytes(folder)
+        needs.add(folder, setting, amount, f"{what} of about {_human(max(amount, 0))}")
+
+
+def _check_free_space(need: DiskNeed, problems: Problems) -> None:
+    """An error below the estimate, a warning below twice the estimate."""
+    try:
+        free = shutil.disk_usage(need.path).free
+    except OSError:
+        return
+    what = ", ".join(need.parts)
+    if free < need.bytes:
+        problems.error(need.setting, f"not enough free disk space in {need.path}: {_human(free)} free, this run "
+                       f"needs about {_human(need.bytes)} ({what}); free some space or choose an {need.setting} "
+                       "on another disk")
+    elif free < 2 * need.bytes:
+        problems.warn(f"{need.setting}: disk space is short in {need.path}: {_human(free)} free, this run "
+                      f"needs about {_human(need.bytes)} ({what})")
