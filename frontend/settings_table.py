@@ -38,7 +38,8 @@ def _cell(text: str) -> str:
 
 
 def render_settings_table() -> str:
-    """Markdown: one table per group, every ArgStore setting with type, default and help."""
+    """Markdown: one table per group, every ArgStore setting with type, default, the wizard step that asks it and
+    help."""
     from ArgsList import GROUPS, ArgStore
 
     infos = ArgStore.settings()
@@ -48,20 +49,22 @@ def render_settings_table() -> str:
         "not this table. -->",
         "",
         f"Every setting ({len(infos)}) can be set in `ArgsList.py`, in a JSON file or as a `--flag` of `main.py`. "
-        "Empty default = not set.",
+        "Empty default = not set. Wizard: the step of `main.py --popup` that asks it (empty: the wizard leaves it "
+        "as the file or flags have it).",
     ]
     for group in GROUPS:
         members = [info for info in infos if info.group == group]
         if not members:
             continue
-        lines += ["", f"#### {group}", "", "| Setting | Type | Default | Required | What it does |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", f"#### {group}", "", "| Setting | Type | Default | Required | Wizard | What it does |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for info in members:
             default = "" if info.default is None else f"`{format_value(info.default)}`"
             help_text = info.help + (f" (use {info.deprecated})" if info.deprecated else "")
             flags = f"`{info.name}`" + "".join(f" (`{name}`)" for name in info.cli_names)
+            wizard = info.declaration.wizard if info.declaration else None
             lines.append(f"| {flags} | {_cell(_type_text(info))} | {_cell(default)} | "
-                         f"{'yes' if info.required else ''} | {_cell(help_text)} |")
+                         f"{'yes' if info.required else ''} | {wizard or ''} | {_cell(help_text)} |")
     lines.append(END)
     return "\n".join(lines)
 

@@ -24,7 +24,9 @@ def test_table_lists_every_setting_once():
     names = [row.split("`")[1] for row in rows]
     assert sorted(names) == sorted(ArgStore.setting_names())
     for row in rows:
-        assert row.replace("\\|", "").count(" | ") == 4, row  # a | inside a cell is escaped
+        assert row.replace("\\|", "").count(" | ") == 5, row  # a | inside a cell is escaped
+    wizard = {row.split("`")[1]: row.replace("\\|", "").split(" | ")[4].strip() for row in rows}
+    assert wizard["net_dim"] == "Network" and wizard["noise_offset"] == ""  # the step that asks it, if any
 
 
 def test_update_only_touches_the_marked_section(tmp_path):
