@@ -1,4 +1,4 @@
-"""Our FLUX.1 LoRA files (LoRA with CLIP-L and T5, split_qkv, per-type dims; LyCORIS LoCon, LoHa and LoKr) load
+"""Our FLUX.1 LoRA files (LoRA with CLIP-L and T5, split_qkv, per-type dims, in_dims and block indices; LyCORIS LoCon, LoHa and LoKr) load
 completely under ComfyUI's and Forge's FLUX key rules (``tests/comfy_rules.py``, ``tests/forge_rules.py``, written
 from their source): every key of the file is taken (none left for the "lora key not loaded" warning or Forge's
 remaining dict), and every module's delta has the shape of the weight it lands on."""
@@ -61,6 +61,8 @@ def _numel(shape) -> int:
 FILES = {
     "lora": ("networks.lora", ("train_t5xxl=True",)),
     "lora_split_qkv_type_dims": ("networks.lora", ("split_qkv=True", "img_attn_dim=8", "single_mod_dim=2")),
+    "lora_in_dims_block_indices": ("networks.lora", ("in_dims=[4,2,2,2,4]", "train_double_block_indices=1",
+                                                     "train_single_block_indices=0", "split_qkv=True")),
     "locon": ("lycoris.kohya", ("algo=locon",)),
     "loha": ("lycoris.kohya", ("algo=loha",)),
     "lokr": ("lycoris.kohya", ("algo=lokr", "factor=4")),
@@ -78,6 +80,9 @@ def test_every_key_of_our_flux_files_maps_in_comfyui_and_forge(flux_model, kind)
     assert any(n.startswith("lora_unet_single_blocks_") for n in names)
     if kind == "lora":
         assert any(n.startswith("lora_te1_") for n in names) and any(n.startswith("lora_te3_") for n in names)
+    if kind == "lora_in_dims_block_indices":
+        assert {"lora_unet_img_in", "lora_unet_time_in_out_layer", "lora_unet_guidance_in_in_layer",
+                "lora_unet_vector_in_in_layer", "lora_unet_txt_in"} <= names
     transformer, clip_l, t5 = _shapes(flux_model)
     for client, key_map, load in (("ComfyUI", comfy_key_map_flux(transformer, clip_l, t5), comfy_load_lora),
                                   ("Forge", forge_key_map_flux(transformer, clip_l, t5), forge_load_lora)):

@@ -75,10 +75,35 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("args", [(), ("split_qkv=True",)], ids=["lora", "split_qkv"])
-def test_diffusers_loads_every_key_and_matches_the_hand_merge(flux_setup, tmp_path, args):
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+INPUT_LAYERS = ("lora_unet_img_in", "lora_unet_time_in_", "lora_unet_vector_in_", "lora_unet_guidance_in_",
+                "lora_unet_txt_in")
+
+
+def _merge_by_hand(transformer_file, modules, out_path):
+    """W + up @ down * alpha / rank on the BFL weights of ``modules`` (kohya module name -> its tensors)."""
     from safetensors.torch import load_file, save_file
+
+    merged = load_file(str(transformer_file))
+    for name, parts in modules.items():
+        key = next(k for k in merged if k.endswith(".weight") and
+                   "lora_unet_" + k[: -len(".weight")].replace(".", "_") == name)
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        merged[key] = merged[key] + up @ down * (parts["alpha"].item() / down.shape[0])
+    save_file(merged, str(out_path))
+    return out_path
+
+
+@pytest.mark.parametrize("args", [(), ("split_qkv=True",),
+                                  ("in_dims=[4,2,2,2,4]", "train_double_block_indices=1", "train_single_block_indices=0")],
+                         ids=["lora", "split_qkv", "in_dims_block_indices"])
+def test_diffusers_loads_every_key_and_matches_the_hand_merge(flux_setup, tmp_path, args):
+    """With ``in_dims`` diffusers (0.42) takes every key but drops the input layers' modules without a word: its
+    kohya converter names them ``x_embedder``, ``time_text_embed.*``, ``context_embedder`` without the
+    ``transformer.`` prefix its loader keeps (kohya's own in_dims files fare the same). The test pins that: diffusers'
+    output is the hand merge of the block modules only, ours (and ComfyUI's and Forge's, tests/test_flux_client_rules.py)
+    the merge of all of them."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
 
     _, files, folder, model = flux_setup
     path = tmp_path / "flux_lora.safetensors"
@@ -93,26 +118,21 @@ def test_diffusers_loads_every_key_and_matches_the_hand_merge(flux_setup, tmp_pa
     parsed = group_by_module(lora)
     assert not parsed.other_keys and all(set(p) == {"lora_down.weight", "lora_up.weight", "alpha"}
                                          for p in parsed.modules.values())
-
-    # by hand: W + up @ down * alpha / rank on the BFL weights, loaded with diffusers' single-file loader
-    merged = load_file(str(files["transformer"]))
-    for name, parts in parsed.modules.items():
-        if not name.startswith("lora_unet_"):
-            continue
-        key = next(k for k in merged if k.endswith(".weight") and
-                   "lora_unet_" + k[: -len(".weight")].replace(".", "_") == name)
-        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
-        merged[key] = merged[key] + up @ down * (parts["alpha"].item() / down.shape[0])
-    merged_path = tmp_path / "merged.safetensors"
-    save_file(merged, str(merged_path))
+    unet = {n: p for n, p in parsed.modules.items() if n.startswith("lora_unet_")}
+    inputs = {n for n in unet if n.startswith(INPUT_LAYERS)}
+    assert bool(inputs) == any(a.startswith("in_dims") for a in args)
+    merged_path = _merge_by_hand(files["transformer"], unet, tmp_path / "merged.safetensors")
+    blocks_path = _merge_by_hand(files["transformer"], {n: p for n, p in unet.items() if n not in inputs},
+                                 tmp_path / "merged_blocks.safetensors")
 
     warnings = _Warnings()
     diffusers_logger = logging.getLogger("diffusers")
     diffusers_logger.addHandler(warnings)
     try:
         with diffusers_flux_widths(model.unet.params.hidden_size, model.unet.params.mlp_hidden_dim):
-            by_hand = FluxTransformer2DModel.from_single_file(str(merged_path), config=str(folder),
-                                                              subfolder="transformer", local_files_only=True)
+            by_hand, by_hand_blocks = (FluxTransformer2DModel.from_single_file(
+                str(p), config=str(folder), subfolder="transformer", local_files_only=True)
+                for p in (merged_path, blocks_path))
             pipe = FluxPipeline.from_pretrained(str(folder))
             converted = pipe.lora_state_dict(str(path))
             converted = converted[0] if isinstance(converted, tuple) else converted
@@ -120,15 +140,19 @@ def test_diffusers_loads_every_key_and_matches_the_hand_merge(flux_setup, tmp_pa
     finally:
         diffusers_logger.removeHandler(warnings)
     assert not [m for m in warnings.messages if "key" in m.lower() or "unsupported" in m.lower()], warnings.messages
-    n_unet = sum(1 for n in parsed.modules if n.startswith("lora_unet_"))
     n_te = sum(1 for n in parsed.modules if n.startswith("lora_te1_"))
     transformer_keys = [k for k in converted if k.startswith("transformer.")]
     te_keys = [k for k in converted if k.startswith("text_encoder.")]
-    expanded = n_unet + sum(2 if n.endswith("_qkv") else 3 if n.endswith("_linear1") else 0
-                            for n in parsed.modules)  # q/k/v (+ MLP) are separate modules in diffusers
+    unprefixed = [k for k in converted if not k.startswith(("transformer.", "text_encoder."))]
+    expanded = len(unet) - len(inputs) + sum(2 if n.endswith("_qkv") else 3 if n.endswith("_linear1") else 0
+                                             for n in unet)  # q/k/v (+ MLP) are separate modules in diffusers
     assert len(transformer_keys) == 2 * expanded and len(te_keys) == 2 * n_te > 0
+    assert len(unprefixed) == 2 * len(inputs)
     expected = _diffusers_out(by_hand, x)
     got = _diffusers_out(pipe.transformer, x)
     assert (expected - _diffusers_out(FluxTransformer2DModel.from_pretrained(str(folder / "transformer")), x)).abs().max() > 1e-3
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    if inputs:
+        assert (got - expected).abs().max() > 1e-3
+        expected = _diffusers_out(by_hand_blocks, x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

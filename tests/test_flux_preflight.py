@@ -77,3 +77,15 @@ def test_main_refuses_in_one_line_with_exit_2_and_writes_nothing(tiny_flux_files
     assert any(line.startswith("clip_l:") for line in errors), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_flux_network_args_are_checked_against_the_models_blocks(tiny_flux_files, tmp_path):
+    """kohya's block indices are bounded by the blocks detection counts in the file, before the model loads."""
+    lines = _errors(_config(tiny_flux_files, tmp_path, network_module="networks.lora",
+                            network_args=["train_double_block_indices=0-2"]))
+    _one(lines, "network_args", "train_double_block_indices=0-2 has block 2", "2 double blocks (0-1)")
+    plan = preflight(_config(tiny_flux_files, tmp_path, network_module="networks.lora",
+                             network_args=["train_blocks=double", "train_single_block_indices=0",
+                                           "in_dims=[4,0,0,0,4]"]))
+    assert any(w.startswith("network_args: train_single_block_indices does nothing with train_blocks=double")
+               for w in plan.warnings), plan.warnings

@@ -24,7 +24,9 @@ class LoraTargets:
     Conv2d) layers are adapted; ``text_encoders``: how many of the model's text encoders may get modules (in order);
     ``te_classes``: the classes adapted in each of them; ``dim_for(name)``: a module's rank from the family's
     per-module-type dims (None: network_dim; 0: left out); ``split_for(name)``: output sizes of a fused projection
-    trained as separate LoRAs (kohya's split_qkv), or None; ``args``: the family's own network_args it read."""
+    trained as separate LoRAs (kohya's split_qkv), or None; ``args``: the family's own network_args it read;
+    ``unet_extra_paths``: denoiser module paths outside ``unet_classes`` whose Linear layers may get modules too, after
+    the blocks and in this order (FLUX.1's input layers for kohya's ``in_dims``; ``dim_for`` gives their ranks)."""
 
     unet_classes: tuple = ("Transformer2DModel",)
     unet_conv_classes: tuple = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -33,6 +35,7 @@ class LoraTargets:
     dim_for: Any = None
     split_for: Any = None
     args: tuple = ()
+    unet_extra_paths: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,11 @@ class ModelFamily:
     def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
         """Where LoRA modules go (SD: kohya's networks/lora.py targets); ``model`` sizes split projections."""
         return LoraTargets(te_classes=(LoraTargets.te_classes[0],) * len(self.text_encoder_kinds))
+
+    def lora_arg_problems(self, network_args: Mapping[str, str], info: Mapping | None = None) -> list[str]:
+        """Check this family's own LoRA ``network_args`` before the model loads (``info``: what detection read);
+        raises ConfigError naming network_args, returns warnings."""
+        return []
 
     def claims_single_file(self, shapes: Mapping[str, Any]) -> bool:
         """True if a single file with these keys (-> shapes) is this family's model (SD: an LDM checkpoint)."""

@@ -89,12 +89,13 @@ def _family_hint(config: TrainConfig, family):
     return None
 
 
-def plan_network(config: TrainConfig, family: Any = None) -> NetworkPlan:
+def plan_network(config: TrainConfig, family: Any = None, model_info: dict | None = None) -> NetworkPlan:
     """Parse and check ``network_module``, ``network_dim``/``alpha``/``dropout`` and ``network_args``.
 
     ``family`` (a ModelFamily or its name; default: what the settings force, else SD1/SD2) sets the
-    block-weight list lengths. Raises ConfigError naming the setting; problems that do not stop the
-    run are in ``warnings``."""
+    block-weight list lengths and checks the family's own network_args (``ModelFamily.lora_arg_problems``, with
+    ``model_info``: what detection read, e.g. FLUX.1's block counts). Raises ConfigError naming the setting; problems
+    that do not stop the run are in ``warnings``."""
     kind = network_kind(config.network_module)
     raw = split_network_args(config.network_args)
     dim = config.network_dim
@@ -136,6 +137,8 @@ def plan_network(config: TrainConfig, family: Any = None) -> NetworkPlan:
 
     family_args = tuple(getattr(family, "lora_network_args", ()) or ())
     unknown = [k for k in raw if k not in _LORA_ARGS and k not in BLOCK_ARG_KEYS and k not in family_args]
+    if family_args:
+        plan.warnings += family.lora_arg_problems(raw, model_info)
     if family_args and values["conv_dim"]:
         plan.warnings.append(f"network_args: conv_dim does nothing here ({getattr(family, 'name', '')} has no "
                              "convolutions in its transformer blocks); LoCon applies as plain LoRA")
@@ -194,12 +197,13 @@ def _plan_dylora(plan: NetworkPlan, unknown: list[str]) -> list[str]:
     return unknown
 
 
-def check_network_settings(config: TrainConfig, family: Any = None, problems: Problems | None = None) -> list[str]:
+def check_network_settings(config: TrainConfig, family: Any = None, problems: Problems | None = None,
+                           model_info: dict | None = None) -> list[str]:
     """Preflight check of the network settings: raises ConfigError (one line naming the setting) for an
     unknown network_module or algo, a bad network_args value, a block-weight list of the wrong length,
-    an unknown preset...; returns warnings (also recorded in ``problems``). Cheap: no torch, lycoris or model is
-    loaded."""
-    warnings = plan_network(config, family).warnings
+    an unknown preset, FLUX.1 block indices past the model's blocks (``model_info``)...; returns warnings (also
+    recorded in ``problems``). Cheap: no torch, lycoris or model is loaded."""
+    warnings = plan_network(config, family, model_info).warnings
     if problems is not None:
         problems.warnings.extend(warnings)
     return warnings
@@ -268,6 +272,7 @@ def _split_factory(targets):
         split = targets.split_for(name)
         return SplitLoRAModule(name, layer, split, **kwargs) if split else LoRAModule(name, layer, **kwargs)
 
+    make.split_for = targets.split_for  # create_network reads a file's fused ranks as parts x rank
     return make
 
 

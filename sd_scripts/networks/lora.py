@@ -183,7 +183,8 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     ``loraplus_*`` ratios give the ``lora_up`` weights their own optimizer group at lr x ratio.
     ``module_factory(name, layer, multiplier=, lora_dim=, alpha=, dropout=, rank_dropout=,
     module_dropout=)`` and ``network_class`` build another kind of module and network on the same
-    targets (DyLoRA). ``targets`` (``ModelFamily.lora_targets``) replaces kohya's SD target classes (FLUX.1:
+    targets (DyLoRA); a factory with a ``split_for(name)`` attribute trains fused projections split (split_qkv),
+    so ``weights_sd`` ranks of those are read as parts x rank. ``targets`` (``ModelFamily.lora_targets``) replaces kohya's SD target classes (FLUX.1:
     the double/single blocks, CLIP-L and T5) and gives per-module-type ranks (``dim_for``)."""
     plus = dict(loraplus_lr_ratio=loraplus_lr_ratio, loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
                 loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
@@ -192,7 +193,8 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
                                  conv_dim=conv_dim, conv_alpha=conv_alpha, dropout=dropout, rank_dropout=rank_dropout,
                                  module_dropout=module_dropout, train_unet=train_unet,
                                  train_text_encoder=train_text_encoder, te_prefixes=te_prefixes, multiplier=multiplier,
-                                 module_dims=dims_from_state_dict(weights_sd), unet_path_map=unet_path_map,
+                                 module_dims=_split_module_dims(dims_from_state_dict(weights_sd), module_factory),
+                                 unet_path_map=unet_path_map,
                                  blocks=blocks, module_factory=module_factory, network_class=network_class,
                                  targets=targets, **plus)
         network.load_kohya_state_dict(weights_sd, strict=False)
@@ -217,7 +219,7 @@ def create_network(unet: nn.Module | None, text_encoders: nn.Module | Sequence[n
     unet_classes, te_classes, dim_for = _target_classes(targets, with_conv, len(tes))
     candidates, n_te_candidates, enabled_prefixes = _candidates(
         unet if train_unet else None, tes if train_text_encoder else [], te_prefixes, te_classes, unet_classes,
-        unet_path_map)
+        unet_path_map, tuple(getattr(targets, "unet_extra_paths", ()) or ()))
     if module_dims is not None:
         module_dims = _checked_module_dims(module_dims, candidates, enabled_prefixes, te_prefixes)
 
@@ -298,9 +300,11 @@ def _rank_of(name: str, layer: nn.Module, module_dims: Mapping[str, tuple[int, f
 
 def _candidates(unet: nn.Module | None, tes: list[nn.Module], te_prefixes: tuple[str, ...],
                 te_classes: Sequence[Sequence[str]], unet_classes: tuple[str, ...],
-                unet_path_map: Callable[[str], str] | None) -> tuple[list[tuple[str, nn.Module]], int, set[str]]:
-    """(every (kohya name, layer) the network may adapt: the text encoders' first, how many of those there are, the
-    prefixes of the parts being trained); ``unet`` None and ``tes`` empty for parts not trained."""
+                unet_path_map: Callable[[str], str] | None,
+                extra_paths: Sequence[str] = ()) -> tuple[list[tuple[str, nn.Module]], int, set[str]]:
+    """(every (kohya name, layer) the network may adapt: the text encoders' first, then the UNet's blocks and its
+    ``extra_paths``; how many of the text encoders' there are; the prefixes of the parts being trained); ``unet``
+    None and ``tes`` empty for parts not trained."""
     candidates: list[tuple[str, nn.Module]] = []
     enabled_prefixes: set[str] = set()
     for prefix, te, classes in zip(te_prefixes, tes, te_classes):
@@ -310,7 +314,25 @@ def _candidates(unet: nn.Module | None, tes: list[nn.Module], te_prefixes: tuple
     if unet is not None:
         enabled_prefixes.add(PREFIX_UNET)
         candidates += _find_targets(unet, PREFIX_UNET, unet_classes, unet_path_map)
+        candidates += _extra_targets(unet, extra_paths)
     return candidates, n_te_candidates, enabled_prefixes
+
+
+def _extra_targets(unet: nn.Module, paths: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """``[(kohya name, layer)]`` for the Linear layers at or under each of ``paths`` (a family's
+    ``LoraTargets.unet_extra_paths``), in that order; a path the model lacks (schnell's guidance_in) gives none."""
+    found: list[tuple[str, nn.Module]] = []
+    for path in paths:
+        try:
+            root = unet.get_submodule(path)
+        except AttributeError:
+            continue
+        if root is None:
+            continue
+        for child_path, child in root.named_modules():
+            if isinstance(child, nn.Linear):
+                found.append((lora_keys.lora_name(PREFIX_UNET, f"{path}.{child_path}" if child_path else path), child))
+    return found
 
 
 def _checked_module_dims(module_dims: Mapping[str, tuple[int, float]], candidates: list[tuple[str, nn.Module]],
@@ -327,6 +349,28 @@ def _checked_module_dims(module_dims: Mapping[str, tuple[int, float]], candidate
             f"network_weights: {len(absent)} modules of the file are not in this model (e.g. {absent[0]}); "
             "the LoRA was made for another model family or network type", setting="network_weights")
     return module_dims
+
+
+def _split_module_dims(module_dims: dict[str, tuple[int, float]], module_factory: Any) -> dict[str, tuple[int, float]]:
+    """A file's ranks for a network whose ``module_factory`` trains fused projections split (kohya's ``split_qkv``:
+    its ``split_for(name)`` gives a module's parts): the fused file holds ``parts x rank`` rows and ``parts x alpha`` (see
+    :mod:`.lora_split`), so each part gets rank / parts and alpha / parts. ConfigError naming network_args when a
+    rank does not divide (the file was not trained with split_qkv)."""
+    split_for = getattr(module_factory, "split_for", None)
+    if split_for is None:
+        return module_dims
+    out = dict(module_dims)
+    for name, (rank, alpha) in module_dims.items():
+        split = split_for(lora_keys.canonical_lora_name(name))
+        if not split:
+            continue
+        parts = len(split)
+        if rank % parts:
+            raise ConfigError(f"network_args: split_qkv is on, but module {name} of network_weights has rank {rank}, "
+                              f"not a multiple of its {parts} parts (the file was not trained with split_qkv); turn "
+                              "split_qkv off to resume it as a plain LoRA", setting="network_args")
+        out[name] = (rank // parts, alpha / parts)
+    return out
 
 
 def dims_from_state_dict(state_dict: Mapping[str, torch.Tensor], setting: str = "network_weights") -> dict[str, tuple[int, float]]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.networks.lora import LoRAModule
 
 __all__ = ["SplitLoRAModule"]
@@ -58,6 +59,10 @@ class SplitLoRAModule(LoRAModule):
         parts = len(self.split_dims)
         self._check_shape(down, (parts * self.lora_dim, self.lora_downs[0].in_features), "lora_down", setting)
         self._check_shape(up, (sum(self.split_dims), parts * self.lora_dim), "lora_up", setting)
+        if not self._is_block_diagonal(up):
+            raise ConfigError(f"{setting}: module {self.lora_name} has a lora_up that mixes q, k, v (not block-diagonal),"
+                              " so the file was not trained with split_qkv; turn split_qkv off in network_args to load "
+                              "it", setting=setting)
         row = 0
         for j, size in enumerate(self.split_dims):
             cols = slice(j * self.lora_dim, (j + 1) * self.lora_dim)
@@ -65,6 +70,15 @@ class SplitLoRAModule(LoRAModule):
             self.lora_ups[j].weight.copy_(up[row:row + size, cols].to(self.lora_ups[j].weight.dtype))
             row += size
         self.set_alpha(None if alpha is None else float(alpha) / parts)
+
+    def _is_block_diagonal(self, up: torch.Tensor) -> bool:
+        """True when part j's rows of the fused ``up`` use only part j's columns (as this module writes it)."""
+        mask = torch.ones(up.shape, dtype=torch.bool, device=up.device)
+        row = 0
+        for j, size in enumerate(self.split_dims):
+            mask[row:row + size, j * self.lora_dim:(j + 1) * self.lora_dim] = False
+            row += size
+        return not bool(up[mask].any())
 
     def delta_weight(self) -> torch.Tensor:
         down, up = self._fused()

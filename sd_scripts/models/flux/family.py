@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.settings import declared_in_engine
 from sd_scripts.models.family_base import LoraTargets, ModelFamily, TextEncoderSpec, TokenizerSource
+from sd_scripts.models.flux.lora_args import (FLUX_LORA_ARGS, IN_LAYERS, flux_lora_arg_warnings,
+                                              parse_flux_lora_args)
 
 __all__ = ["FLUX_DEFAULTS", "FluxFamily", "T5_MAX_TOKENS", "flux_variant_of"]
 
@@ -30,10 +32,7 @@ TIMESTEP_SAMPLINGS = declared_in_engine("timestep_sampling").choices
 PREDICTION_TYPES = declared_in_engine("model_prediction_type").choices
 WEIGHTING_SCHEMES = declared_in_engine("weighting_scheme").choices
 
-# kohya lora_flux.py network_args: per-module-type ranks, matched on the module name (its "identifier" list)
-TYPE_DIMS = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
-             ("txt_mlp_dim", ("txt_mlp",)), ("img_mod_dim", ("img_mod",)), ("txt_mod_dim", ("txt_mod",)),
-             ("single_dim", ("single_blocks", "linear")), ("single_mod_dim", ("modulation",)))
+# kohya lora_flux.py's target classes for train_blocks (the network_args themselves: models/flux/lora_args.py)
 TRAIN_BLOCKS = {"all": ("DoubleStreamBlock", "SingleStreamBlock"), "single": ("SingleStreamBlock",),
                 "double": ("DoubleStreamBlock",)}
 CLIP_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
@@ -146,44 +145,22 @@ class FluxFamily(ModelFamily):
                 "ss_discrete_flow_shift": value("discrete_flow_shift")}
 
     unused_settings = {"clip_skip": 1, "max_token_length": 75}  # the front end's SD defaults (2, 150) do not apply
-    lora_network_args = ("train_blocks", "train_t5xxl", "split_qkv") + tuple(name for name, _ in TYPE_DIMS)
+    lora_network_args = FLUX_LORA_ARGS
 
     def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
-        """kohya lora_flux.py: Linear layers of the double/single blocks (``train_blocks`` all, single, double),
-        CLIP-L, and T5-XXL with ``train_t5xxl``; ``*_dim`` ranks per module type (0 leaves a type out);
-        ``split_qkv`` trains q, k, v (and the single blocks' MLP input) as separate LoRAs saved fused."""
-        blocks = str(network_args.get("train_blocks") or "all").strip().lower()
-        if blocks not in TRAIN_BLOCKS:
-            raise ConfigError(f"network_args: train_blocks={network_args.get('train_blocks')} must be all, single or "
-                              "double", "network_args")
-        dims = []
-        for key, identifier in TYPE_DIMS:
-            raw = network_args.get(key)
-            if raw in (None, ""):
-                continue
-            try:
-                value = int(str(raw).strip())
-            except ValueError:
-                value = -1
-            if value < 0:
-                raise ConfigError(f"network_args: {key}={raw} must be a whole number, 0 or more", "network_args")
-            dims.append((identifier, value))
-
-        def dim_for(name: str):
-            if not name.startswith("lora_unet_"):
-                return None
-            for identifier, value in dims:
-                if all(part in name for part in identifier):
-                    return value
-            return None
-
-        split = _truthy(network_args.get("split_qkv"))
+        """kohya lora_flux.py (``models/flux/lora_args.py``): Linear layers of the double/single blocks
+        (``train_blocks``, narrowed by ``train_double_block_indices`` / ``train_single_block_indices``), the input
+        layers with ``in_dims``, CLIP-L, and T5-XXL with ``train_t5xxl``; ``*_dim`` ranks per module type (0 leaves a
+        type out); ``split_qkv`` trains q, k, v (and the single blocks' MLP input) as separate LoRAs saved fused."""
+        params = getattr(getattr(model, "unet", None), "params", None)
+        args = parse_flux_lora_args(network_args, getattr(params, "depth", None),
+                                    getattr(params, "depth_single_blocks", None))
         hidden = mlp = None
-        if split and model is not None:
-            hidden, mlp = model.unet.params.hidden_size, model.unet.params.mlp_hidden_dim
+        if args.split_qkv and params is not None:
+            hidden, mlp = params.hidden_size, params.mlp_hidden_dim
 
         def split_for(name: str):
-            if not split or hidden is None:
+            if hidden is None:
                 return None
             if "double_blocks" in name and name.endswith("_qkv"):
                 return [hidden] * 3
@@ -191,11 +168,17 @@ class FluxFamily(ModelFamily):
                 return [hidden] * 3 + [mlp]
             return None
 
-        train_t5 = _truthy(network_args.get("train_t5xxl"))
-        return LoraTargets(unet_classes=TRAIN_BLOCKS[blocks], unet_conv_classes=(),
-                           text_encoders=2 if train_t5 else 1, te_classes=(CLIP_TARGETS, T5_TARGETS),
-                           dim_for=dim_for if dims else None, split_for=split_for if split else None,
-                           args=self.lora_network_args)
+        return LoraTargets(unet_classes=TRAIN_BLOCKS[args.train_blocks], unet_conv_classes=(),
+                           text_encoders=2 if args.train_t5xxl else 1, te_classes=(CLIP_TARGETS, T5_TARGETS),
+                           dim_for=args.dim_for, split_for=split_for if args.split_qkv else None,
+                           args=self.lora_network_args, unet_extra_paths=IN_LAYERS)
+
+    def lora_arg_problems(self, network_args: Mapping[str, str], info: Mapping | None = None) -> list[str]:
+        """The FLUX.1 network_args checked before the model loads (block indices against the block counts
+        detection read, when known); raises ConfigError, returns warnings."""
+        info = info or {}
+        args = parse_flux_lora_args(network_args, info.get("double_blocks") or None, info.get("single_blocks") or None)
+        return flux_lora_arg_warnings(args, network_args, bool(info.get("guidance_embed", True)))
 
     # ------------------------------------------------------------------------------------ settings checks
 
@@ -348,10 +331,6 @@ def _variant(model) -> str:
     if info.get("flux_variant"):
         return str(info["flux_variant"])
     return "dev" if getattr(model.unet, "is_dev", True) else "schnell"
-
-
-def _truthy(value) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes", "on") if value is not None else False
 
 
 _PART_FILES = {"clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"}

@@ -72,7 +72,7 @@ def preflight(config, model_given: bool = False) -> Plan:
     check_family_settings(config, plan.family, plan.dataset, plan.model_info, problems)
     problems.extend(*memory_setting_problems(config, plan.family, plan.model_info))
     with problems.collecting():
-        check_network_settings(config, plan.family, problems)
+        check_network_settings(config, plan.family, problems, plan.model_info)
     check_output_outside_dataset(config, plan.dataset, problems)
     # resume state, sampler packages and logging: checked here so every front end reports them with the rest
     check_resume_settings(config, problems)
