@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sd_scripts.core.errors import EXIT_USER_ERROR, ConfigError, UserError, UserErrors
 
 from .cli import parse_command_line
-from .resolve import Resolved, resolve_settings, validate_store
+
+if TYPE_CHECKING:
+    from .resolve import Resolved
 
 __all__ = ["run_main", "print_user_error"]
 
@@ -55,11 +57,16 @@ def _wizard(cli_values: dict) -> Any:
     if wizard is None:
         raise ConfigError("--popup: the guided wizard is not available in this version yet; edit ArgsList.py, "
                           "load a JSON file (--load_json_path) or pass settings as flags", setting="popup")
+    from .resolve import resolve_settings
+
     defaults = resolve_settings(cli_values).store
     return wizard(defaults)
 
 
 def _resolve(cli_values: dict, modes: dict) -> Resolved | None:
+    # imported here, after the command line is read: -h answers without the JSON readers and the rules
+    from .resolve import Resolved, resolve_settings
+
     if modes.get("popup") and not cli_values.get("load_json_path"):
         store = _wizard(cli_values)
         return None if store is None else Resolved(store=store)
@@ -86,6 +93,8 @@ def run_main(argv: list[str] | None = None) -> int:
         if store.save_json_only and not store.save_json_folder:
             raise ConfigError("save_json_only: set save_json_folder (--save_json_path) so there is somewhere to "
                               "save the JSON", setting="save_json_only")
+        from .resolve import validate_store
+
         validate_store(store)
         if store.save_json_only:
             _save_json(store)
