@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import ConfigError
 from .setting import Range, is_number
 from .settings import declared, declared_in_engine, engine_settings
 
-__all__ = ["Rule", "RULES", "check_rules", "check_engine_values"]
+__all__ = ["Rule", "RULES", "DATASET_RULES", "check_rules", "check_engine_values"]
 
 
 class _Layer:
@@ -53,11 +54,12 @@ class Rule:
     broken: Callable[[Any], bool]
     where: tuple[str, ...] = ("front", "engine")
     warning: bool = False
+    whole_line: bool = False  # an error whose ``text`` is the whole line, naming the setting itself
 
     def message(self, layer: _Layer) -> str:
         names = _Names(layer)
         text = self.text(layer, names) if callable(self.text) else self.text.format_map(names)
-        return text if self.warning else f"{names[self.setting]}: {text}"
+        return text if self.warning or self.whole_line else f"{names[self.setting]}: {text}"
 
 
 def _sampling(v) -> bool:
@@ -82,6 +84,23 @@ _TIMESTEPS = Range(0, 1000, whole=True)
 def _timesteps_fit(v) -> bool:
     return all(t is None or _TIMESTEPS.contains(t) for t in (v.min_timestep, v.max_timestep))
 
+
+def _caches_latents(v) -> bool:
+    return bool(v.cache_latents or v.cache_latents_to_disk)
+
+
+def _cached_augmentation(key: str) -> str:
+    return (f"{{cache_latents}} and {{{key}}} cannot be used together: cached latents cannot change every step; "
+            f"turn off {{{key}}} or {{cache_latents}}")
+
+
+# checked by the dataset scan too, which runs without preflight (the dataset report, the wizard's dataset check)
+DATASET_RULES: tuple[Rule, ...] = (
+    Rule("cache_latents", _cached_augmentation("color_aug"), lambda v: _caches_latents(v) and v.color_aug,
+         where=("engine",), whole_line=True),
+    Rule("cache_latents", _cached_augmentation("random_crop"), lambda v: _caches_latents(v) and v.random_crop,
+         where=("engine",), whole_line=True),
+)
 
 _PICK_ONE = "cannot be combined with {%s}; pick one"
 _NEEDS_FP8 = "needs {mixed_precision} fp16 or bf16 (float8 weights are computed in the mixed precision)"
@@ -137,6 +156,7 @@ RULES: tuple[Rule, ...] = (
          lambda v: v.noise_offset_random_strength and not v.noise_offset, where=("engine",), warning=True),
     Rule("ip_noise_gamma_random_strength", "{ip_noise_gamma_random_strength} has no effect without {ip_noise_gamma}",
          lambda v: v.ip_noise_gamma_random_strength and not v.ip_noise_gamma, where=("engine",), warning=True),
+    *DATASET_RULES,
 )
 
 
@@ -147,6 +167,8 @@ def check_rules(values: Any, layer: str, problems: Any, rules: tuple[Rule, ...] 
         if layer in rule.where and rule.broken(view):
             if rule.warning:
                 problems.warn(rule.message(view))
+            elif rule.whole_line:
+                problems.add(ConfigError(rule.message(view), view.name(rule.setting)))
             else:
                 problems.error(view.name(rule.setting), rule.message(view).split(": ", 1)[1])
 

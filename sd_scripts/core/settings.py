@@ -470,7 +470,7 @@ SETTINGS: tuple[Setting, ...] = (
         Setting("sample_at_first", bool, False, "make sample images before training starts", SAMPLES,
             wizard=STEP_SAMPLES),
         Setting("vae_batch_size", int | None, None, "images per VAE batch when caching latents (default 1)", AUGMENT,
-            kohya_default=1, gui_zero_unset=True, range=at_least(1), kohya_range=None),
+            kohya_default=1, gui_zero_unset=True, range=at_least(1), kohya_range=at_least(1, whole=True, words="at least 1")),
     ),
     *section("FLUX.1 (kohya's flux_train_network names)",
         Setting("clip_l", str | None, None,

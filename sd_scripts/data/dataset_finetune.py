@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 from sd_scripts.core.errors import DatasetError
+from sd_scripts.core.problems import Problems
 from sd_scripts.data.images import IMAGE_EXTENSIONS
 
 __all__ = ["MetadataEntry", "entry_caption", "read_metadata_subset"]
@@ -124,14 +125,14 @@ def entry_caption(caption: str | None, tags: str | None, separator: str, wildcar
 
 
 def read_metadata_subset(metadata_file: str, image_dir: str | None, *, prefix: str, setting: str, separator: str,
-                         wildcard: bool, warnings: list[str]) -> list[MetadataEntry]:
+                         wildcard: bool, problems: Problems) -> list[MetadataEntry]:
     """The usable entries of one metadata file, in file order.
 
     ``prefix`` starts every message (e.g. ``"in_json"``); an empty file is a warning (the subset has no
     images); an entry without an image, a malformed file or entry is a one-line DatasetError."""
     doc = _load(metadata_file, prefix, setting)
     if not doc:
-        warnings.append(f"{prefix}: '{metadata_file}' has no image entries; it is skipped")
+        problems.warn(f"{prefix}: '{metadata_file}' has no image entries; it is skipped")
         return []
     entries: list[MetadataEntry] = []
     missing: list[str] = []

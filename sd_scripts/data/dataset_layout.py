@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, DatasetError, UserError
+from sd_scripts.core.problems import Problems
 from sd_scripts.data.captions import count_tags
 from sd_scripts.data.dataset_plan import DatasetPlan, DatasetSpec, ImageRecord, Placement, SubsetSpec, place_in_buckets
 from sd_scripts.data.dataset_scan import (
@@ -53,8 +54,6 @@ from sd_scripts.data.dataset_schema import (
     Lookup,
     check_dataset_settings,
     check_table,
-    combine_errors,
-    dataset_settings_errors,
     dataset_spec,
     load_dataset_config,
     parse_resolution,
@@ -81,12 +80,11 @@ __all__ = [
 
 @dataclass
 class _ScanState:
-    """What the scan has found so far. Independent problems collect in ``errors`` (all reported together);
+    """What the scan has found so far. Independent problems collect in ``problems`` (all reported together);
     a problem that makes the rest meaningless raises."""
 
     config: Any
-    errors: list[UserError]
-    warnings: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)
     datasets: list[DatasetSpec | None] = field(default_factory=list)
     subsets: list[SubsetSpec] = field(default_factory=list)
     subset_setting: list[str] = field(default_factory=list)  # the setting named in messages about each subset
@@ -95,11 +93,11 @@ class _ScanState:
     dataset_config: str | None = None
 
     def attempt(self, fn: Callable, *args):
-        """``fn(*args)``, or None with its UserError kept in ``errors``."""
+        """``fn(*args)``, or None with its UserError kept in ``problems``."""
         try:
             return fn(*args)
         except UserError as e:
-            self.errors.append(e)
+            self.problems.add(e)
             return None
 
     def add_subset(self, subset: SubsetSpec | None, setting: str, root: str | None = None) -> None:
@@ -118,13 +116,11 @@ def scan_dataset(config: TrainConfig, progress: Callable[[int, int], None] | Non
     problem, or :class:`UserErrors` holding every independent problem found when there are several.
     ``progress(done, total)`` is called as each image has been checked.
     """
-    state = _ScanState(config, dataset_settings_errors(config))
-    try:
+    state = _ScanState(config)
+    check_dataset_settings(config, state.problems)
+    with state.problems.collecting():  # a problem that makes the remaining checks meaningless
         _collect_layout(state)
-    except UserError as e:  # a problem that makes the remaining checks meaningless
-        state.errors.append(e)
-    if state.errors:
-        raise combine_errors(state.errors)
+    state.problems.raise_errors(one_as_is=True)
     return _finish_scan(state, progress)
 
 
@@ -132,13 +128,12 @@ def _collect_layout(state: _ScanState) -> None:
     """Settings, folders and captions."""
     config = state.config
     if config.caption_extention:
-        state.warnings.append("caption_extention is kohya's old misspelling; it still works, but write caption_extension")
+        state.problems.warn("caption_extention is kohya's old misspelling; it still works, but write caption_extension")
     state.dataset_config = config.dataset_config
     in_json = config.in_json
     repeats = config.dataset_repeats
     if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
-        state.errors.append(ConfigError(f"dataset_repeats: must be a whole number of at least 1, got {repeats!r}",
-                                        "dataset_repeats"))
+        state.problems.error("dataset_repeats", f"must be a whole number of at least 1, got {repeats!r}")
     if state.dataset_config:
         _collect_dataset_config(state)
     elif in_json:
@@ -173,7 +168,7 @@ def _collect_dataset_config(state: _ScanState) -> None:
     config, path = state.config, state.dataset_config
     ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json") if getattr(config, k, None)]
     if ignored:
-        state.warnings.append(f"{'/'.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored because "
+        state.problems.warn(f"{'/'.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored because "
                               f"dataset_config is given")
     doc = load_dataset_config(path)
     general = check_table(doc.get("general", {}), GENERAL_ALLOWED, "[general]", path)
@@ -194,7 +189,7 @@ def _collect_toml_dataset(state: _ScanState, ds: _TomlDataset) -> None:
     state.datasets.append(state.attempt(dataset_spec, ds_lookup))
     sub_tables = ds.table.get("subsets", [])
     if not sub_tables:
-        state.errors.append(ConfigError(
+        state.problems.add(ConfigError(
             f"dataset_config: {ds.where} of '{ds.path}' has no [[datasets.subsets]]; add one with image_dir = \"...\"",
             "dataset_config",
         ))
@@ -206,7 +201,7 @@ def _collect_toml_dataset(state: _ScanState, ds: _TomlDataset) -> None:
         where = f"{ds.where} subset #{s + 1}"
         check_table(sub, SUBSET_ALLOWED, where, ds.path)
         if sub.get("face_crop_aug_range") is not None or ds.table.get("face_crop_aug_range") is not None:
-            state.warnings.append(f"dataset_config: face_crop_aug_range in {where} is not supported and is ignored")
+            state.problems.warn(f"dataset_config: face_crop_aug_range in {where} is not supported and is ignored")
         if finetune:
             subset = state.attempt(_toml_finetune_subset, state, ds, sub, where)
             state.add_subset(subset, "dataset_config", subset.image_dir if subset is not None else None)
@@ -217,7 +212,7 @@ def _collect_toml_dataset(state: _ScanState, ds: _TomlDataset) -> None:
 def _collect_toml_dreambooth_subset(state: _ScanState, ds: _TomlDataset, sub: dict, where: str) -> None:
     image_dir = sub.get("image_dir")
     if not image_dir:
-        state.errors.append(ConfigError(
+        state.problems.add(ConfigError(
             f"dataset_config: {where} of '{ds.path}' has no image_dir; add image_dir = \"path/to/images\"",
             "dataset_config",
         ))
@@ -228,14 +223,14 @@ def _collect_toml_dreambooth_subset(state: _ScanState, ds: _TomlDataset, sub: di
         if os.path.isdir(candidate):
             resolved = candidate
     if not os.path.exists(resolved):
-        state.errors.append(DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) does not exist; check the path", "dataset_config"))
+        state.problems.add(DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) does not exist; check the path", "dataset_config"))
         return
     if not os.path.isdir(resolved):
-        state.errors.append(DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) is not a folder; give the folder of images", "dataset_config"))
+        state.problems.add(DatasetError(f"dataset_config: image_dir '{image_dir}' ({where}) is not a folder; give the folder of images", "dataset_config"))
         return
     key = os.path.realpath(resolved)
     if key in ds.seen:
-        state.warnings.append(f"dataset_config: image_dir '{image_dir}' appears twice in {ds.where}; the second one is ignored")
+        state.problems.warn(f"dataset_config: image_dir '{image_dir}' appears twice in {ds.where}; the second one is ignored")
         return
     ds.seen.add(key)
     lookup = ds.lookup(state.config, sub, where)
@@ -293,7 +288,7 @@ def _toml_finetune_subset(state: _ScanState, ds: _TomlDataset, sub: dict, where:
         image_dir = os.path.dirname(os.path.abspath(metadata_file))
     key = f"{os.path.realpath(metadata_file)}|{os.path.realpath(image_dir)}"
     if key in ds.seen:
-        state.warnings.append(f"dataset_config: metadata_file '{sub['metadata_file']}' appears twice in {ds.where}; "
+        state.problems.warn(f"dataset_config: metadata_file '{sub['metadata_file']}' appears twice in {ds.where}; "
                               f"the second one is ignored")
         return None
     ds.seen.add(key)
@@ -305,7 +300,7 @@ def _collect_in_json(state: _ScanState, in_json: str) -> None:
     lookup = Lookup(config, [])
     state.datasets.append(state.attempt(dataset_spec, lookup))
     if config.reg_data_dir:
-        state.warnings.append("reg_data_dir is ignored with in_json: fine-tuning datasets have no regularization images")
+        state.problems.warn("reg_data_dir is ignored with in_json: fine-tuning datasets have no regularization images")
     image_dir = config.train_data_dir
     if image_dir:
         _check_image_folder(image_dir, "train_data_dir")
@@ -321,12 +316,12 @@ def _collect_folders(state: _ScanState) -> None:
     state.datasets.append(state.attempt(dataset_spec, lookup))
     root = check_root(config.train_data_dir, "train_data_dir")
     state.roots.append(root)
-    for path, repeats, tokens in state.attempt(dreambooth_folders, root, "train_data_dir", state.warnings) or []:
+    for path, repeats, tokens in state.attempt(dreambooth_folders, root, "train_data_dir", state.problems) or []:
         state.add_subset(state.attempt(subset_spec, lookup, path, 0, repeats, tokens, False), "train_data_dir")
     reg_root = config.reg_data_dir
     if reg_root and state.attempt(check_root, reg_root, "reg_data_dir") is not None:
         state.roots.append(reg_root)
-        for path, repeats, tokens in state.attempt(dreambooth_folders, reg_root, "reg_data_dir", state.warnings) or []:
+        for path, repeats, tokens in state.attempt(dreambooth_folders, reg_root, "reg_data_dir", state.problems) or []:
             state.add_subset(state.attempt(subset_spec, lookup, path, 0, repeats, tokens, True), "reg_data_dir")
 
 
@@ -334,7 +329,7 @@ def _check_subset_settings(state: _ScanState) -> None:
     """Settings that clash with a subset's own: masked_loss without alpha masks, cached latents with augmentation."""
     config, subsets = state.config, state.subsets
     if config.masked_loss and subsets and not any(sub.alpha_mask for sub in subsets):
-        state.errors.append(ConfigError(
+        state.problems.add(ConfigError(
             "masked_loss: the masks come from the images' alpha channels here, and no subset has alpha_mask; "
             "set alpha_mask (or alpha_mask = true in the dataset_config subsets), or turn masked_loss off",
             "masked_loss",
@@ -343,7 +338,7 @@ def _check_subset_settings(state: _ScanState) -> None:
         for i, sub in enumerate(subsets):
             for key in ("color_aug", "random_crop"):
                 if getattr(sub, key) and not getattr(config, key, False):  # set globally: reported already
-                    state.errors.append(ConfigError(
+                    state.problems.add(ConfigError(
                         f"cache_latents and {key} (set for '{sub.name}' in {state.subset_setting[i]}) cannot be used together: "
                         f"cached latents cannot change every step; turn off {key} or cache_latents",
                         "cache_latents",
@@ -352,17 +347,16 @@ def _check_subset_settings(state: _ScanState) -> None:
 
 def _collect_captions(state: _ScanState) -> None:
     """Each subset's images and captions (every unreadable caption file is reported, the list capped)."""
-    caption_errors: list[UserError] = []
+    unreadable = Problems()
     for i, sub in enumerate(state.subsets):
-        try:
-            state.pending.extend(scan_subset(sub, i, state.subset_setting[i], state.warnings, caption_errors, state.roots))
-        except UserError as e:
-            state.errors.append(e)
-    state.errors.extend(caption_errors[:MAX_LISTED])
-    if len(caption_errors) > MAX_LISTED:
-        more = len(caption_errors) - MAX_LISTED
-        setting = caption_errors[MAX_LISTED].setting
-        state.errors.append(DatasetError(f"{setting}: and {more} more caption file(s) that cannot be read; open them and save them as UTF-8", setting))
+        with state.problems.collecting():
+            state.pending.extend(scan_subset(sub, i, state.subset_setting[i], state.problems, unreadable, state.roots))
+    state.problems.extend(unreadable.errors[:MAX_LISTED])
+    if len(unreadable.errors) > MAX_LISTED:
+        more = len(unreadable.errors) - MAX_LISTED
+        setting = unreadable.errors[MAX_LISTED].setting
+        state.problems.error(setting, f"and {more} more caption file(s) that cannot be read; open them and save them "
+                             "as UTF-8", DatasetError)
 
 
 # --------------------------------------------------------------------------- from images to the plan
@@ -397,7 +391,7 @@ def _finish_scan(state: _ScanState, progress) -> DatasetPlan:
         subsets=state.subsets,
         images=totals.images,
         skipped=skipped,
-        warnings=list(dict.fromkeys(state.warnings)),
+        warnings=list(dict.fromkeys(state.problems.warnings)),
         num_train_images=sum(s.num_train_images for s in datasets),
         num_reg_images=sum(s.num_reg_images for s in datasets),
         num_validation_images=len(totals.held_out),
@@ -445,7 +439,7 @@ def _usable_images(state: _ScanState, progress) -> tuple[dict[int, list[ImageRec
     if skipped:
         listed = "; ".join(f"'{path}' ({reason})" for path, reason in skipped[:MAX_LISTED])
         more = f"; and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
-        state.warnings.append(f"skipped {len(skipped)} image(s) that cannot be used: {listed}{more}")
+        state.problems.warn(f"skipped {len(skipped)} image(s) that cannot be used: {listed}{more}")
     return per_subset, skipped
 
 
@@ -457,7 +451,7 @@ def _warn_small_images(state: _ScanState, per_subset: dict[int, list[ImageRecord
             if max(r.size) * 2 < min(res):
                 tiny.append(f"{os.path.basename(r.path)} ({r.size[0]}x{r.size[1]})")
     if tiny:
-        state.warnings.append(f"{len(tiny)} image(s) are less than half the training resolution and will be blurry "
+        state.problems.warn(f"{len(tiny)} image(s) are less than half the training resolution and will be blurry "
                               f"when upscaled: {listing(tiny)}")
 
 
@@ -496,7 +490,7 @@ def _add_dataset(state: _ScanState, totals: _Totals, d: int, spec: DatasetSpec,
     if reg_records:
         used = _balance_reg(reg_records, spec.num_train_images)
         if len(used) < len(reg_records):
-            state.warnings.append(
+            state.problems.warn(
                 f"{len(reg_records) - len(used)} of {len(reg_records)} regularization images are not used "
                 f"(there are more than training images x repeats)"
             )
@@ -506,15 +500,15 @@ def _add_dataset(state: _ScanState, totals: _Totals, d: int, spec: DatasetSpec,
 def _check_held_out(state: _ScanState, totals: _Totals) -> None:
     too_small, held_out = totals.too_small, totals.held_out
     if too_small:
-        state.warnings.append(f"validation_split: {len(too_small)} folder(s) have too few images to hold one out, so "
+        state.problems.warn(f"validation_split: {len(too_small)} folder(s) have too few images to hold one out, so "
                               f"all their images are trained on: {listing(too_small)}")
     if too_small and not held_out:
-        state.warnings.append("validation_split: no image is held out, so no validation loss is computed; raise "
+        state.problems.warn("validation_split: no image is held out, so no validation loss is computed; raise "
                               "validation_split or add images")
     elif not held_out and any(getattr(state.config, k, None) for k in ("validate_every_n_steps",
                                                                        "validate_every_n_epochs",
                                                                        "max_validation_steps")):
-        state.warnings.append("validate_every_n_steps/validate_every_n_epochs/max_validation_steps are set but "
+        state.problems.warn("validate_every_n_steps/validate_every_n_epochs/max_validation_steps are set but "
                               "validation_split is 0, so no validation loss is computed; set validation_split, e.g. 0.1")
     if held_out and not any(not r.is_reg for r in totals.images):
         raise DatasetError("validation_split: holding images out leaves no training image; lower validation_split",

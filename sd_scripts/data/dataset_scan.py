@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from sd_scripts.core.errors import ConfigError, DatasetError, UserError
+from sd_scripts.core.errors import ConfigError, DatasetError
+from sd_scripts.core.problems import Problems
 from sd_scripts.data.dataset_finetune import read_metadata_subset
 from sd_scripts.data.dataset_plan import SubsetSpec
 from sd_scripts.data.images import (
@@ -88,7 +89,7 @@ def check_root(root: str | None, setting: str) -> str:
     return root
 
 
-def dreambooth_folders(root: str, setting: str, warnings: list[str]) -> list[tuple[str, int, str]]:
+def dreambooth_folders(root: str, setting: str, problems: Problems) -> list[tuple[str, int, str]]:
     """Valid ``<repeats>_<class tokens>`` subfolders of ``root`` as (path, repeats, class tokens)."""
     try:
         dirs, files = _folder_entries(root)
@@ -125,11 +126,11 @@ def dreambooth_folders(root: str, setting: str, warnings: list[str]) -> list[tup
             setting,
         )
     if invalid:
-        warnings.append(
+        problems.warn(
             f"{setting}: ignored subfolders not named <repeats>_<name> ({EXAMPLE}; repeats at least 1): {listing(invalid)}"
         )
     if loose_images:
-        warnings.append(
+        problems.warn(
             f"{setting}: {len(loose_images)} image(s) directly inside '{root}' are not used; only <repeats>_<name> subfolders are read"
         )
     return valid
@@ -190,13 +191,13 @@ class PendingImage:
     tags: str | None = None
 
 
-def _scan_metadata_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str],
+def _scan_metadata_subset(subset: SubsetSpec, index: int, setting: str, problems: Problems,
                           roots: list[str]) -> list[PendingImage]:
     """A fine-tuning subset's images and captions from its metadata file; the images' folders join ``roots``."""
     prefix = "in_json" if setting == "in_json" else "dataset_config metadata_file"
     entries = read_metadata_subset(subset.metadata_file, subset.image_dir, prefix=prefix, setting=setting,
                                    separator=subset.captions.caption_separator,
-                                   wildcard=subset.captions.enable_wildcard, warnings=warnings)
+                                   wildcard=subset.captions.enable_wildcard, problems=problems)
     pending = []
     known = {os.path.realpath(r) for r in roots}
     for entry in entries:
@@ -208,15 +209,17 @@ def _scan_metadata_subset(subset: SubsetSpec, index: int, setting: str, warnings
         pending.append(PendingImage(entry.path, index, text, "metadata" if text else "none", entry.tags))
     uncaptioned = sum(1 for p in pending if not p.caption)
     if uncaptioned:
-        warnings.append(f"{prefix}: {uncaptioned} of {len(pending)} entries of '{subset.metadata_file}' have no "
+        problems.warn(f"{prefix}: {uncaptioned} of {len(pending)} entries of '{subset.metadata_file}' have no "
                         f"caption or tags; they train with an empty caption")
     return pending
 
 
-def scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str],
-                 caption_errors: list[UserError] | None = None, roots: list[str] | None = None) -> list[PendingImage]:
+def scan_subset(subset: SubsetSpec, index: int, setting: str, problems: Problems,
+                unreadable: Problems | None = None, roots: list[str] | None = None) -> list[PendingImage]:
+    """A subset's images with their captions (read now); warnings go to ``problems``, each caption file that
+    cannot be read to ``unreadable`` (without it, the first one raises)."""
     if subset.metadata_file:
-        return _scan_metadata_subset(subset, index, setting, warnings, roots if roots is not None else [])
+        return _scan_metadata_subset(subset, index, setting, problems, roots if roots is not None else [])
     folder = subset.image_dir
     try:
         dirs, files = _folder_entries(folder)
@@ -232,12 +235,12 @@ def scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str
             except OSError:
                 pass
         if nested:
-            warnings.append(
+            problems.warn(
                 f"{setting}: images in subfolders of '{folder}' are not used (found {listing(nested)}); "
                 f"make them <repeats>_<name> folders of their own"
             )
     if not images:
-        warnings.append(
+        problems.warn(
             f"{setting}: folder '{folder}' has no images ({' '.join(IMAGE_EXTENSIONS)}); it is skipped"
         )
         return []
@@ -256,9 +259,9 @@ def scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str
             try:
                 raw = _read_caption(cap_path, setting)
             except DatasetError as e:
-                if caption_errors is None:
+                if unreadable is None:
                     raise
-                caption_errors.append(e)
+                unreadable.add(e)
                 continue
             text = _caption_text(raw, subset.captions.enable_wildcard)
             if text:
@@ -270,21 +273,21 @@ def scan_subset(subset: SubsetSpec, index: int, setting: str, warnings: list[str
         pending.append(PendingImage(os.path.join(folder, name), index, fallback, "class_tokens" if fallback else "none"))
     use = f"the class tokens '{fallback}'" if fallback else "an empty caption"
     if empty_files:
-        warnings.append(f"{setting}: {len(empty_files)} empty caption file(s) in '{folder}' ({listing(empty_files)}); those images use {use}")
+        problems.warn(f"{setting}: {len(empty_files)} empty caption file(s) in '{folder}' ({listing(empty_files)}); those images use {use}")
     if missing and len(missing) < len(images):
-        warnings.append(
+        problems.warn(
             f"{setting}: {len(missing)} of {len(images)} images in '{folder}' have no {ext} caption ({listing(missing)}); they use {use}"
         )
     elif missing:
         others = sorted({os.path.splitext(f)[1].lower() for f in files
                          if os.path.splitext(f)[1].lower() in _OTHER_CAPTION_EXTS and os.path.splitext(f)[1].lower() != ext.lower()})
         if others:
-            warnings.append(
+            problems.warn(
                 f"caption_extension: no {ext} captions in '{folder}' but there are {', '.join(others)} files; "
                 f"set caption_extension to {others[0]} to use them"
             )
         elif not fallback:
-            warnings.append(f"{setting}: images in '{folder}' have no captions and the folder name gives no class tokens; they train with an empty caption")
+            problems.warn(f"{setting}: images in '{folder}' have no captions and the folder name gives no class tokens; they train with an empty caption")
     return pending
 
 

@@ -14,22 +14,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 from sd_scripts.core.config import TrainConfig
-from sd_scripts.core.errors import ConfigError, UserError, UserErrors
+from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
+from sd_scripts.core.rules import DATASET_RULES, check_engine_values, check_rules
+from sd_scripts.core.settings import declared_in_engine
 from sd_scripts.data.buckets import snap_bucket_range
 from sd_scripts.data.captions import CaptionSettings
 from sd_scripts.data.dataset_plan import DatasetSpec, SubsetSpec
 from sd_scripts.data.images import RESIZE_INTERPOLATIONS
 
 __all__ = ["DatasetKeys", "SubsetKeys", "SubsetOnlyKeys", "Lookup", "parse_resolution", "check_dataset_settings",
-           "dataset_settings_errors", "dataset_spec", "subset_spec", "load_dataset_config", "check_table",
-           "combine_errors", "GENERAL_ALLOWED", "DATASET_ALLOWED", "SUBSET_ALLOWED", "DREAMBOOTH_ONLY_KEYS"]
+           "DATASET_SETTINGS", "dataset_spec", "subset_spec", "load_dataset_config", "check_table",
+           "GENERAL_ALLOWED", "DATASET_ALLOWED", "SUBSET_ALLOWED", "DREAMBOOTH_ONLY_KEYS"]
 
 # --------------------------------------------------------------------------- the keys
 
@@ -280,51 +282,22 @@ def check_range(lookup: Lookup, key: str, low: float | None = None, high: float 
     return value
 
 
-def combine_errors(errors: list[UserError]) -> UserError:
-    """One error as itself, several (deduplicated, order kept) as :class:`UserErrors`."""
-    flat: list[UserError] = []
-    seen: set[str] = set()
-    for e in errors:
-        for one in (e.errors if isinstance(e, UserErrors) else [e]):
-            if str(one) not in seen:
-                seen.add(str(one))
-                flat.append(one)
-    return flat[0] if len(flat) == 1 else UserErrors(flat)
-
-
 # --------------------------------------------------------------------------- settings and specs
 
 
-def check_dataset_settings(config: TrainConfig) -> None:
-    """Config-level checks that need no folders (also run by :func:`scan_dataset`)."""
-    errors = dataset_settings_errors(config)
-    if errors:
-        raise combine_errors(errors)
+# the settings of every dataset whose declared ranges the scan checks (it also runs without preflight)
+DATASET_SETTINGS = ("train_batch_size", "prior_loss_weight", "vae_batch_size")
 
 
-def dataset_settings_errors(config: TrainConfig) -> list[UserError]:
-    errors: list[UserError] = []
-    cache = bool(config.cache_latents or config.cache_latents_to_disk)
-    if cache:
-        for key in ("color_aug", "random_crop"):
-            if getattr(config, key, False):
-                errors.append(ConfigError(
-                    f"cache_latents and {key} cannot be used together: cached latents cannot change every step; "
-                    f"turn off {key} or cache_latents",
-                    "cache_latents",
-                ))
-    vae_bs = config.vae_batch_size
-    if vae_bs is not None and (not isinstance(vae_bs, int) or vae_bs < 1):
-        errors.append(ConfigError(f"vae_batch_size: must be at least 1, got {vae_bs!r}", "vae_batch_size"))
-    bs = config.train_batch_size
-    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-        errors.append(ConfigError(f"train_batch_size: must be at least 1, got {bs!r}", "train_batch_size"))
-    plw = config.prior_loss_weight
-    if plw is None or isinstance(plw, bool) or not isinstance(plw, (int, float)) or plw < 0 or not math.isfinite(plw):
-        errors.append(ConfigError(f"prior_loss_weight: must be a number >= 0, got {plw!r}", "prior_loss_weight"))
-    return errors
-
-
+def check_dataset_settings(config: TrainConfig, problems: Problems | None = None) -> None:
+    """Config-level checks that need no folders (also run by :func:`scan_dataset`): the declared ranges of
+    ``DATASET_SETTINGS`` and the rules ``DATASET_RULES`` (cached latents with random_crop or color_aug). Recorded in
+    ``problems``; without one, raised."""
+    found = Problems() if problems is None else problems
+    check_engine_values(config, found, DATASET_SETTINGS)
+    check_rules(config, "engine", found, DATASET_RULES)
+    if problems is None:
+        found.raise_errors(one_as_is=True)
 
 
 def parse_resolution(value: Any, setting: str = "resolution") -> tuple[int, int]:
@@ -354,16 +327,16 @@ def parse_resolution(value: Any, setting: str = "resolution") -> tuple[int, int]
 
 
 def _bucket_range(lookup: Lookup, resolution, res_where, enable_bucket: bool, steps, no_upscale: bool,
-                  errs: list[UserError]) -> tuple[Any, Any]:
+                  problems: Problems) -> tuple[Any, Any]:
     """(min_bucket_reso, max_bucket_reso), snapped to bucket_reso_steps with buckets on; problems with them and the
-    resolution go to ``errs``."""
+    resolution go to ``problems``."""
     min_reso, min_where = lookup.get("min_bucket_reso")
     max_reso, max_where = lookup.get("max_bucket_reso")
     if enable_bucket:
         if resolution is not None and steps is not None:
             w, h = resolution
             if w % steps or h % steps:
-                errs.append(setting_error(
+                problems.add(setting_error(
                     "resolution",
                     res_where,
                     f"{w},{h} is not a multiple of bucket_reso_steps ({steps}); use e.g. {max(steps, round(w / steps) * steps)}",
@@ -371,68 +344,45 @@ def _bucket_range(lookup: Lookup, resolution, res_where, enable_bucket: bool, st
         if steps is not None:
             min_reso, max_reso = snap_bucket_range(int(min_reso), int(max_reso), steps)
             if min_reso <= 0:
-                errs.append(setting_error("min_bucket_reso", min_where, f"must be at least bucket_reso_steps ({steps})"))
+                problems.add(setting_error("min_bucket_reso", min_where, f"must be at least bucket_reso_steps ({steps})"))
             elif min_reso > max_reso:
-                errs.append(setting_error("min_bucket_reso", min_where, f"{min_reso} is larger than max_bucket_reso ({max_reso}); lower it"))
+                problems.add(setting_error("min_bucket_reso", min_where, f"{min_reso} is larger than max_bucket_reso ({max_reso}); lower it"))
             elif not no_upscale and resolution is not None:
                 w, h = resolution
                 if min_reso > min(w, h):
-                    errs.append(setting_error(
+                    problems.add(setting_error(
                         "min_bucket_reso", min_where, f"{min_reso} is larger than the resolution's short side ({min(w, h)}); lower it"
                     ))
                 if max_reso < max(w, h):
-                    errs.append(setting_error(
+                    problems.add(setting_error(
                         "max_bucket_reso", max_where, f"{max_reso} is smaller than the resolution's long side ({max(w, h)}); raise it"
                     ))
     elif resolution is not None and (resolution[0] % 8 or resolution[1] % 8):
         w, h = resolution
-        errs.append(setting_error("resolution", res_where, f"{w},{h} is not a multiple of 8; use e.g. {round(w / 8) * 8}"))
+        problems.add(setting_error("resolution", res_where, f"{w},{h} is not a multiple of 8; use e.g. {round(w / 8) * 8}"))
     return min_reso, max_reso
 
 
 def dataset_spec(lookup: Lookup) -> DatasetSpec:
     """A dataset's resolution, batch size, buckets, multiplier and validation split, every problem found at once."""
-    errs: list[UserError] = []
-
-    def attempt(fn, *args):
-        try:
-            return fn(*args)
-        except UserError as e:
-            errs.append(e)
-            return None
-
-    res_value, res_where = lookup.get("resolution")
-    resolution = None
-    if res_value is None:
-        errs.append(ConfigError("resolution: not set; give the training resolution, e.g. 512 or 512,768", "resolution"))
-    else:
-        try:
-            resolution = parse_resolution(res_value)
-        except ConfigError as e:
-            errs.append(setting_error("resolution", res_where, str(e).split(": ", 1)[1]) if res_where else e)
+    problems = Problems()
+    resolution, res_where = _resolution(lookup, problems)
     batch_size, batch_where = lookup.get("batch_size")
-    if batch_where is not None:  # from config, train_batch_size is checked by dataset_settings_errors
-        batch_size = attempt(check_range, lookup, "batch_size", 1)
+    if batch_where is not None:  # from the settings, train_batch_size is checked by check_dataset_settings
+        with problems.collecting():
+            batch_size = check_range(lookup, "batch_size", 1)
     enable_bucket = bool(lookup.value("enable_bucket"))
-    steps, steps_where = lookup.get("bucket_reso_steps")
-    steps = attempt(check_range, lookup, "bucket_reso_steps", 8)
-    if steps is not None and steps % 8 != 0:
-        errs.append(setting_error("bucket_reso_steps", steps_where, f"{steps} is not a multiple of 8 (latents are 1/8 size); use 64"))
-        steps = None
+    steps = _bucket_reso_steps(lookup, problems)
     no_upscale = bool(lookup.value("bucket_no_upscale"))
-    min_reso, max_reso = _bucket_range(lookup, resolution, res_where, enable_bucket, steps, no_upscale, errs)
-    multiplier = attempt(check_range, lookup, "network_multiplier")
-    # from the config, validation_split/validation_seed are checked by preflight (their declared ranges)
-    split, split_where = lookup.get("validation_split")
-    if split_where is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1):
-        errs.append(setting_error("validation_split", split_where, f"must be from 0 (off) to below 1 (the share of "
-                                   f"images held out, e.g. 0.1), got {split!r}"))
-        split = None
-    val_seed, seed_where = lookup.get("validation_seed")
-    if seed_where is not None and (isinstance(val_seed, bool) or not isinstance(val_seed, int)):
-        errs.append(setting_error("validation_seed", seed_where, f"must be a whole number, got {val_seed!r}"))
-    if errs:
-        raise combine_errors(errs)
+    min_reso, max_reso = _bucket_range(lookup, resolution, res_where, enable_bucket, steps, no_upscale, problems)
+    multiplier = None
+    with problems.collecting():
+        multiplier = check_range(lookup, "network_multiplier")
+    split = _validation_split(lookup, problems)
+    # validation_seed from a table is a whole number (its key's kind, checked by check_table); from the settings,
+    # preflight checks its declared range
+    val_seed = lookup.value("validation_seed")
+    problems.raise_errors(one_as_is=True)
     return DatasetSpec(
         resolution=resolution,
         batch_size=int(batch_size),
@@ -445,6 +395,44 @@ def dataset_spec(lookup: Lookup) -> DatasetSpec:
         validation_split=float(split) if isinstance(split, (int, float)) and 0 <= split < 1 else 0.0,
         validation_seed=int(val_seed) if isinstance(val_seed, int) else int(lookup.value("seed") or 0),
     )
+
+
+def _resolution(lookup: Lookup, problems: Problems) -> tuple[tuple[int, int] | None, str | None]:
+    """(W, H) or None when it is missing or wrong, and where it was set."""
+    res_value, res_where = lookup.get("resolution")
+    if res_value is None:
+        problems.error("resolution", "not set; give the training resolution, e.g. 512 or 512,768")
+        return None, res_where
+    try:
+        return parse_resolution(res_value), res_where
+    except ConfigError as e:
+        problems.add(setting_error("resolution", res_where, str(e).split(": ", 1)[1]) if res_where else e)
+        return None, res_where
+
+
+def _bucket_reso_steps(lookup: Lookup, problems: Problems) -> int | None:
+    """bucket_reso_steps, or None when it is wrong (recorded in ``problems``)."""
+    _, steps_where = lookup.get("bucket_reso_steps")
+    steps = None
+    with problems.collecting():
+        steps = check_range(lookup, "bucket_reso_steps", 8)
+    if steps is not None and steps % 8 != 0:
+        problems.add(setting_error("bucket_reso_steps", steps_where,
+                                   f"{steps} is not a multiple of 8 (latents are 1/8 size); use 64"))
+        return None
+    return steps
+
+
+def _validation_split(lookup: Lookup, problems: Problems) -> Any:
+    """validation_split from a table, checked against its declared range (the message names where it was set);
+    from the settings, preflight checks it."""
+    split, split_where = lookup.get("validation_split")
+    allowed = declared_in_engine("validation_split").engine_range
+    if split_where is not None and not allowed.contains(split):
+        problems.add(setting_error("validation_split", split_where,
+                                   f"must be {allowed.wording()}, got {split!r}"))
+        return None
+    return split
 
 
 def subset_spec(lookup: Lookup, image_dir: str, dataset: int, num_repeats: int | None, class_tokens: str | None,
