@@ -313,3 +313,25 @@ def test_a_plain_file_is_not_read_as_split_qkv(flux_model, tmp_path):
     path, _, _ = _random_file(flux_model, tmp_path, dim=12)  # rank 12 divides, but q, k, v are mixed
     with pytest.raises(ConfigError, match=r"^network_weights: module lora_unet_\w+ has a lora_up that mixes q, k, v"):
         _resume(flux_model, path, "split_qkv=True")
+
+
+def test_dim_from_weights_takes_the_files_modules_whatever_the_args(flux_model, tmp_path):
+    """As kohya's create_network_from_weights: the file's blocks and T5 modules come back with train_blocks=double
+    and no train_t5xxl."""
+    from sd_scripts.files.lora_file import save_lora_file
+
+    built = _build(flux_model, "train_t5xxl=True", "train_single_block_indices=1")
+    state = {k: v.clone() for k, v in built.network.kohya_state_dict().items()}
+    built.network.remove()
+    path = tmp_path / "t5.safetensors"
+    save_lora_file(path, state, {"ss_network_module": "networks.lora"})
+    config = TrainConfig()
+    config.network_module, config.network_dim, config.network_alpha = "networks.lora", 32, 1.0
+    config.network_args, config.network_weights, config.dim_from_weights = ["train_blocks=double"], str(path), True
+    resumed = build_network(config, flux_model, train_unet=True, train_text_encoder=True)
+    try:
+        assert set(resumed.network.kohya_state_dict()) == set(state)
+        assert any(n.startswith("lora_unet_single_blocks_1_") for n in resumed.network.lora_by_name())
+        assert any(n.startswith("lora_te3_") for n in resumed.network.lora_by_name())
+    finally:
+        resumed.network.remove()

@@ -207,8 +207,9 @@ class ModelFamily:
     unused_settings: Mapping[str, Any] = {}  # kohya settings this family does not use -> the neutral value a front
     # end gives them instead of its SD default (FLUX: clip_skip 1, max_token_length 75)
 
-    def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
-        """Where LoRA modules go (SD: kohya's networks/lora.py targets); ``model`` sizes split projections."""
+    def lora_targets(self, network_args: Mapping[str, str], model=None, from_weights: bool = False) -> LoraTargets:
+        """Where LoRA modules go (SD: kohya's networks/lora.py targets); ``model`` sizes split projections;
+        ``from_weights``: a file's modules and ranks decide (``dim_from_weights``), so every place a file may hold."""
         return LoraTargets(te_classes=(LoraTargets.te_classes[0],) * len(self.text_encoder_kinds))
 
     def lora_arg_problems(self, network_args: Mapping[str, str], info: Mapping | None = None) -> list[str]:

@@ -214,18 +214,18 @@ def build_network(config: TrainConfig, model, *, train_unet: bool, train_text_en
     family = model.family
     plan = plan_network(config, family)
     warnings = list(plan.warnings)
-    targets = family.lora_targets(plan.raw_args, model)
-    count = targets.text_encoders if targets.text_encoders is not None else len(model.text_encoders)
-    te_prefixes = tuple(family.te_lora_prefixes)[:count]
-    text_encoders = list(model.text_encoders)[:count]
-    path_map_of = getattr(family, "lora_unet_path_map", None)
-    unet_path_map = path_map_of(model.unet) if path_map_of is not None else None
-
     weights_sd = None
     if config.network_weights:
         from sd_scripts.files.lora_file import load_lora_file
 
         weights_sd, _ = load_lora_file(config.network_weights)
+    from_weights = weights_sd is not None and bool(config.dim_from_weights)
+    targets = family.lora_targets(plan.raw_args, model, from_weights=from_weights)
+    count = _text_encoder_count(targets, family, model, weights_sd if from_weights else None)
+    te_prefixes = tuple(family.te_lora_prefixes)[:count]
+    text_encoders = list(model.text_encoders)[:count]
+    path_map_of = getattr(family, "lora_unet_path_map", None)
+    unet_path_map = path_map_of(model.unet) if path_map_of is not None else None
 
     if plan.kind == "lycoris":
         network, more = _build_lycoris(plan, config, model, weights_sd, train_unet, train_text_encoder, te_prefixes,
@@ -259,6 +259,20 @@ def build_network(config: TrainConfig, model, *, train_unet: bool, train_text_en
         raise ConfigError("network_args: the settings leave no layer to train (every block rank or lr weight is 0?); "
                           "check block_dims / *_lr_weight", setting="network_args")
     return BuiltNetwork(network, plan.network_dim, plan.network_alpha, plan.raw_args, warnings)
+
+
+def _text_encoder_count(targets, family, model, weights_sd) -> int:
+    """How many of the model's text encoders (in order) may get modules: the family's choice (FLUX.1: T5 only with
+    train_t5xxl), and with ``dim_from_weights`` (``weights_sd``) up to the last one the file has modules for, as kohya
+    reads train_t5xxl from the file."""
+    count = targets.text_encoders if targets.text_encoders is not None else len(model.text_encoders)
+    if weights_sd is not None:
+        from sd_scripts.files.lora_keys import prefix_of, split_key
+
+        in_file = {prefix_of(split_key(key)[0]) for key in weights_sd}
+        prefixes = list(family.te_lora_prefixes)
+        count = max([count] + [i + 1 for i, prefix in enumerate(prefixes) if prefix in in_file])
+    return count
 
 
 def _split_factory(targets):

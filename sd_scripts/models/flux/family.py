@@ -147,11 +147,13 @@ class FluxFamily(ModelFamily):
     unused_settings = {"clip_skip": 1, "max_token_length": 75}  # the front end's SD defaults (2, 150) do not apply
     lora_network_args = FLUX_LORA_ARGS
 
-    def lora_targets(self, network_args: Mapping[str, str], model=None) -> LoraTargets:
+    def lora_targets(self, network_args: Mapping[str, str], model=None, from_weights: bool = False) -> LoraTargets:
         """kohya lora_flux.py (``models/flux/lora_args.py``): Linear layers of the double/single blocks
         (``train_blocks``, narrowed by ``train_double_block_indices`` / ``train_single_block_indices``), the input
         layers with ``in_dims``, CLIP-L, and T5-XXL with ``train_t5xxl``; ``*_dim`` ranks per module type (0 leaves a
-        type out); ``split_qkv`` trains q, k, v (and the single blocks' MLP input) as separate LoRAs saved fused."""
+        type out); ``split_qkv`` trains q, k, v (and the single blocks' MLP input) as separate LoRAs saved fused.
+        ``from_weights`` (``dim_from_weights``): as kohya's create_network_from_weights, the file's modules decide, so
+        every block is a candidate whatever ``train_blocks`` says."""
         params = getattr(getattr(model, "unet", None), "params", None)
         args = parse_flux_lora_args(network_args, getattr(params, "depth", None),
                                     getattr(params, "depth_single_blocks", None))
@@ -168,7 +170,7 @@ class FluxFamily(ModelFamily):
                 return [hidden] * 3 + [mlp]
             return None
 
-        return LoraTargets(unet_classes=TRAIN_BLOCKS[args.train_blocks], unet_conv_classes=(),
+        return LoraTargets(unet_classes=TRAIN_BLOCKS["all" if from_weights else args.train_blocks], unet_conv_classes=(),
                            text_encoders=2 if args.train_t5xxl else 1, te_classes=(CLIP_TARGETS, T5_TARGETS),
                            dim_for=args.dim_for, split_for=split_for if args.split_qkv else None,
                            args=self.lora_network_args, unet_extra_paths=IN_LAYERS)
