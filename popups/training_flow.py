@@ -96,7 +96,7 @@ OTHER_SETTINGS = "Other settings (not asked here)"  # the summary's heading for 
 
 def _bounds(decl: Any) -> dict[str, Any]:
     """The wizard's bounds for a number: what both the front end and the engine accept (the declared ranges); an
-    open upper end is left to the flow's own check."""
+    open upper end is left to :func:`_range_check`."""
     ranges = [r for r in (decl.range, decl.engine_range if decl.in_engine else None) if r is not None]
     lows = [(r.low, r.low_open) for r in ranges if r.low is not None]
     highs = [r.high for r in ranges if r.high is not None and not r.high_open]
@@ -107,6 +107,21 @@ def _bounds(decl: Any) -> dict[str, Any]:
     if highs:
         bounds["high"] = min(highs)
     return bounds
+
+
+def _range_check(decl: Any) -> Callable[[Any], str | None]:
+    """The declared ranges as a question's check, in the command line's words: what the bounds cannot say (an open
+    upper end, a share "from 0 to below 1")."""
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        return decl.front_problem(value) or (decl.engine_problem(value) if decl.in_engine else None)
+
+    return check
+
+
+def _both(first: Callable[[Any], str | None], second: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda value: first(value) or second(value)
 
 
 def is_lr_free(optimizer: str) -> bool:
@@ -194,11 +209,14 @@ class TrainingWizard:
             extra_choice = (default,) if info.open_choices and default not in info.choices else ()  # a custom class
             values.update(kind="choice", options=tuple(info.choices) + extra_choice)
         elif info.kind in ("int", "float"):
-            values.update(kind="number", integer=info.kind == "int", **_bounds(info.declaration))
+            values.update(kind="number", integer=info.kind == "int", check=_range_check(info.declaration),
+                          **_bounds(info.declaration))
         elif info.is_path:
             values.update(kind="path", path_kind=info.path)
         else:
             values.update(kind="text")
+        if values.get("check") and extra.get("check"):  # the flow's own rule comes on top of the declared range
+            extra["check"] = _both(values["check"], extra["check"])
         values.update(extra)
         return Question(**values)
 
@@ -556,7 +574,8 @@ class TrainingWizard:
         if kind in ("LoCon", "LoHa", "LoKr"):
             conv_dim = self.ask_plain(
                 "conv_dim", "number", "Dim (rank) of the 3x3 convolution layers", int(_arg_number(
-                    old_args, "conv_dim", min(self.store.net_dim, 32))), integer=True, low=1, settings=("network_args",),
+                    old_args, "conv_dim", min(self.store.net_dim, 32))), integer=True, low=1,
+                settings=("network_args",),
                 help="the convolutions add texture and detail; 4 to 32 is common, keep it at most the dim")
             conv_alpha = self.ask_plain(
                 "conv_alpha", "number", "Alpha of the 3x3 convolution layers",
@@ -628,8 +647,8 @@ class TrainingWizard:
         if scheduler in ("constant", "adafactor"):
             self.set(warmup_lr_ratio=None)
         else:
-            self.ask_setting("warmup_lr_ratio", "Share of the steps spent warming up (empty: no warm-up)", low=0,
-                             high=0.99, none_label="no warm-up")
+            self.ask_setting("warmup_lr_ratio", "Share of the steps spent warming up (empty: no warm-up)",
+                             none_label="no warm-up")
 
     def _resolution_and_length(self) -> None:
         self.step = STEP_RESOLUTION
@@ -766,12 +785,8 @@ class TrainingWizard:
 
     def _validation(self) -> None:
         self.step = STEP_VALIDATION
-
-        def below_one(value: float | None) -> str | None:
-            return "give a share below 1, e.g. 0.1" if value is not None and value >= 1 else None
-
         self.ask_setting("validation_split", "Hold out a share of each folder's images to measure a validation loss "
-                         "(0: no; 0.1 is common)", check=below_one)
+                         "(0: no; 0.1 is common)")
 
     # ----------------------------------------------------------------------------- the end
     def summary_lines(self) -> list[str]:

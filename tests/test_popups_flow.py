@@ -18,6 +18,7 @@ from frontend.json_io import save_settings_json
 from popups.asker import CANCEL, CLOSE, Question, ScriptedAsker, ask
 from popups.gpu_memory import probe_gpu as PROBE_GPU
 from popups.training_flow import TrainingWizard
+from sd_scripts.core.settings import declared
 from tests.helpers import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_the_dataset_is_scanned_again_only_when_its_folders_or_captions_change(p
 def test_out_of_range_and_unreadable_answers_are_asked_again_with_the_reason(paths):
     store, asker = run_wizard(answers(
         paths, net_dim=[0, "abc", "2.5", "16"], alpha=[-1, "8"], train_resolution=[500, 32, 768],
-        warmup_lr_ratio=[1.5, "0.05"], change_output_name=["my/lora", "my_lora"], clip_skip=[13, 1],
+        warmup_lr_ratio=[1, "0.05"], change_output_name=["my/lora", "my_lora"], clip_skip=[13, 1],
         learning_rate=[0, "3e-4"], min_snr_gamma=[0, ""], batch_size=["", 2]))
     def errors(key):
         return [q.error for q in asker.questions(key)][1:]
@@ -140,7 +141,9 @@ def test_out_of_range_and_unreadable_answers_are_asked_again_with_the_reason(pat
                                  "expected a whole number, got '2.5'"]
     assert errors("alpha") == ["must be above 0, got -1"]
     assert errors("train_resolution") == ["must be a multiple of 64, e.g. 512", "must be 64 or more, got 32"]
-    assert errors("warmup_lr_ratio") == ["must be from 0 to 0.99, got 1.5"]
+    # the declared range, in the command line's words (its open upper end too)
+    assert errors("warmup_lr_ratio") == [declared("warmup_lr_ratio").range.problem(1)] and "below 1" in errors(
+        "warmup_lr_ratio")[0]
     assert errors("change_output_name") == ["a file name cannot contain /"]
     assert errors("clip_skip") == ["must be from 1 to 12, got 13"]
     assert errors("learning_rate") == ["must be above 0, got 0"]
@@ -1138,7 +1141,7 @@ class _RecordingWizard(TrainingWizard):
 def test_each_wizard_step_asks_exactly_the_settings_declared_for_it(paths):
     """A question decides the settings declared for its step (``wizard=`` in sd_scripts/core/settings.py) and no
     others; every declared one is asked on some branch; the wizard writes no setting declared for no step."""
-    from sd_scripts.core.settings import SETTINGS, WIZARD_STEPS, declared
+    from sd_scripts.core.settings import SETTINGS, WIZARD_STEPS
 
     queue = paths["tmp"] / "queue"
     queue.mkdir()
