@@ -46,8 +46,9 @@ class _Names:
 @dataclass(frozen=True)
 class Rule:
     """``setting`` gets the message ``text`` when ``broken(values)`` is true; ``{name}`` in ``text`` is replaced by
-    that setting's name in the layer checked (``text`` may also be a function of the values and that mapping).
-    A ``warning`` is a whole line, not prefixed by the setting."""
+    that setting's name in the layer checked (``text`` may also be a function of the values and that mapping);
+    ``engine_text``, where given, is the engine's wording of the same rule. A ``warning`` is a whole line, not
+    prefixed by the setting."""
 
     setting: str
     text: str | Callable[[Any, Any], str]
@@ -55,10 +56,12 @@ class Rule:
     where: tuple[str, ...] = ("front", "engine")
     warning: bool = False
     whole_line: bool = False  # an error whose ``text`` is the whole line, naming the setting itself
+    engine_text: str | None = None
 
     def message(self, layer: _Layer) -> str:
         names = _Names(layer)
-        text = self.text(layer, names) if callable(self.text) else self.text.format_map(names)
+        text = self.engine_text if layer._engine and self.engine_text else self.text
+        text = text(layer, names) if callable(text) else text.format_map(names)
         return text if self.warning or self.whole_line else f"{names[self.setting]}: {text}"
 
 
@@ -117,7 +120,9 @@ RULES: tuple[Rule, ...] = (
     Rule("color_aug", "needs {cache_latents} false (the cached latents cannot be re-cropped or re-coloured)",
          lambda v: v.cache_latents and v.color_aug and not v.random_crop, where=("front",)),
     Rule("sample_prompts", "sample images are asked for (sample_every_n_*/sample_at_first) but no prompt file is set",
-         lambda v: _sampling(v) and not v.sample_prompts),
+         lambda v: _sampling(v) and not v.sample_prompts,
+         engine_text="sampling is on (sample_every_n_*/sample_at_first) but no prompt file is given; set "
+         "{sample_prompts}"),
     # ----------------------------------------------------------------------------- the engine
     Rule("dim_from_weights", "needs {lora_model_for_resume} (the LoRA file whose dim and alpha are used); set it or "
          "turn {dim_from_weights} off", lambda v: v.dim_from_weights and not v.lora_model_for_resume, where=("engine",)),

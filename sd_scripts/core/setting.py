@@ -46,7 +46,10 @@ class Range:
 
     The message reads ``must be <words>, got <value>``; ``words`` replaces the generated wording
     ("1 or more", "above 0", "between 0 and 1", "a whole number from 0 to 1000"), ``note`` is added in
-    brackets ("(leave it unset to turn it off)").
+    brackets ("(leave it unset to turn it off)"). The rest keeps each message as it has always read: ``shows`` is how
+    the value is written ("g": numbers as ``{:g}``, 1 and -1; "str": as Python prints it, -1.0 and abc; "repr":
+    -1.0 and 'abc'), ``nan_words`` what a value that is not a finite number must be ("a number"; None: the range's
+    own wording), ``got`` what comes between the wording and the value.
     """
 
     low: float | None = None
@@ -56,6 +59,9 @@ class Range:
     whole: bool = False
     note: str = ""
     words: str = ""
+    shows: str = "g"
+    nan_words: str | None = "a number"
+    got: str = ", got"
 
     def wording(self) -> str:
         if self.words:
@@ -86,9 +92,10 @@ class Range:
         """None when ``value`` is allowed, else ``must be ..., got ...``."""
         if self.contains(value):
             return None
-        if not is_number(value) and not self.whole:
-            return f"must be a number, got {value!r}"
-        return f"must be {self.wording()}, got {shown(value)}"
+        if not is_number(value) and self.nan_words and not self.whole:
+            return f"must be {self.nan_words}, got {value!r}"
+        written = {"g": shown, "str": str, "repr": repr}[self.shows](value)
+        return f"must be {self.wording()}{self.got} {written}"
 
 
 def at_least(low: float, **extra: Any) -> Range:
@@ -134,6 +141,7 @@ class Setting:
     kohya_help: str | None = None
     kohya_range: Range | None = SAME  # None: the engine does not check the range
     kohya_choices: tuple | None = SAME
+    kohya_choices_text: str | None = None  # the engine's message for a value outside its choices ({value})
     feeds: str | None = None
     range: Range | None = None
     choices: tuple | None = None
@@ -210,6 +218,8 @@ class Setting:
                 return problem
         choices = self.engine_choices
         if choices and value not in choices:
+            if self.kohya_choices_text:
+                return self.kohya_choices_text.format(value=value)
             return f"{value!r} is not one of {', '.join(str(c) for c in choices)}"
         return None
 
