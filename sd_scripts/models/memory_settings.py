@@ -11,24 +11,26 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.errors import UserError
+from sd_scripts.core.problems import Problems
 
 __all__ = ["memory_setting_problems"]
 
 
-def memory_setting_problems(config, family=None, info: Mapping | None = None) -> tuple[list, list[str]]:
-    """``(errors, warnings)`` for ``blocks_to_swap`` and ``cpu_offload_checkpointing``."""
-    errors: list = []
-    warnings: list[str] = []
+def memory_setting_problems(config, family=None, info: Mapping | None = None,
+                            problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
+    """The problems of ``blocks_to_swap`` and ``cpu_offload_checkpointing``, recorded in ``problems``; returns the
+    ``(errors, warnings)`` found."""
+    problems = Problems() if problems is None else problems
+    found = len(problems.errors), len(problems.warnings)
     swap = getattr(config, "blocks_to_swap", 0) or 0
     offload = bool(getattr(config, "cpu_offload_checkpointing", False))
     is_flux = family is not None and getattr(family, "name", None) == "flux"
     if not isinstance(swap, int) or isinstance(swap, bool) or swap < 0:
         swap = 0  # the declared range check reports it
     if swap and family is not None and not is_flux:
-        errors.append(ConfigError(f"blocks_to_swap: only FLUX.1 transformers swap blocks, this is {family.name}; set "
-                                  "blocks_to_swap 0 (gradient_checkpointing and fp8_base save memory there)",
-                                  "blocks_to_swap"))
+        problems.error("blocks_to_swap", f"only FLUX.1 transformers swap blocks, this is {family.name}; set "
+                       "blocks_to_swap 0 (gradient_checkpointing and fp8_base save memory there)")
     elif swap and is_flux:
         from sd_scripts.models.flux.memory import max_blocks_to_swap
 
@@ -36,9 +38,9 @@ def memory_setting_problems(config, family=None, info: Mapping | None = None) ->
         double, single = int(info.get("double_blocks") or 19), int(info.get("single_blocks") or 38)
         most = max_blocks_to_swap(double, single)
         if swap > most:
-            errors.append(ConfigError(f"blocks_to_swap: {swap} is more than this model's {double} + {single} blocks "
-                                      f"allow; give at most {most}", "blocks_to_swap"))
+            problems.error("blocks_to_swap", f"{swap} is more than this model's {double} + {single} blocks allow; give "
+                           f"at most {most}")
     if offload and family is not None and not is_flux:
-        errors.append(ConfigError(f"cpu_offload_checkpointing: works on FLUX.1's transformer blocks, this is "
-                                  f"{family.name}; turn it off", "cpu_offload_checkpointing"))
-    return errors, warnings
+        problems.error("cpu_offload_checkpointing", f"works on FLUX.1's transformer blocks, this is {family.name}; "
+                       "turn it off")
+    return problems.errors[found[0]:], problems.warnings[found[1]:]

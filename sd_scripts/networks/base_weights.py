@@ -84,41 +84,40 @@ def check_base_weights(config: TrainConfig, family: Any = None, problems: Proble
     paths = list(config.base_weights or [])
     multipliers = config.base_weights_multiplier
     problems = Problems() if problems is None else problems
-    errors = problems.errors
     if multipliers and not paths:
-        errors.append(ConfigError("base_weights_multiplier: given without base_weights; set base_weights to the "
-                                  "LoRA files to merge or remove the multipliers", "base_weights_multiplier"))
+        problems.add(ConfigError("base_weights_multiplier: given without base_weights; set base_weights to the "
+                                 "LoRA files to merge or remove the multipliers", "base_weights_multiplier"))
     elif multipliers and len(multipliers) != len(paths):
-        errors.append(ConfigError(f"base_weights_multiplier: {len(multipliers)} values for {len(paths)} base_weights "
-                                  "files; give one multiplier per file (or none for 1.0 each)",
-                                  "base_weights_multiplier"))
+        problems.add(ConfigError(f"base_weights_multiplier: {len(multipliers)} values for {len(paths)} base_weights "
+                                 "files; give one multiplier per file (or none for 1.0 each)",
+                                 "base_weights_multiplier"))
     for m in multipliers or []:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m or m in (float("inf"), float("-inf")):
-            errors.append(ConfigError(f"base_weights_multiplier: {m!r} is not a number; write numbers like 1.0 0.5",
-                                      "base_weights_multiplier"))
+            problems.add(ConfigError(f"base_weights_multiplier: {m!r} is not a number; write numbers like 1.0 0.5",
+                                     "base_weights_multiplier"))
             break
     family_name = getattr(family, "name", family)
     for path in paths:
         if not os.path.exists(path):
-            errors.append(ConfigError(f"base_weights: not found: {path}; check the path", _SETTING))
+            problems.add(ConfigError(f"base_weights: not found: {path}; check the path", _SETTING))
             continue
         if not os.path.isfile(path):
-            errors.append(ConfigError(f"base_weights: {path} is a folder; give a LoRA file", _SETTING))
+            problems.add(ConfigError(f"base_weights: {path} is a folder; give a LoRA file", _SETTING))
             continue
         try:
             keys, metadata = _read_keys(path)
         except UserError as e:
-            errors.append(e)
+            problems.add(e)
             continue
         except OSError as e:
-            errors.append(ConfigError(f"base_weights: {path} cannot be read ({e.strerror or e}); check its "
-                                      "permissions", _SETTING))
+            problems.add(ConfigError(f"base_weights: {path} cannot be read ({e.strerror or e}); check its "
+                                     "permissions", _SETTING))
             continue
         made_for = lora_file_family(keys, metadata)
         if family_name and made_for and made_for != family_name:
-            errors.append(ConfigError(f"base_weights: {path} is a LoRA for {made_for}, but the base model is "
-                                      f"{family_name}; give LoRAs made for this model", _SETTING))
-    return errors
+            problems.add(ConfigError(f"base_weights: {path} is a LoRA for {made_for}, but the base model is "
+                                     f"{family_name}; give LoRAs made for this model", _SETTING))
+    return problems.errors
 
 
 def _module_index(model) -> dict[str, Any]:

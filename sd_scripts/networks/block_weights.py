@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd_scripts.core.problems import Problems
 from sd_scripts.networks.network_args import bad_arg, is_unset, parse_float, parse_float_list, parse_int_list
 
 __all__ = [
@@ -207,7 +208,11 @@ class BlockSettings:
     block_alphas: list[float] | None = None
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
-    warnings: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)  # what resolving found (warnings; errors raise)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.problems.warnings
 
     @property
     def has_dims(self) -> bool:
@@ -266,10 +271,10 @@ def resolve_block_settings(args: Mapping[str, Any], layout: BlockLayout, network
         threshold = parse_float("block_lr_zero_threshold", given.get("block_lr_zero_threshold"), example="0.1") or 0.0
         settings.lr_weight = [w if w > threshold else 0.0 for w in layout.lr_vector(down, mid, up)]
         if all(w == 0 for w in settings.lr_weight):
-            settings.warnings.append("network_args: every block lr weight is 0, so the UNet part does not train")
+            settings.problems.warn("network_args: every block lr weight is 0, so the UNet part does not train")
     elif "block_lr_zero_threshold" in given:
         parse_float("block_lr_zero_threshold", given["block_lr_zero_threshold"], example="0.1")
-        settings.warnings.append("network_args: block_lr_zero_threshold does nothing without down_lr_weight, "
+        settings.problems.warn("network_args: block_lr_zero_threshold does nothing without down_lr_weight, "
                                  "mid_lr_weight or up_lr_weight")
 
     # ---- per-block ranks and alphas

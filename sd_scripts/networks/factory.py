@@ -66,7 +66,11 @@ class NetworkPlan:
     blocks: BlockSettings | None = None
     unit: int | None = None
     lycoris: Any = None  # LycorisArgs
-    warnings: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)  # what planning found (warnings; errors raise)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.problems.warnings
 
 
 def network_kind(network_module: str | None) -> str:
@@ -122,7 +126,7 @@ def plan_network(config: TrainConfig, family: Any = None, model_info: dict | Non
 
         plan.lycoris = parse_lycoris_args(raw, network_dim=network_dim, network_alpha=network_alpha,
                                           network_dropout=network_dropout)
-        plan.warnings += plan.lycoris.warnings
+        plan.problems.extend(warnings=plan.lycoris.warnings)
         return plan
 
     values = plan.values
@@ -138,16 +142,16 @@ def plan_network(config: TrainConfig, family: Any = None, model_info: dict | Non
     family_args = tuple(getattr(family, "lora_network_args", ()) or ())
     unknown = [k for k in raw if k not in _LORA_ARGS and k not in BLOCK_ARG_KEYS and k not in family_args]
     if family_args:
-        plan.warnings += family.lora_arg_problems(raw, model_info)
+        plan.problems.extend(warnings=family.lora_arg_problems(raw, model_info))
     if family_args and values["conv_dim"]:
-        plan.warnings.append(f"network_args: conv_dim does nothing here ({getattr(family, 'name', '')} has no "
+        plan.problems.warn(f"network_args: conv_dim does nothing here ({getattr(family, 'name', '')} has no "
                              "convolutions in its transformer blocks); LoCon applies as plain LoRA")
     if kind == "lora":
         unknown = _plan_lora(plan, config, family, unknown)
     else:
         unknown = _plan_dylora(plan, unknown)
     if unknown:
-        plan.warnings.append(f"network_args not used by {config.network_module}: {', '.join(unknown)}")
+        plan.problems.warn(f"network_args not used by {config.network_module}: {', '.join(unknown)}")
     return plan
 
 
@@ -158,18 +162,18 @@ def _plan_lora(plan: NetworkPlan, config: TrainConfig, family: Any, unknown: lis
     plan.blocks = resolve_block_settings(raw, layout, network_dim, network_alpha, values["conv_dim"],
                                          values["conv_alpha"])
     if plan.blocks is not None:
-        plan.warnings += plan.blocks.warnings
+        plan.problems.extend(warnings=plan.blocks.warnings)
         if config.network_train_text_encoder_only:
-            plan.warnings.append("network_args: block weights apply to the UNet, which is not trained "
+            plan.problems.warn("network_args: block weights apply to the UNet, which is not trained "
                                  "(network_train_text_encoder_only)")
     if "unit" in unknown:
         unknown.remove("unit")
-        plan.warnings.append("network_args: unit is a DyLoRA setting and does nothing with networks.lora; "
+        plan.problems.warn("network_args: unit is a DyLoRA setting and does nothing with networks.lora; "
                              "set network_module to networks.dylora for DyLoRA")
     lyco = [k for k in unknown if k in _LYCORIS_ONLY]
     if lyco:
         unknown = [k for k in unknown if k not in _LYCORIS_ONLY]
-        plan.warnings.append(f"network_args: {', '.join(lyco)}: LyCORIS only, ignored by networks.lora; "
+        plan.problems.warn(f"network_args: {', '.join(lyco)}: LyCORIS only, ignored by networks.lora; "
                              "set network_module to lycoris.kohya for LyCORIS")
     return unknown
 
@@ -187,12 +191,12 @@ def _plan_dylora(plan: NetworkPlan, unknown: list[str]) -> list[str]:
                           "DyLoRA (as kohya); set them to the same value", setting="network_args")
     dropped = [k for k in ("dropout", "rank_dropout", "module_dropout") if values.get(k)]
     if dropped:
-        plan.warnings.append(f"DyLoRA does not support {', '.join(dropped)} (as kohya); ignored")
+        plan.problems.warn(f"DyLoRA does not support {', '.join(dropped)} (as kohya); ignored")
         for k in dropped:
             values[k] = None
     block_keys = [k for k in raw if k in BLOCK_ARG_KEYS]
     if block_keys:
-        plan.warnings.append(f"network_args: {', '.join(block_keys)} work with networks.lora only; "
+        plan.problems.warn(f"network_args: {', '.join(block_keys)} work with networks.lora only; "
                              "networks.dylora ignores them")
     return unknown
 
@@ -205,7 +209,7 @@ def check_network_settings(config: TrainConfig, family: Any = None, problems: Pr
     recorded in ``problems``). Cheap: no torch, lycoris or model is loaded."""
     warnings = plan_network(config, family, model_info).warnings
     if problems is not None:
-        problems.warnings.extend(warnings)
+        problems.extend(warnings=warnings)
     return warnings
 
 
@@ -213,7 +217,6 @@ def build_network(config: TrainConfig, model, *, train_unet: bool, train_text_en
     """Create, apply and (if asked) load the network for ``config`` on ``model`` (a LoadedModel)."""
     family = model.family
     plan = plan_network(config, family)
-    warnings = list(plan.warnings)
     weights_sd = None
     if config.network_weights:
         from sd_scripts.files.lora_file import load_lora_file
@@ -230,7 +233,7 @@ def build_network(config: TrainConfig, model, *, train_unet: bool, train_text_en
     if plan.kind == "lycoris":
         network, more = _build_lycoris(plan, config, model, weights_sd, train_unet, train_text_encoder, te_prefixes,
                                        unet_path_map, text_encoders)
-        warnings += more
+        plan.problems.extend(warnings=more)
     else:
         values = plan.values
         common = dict(
@@ -258,7 +261,7 @@ def build_network(config: TrainConfig, model, *, train_unet: bool, train_text_en
     if not network.loras:
         raise ConfigError("network_args: the settings leave no layer to train (every block rank or lr weight is 0?); "
                           "check block_dims / *_lr_weight", setting="network_args")
-    return BuiltNetwork(network, plan.network_dim, plan.network_alpha, plan.raw_args, warnings)
+    return BuiltNetwork(network, plan.network_dim, plan.network_alpha, plan.raw_args, list(plan.warnings))
 
 
 def _text_encoder_count(targets, family, model, weights_sd) -> int:

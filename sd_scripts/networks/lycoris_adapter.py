@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 from sd_scripts.files import lora_keys
 from sd_scripts.networks.lycoris_args import (
     LORAPLUS_ARGS, LYCORIS_ALGOS, LYCORIS_PRESETS, NETWORK_MODULE, PROBABILITY_ARGS, LycorisArgs, parse_lycoris_args,
@@ -145,7 +146,8 @@ def create_lycoris_network(unet, text_encoders, args: LycorisArgs, *, network_di
                 raise bad_arg("preset", args.preset, f"targets a module twice ({str(e).split(':')[-1].strip()}), by "
                                                      "class and by name; remove one of them from the preset") from None
             raise
-    warnings = list(args.warnings)
+    found = Problems()
+    found.extend(warnings=args.warnings)
     seen: set[str] = set()
     for record in records:
         text = record.getMessage().splitlines()[0]
@@ -153,7 +155,7 @@ def create_lycoris_network(unet, text_encoders, args: LycorisArgs, *, network_di
             continue  # LyCORIS compares our private preset name; parse_lycoris_args has its own warning
         if text not in seen:
             seen.add(text)
-            warnings.append(f"LyCORIS: {text}")
+            found.warn(f"LyCORIS: {text}")
     n_te = len(net.text_encoder_loras) if train_text_encoder else 0
     n_unet = len(net.unet_loras) if train_unet else 0
     if n_te + n_unet == 0:
@@ -161,9 +163,9 @@ def create_lycoris_network(unet, text_encoders, args: LycorisArgs, *, network_di
         raise ConfigError(f"{SETTING}: preset={args.preset} adapts no layer of the {parts}; pick another preset "
                           f"(e.g. {'full' if args.preset != 'full' else 'attn-mlp'})", setting=SETTING)
     if train_unet and n_unet == 0:
-        warnings.append(f"network_args: preset={args.preset} adapts no UNet layer; only the text encoder trains")
+        found.warn(f"network_args: preset={args.preset} adapts no UNet layer; only the text encoder trains")
     if train_text_encoder and te_arg is not None and n_te == 0:
-        warnings.append(f"network_args: preset={args.preset} adapts no text-encoder layer; only the UNet trains")
+        found.warn(f"network_args: preset={args.preset} adapts no text-encoder layer; only the UNet trains")
     adapter = LycorisNetworkAdapter(net, unet, te_arg, train_unet=train_unet, train_text_encoder=train_text_encoder,
                                te_prefixes=te_prefixes, unet_path_map=unet_path_map, algo=args.algo, loraplus=loraplus)
-    return adapter, warnings
+    return adapter, found.warnings

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 from sd_scripts.networks.block_weights import BLOCK_ARG_KEYS
 from sd_scripts.networks.network_args import (
     SETTING, bad_arg, is_unset, parse_bool, parse_float, parse_int, parse_probability,
@@ -69,7 +70,11 @@ class LycorisArgs:
     preset: str = "full"
     kwargs: dict[str, Any] = field(default_factory=dict)
     enable_conv: bool | None = None
-    warnings: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)  # what parsing found (warnings; errors raise)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.problems.warnings
 
 
 def parse_lycoris_args(args: Mapping[str, Any], *, network_dim: int | None = None, network_alpha: float | None = None,
@@ -94,11 +99,11 @@ def parse_lycoris_args(args: Mapping[str, Any], *, network_dim: int | None = Non
     _check_combinations(raw, out, network_dim)
     block_keys = [k for k in raw if k in BLOCK_ARG_KEYS]
     if block_keys:
-        out.warnings.append(f"network_args: {', '.join(block_keys)} work with network_module networks.lora only; "
+        out.problems.warn(f"network_args: {', '.join(block_keys)} work with network_module networks.lora only; "
                             "lycoris.kohya ignores them")
     unknown = [k for k in raw if k not in _KNOWN_ARGS and k not in BLOCK_ARG_KEYS]
     if unknown:
-        out.warnings.append(f"network_args not used by {NETWORK_MODULE}: {', '.join(unknown)}")
+        out.problems.warn(f"network_args not used by {NETWORK_MODULE}: {', '.join(unknown)}")
     return out
 
 
@@ -124,7 +129,7 @@ def _parse_preset(raw: dict, out: LycorisArgs) -> str:
         raise bad_arg("preset", preset, f"is not a LyCORIS preset; use one of {', '.join(LYCORIS_PRESETS)} "
                                         "or the path of a preset .toml file")
     if out.algo == "ia3" and name not in ("ia3",) and "preset" not in raw:
-        out.warnings.append("network_args: algo=ia3 usually goes with preset=ia3 (LyCORIS recommends it); "
+        out.problems.warn("network_args: algo=ia3 usually goes with preset=ia3 (LyCORIS recommends it); "
                             "using preset=full")
     return name
 
@@ -158,7 +163,7 @@ def _parse_numbers(raw: dict, out: LycorisArgs, network_dim: int, network_dropou
             raise bad_arg("factor", raw["factor"], "must be -1 (balanced) or a positive whole number like 8")
         kw["factor"] = factor
     if "constrain" in raw and "constraint" not in raw:
-        out.warnings.append("network_args: constrain is the old name of constraint; read as constraint")
+        out.problems.warn("network_args: constrain is the old name of constraint; read as constraint")
     constraint = parse_float("constraint", raw.get("constraint", raw.get("constrain")), minimum=0.0)
     if constraint is not None:
         kw["constraint"] = constraint
@@ -180,7 +185,7 @@ def _parse_tucker(raw: dict, out: LycorisArgs) -> None:
             continue
         meaning = (not value) if inverted else value
         tucker[alias] = meaning
-        out.warnings.append(f"network_args: {alias}={raw[alias]} is a 2023 name; read as use_tucker={meaning}")
+        out.problems.warn(f"network_args: {alias}={raw[alias]} is a 2023 name; read as use_tucker={meaning}")
     if len(set(tucker.values())) > 1:
         shown = ", ".join(f"{k}={raw[k]}" for k in tucker)
         raise ConfigError(f"{SETTING}: {shown} contradict each other (Tucker on and off); keep only use_tucker",
@@ -206,11 +211,11 @@ def _check_combinations(raw: dict, out: LycorisArgs, network_dim: int) -> None:
     if algo in ("loha", "lokr") and kw.get("dropout"):
         # LyCORIS 4.x ignores it there and prints a warning line per module
         kw.pop("dropout")
-        out.warnings.append(f"network_args: dropout (network_dropout) does nothing with algo={algo}; "
+        out.problems.warn(f"network_args: dropout (network_dropout) does nothing with algo={algo}; "
                             "use rank_dropout or module_dropout")
     if algo in _RANKLESS and (kw.get("use_tucker") or kw.get("dora_wd")):
         which = "use_tucker" if kw.get("use_tucker") else "dora_wd"
-        out.warnings.append(f"network_args: {which} does nothing with algo={algo}")
+        out.problems.warn(f"network_args: {which} does nothing with algo={algo}")
 
 
 def _load_toml(path: str) -> dict[str, Any]:

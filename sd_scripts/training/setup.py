@@ -14,6 +14,7 @@ import os
 import time
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 from sd_scripts.training.speed import (CompileClock, PhaseMemory, apply_speed_options, bf16_cpu_note,
                                        cache_accelerate_package_checks, release_vae)
 from sd_scripts.training.trainer_base import TrainerBase
@@ -101,14 +102,13 @@ class SetupSteps(TrainerBase):
 
     def _check_prediction_type(self) -> None:
         """Settings that depend on epsilon or v prediction; preflight checks them when it can read the model."""
-        from sd_scripts.core.errors import UserErrors
         from sd_scripts.training.losses import prediction_type_problems
 
-        errors, warnings = prediction_type_problems(self.config, self.v_param)
-        if errors:
-            raise errors[0] if len(errors) == 1 else UserErrors(errors)
+        problems = Problems()
+        prediction_type_problems(self.config, self.v_param, problems)
+        problems.raise_errors(one_as_is=True)
         if "v_parameterization" not in self.plan.model_info:  # preflight could not warn
-            for w in warnings:
+            for w in problems.warnings:
                 self._warn(w)
 
     def _build_datasets(self) -> None:
@@ -257,10 +257,10 @@ class SetupSteps(TrainerBase):
             self.max_train_steps = config.max_train_steps
         self.loader_view, dataloader = build_data_loader(config, self.dataset, self.plan.dataset, self.max_train_steps,
                                                          self.seed)
-        sched_warnings: list[str] = []
+        problems = Problems()
         lr_scheduler = build_lr_scheduler(config, self.optimizer, self.max_train_steps, num_processes=num_processes,
-                                          warnings=sched_warnings)
-        for w in sched_warnings:
+                                          warnings=problems.warnings)
+        for w in problems.warnings:
             self._warn(w)
         self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(self.optimizer, dataloader, lr_scheduler)
         if self.full_half and accelerator.scaler is not None:

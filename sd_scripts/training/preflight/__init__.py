@@ -70,7 +70,7 @@ def preflight(config, model_given: bool = False) -> Plan:
         problems.warnings.extend(getattr(plan.dataset, "warnings", []) or [])
         plan.summary.extend(dataset_summary(plan.dataset))
     check_family_settings(config, plan.family, plan.dataset, plan.model_info, problems)
-    problems.extend(*memory_setting_problems(config, plan.family, plan.model_info))
+    memory_setting_problems(config, plan.family, plan.model_info, problems)
     with problems.collecting():
         check_network_settings(config, plan.family, problems, plan.model_info)
     check_output_outside_dataset(config, plan.dataset, problems)
