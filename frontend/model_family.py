@@ -14,7 +14,6 @@ here: set ``sdxl`` for those, or the engine tells the family when training start
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["SD_SIZES", "cheap_family", "model_family_of", "family_sizes", "apply_family_defaults",
@@ -33,11 +32,12 @@ def cheap_family(base_model: str | None) -> str | None:
     path = os.path.expanduser(base_model)
     if not (os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(_SAFETENSORS))):
         return None
+    from sd_scripts.core.config import TrainConfig
     from sd_scripts.core.errors import UserError
     from sd_scripts.models.loading import detect_family
 
-    probe = SimpleNamespace(pretrained_model_name_or_path=path, model_family=None, sdxl=None, v2=None,
-                            v_parameterization=None)
+    probe = TrainConfig(pretrained_model_name_or_path=path, model_family=None, sdxl=None, v2=None,
+                        v_parameterization=None)
     try:
         family, _ = detect_family(probe)
     except (UserError, OSError, ValueError, KeyError, TypeError):

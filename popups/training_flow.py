@@ -453,16 +453,15 @@ class TrainingWizard:
     def _flux_parts(self) -> None:
         """FLUX.1's text encoders and autoencoder: asked for when the model file does not hold them (a BFL
         transformer-only file); a model that holds them may still take other files (empty: its own)."""
-        from types import SimpleNamespace
-
+        from sd_scripts.core.config import TrainConfig
         from sd_scripts.core.errors import UserError
         from sd_scripts.models.loading import detect_family
 
         inside: dict = {}
         path = self.store.base_model
         if path and (os.path.isdir(path) or str(path).lower().endswith((".safetensors", ".sft"))):
-            probe = SimpleNamespace(pretrained_model_name_or_path=path, model_family="flux", sdxl=None, v2=None,
-                                    v_parameterization=None, flux_variant=None)
+            probe = TrainConfig(pretrained_model_name_or_path=path, model_family="flux", sdxl=None, v2=None,
+                                v_parameterization=None, flux_variant=None)
             try:
                 _, inside = detect_family(probe)
             except (UserError, OSError, ValueError, KeyError, TypeError):

@@ -182,6 +182,6 @@ def check_engine_values(config: Any, problems: Any, names: Any = None) -> None:
     """Check the engine's values (kohya names ``names``; default: every engine setting) against the declared
     ranges and choices."""
     for name in names if names is not None else [s.kohya_name for s in engine_settings()]:
-        problem = declared_in_engine(name).engine_problem(getattr(config, name))
+        problem = declared_in_engine(name).engine_problem(getattr(config, name))  # the settings named by names
         if problem:
             problems.error(name, problem)

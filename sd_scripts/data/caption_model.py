@@ -186,6 +186,7 @@ class CaptionModel:
     def _new_tokens(self, inputs: dict) -> int:
         """``max_new_tokens``, less where the model's text positions would run out (a prompt already uses some)."""
         config = self.model.config
+        # a transformers model config: which of these it has depends on the architecture
         limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
         if not limit:
             return self.max_new_tokens

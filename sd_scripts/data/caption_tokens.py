@@ -20,6 +20,7 @@ import random
 import re
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.data.captions import CaptionSettings, process_caption
 
 __all__ = ["TOKEN_LIMITS", "TokenCounter", "caption_as_trained", "estimate_tokens", "find_clip_tokenizer"]
@@ -70,15 +71,15 @@ def caption_as_trained(caption: str, settings: CaptionSettings) -> str:
     return process_caption(caption, fixed, random.Random(0))
 
 
-def find_clip_tokenizer(config: Any) -> Any:
+def find_clip_tokenizer(config: TrainConfig) -> Any:
     """The CLIP tokenizer a training with ``config`` would use, when it can be found without a download (the base
     model's ``tokenizer/`` folder, ``tokenizer_cache_dir``, the Hugging Face cache); None otherwise."""
     from sd_scripts.core.errors import UserError
     from sd_scripts.models.families import get_family
     from sd_scripts.models.loading import load_tokenizer
 
-    family = get_family("sdxl" if getattr(config, "sdxl", None) else "sd2" if getattr(config, "v2", None) else "sd1")
-    model = getattr(config, "pretrained_model_name_or_path", None)
+    family = get_family("sdxl" if config.sdxl else "sd2" if config.v2 else "sd1")
+    model = config.pretrained_model_name_or_path
     folder = model if model and os.path.isdir(model) else None
     try:
         return load_tokenizer(family, config, model_folder=folder, download=False)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, DatasetError, UserError
@@ -83,7 +83,7 @@ class _ScanState:
     """What the scan has found so far. Independent problems collect in ``problems`` (all reported together);
     a problem that makes the rest meaningless raises."""
 
-    config: Any
+    config: TrainConfig
     problems: Problems = field(default_factory=Problems)
     datasets: list[DatasetSpec | None] = field(default_factory=list)
     subsets: list[SubsetSpec] = field(default_factory=list)
@@ -166,7 +166,8 @@ class _TomlDataset:
 
 def _collect_dataset_config(state: _ScanState) -> None:
     config, path = state.config, state.dataset_config
-    ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json") if getattr(config, k, None)]
+    given = {"train_data_dir": config.train_data_dir, "reg_data_dir": config.reg_data_dir, "in_json": config.in_json}
+    ignored = [k for k, value in given.items() if value]
     if ignored:
         state.problems.warn(f"{'/'.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored because "
                               f"dataset_config is given")
@@ -336,8 +337,9 @@ def _check_subset_settings(state: _ScanState) -> None:
         ))
     if config.cache_latents or config.cache_latents_to_disk:
         for i, sub in enumerate(subsets):
-            for key in ("color_aug", "random_crop"):
-                if getattr(sub, key) and not getattr(config, key, False):  # set globally: reported already
+            for key, in_subset, globally in (("color_aug", sub.color_aug, config.color_aug),
+                                             ("random_crop", sub.random_crop, config.random_crop)):
+                if in_subset and not globally:  # set globally: reported already
                     state.problems.add(ConfigError(
                         f"cache_latents and {key} (set for '{sub.name}' in {state.subset_setting[i]}) cannot be used together: "
                         f"cached latents cannot change every step; turn off {key} or cache_latents",
@@ -505,9 +507,8 @@ def _check_held_out(state: _ScanState, totals: _Totals) -> None:
     if too_small and not held_out:
         state.problems.warn("validation_split: no image is held out, so no validation loss is computed; raise "
                               "validation_split or add images")
-    elif not held_out and any(getattr(state.config, k, None) for k in ("validate_every_n_steps",
-                                                                       "validate_every_n_epochs",
-                                                                       "max_validation_steps")):
+    elif not held_out and (state.config.validate_every_n_steps or state.config.validate_every_n_epochs
+                           or state.config.max_validation_steps):
         state.problems.warn("validate_every_n_steps/validate_every_n_epochs/max_validation_steps are set but "
                               "validation_split is 0, so no validation loss is computed; set validation_split, e.g. 0.1")
     if held_out and not any(not r.is_reg for r in totals.images):
@@ -537,7 +538,7 @@ def _require_training_images(state: _ScanState, totals: _Totals, skipped: list[t
         )
     dataset_config = state.dataset_config
     setting = "dataset_config" if dataset_config else "train_data_dir"
-    place = f"'{dataset_config}'" if dataset_config else f"'{getattr(state.config, 'train_data_dir', '')}'"
+    place = f"'{dataset_config}'" if dataset_config else f"'{state.config.train_data_dir}'"
     raise DatasetError(
         f"{setting}: no training images found in the folders of {place}; "
         f"put .png/.jpg/.jpeg/.webp/.bmp images in <repeats>_<name> subfolders ({EXAMPLE})",

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.data.captions import count_tags
 from sd_scripts.data.dataset_layout import DatasetPlan, place_in_buckets, scan_dataset
 from sd_scripts.data.images import IMAGE_EXTENSIONS, is_hidden_name
@@ -211,7 +212,7 @@ class DatasetReport:
 # --------------------------------------------------------------------------------------------- building
 
 
-def _settings_text(plan: DatasetPlan, config: Any, token_limit: int) -> list[str]:
+def _settings_text(plan: DatasetPlan, config: TrainConfig, token_limit: int) -> list[str]:
     out = []
     for d, spec in enumerate(plan.datasets):
         w, h = spec.resolution
@@ -223,7 +224,7 @@ def _settings_text(plan: DatasetPlan, config: Any, token_limit: int) -> list[str
             text += ", no buckets (every image cropped to the resolution)"
         text += f", batch size {spec.batch_size}"
         out.append((f"dataset {d + 1}: " if len(plan.datasets) > 1 else "") + text)
-    out.append(f"caption extension {getattr(config, 'caption_extension', '.txt')}")
+    out.append(f"caption extension {config.caption_extension}")
     out.append(f"max_token_length {token_limit}")
     return out
 
@@ -248,7 +249,7 @@ def _captions_without_images(plan: DatasetPlan) -> list[str]:
     return found
 
 
-def build_report(config: Any, *, tokenizer: Any = None, duplicate_distance: int = 4,
+def build_report(config: TrainConfig, *, tokenizer: Any = None, duplicate_distance: int = 4,
                  progress: Callable[[str, int, int], None] | None = None) -> DatasetReport:
     """The report of the dataset ``config`` describes (see the module docstring).
 
@@ -256,8 +257,8 @@ def build_report(config: Any, *, tokenizer: Any = None, duplicate_distance: int 
     is called while the images are checked ("scan") and hashed ("hash"). Raises the scan's one-line
     ``UserError`` when the dataset cannot train (no images, a missing folder, unreadable captions...)."""
     plan = scan_dataset(config, None if progress is None else (lambda done, total: progress("scan", done, total)))
-    token_limit = int(getattr(config, "max_token_length", None) or TOKEN_LIMITS[0])
-    counter = TokenCounter(tokenizer, weighted=bool(getattr(config, "weighted_captions", False)))
+    token_limit = int(config.max_token_length or TOKEN_LIMITS[0])
+    counter = TokenCounter(tokenizer, weighted=bool(config.weighted_captions))
 
     entries: list[ImageEntry] = []
     buckets: list[dict[Size, list[ImageEntry]]] = []
@@ -302,7 +303,7 @@ def build_report(config: Any, *, tokenizer: Any = None, duplicate_distance: int 
     return DatasetReport(
         root=root, settings=_settings_text(plan, config, token_limit), subsets=subsets, images=entries,
         buckets=buckets, batch_sizes=[spec.batch_size for spec in plan.datasets],
-        gradient_accumulation=int(getattr(config, "gradient_accumulation_steps", 1) or 1),
+        gradient_accumulation=int(config.gradient_accumulation_steps or 1),
         unreadable=list(plan.skipped), captions_without_images=_captions_without_images(plan),
         duplicates=[(entries[i].path, entries[j].path, d) for i, j, d in pairs], duplicate_distance=duplicate_distance,
         token_limit=token_limit, tokens_exact=counter.exact, tag_counts=tags,

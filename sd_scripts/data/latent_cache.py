@@ -47,9 +47,15 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def latent_cache_dir(config: TrainConfig) -> str | None:
+    """The ``latent_cache_dir`` a front end set on the config (no declared setting: ``TrainConfig`` does not have it
+    unless a caller adds it, so it is read with getattr); None for ``<output_dir>/.latent_cache``."""
+    return getattr(config, "latent_cache_dir", None)
+
+
 def resolve_cache_dir(config: TrainConfig, plan: Any = None) -> str:
     """The latent cache folder for ``config``; refuses one inside the dataset folders of ``plan``."""
-    folder = getattr(config, "latent_cache_dir", None)
+    folder = latent_cache_dir(config)
     setting = "latent_cache_dir"
     if not folder:
         output_dir = config.output_dir

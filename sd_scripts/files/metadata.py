@@ -53,7 +53,7 @@ def build_training_metadata(config: TrainConfig, *, family, v_parameterization: 
         "ss_tag_frequency": json.dumps(dataset.tag_frequency),
         "ss_bucket_info": json.dumps(dataset.bucket_info),
     }
-    # the settings declared with an ss_* key (sd_scripts/core/settings.py), as their values
+    # the settings declared with an ss_* key (sd_scripts/core/settings.py), as their values, read by their names
     md.update({s.metadata: getattr(config, s.kohya_name) for s in engine_settings() if s.metadata})
     # kohya's current train_network.py writes neither key; LoRA metadata viewers show ss_masked_loss, so a
     # masked run says so (only then, so unmasked files keep kohya's key set)

@@ -101,7 +101,7 @@ def user_modelspec(config: TrainConfig) -> dict[str, str]:
     """The ``modelspec.*`` keys the user set (author, description, ..., thumbnail as a data URL)."""
     out: dict[str, str] = {}
     for setting, key in USER_MODELSPEC_KEYS.items():
-        value = _text(getattr(config, setting, None))
+        value = _text(getattr(config, setting))  # a setting named in USER_MODELSPEC_KEYS
         if value is None:
             continue
         out[f"modelspec.{key}"] = thumbnail_data_url(value) if setting == "metadata_thumbnail" else value

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.problems import Problems
 from sd_scripts.core.setting import is_number
@@ -264,11 +265,11 @@ register_family(FluxFamily())
 # ------------------------------------------------------------------------------------------- family settings
 
 
-def requested_family(config) -> ModelFamily | None:
+def requested_family(config: TrainConfig) -> ModelFamily | None:
     """The family the settings force (``model_family``, ``sdxl: true``, ``v2: true``), or None; conflicts raise."""
-    wanted = get_family(config.model_family) if getattr(config, "model_family", None) else None
-    for setting, name in (("sdxl", "sdxl"), ("v2", "sd2")):
-        if getattr(config, setting, None):
+    wanted = get_family(config.model_family) if config.model_family else None
+    for setting, name, forced in (("sdxl", "sdxl", config.sdxl), ("v2", "sd2", config.v2)):
+        if forced:
             family = get_family(name)
             if wanted is not None and wanted is not family:
                 raise ConfigError(f"{setting}: true conflicts with {wanted.name} (set by model_family, sdxl or v2); "
@@ -282,62 +283,64 @@ def _is_on(value: Any) -> bool:
     return value > 0 if is_number(value) else bool(value)
 
 
-def check_family_settings(config, family: ModelFamily | None = None, dataset=None, info: dict | None = None,
-                          problems: Problems | None = None) -> tuple[list, list[str]]:
+def check_family_settings(config: TrainConfig, family: ModelFamily | None = None, dataset=None,
+                          info: dict | None = None, problems: Problems | None = None) -> tuple[list, list[str]]:
     """Setting checks that depend on the model family, recorded in ``problems``; returns its ``(errors, warnings)``.
 
     ``family`` is the detected family (None: the one the settings force, if any); ``dataset`` a scanned
     ``DatasetPlan`` whose subsets are checked too; ``info`` what detection read from the model files. Errors are ``ConfigError`` with one line naming the setting.
     """
     problems = Problems() if problems is None else problems
-    errors, warnings = problems.errors, problems.warnings
     if family is None:
-        try:
+        with problems.collecting():
             family = requested_family(config)
-        except ConfigError as e:
-            errors.append(e)
-    caching = bool(getattr(config, "cache_text_encoder_outputs", False)
-                   or getattr(config, "cache_text_encoder_outputs_to_disk", False))
-    if caching:
-        setting = "cache_text_encoder_outputs"
-        if not config.network_train_unet_only:
-            errors.append(ConfigError(f"{setting}: needs network_train_unet_only (a trained text encoder changes its "
-                                      "outputs); turn on network_train_unet_only or turn caching off", setting))
-        # the settings declared to change captions from step to step (sd_scripts/core/settings.py)
-        conflicts = [(s.kohya_name, _is_on(getattr(config, s.kohya_name)))
-                     for s in engine_settings() if s.changes_captions]
-        for name, on in conflicts:
-            if on:
-                errors.append(ConfigError(f"{setting}: cannot be used with {name} (captions change during training); "
-                                          f"turn off {name} or {setting}", setting))
-        if dataset is not None and not any(on for _, on in conflicts):
-            for subset in getattr(dataset, "subsets", []) or []:
-                if subset.captions.changes_captions:
-                    errors.append(ConfigError(
-                        f"{setting}: subset {subset.name} changes its captions during training (shuffle, dropout, "
-                        f"token warm-up or wildcards); turn those off for it or turn {setting} off", setting))
-                    break
+    _check_text_encoder_cache(config, dataset, problems)
     if family is not None:
-        own_errors, own_warnings = family.setting_problems(config, info)
-        errors += own_errors
-        warnings += own_warnings
-    te_lr = getattr(config, "text_encoder_lr", None)
+        problems.extend(*family.setting_problems(config, info))
+    te_lr = config.text_encoder_lr
     if family is not None and isinstance(te_lr, (list, tuple)) and len(te_lr) > len(family.te_lora_prefixes):
         count = len(family.te_lora_prefixes)
-        errors.append(ConfigError(f"text_encoder_lr: {len(te_lr)} values, but {family.name.upper()} has {count} text "
-                                  f"encoder{'s' if count > 1 else ''}; give at most {count}", "text_encoder_lr"))
+        problems.error("text_encoder_lr", f"{len(te_lr)} values, but {family.name.upper()} has {count} text "
+                       f"encoder{'s' if count > 1 else ''}; give at most {count}")
     if family is not None and family.name == "sdxl":
-        if config.clip_skip not in (None, 1, 2):
-            warnings.append(f"clip_skip: SDXL always uses the penultimate layers of its text encoders; clip_skip "
-                            f"{config.clip_skip} is not used")
-        steps = getattr(config, "bucket_reso_steps", 64)
-        if steps and steps % family.bucket_step:
-            warnings.append(f"bucket_reso_steps: {steps} is not a multiple of {family.bucket_step}; SDXL works best "
-                            f"with bucket sides that are multiples of {family.bucket_step}")
-        if config.mixed_precision == "fp16" and not getattr(config, "no_half_vae", False):
-            warnings.append("no_half_vae: the SDXL VAE overflows in fp16 (NaN latents) unless it is an fp16-fix VAE; "
-                            "turn on no_half_vae or use bf16")
-    return errors, warnings
+        _check_sdxl_settings(config, family, problems)
+    return problems.errors, problems.warnings
+
+
+def _check_text_encoder_cache(config: TrainConfig, dataset, problems: Problems) -> None:
+    """Cached text-encoder outputs need a frozen text encoder and captions that never change."""
+    setting = "cache_text_encoder_outputs"
+    if not (config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk):
+        return
+    if not config.network_train_unet_only:
+        problems.error(setting, "needs network_train_unet_only (a trained text encoder changes its outputs); turn on "
+                       "network_train_unet_only or turn caching off")
+    # the settings declared to change captions from step to step (sd_scripts/core/settings.py); read by their names
+    conflicts = [(s.kohya_name, _is_on(getattr(config, s.kohya_name)))
+                 for s in engine_settings() if s.changes_captions]
+    for name, on in conflicts:
+        if on:
+            problems.error(setting, f"cannot be used with {name} (captions change during training); turn off {name} "
+                           f"or {setting}")
+    if dataset is not None and not any(on for _, on in conflicts):
+        for subset in dataset.subsets or []:
+            if subset.captions.changes_captions:
+                problems.error(setting, f"subset {subset.name} changes its captions during training (shuffle, "
+                               f"dropout, token warm-up or wildcards); turn those off for it or turn {setting} off")
+                break
+
+
+def _check_sdxl_settings(config: TrainConfig, family: ModelFamily, problems: Problems) -> None:
+    if config.clip_skip not in (None, 1, 2):
+        problems.warn(f"clip_skip: SDXL always uses the penultimate layers of its text encoders; clip_skip "
+                      f"{config.clip_skip} is not used")
+    steps = config.bucket_reso_steps
+    if steps and steps % family.bucket_step:
+        problems.warn(f"bucket_reso_steps: {steps} is not a multiple of {family.bucket_step}; SDXL works best "
+                      f"with bucket sides that are multiples of {family.bucket_step}")
+    if config.mixed_precision == "fp16" and not config.no_half_vae:
+        problems.warn("no_half_vae: the SDXL VAE overflows in fp16 (NaN latents) unless it is an fp16-fix VAE; "
+                      "turn on no_half_vae or use bf16")
 
 
 # ------------------------------------------------------------------------------------------------ sample pipeline

@@ -14,7 +14,7 @@ def config_value(config, key, default=None):
     """``key`` of a diffusers config, given as a dict or as a config object."""
     if isinstance(config, dict):
         return config.get(key, default)
-    return getattr(config, key, default)
+    return getattr(config, key, default)  # a diffusers config object, whose keys vary by model
 
 
 # ---------------------------------------------------------------------------------------------- LDM yaml config

@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ConfigError, ModelLoadError
 from sd_scripts.models.families import FAMILIES, ModelFamily, get_family, requested_family
 from sd_scripts.models.checkpoint_io import (  # noqa: F401 - re-exported: callers import them from here
@@ -165,14 +166,14 @@ def _family_of_diffusers(folder: Path) -> tuple[ModelFamily, dict, dict]:
     return claimed[0], unet_config, model_index
 
 
-def _apply_family_settings(config, detected: ModelFamily | None, where: str) -> ModelFamily:
+def _apply_family_settings(config: TrainConfig, detected: ModelFamily | None, where: str) -> ModelFamily:
     """The family the settings ask for, checked against the detected one.
 
     ``model_family`` forces a family; ``v2 = true`` means sd2 and ``sdxl = true`` sdxl (``false`` is kohya's default
     for both and claims nothing).
     """
     wanted = requested_family(config)
-    setting = "sdxl" if getattr(config, "sdxl", None) else "v2" if config.v2 else "model_family"
+    setting = "sdxl" if config.sdxl else "v2" if config.v2 else "model_family"
     if detected is None:
         if wanted is None:
             raise _unknown_family(where, "could not tell from the file")

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import UserError
 from sd_scripts.core.problems import Problems
 
 __all__ = ["memory_setting_problems"]
 
 
-def memory_setting_problems(config, family=None, info: Mapping | None = None,
+def memory_setting_problems(config: TrainConfig, family=None, info: Mapping | None = None,
                             problems: Problems | None = None) -> tuple[list[UserError], list[str]]:
     """The problems of ``blocks_to_swap`` and ``cpu_offload_checkpointing``, recorded in ``problems``; returns the
     ``(errors, warnings)`` found."""
     problems = Problems() if problems is None else problems
     found = len(problems.errors), len(problems.warnings)
-    swap = getattr(config, "blocks_to_swap", 0) or 0
-    offload = bool(getattr(config, "cpu_offload_checkpointing", False))
+    swap = config.blocks_to_swap or 0
+    offload = bool(config.cpu_offload_checkpointing)
     is_flux = family is not None and getattr(family, "name", None) == "flux"
     if not isinstance(swap, int) or isinstance(swap, bool) or swap < 0:
         swap = 0  # the declared range check reports it

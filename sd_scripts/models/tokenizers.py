@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ModelLoadError
 from sd_scripts.models.checkpoint_io import SETTING, hf_cache_dir as _hf_cache_dir, load_error as _fail, offline as _offline
 
@@ -44,7 +45,7 @@ def _hub_tokenizer_folder(source, local_only: bool) -> Path | None:
     return folder if _has_tokenizer_files(folder) else None
 
 
-def load_tokenizer(family, config=None, model_folder: str | os.PathLike | None = None, index: int = 0,
+def load_tokenizer(family, config: TrainConfig | None = None, model_folder: str | os.PathLike | None = None, index: int = 0,
                    download: bool = True):
     """The CLIP tokenizer of ``family`` (text encoder ``index``); see the module doc for the lookup order.
     ``download=False``: never download (ModelLoadError when none is found locally)."""
@@ -64,7 +65,7 @@ def _find_tokenizer(family, config, model_folder, index: int, download: bool = T
         sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
         if _has_tokenizer_files(Path(model_folder) / sub):
             return _tokenizer_from_folder(Path(model_folder) / sub, SETTING)
-    cache_dir = getattr(config, "tokenizer_cache_dir", None) if config is not None else None
+    cache_dir = config.tokenizer_cache_dir if config is not None else None
     if cache_dir:
         base = Path(os.path.expanduser(str(cache_dir)))
         for candidate in (base / source.cache_name, base / source.cache_name / "tokenizer", base):

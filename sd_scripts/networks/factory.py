@@ -86,6 +86,8 @@ def network_kind(network_module: str | None) -> str:
 def _family_hint(config: TrainConfig, family):
     if family is not None:
         return family
+    # check_network_settings takes any object with the network settings: the cheap check of
+    # tests/test_lycoris_networks.py passes a SimpleNamespace without the model settings
     if getattr(config, "sdxl", None):
         return "sdxl"
     if getattr(config, "model_family", None):

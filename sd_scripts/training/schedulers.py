@@ -195,9 +195,16 @@ def _validate_step_rules(rules: Any) -> None:
         raise ConfigError(f'lr_scheduler_args: step_rules "{rules}" is malformed; {example}', "lr_scheduler_args") from None
 
 
+def _undeclared(config: TrainConfig, name: str, default: Any = None) -> Any:
+    """A kohya scheduler setting TrainConfig does not declare (``lr_decay_steps``, ``lr_scheduler_min_lr_ratio``,
+    ``lr_scheduler_timescale``: not taken from the command line, tests/test_kohya_cli_defaults.py): there only when a
+    library caller set it on the config, so it is read with getattr."""
+    return getattr(config, name, default)
+
+
 def _min_lr_given(config: TrainConfig, kwargs: dict) -> bool:
     return (
-        getattr(config, "lr_scheduler_min_lr_ratio", None) is not None
+        _undeclared(config, "lr_scheduler_min_lr_ratio") is not None
         or kwargs.get("min_lr") is not None
         or kwargs.get("min_lr_rate") is not None
     )
@@ -221,7 +228,7 @@ def check_scheduler_settings(config: TrainConfig, optimizer_type: str | None = N
 
     kwargs = attempt(parse_kv_args, config.lr_scheduler_args, "lr_scheduler_args") or {}
     warmup = attempt(_steps_value, config.lr_warmup_steps, "lr_warmup_steps")
-    decay = attempt(_steps_value, getattr(config, "lr_decay_steps", 0), "lr_decay_steps")
+    decay = attempt(_steps_value, _undeclared(config, "lr_decay_steps", 0), "lr_decay_steps")
     name = _name(config)
     custom = (config.lr_scheduler_type or "").strip()
     schedule_free = bool(optimizer_type) and optimizer_type.lower().endswith("schedulefree")
@@ -333,7 +340,7 @@ def build_lr_scheduler(config: TrainConfig, optimizer, num_training_steps: int, 
     schedule_free = is_schedule_free(optimizer)
     found.extend(check_scheduler_settings(config, type(optimizer).__name__ if schedule_free else None, adafactor_relative_step=relative))
     num_warmup = resolve_warmup_steps(config.lr_warmup_steps, num_training_steps, num_processes, "lr_warmup_steps")
-    num_decay = resolve_warmup_steps(getattr(config, "lr_decay_steps", 0), num_training_steps, num_processes, "lr_decay_steps")
+    num_decay = resolve_warmup_steps(_undeclared(config, "lr_decay_steps", 0), num_training_steps, num_processes, "lr_decay_steps")
     name = _name(config)
     custom = (config.lr_scheduler_type or "").strip()
 
@@ -378,7 +385,7 @@ def _transformers_scheduler(config: TrainConfig, name, optimizer, kwargs, num_wa
         raise ConfigError(f"lr_scheduler: {name} is not available in the installed transformers; valid: {', '.join(scheduler_names())}", "lr_scheduler") from None
     num_cycles = config.lr_scheduler_num_cycles or 1
     power = config.lr_scheduler_power
-    min_lr_ratio = getattr(config, "lr_scheduler_min_lr_ratio", None)
+    min_lr_ratio = _undeclared(config, "lr_scheduler_min_lr_ratio")
     derived: dict[str, Any] = {}
     if name != "constant":
         derived["num_warmup_steps"] = num_warmup
@@ -389,7 +396,7 @@ def _transformers_scheduler(config: TrainConfig, name, optimizer, kwargs, num_wa
     elif name == "polynomial":
         derived["power"] = float(power if power is not None else 1.0)
     elif name == "inverse_sqrt":
-        timescale = getattr(config, "lr_scheduler_timescale", None)
+        timescale = _undeclared(config, "lr_scheduler_timescale")
         if timescale is not None:
             derived["timescale"] = int(timescale)
     elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):

@@ -182,7 +182,7 @@ class SetupSteps(TrainerBase):
         if (config.fp8_base or config.fp8_base_unet) and not float8:
             self._warn(f"{'fp8_base' if config.fp8_base else 'fp8_base_unet'}: has no effect here (float8 weights "
                        "need a CUDA device)")
-        if getattr(config, "blocks_to_swap", 0) and self.denoiser_placement is None:
+        if config.blocks_to_swap and self.denoiser_placement is None:
             self._warn("blocks_to_swap: has no effect here (no CUDA device to swap blocks into)")
 
     def _cache_text_encoder_outputs(self) -> None:

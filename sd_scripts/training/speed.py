@@ -21,6 +21,8 @@ import resource
 import sys
 from typing import Any
 
+from sd_scripts.core.config import TrainConfig
+
 __all__ = ["cpu_bf16_support", "frozen_weight_dtype", "bf16_cpu_note", "optimizer_speed_kwargs", "PhaseMemory",
            "peak_rss_mb", "apply_speed_options", "release_vae", "CompileClock", "cache_accelerate_package_checks",
            "clip_gradients"]
@@ -146,17 +148,17 @@ class PhaseMemory:
         return f"{what}: " + ", ".join(f"{phase} {value / 1024:.2f} GB" for phase, value in self.marks)
 
 
-def apply_speed_options(config: Any, unet: Any) -> list[str]:
+def apply_speed_options(config: TrainConfig, unet: Any) -> list[str]:
     """``channels_last`` and ``torch_compile`` on the frozen denoiser (after the network is injected and the model
     reached its device, dtype and training mode); returns the lines to report."""
     from sd_scripts.models.compile import compile_repeated_blocks, use_channels_last
 
     lines = []
-    if getattr(config, "channels_last", False):
+    if config.channels_last:
         count = use_channels_last(unet)
         lines.append(f"channels_last: {count} convolutions of the UNet in channels_last layout")
-    if getattr(config, "torch_compile", False):
-        backend = getattr(config, "dynamo_backend", None) or "inductor"
+    if config.torch_compile:
+        backend = config.dynamo_backend or "inductor"
         count = compile_repeated_blocks(unet, backend)
         lines.append(f"torch_compile: {count} repeated blocks compiled with {backend} (regional); the first steps "
                      "include the compile time")

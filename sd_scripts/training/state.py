@@ -208,7 +208,7 @@ def folder_bytes(path: str | os.PathLike) -> int:
 def _settings_of(config: TrainConfig) -> dict[str, Any]:
     out = {}
     for name in MATCHING_SETTINGS:
-        value = getattr(config, name, None)
+        value = getattr(config, name)  # a setting named in MATCHING_SETTINGS
         if name == "network_dim":
             value = value or 4
         if name == "network_args":

@@ -73,6 +73,7 @@ def validation_due_at_epoch(config: TrainConfig, epoch: int) -> bool:
 def validation_timesteps(config: Any, num_train_timesteps: int = 1000) -> tuple[int, ...]:
     """kohya's ``linspace(min_timestep, max_timestep, 6)[1:-1]``: (200, 400, 600, 800) by default; the one
     timestep when min_timestep equals max_timestep."""
+    # any object with the timestep settings (tests/test_validation.py passes a SimpleNamespace with some or none)
     low = getattr(config, "min_timestep", None)
     high = getattr(config, "max_timestep", None)
     low = 0 if low is None else int(low)

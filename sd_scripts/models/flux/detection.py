@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.models.checkpoint_io import SETTING, is_safetensors, load_error
 
 __all__ = ["AIO_PREFIXES", "describe_flux", "is_flux_diffusers_folder", "is_flux_state"]
@@ -25,7 +26,7 @@ def is_flux_diffusers_folder(folder: Path, model_index: Mapping | None = None) -
         not (folder / "unet").is_dir()
 
 
-def describe_flux(config, info: dict, shapes: Mapping | None) -> dict:
+def describe_flux(config: TrainConfig, info: dict, shapes: Mapping | None) -> dict:
     """Detection facts: ``flux_variant`` ("dev" | "schnell") and its source, and which parts the model file itself
     holds (``has_clip_l``, ``has_t5xxl``, ``has_ae``), and the transformer's ``double_blocks`` / ``single_blocks``."""
     if info["kind"] == "single_file":
@@ -49,7 +50,7 @@ def describe_flux(config, info: dict, shapes: Mapping | None) -> dict:
         parts = {"clip_l": (folder / "text_encoder").is_dir(), "t5xxl": (folder / "text_encoder_2").is_dir(),
                  "ae": (folder / "vae").is_dir()}
         fmt = "diffusers"
-    wanted = str(getattr(config, "flux_variant", "") or "").strip().lower()
+    wanted = str(config.flux_variant or "").strip().lower()
     variant = wanted or ("dev" if has_guidance else "schnell")
     return {"format": fmt, "flux_variant": variant, "variant_source": "setting" if wanted else "model files",
             "guidance_embed": has_guidance, "v_parameterization": False, "v_source": "family",

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.config import TrainConfig
+from sd_scripts.core.problems import Problems
 from sd_scripts.core.settings import declared_in_engine
 from sd_scripts.models.family_base import LoraTargets, ModelFamily, TextEncoderSpec, TokenizerSource
 from sd_scripts.models.flux.lora_args import (FLUX_LORA_ARGS, IN_LAYERS, flux_lora_arg_warnings,
@@ -59,9 +60,9 @@ _SD_ONLY = (
 )
 
 
-def flux_variant_of(config, info: Mapping | None = None) -> str:
+def flux_variant_of(config: TrainConfig, info: Mapping | None = None) -> str:
     """``dev`` or ``schnell``: the ``flux_variant`` setting, else what the weights say (``info``), else dev."""
-    wanted = str(getattr(config, "flux_variant", "") or "").strip().lower()
+    wanted = str(config.flux_variant or "").strip().lower()
     if wanted:
         return wanted
     return str((info or {}).get("flux_variant") or "dev")
@@ -112,7 +113,7 @@ class FluxFamily(ModelFamily):
     def modelspec_prediction_type(self, v_parameterization: bool) -> str | None:
         return None
 
-    def place_denoiser(self, model, config, device, dtype):
+    def place_denoiser(self, model, config: TrainConfig, device, dtype):
         """The transformer keeps the dtypes it was loaded in (``fp8_base``: its block linears already float8, the rest
         in the training precision, ``models/flux/memory.py``); with ``blocks_to_swap`` the swapped blocks stay in CPU
         memory and visit the GPU as they run. Returns the block swap (None without)."""
@@ -120,21 +121,21 @@ class FluxFamily(ModelFamily):
 
         from sd_scripts.models.flux.memory import prepare_flux_transformer
 
-        swap = int(getattr(config, "blocks_to_swap", 0) or 0) if torch.device(device).type == "cuda" else 0
+        swap = int(config.blocks_to_swap or 0) if torch.device(device).type == "cuda" else 0
         return prepare_flux_transformer(model.unet, device, blocks_to_swap=swap)
 
-    def enable_gradient_checkpointing(self, model, config) -> None:
-        model.unet.enable_gradient_checkpointing(cpu_offload=bool(getattr(config, "cpu_offload_checkpointing", False)))
+    def enable_gradient_checkpointing(self, model, config: TrainConfig) -> None:
+        model.unet.enable_gradient_checkpointing(cpu_offload=bool(config.cpu_offload_checkpointing))
 
-    def training_options(self, config) -> dict:
-        return {"guidance_scale": float(getattr(config, "guidance_scale", None) or FLUX_DEFAULTS["guidance_scale"]),
-                "apply_t5_attn_mask": bool(getattr(config, "apply_t5_attn_mask", False)),
-                "t5xxl_max_token_length": getattr(config, "t5xxl_max_token_length", None)}
+    def training_options(self, config: TrainConfig) -> dict:
+        return {"guidance_scale": float(config.guidance_scale or FLUX_DEFAULTS["guidance_scale"]),
+                "apply_t5_attn_mask": bool(config.apply_t5_attn_mask),
+                "t5xxl_max_token_length": config.t5xxl_max_token_length}
 
-    def metadata(self, config, model=None) -> dict:
+    def metadata(self, config: TrainConfig, model=None) -> dict:
         """kohya's FLUX.1 ``ss_*`` keys (flux_train_network.update_metadata)."""
         def value(name):
-            got = getattr(config, name, None)
+            got = getattr(config, name)  # a setting named in FLUX_DEFAULTS
             return FLUX_DEFAULTS[name] if got is None else got
 
         return {"ss_model_type": "flux", "ss_apply_t5_attn_mask": bool(value("apply_t5_attn_mask")),
@@ -184,57 +185,62 @@ class FluxFamily(ModelFamily):
 
     # ------------------------------------------------------------------------------------ settings checks
 
-    def setting_problems(self, config, info: Mapping | None = None) -> tuple[list, list[str]]:
+    def setting_problems(self, config: TrainConfig, info: Mapping | None = None) -> tuple[list, list[str]]:
         """SD-only settings, bad FLUX.1 values, T5 length, resolution multiple of 16, dev/schnell and guidance."""
-        errors: list = []
-        warnings: list[str] = []
+        problems = Problems()
         for setting, is_on, fix in _SD_ONLY:
-            if is_on(getattr(config, setting, None)):
-                errors.append(ConfigError(f"{setting}: not used by FLUX.1; {fix}", setting))
-        if getattr(config, "loss_type", None) in ("huber", "smooth_l1") and getattr(config, "huber_schedule", None) == "snr":
-            errors.append(ConfigError("huber_schedule: snr needs a DDPM schedule; use exponential or constant with "
-                                      "FLUX.1", "huber_schedule"))
+            if is_on(getattr(config, setting)):  # a setting named in the table
+                problems.error(setting, f"not used by FLUX.1; {fix}")
+        if config.loss_type in ("huber", "smooth_l1") and config.huber_schedule == "snr":
+            problems.error("huber_schedule", "snr needs a DDPM schedule; use exponential or constant with FLUX.1")
         for setting, choices in (("timestep_sampling", TIMESTEP_SAMPLINGS), ("model_prediction_type", PREDICTION_TYPES),
                                  ("weighting_scheme", WEIGHTING_SCHEMES)):
-            got = getattr(config, setting, None)
+            got = getattr(config, setting)  # a setting named in the table
             if got is not None and got not in choices:
-                errors.append(ConfigError(f"{setting}: {got!r} is not one of {', '.join(choices)}", setting))
+                problems.error(setting, f"{got!r} is not one of {', '.join(choices)}")
         for setting, low in (("sigmoid_scale", 0.0), ("discrete_flow_shift", 0.0), ("logit_std", 0.0)):
-            got = getattr(config, setting, None)
+            got = getattr(config, setting)  # a setting named in the table
             if got is not None and not float(got) > low:
-                errors.append(ConfigError(f"{setting}: must be above {low:g}, not {got}", setting))
+                problems.error(setting, f"must be above {low:g}, not {got}")
         variant = flux_variant_of(config, info)
         if variant not in ("dev", "schnell"):
-            errors.append(ConfigError(f"flux_variant: {variant!r} is not dev or schnell; leave it empty to read it "
-                                      "from the model", "flux_variant"))
+            problems.error("flux_variant", f"{variant!r} is not dev or schnell; leave it empty to read it from the "
+                           "model")
             variant = "dev"
-        limit = T5_MAX_TOKENS[variant]
-        length = getattr(config, "t5xxl_max_token_length", None)
-        if length is not None and not 1 <= int(length) <= 512:
-            errors.append(ConfigError(f"t5xxl_max_token_length: {length} is outside 1-512 (T5-XXL's maximum is 512); "
-                                      f"use {limit}", "t5xxl_max_token_length"))
-        elif length is not None and int(length) > limit:
-            warnings.append(f"t5xxl_max_token_length: FLUX.1 {variant} was trained with {limit} tokens; {length} "
-                            "may give worse results")
-        guidance = getattr(config, "guidance_scale", None)
-        if info and not info.get("guidance_embed", True) and guidance not in (None, FLUX_DEFAULTS["guidance_scale"]):
-            errors.append(ConfigError(f"guidance_scale: this FLUX.1 model is schnell-like (no guidance embedding), so "
-                                      f"guidance_scale {guidance} has no effect; unset guidance_scale or use a dev "
-                                      "model", "guidance_scale"))
-        if info and variant == "dev" and not info.get("guidance_embed", True) and info.get("variant_source") == "setting":
-            errors.append(ConfigError("flux_variant: dev was set but the model has no guidance embedding (a schnell "
-                                      "model); set flux_variant to schnell or leave it empty", "flux_variant"))
+        self._check_t5_length(config, variant, problems)
+        self._check_guidance(config, info, variant, problems)
         for side in _resolution_sides(config):
             if side % 16:
-                errors.append(ConfigError(f"resolution: {side} is not a multiple of 16 (FLUX.1 packs 2x2 latent "
-                                          f"patches); use {max(16, side // 16 * 16)}", "resolution"))
+                problems.error("resolution", f"{side} is not a multiple of 16 (FLUX.1 packs 2x2 latent patches); use "
+                               f"{max(16, side // 16 * 16)}")
                 break
-        errors += _missing_parts(config, info)
-        steps = getattr(config, "bucket_reso_steps", None)
+        _missing_parts(config, info, problems)
+        steps = config.bucket_reso_steps
         if steps and int(steps) % 16:
-            errors.append(ConfigError(f"bucket_reso_steps: {steps} is not a multiple of 16 (FLUX.1 packs 2x2 latent "
-                                      "patches); use 64", "bucket_reso_steps"))
-        return errors, warnings
+            problems.error("bucket_reso_steps", f"{steps} is not a multiple of 16 (FLUX.1 packs 2x2 latent patches); "
+                           "use 64")
+        return problems.errors, problems.warnings
+
+    @staticmethod
+    def _check_t5_length(config: TrainConfig, variant: str, problems: Problems) -> None:
+        limit = T5_MAX_TOKENS[variant]
+        length = config.t5xxl_max_token_length
+        if length is not None and not 1 <= int(length) <= 512:
+            problems.error("t5xxl_max_token_length", f"{length} is outside 1-512 (T5-XXL's maximum is 512); use {limit}")
+        elif length is not None and int(length) > limit:
+            problems.warn(f"t5xxl_max_token_length: FLUX.1 {variant} was trained with {limit} tokens; {length} "
+                          "may give worse results")
+
+    @staticmethod
+    def _check_guidance(config: TrainConfig, info: Mapping | None, variant: str, problems: Problems) -> None:
+        """guidance_scale and flux_variant dev need a model with a guidance embedding."""
+        guidance = config.guidance_scale
+        if info and not info.get("guidance_embed", True) and guidance not in (None, FLUX_DEFAULTS["guidance_scale"]):
+            problems.error("guidance_scale", f"this FLUX.1 model is schnell-like (no guidance embedding), so "
+                           f"guidance_scale {guidance} has no effect; unset guidance_scale or use a dev model")
+        if info and variant == "dev" and not info.get("guidance_embed", True) and info.get("variant_source") == "setting":
+            problems.error("flux_variant", "dev was set but the model has no guidance embedding (a schnell model); "
+                           "set flux_variant to schnell or leave it empty")
 
     # ---------------------------------------------------------------------------------------- detection
 
@@ -338,24 +344,21 @@ def _variant(model) -> str:
 _PART_FILES = {"clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"}
 
 
-def _missing_parts(config, info: Mapping | None) -> list:
+def _missing_parts(config: TrainConfig, info: Mapping | None, problems: Problems) -> None:
     """CLIP-L, T5-XXL and the ae: a part setting naming a missing file, or a transformer-only model without it."""
     import os
 
-    errors = []
     for setting, file in _PART_FILES.items():
-        value = getattr(config, setting, None)
+        value = getattr(config, setting)  # a setting named in _PART_FILES
         if value:
             if not os.path.isfile(os.path.expanduser(str(value))):
-                errors.append(ConfigError(f"{setting}: {value} does not exist; give the path of {file}", setting))
+                problems.error(setting, f"{value} does not exist; give the path of {file}")
         elif info is not None and not info.get(f"has_{setting}", True):
-            errors.append(ConfigError(f"{setting}: {info.get('path')} holds only the FLUX.1 transformer; set {setting} "
-                                      f"to {file}", setting))
-    return errors
+            problems.error(setting, f"{info.get('path')} holds only the FLUX.1 transformer; set {setting} to {file}")
 
 
-def _resolution_sides(config) -> list[int]:
-    raw = getattr(config, "resolution", None)
+def _resolution_sides(config: TrainConfig) -> list[int]:
+    raw = config.resolution
     if raw in (None, ""):
         return []
     try:

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from sd_scripts.core.config import TrainConfig
 from sd_scripts.core.errors import ModelLoadError
 from sd_scripts.models.checkpoint_io import (
     SETTING,
@@ -43,8 +44,8 @@ _T5_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special
 # --------------------------------------------------------------------------------------------------- the parts
 
 
-def _part_setting(config, name: str) -> str | None:
-    value = getattr(config, name, None)
+def _part_setting(config: TrainConfig, name: str) -> str | None:
+    value = getattr(config, name)  # name: one of the part settings clip_l, t5xxl, ae
     return os.path.expanduser(str(value)) if value else None
 
 
@@ -188,11 +189,11 @@ _PART_PREFIXES = {"clip_l": (AIO_PREFIXES["clip_l"],), "t5xxl": (AIO_PREFIXES["t
                   "ae": (AIO_PREFIXES["ae"], "first_stage_model.")}
 
 
-def _read_part(path: str, setting: str, config) -> dict:
+def _read_part(path: str, setting: str, config: TrainConfig) -> dict:
     """A ``clip_l`` / ``t5xxl`` / ``ae`` file's weights: the file itself, or that part of an all-in-one file."""
     if not os.path.isfile(path):
         raise load_error(setting, f"{path} does not exist; give the {setting} .safetensors file")
-    state, _ = read_checkpoint(path, setting, mmap=not getattr(config, "disable_mmap_load_safetensors", False))
+    state, _ = read_checkpoint(path, setting, mmap=not config.disable_mmap_load_safetensors)
     for prefix in _PART_PREFIXES[setting]:
         if any(k.startswith(prefix) for k in state):
             return _take(state, prefix)
@@ -218,12 +219,12 @@ def _has_t5_files(folder: Path) -> bool:
     return folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model"))
 
 
-def load_t5_tokenizer(config=None, model_folder: str | os.PathLike | None = None):
+def load_t5_tokenizer(config: TrainConfig | None = None, model_folder: str | os.PathLike | None = None):
     """FLUX's T5 tokenizer, offline: the diffusers folder's ``tokenizer_2/``, ``tokenizer_cache_dir``
     (``<dir>/google_t5-v1_1-xxl`` or the folder itself), the Hugging Face cache; downloaded only when not offline."""
     if model_folder is not None and _has_t5_files(Path(model_folder) / "tokenizer_2"):
         return _t5_tokenizer_from(Path(model_folder) / "tokenizer_2", SETTING)
-    cache_dir = getattr(config, "tokenizer_cache_dir", None) if config is not None else None
+    cache_dir = config.tokenizer_cache_dir if config is not None else None
     if cache_dir:
         base = Path(os.path.expanduser(str(cache_dir)))
         for candidate in (base / T5_CACHE_NAME, base):
@@ -255,9 +256,9 @@ def load_t5_tokenizer(config=None, model_folder: str | os.PathLike | None = None
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def _fp8(config) -> bool:
+def _fp8(config: TrainConfig) -> bool:
     """kohya's ``fp8_base`` / ``fp8_base_unet``: the transformer's block linears in float8."""
-    return bool(getattr(config, "fp8_base", False) or getattr(config, "fp8_base_unet", False))
+    return bool(config.fp8_base or config.fp8_base_unet)
 
 
 def _placed(module, device):
@@ -269,11 +270,11 @@ def _missing_part(setting: str, path: str) -> ModelLoadError:
     return load_error(setting, f"{path} holds only the FLUX.1 transformer; set {setting} to {files[setting]}")
 
 
-def load_flux(family, config, info: dict, dtype, vae_dtype, device=None, clip_tokenizer=None) -> LoadedModel:
+def load_flux(family, config: TrainConfig, info: dict, dtype, vae_dtype, device=None, clip_tokenizer=None) -> LoadedModel:
     """The FLUX.1 parts named by ``config`` (see the module doc), each cast to ``dtype`` (the VAE to ``vae_dtype``)
     as it is built and moved to ``device`` at once when given."""
     path = info["path"]
-    mmap = not getattr(config, "disable_mmap_load_safetensors", False)
+    mmap = not config.disable_mmap_load_safetensors
     if info["kind"] == "single_file":
         checkpoint, _ = read_checkpoint(path, SETTING, mmap=mmap)
         inside = {name: _take(checkpoint, prefix) for name, prefix in AIO_PREFIXES.items()}

@@ -99,7 +99,7 @@ def _network_ranks(config) -> tuple[int, int | None]:
                 conv = int(float(value))
             except ValueError:
                 conv = None
-    if conv is None and str(getattr(config, "network_module", "")).startswith("lycoris"):
+    if conv is None and str(config.network_module or "").startswith("lycoris"):
         conv = dim  # LyCORIS trains the convs by default (with conv_dim = dim unless set)
     return dim, conv
 
@@ -307,9 +307,9 @@ def _add_saved_files(needs: _Needs, config, plan: Plan, steps: int, epochs: int)
 
 def _add_latent_cache(needs: _Needs, config, plan: Plan) -> None:
     if config.cache_latents_to_disk and plan.dataset is not None:
-        from sd_scripts.data.latent_cache import resolve_cache_dir
+        from sd_scripts.data.latent_cache import latent_cache_dir, resolve_cache_dir
 
-        setting = "latent_cache_dir" if getattr(config, "latent_cache_dir", None) else "output_dir"
+        setting = "latent_cache_dir" if latent_cache_dir(config) else "output_dir"
         _add_cache(needs, partial(resolve_cache_dir, config, plan.dataset), setting,
                    partial(_latent_cache_bytes, config, plan.dataset), "a latent cache")
 

@@ -18,7 +18,7 @@ def check_tokenizer_offline(config, family, info: dict, problems: Problems) -> N
 
     if not ml._offline():
         return
-    cache_dir = getattr(config, "tokenizer_cache_dir", None)
+    cache_dir = config.tokenizer_cache_dir
     for index, source in enumerate(getattr(family, "tokenizer_sources", None) or []):
         if info.get("kind") == "diffusers":
             sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"

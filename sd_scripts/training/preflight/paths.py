@@ -62,7 +62,7 @@ def check_output(config, problems: Problems) -> None:
 def check_input_paths(config, problems: Problems) -> None:
     """The files and folders the settings read from exist and can be read."""
     for name, kind in _INPUTS:
-        value = getattr(config, name)
+        value = getattr(config, name)  # a setting named in _INPUTS
         if not value:
             continue
         if not os.path.exists(value):
