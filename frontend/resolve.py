@@ -151,7 +151,7 @@ def resolve_settings(
     infos = _infos()
     cli_values = _typed(dict(cli_values or {}), infos, "command line")
     notes: list[str] = []
-    warnings: list[str] = []
+    found = Problems()
 
     base_values = _typed((defaults if defaults is not None else store_cls()).to_dict(), infos, "ArgsList.py")
     notes += migrate_deprecated(base_values, store_cls(), "ArgsList.py")
@@ -179,7 +179,7 @@ def resolve_settings(
         notes += migrate_deprecated(values, store, os.path.basename(json_path))
         resolve_paths(values, infos, also_look_in=os.path.dirname(json_path))
         if loaded.warning():
-            warnings.append(loaded.warning())
+            found.warn(loaded.warning())
         store = store.replace(**values)
         store = store.replace(load_json_path=json_path)
         values_from_file = values
@@ -192,7 +192,7 @@ def resolve_settings(
     store, sized = apply_family_defaults(store, fixed=set(cli) | set(values_from_file))
     if sized:
         notes.append(sized)
-    return Resolved(store=store, notes=notes, warnings=warnings, loaded=loaded)
+    return Resolved(store=store, notes=notes, warnings=found.warnings, loaded=loaded)
 
 
 def merge_job(job_path: str, cli_values: dict[str, Any], defaults: Any = None) -> Resolved:

@@ -112,19 +112,18 @@ def check_metadata_settings(config: TrainConfig, problems: Problems | None = Non
     """Preflight: the metadata settings (the thumbnail must be an image), recorded in ``problems``; returns its
     ``(errors, warnings)``."""
     problems = Problems() if problems is None else problems
-    errors, warnings = problems.errors, problems.warnings
     value = _text(config.metadata_thumbnail)
     if value is None:
-        return errors, warnings
+        return problems.errors, problems.warnings
     text = value.strip()
     problem = _thumbnail_problem(text)
     if problem:
-        errors.append(ConfigError(f"metadata_thumbnail: {problem}", "metadata_thumbnail"))
+        problems.error("metadata_thumbnail", problem)
     elif not text.startswith("data:") and os.path.getsize(os.path.expanduser(text)) > _LARGE_THUMBNAIL:
         size = os.path.getsize(os.path.expanduser(text)) / (1024 * 1024)
-        warnings.append(f"metadata_thumbnail: {text} is {size:.1f} MB and is stored in every LoRA file (as base64, "
-                        "a third larger); a small image such as 256x256 is enough")
-    return errors, warnings
+        problems.warn(f"metadata_thumbnail: {text} is {size:.1f} MB and is stored in every LoRA file (as base64, "
+                      "a third larger); a small image such as 256x256 is enough")
+    return problems.errors, problems.warnings
 
 
 def merged_user_modelspec(metadatas: Sequence[Mapping[str, str]]) -> dict[str, str]:

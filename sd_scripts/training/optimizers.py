@@ -55,7 +55,7 @@ import logging
 from typing import Any
 
 from sd_scripts.core.config import TrainConfig
-from sd_scripts.core.errors import ConfigError, UserError
+from sd_scripts.core.errors import ConfigError
 from sd_scripts.core.problems import Problems
 from sd_scripts.training.kv_args import emit_warnings, is_schedule_free, parse_kv_args
 from sd_scripts.training.speed import optimizer_speed_kwargs
@@ -136,17 +136,18 @@ def _names_line() -> str:
     return ", ".join(optimizer_names()) + ", any torch.optim class (Adam, RAdam...) or package.module.Class"
 
 
-def _legacy_type(config: TrainConfig, errors: list[UserError] | None, warnings: list[str]) -> str:
-    """The optimizer type after applying use_8bit_adam / use_lion_optimizer; raises (or collects) conflicts."""
+def _legacy_type(config: TrainConfig, found: Problems, collect_conflicts: bool) -> str:
+    """The optimizer type after applying use_8bit_adam / use_lion_optimizer; conflicts raise (``collect_conflicts``:
+    are recorded in ``found``), the deprecation warning goes to ``found``."""
     opt_type = (config.optimizer_type or "").strip()
     use_8bit = bool(config.use_8bit_adam)
     use_lion = bool(config.use_lion_optimizer)
 
     def fail(msg: str, setting: str) -> None:
         err = ConfigError(msg, setting)
-        if errors is None:
+        if not collect_conflicts:
             raise err
-        errors.append(err)
+        found.add(err)
 
     if use_8bit and use_lion:
         fail("use_8bit_adam and use_lion_optimizer are both set; keep one, or better set optimizer_type AdamW8bit or Lion", "use_8bit_adam")
@@ -156,7 +157,7 @@ def _legacy_type(config: TrainConfig, errors: list[UserError] | None, warnings: 
         if opt_type.lower() not in ("", "adamw", target.lower()):
             fail(f"{flag} conflicts with optimizer_type {opt_type}; remove {flag} (it means optimizer_type {target})", flag)
             return opt_type
-        warnings.append(f"{flag} is deprecated; set optimizer_type {target} instead")
+        found.warn(f"{flag} is deprecated; set optimizer_type {target} instead")
         return target
     return opt_type or "AdamW"
 
@@ -275,29 +276,29 @@ def _check_arg_names(kwargs: dict, display: str, cls) -> None:
             raise ConfigError(f"optimizer_args: {display} has no argument {key}; valid: {', '.join(valid)}", "optimizer_args")
 
 
-def _adafactor_rules(kwargs: dict, config: TrainConfig, warnings: list[str]) -> bool:
+def _adafactor_rules(kwargs: dict, config: TrainConfig, found: Problems) -> bool:
     """kohya's AdaFactor handling: fills relative_step in kwargs, adds warnings; returns relative_step."""
     if "relative_step" not in kwargs:
         kwargs["relative_step"] = True
     if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
-        warnings.append("optimizer_args: AdaFactor warmup_init=True needs relative_step=True, so relative_step is set to True")
+        found.warn("optimizer_args: AdaFactor warmup_init=True needs relative_step=True, so relative_step is set to True")
         kwargs["relative_step"] = True
     scheduler = (config.lr_scheduler or "").lower()
     if kwargs["relative_step"]:
         if config.unet_lr is not None or config.text_encoder_lr is not None:
-            warnings.append("unet_lr and text_encoder_lr are ignored by AdaFactor with relative_step=True (it computes its own step size)")
+            found.warn("unet_lr and text_encoder_lr are ignored by AdaFactor with relative_step=True (it computes its own step size)")
         if scheduler not in ("", "constant", "adafactor") and not config.lr_scheduler_type:
-            warnings.append(
+            found.warn(
                 f"lr_scheduler {config.lr_scheduler} is replaced by AdaFactor's own schedule (relative_step=True); "
                 "for a schedule set optimizer_args relative_step=False scale_parameter=False warmup_init=False"
             )
     else:
         if float(config.max_grad_norm or 0.0) != 0.0:
-            warnings.append("AdaFactor with relative_step=False clips its own updates; consider max_grad_norm 0")
+            found.warn("AdaFactor with relative_step=False clips its own updates; consider max_grad_norm 0")
         if scheduler != "constant_with_warmup":
-            warnings.append("AdaFactor with relative_step=False works best with lr_scheduler constant_with_warmup")
+            found.warn("AdaFactor with relative_step=False works best with lr_scheduler constant_with_warmup")
         if kwargs.get("clip_threshold", 1.0) != 1.0:
-            warnings.append("AdaFactor: optimizer_args clip_threshold=1.0 is recommended")
+            found.warn("AdaFactor: optimizer_args clip_threshold=1.0 is recommended")
     return bool(kwargs["relative_step"])
 
 
@@ -305,7 +306,7 @@ def _adafactor_rules(kwargs: dict, config: TrainConfig, warnings: list[str]) -> 
 _ONE_LR_ONLY = frozenset({"dadaptation", "dadaptadampreprint", "dadaptadam", "dadaptlion", "dadaptsgd", "prodigy"})
 
 
-def _lr_free_rules(display: str, lrs: list, warnings: list[str]) -> None:
+def _lr_free_rules(display: str, lrs: list, found: Problems) -> None:
     """Rules for learning-rate-free optimizers (DAdapt*, Prodigy): lr near 1, one lr for all groups."""
     lrs = [float(x) for x in lrs if x is not None and float(x) != 0.0]  # lr 0 switches a part off
     if not lrs:
@@ -319,9 +320,9 @@ def _lr_free_rules(display: str, lrs: list, warnings: list[str]) -> None:
                 f"learning_rate give {shown}; set them equal (about 1.0) or leave unet_lr and text_encoder_lr unset",
                 "text_encoder_lr",
             )
-        warnings.append(f"optimizer_type {display} uses the first parameter group's learning rate for all groups; the others ({shown}) are ignored")
+        found.warn(f"optimizer_type {display} uses the first parameter group's learning rate for all groups; the others ({shown}) are ignored")
     if min(lrs) <= 0.1:
-        warnings.append(f"optimizer_type {display} finds its own step size; set learning_rate (and unet_lr / text_encoder_lr) around 1.0, not {min(lrs):g}")
+        found.warn(f"optimizer_type {display} finds its own step size; set learning_rate (and unet_lr / text_encoder_lr) around 1.0, not {min(lrs):g}")
 
 
 def _config_lrs(config: TrainConfig) -> list[float]:
@@ -359,18 +360,17 @@ def check_optimizer_settings(config: TrainConfig, problems: Problems | None = No
     from sd_scripts.training.schedulers import check_scheduler_settings
 
     found = Problems()
-    warnings, errors = found.warnings, found.errors
-    opt_type = _legacy_type(config, errors, warnings)
+    opt_type = _legacy_type(config, found, collect_conflicts=True)
     kwargs: dict = {}
     try:
         kwargs = parse_kv_args(config.optimizer_args, "optimizer_args")
     except ConfigError as e:
-        errors.append(e)
+        found.add(e)
     resolved = None
     try:
         resolved = resolve_optimizer_type(opt_type)
     except ConfigError as e:
-        errors.append(e)
+        found.add(e)
     relative_step = False
     if resolved is not None:
         try:
@@ -386,20 +386,21 @@ def check_optimizer_settings(config: TrainConfig, problems: Problems | None = No
                     if key in kwargs:
                         raise ConfigError(f"optimizer_args: {key}= is not allowed there; set learning_rate (and unet_lr / text_encoder_lr) instead", "optimizer_args")
         except ConfigError as e:
-            errors.append(e)
+            found.add(e)
         if resolved.display == "AdaFactor":
-            relative_step = _adafactor_rules(kwargs, config, warnings)
+            relative_step = _adafactor_rules(kwargs, config, found)
         if is_lr_free(resolved.display):
             try:
-                _lr_free_rules(resolved.display, _config_lrs(config), warnings)
+                _lr_free_rules(resolved.display, _config_lrs(config), found)
             except ConfigError as e:
-                errors.append(e)
+                found.add(e)
     with found.collecting():
-        warnings.extend(check_scheduler_settings(config, resolved.display if resolved else None, adafactor_relative_step=relative_step))
+        found.extend(warnings=check_scheduler_settings(config, resolved.display if resolved else None,
+                                                       adafactor_relative_step=relative_step))
     if problems is not None:
-        problems.warnings.extend(warnings)
+        problems.extend(warnings=found.warnings)
     found.raise_errors(one_as_is=True)
-    return warnings
+    return found.warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +446,8 @@ def build_optimizer(config: TrainConfig, param_groups, warnings: list[str] | Non
     (``optimizer``, ``ss_optimizer``, ...); ``ss_optimizer`` is ``module.Class`` plus ``(k=v,...)`` of the
     optimizer_args actually passed (with defaults we added), as kohya writes it.
     """
-    found: list[str] = []
-    opt_type = _legacy_type(config, None, found)
+    found = Problems()
+    opt_type = _legacy_type(config, found, collect_conflicts=False)
     kwargs = parse_kv_args(config.optimizer_args, "optimizer_args")
     resolved = resolve_optimizer_type(opt_type)
     cls = _import_class(resolved)
@@ -492,8 +493,8 @@ def build_optimizer(config: TrainConfig, param_groups, warnings: list[str] | Non
     name = f"{real.__module__}.{real.__name__}"
     args = ",".join(f"{k}={v}" for k, v in kwargs.items())
     ss_optimizer = name + (f"({args})" if args else "")
-    emit_warnings(found, warnings)
-    return OptimizerBuild(optimizer, ss_optimizer, warnings=found, optimizer_type=resolved.display)
+    emit_warnings(found.warnings, warnings)
+    return OptimizerBuild(optimizer, ss_optimizer, warnings=found.warnings, optimizer_type=resolved.display)
 
 
 def _params_device_type(groups: list[dict]) -> str:

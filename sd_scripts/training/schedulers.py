@@ -217,18 +217,9 @@ def _name(config: TrainConfig) -> str:
 def check_scheduler_settings(config: TrainConfig, optimizer_type: str | None = None, adafactor_relative_step: bool = False) -> list[str]:
     """Preflight for scheduler settings: returns warnings; raises ConfigError / UserErrors."""
     found = Problems()
-    warnings, errors = found.warnings, found.errors
-
-    def attempt(fn, *a, **k):
-        try:
-            return fn(*a, **k)
-        except ConfigError as e:
-            errors.append(e)
-            return None
-
-    kwargs = attempt(parse_kv_args, config.lr_scheduler_args, "lr_scheduler_args") or {}
-    warmup = attempt(_steps_value, config.lr_warmup_steps, "lr_warmup_steps")
-    decay = attempt(_steps_value, _undeclared(config, "lr_decay_steps", 0), "lr_decay_steps")
+    kwargs = _attempt(found, parse_kv_args, config.lr_scheduler_args, "lr_scheduler_args") or {}
+    warmup = _attempt(found, _steps_value, config.lr_warmup_steps, "lr_warmup_steps")
+    decay = _attempt(found, _steps_value, _undeclared(config, "lr_decay_steps", 0), "lr_decay_steps")
     name = _name(config)
     custom = (config.lr_scheduler_type or "").strip()
     schedule_free = bool(optimizer_type) and optimizer_type.lower().endswith("schedulefree")
@@ -236,59 +227,69 @@ def check_scheduler_settings(config: TrainConfig, optimizer_type: str | None = N
     for key in _DERIVED_KEYS:
         if key in kwargs:
             fix = {"num_warmup_steps": "set lr_warmup_steps", "num_training_steps": "it comes from max_train_steps"}.get(key, "remove it")
-            errors.append(ConfigError(f"lr_scheduler_args: {key} is not allowed there; {fix}", "lr_scheduler_args"))
+            found.error("lr_scheduler_args", f"{key} is not allowed there; {fix}")
 
     if schedule_free:
         if name != "constant" or custom or warmup:
-            warnings.append(
+            found.warn(
                 f"lr_scheduler {custom or name} and lr_warmup_steps are ignored: optimizer_type {optimizer_type} needs no schedule "
                 "(use optimizer_args warmup_steps=N for its warm-up)"
             )
     elif custom:
         if warmup:
-            errors.append(ConfigError(f"lr_warmup_steps: lr_scheduler_type {custom} has no warm-up; set lr_warmup_steps 0", "lr_warmup_steps"))
-        cls = attempt(_custom_scheduler_class, custom, import_heavy=False)
+            found.error("lr_warmup_steps", f"lr_scheduler_type {custom} has no warm-up; set lr_warmup_steps 0")
+        cls = _attempt(found, _custom_scheduler_class, custom, import_heavy=False)
         if cls is not None:
-            attempt(_check_kwargs_against, cls, kwargs, custom)
+            _attempt(found, _check_kwargs_against, cls, kwargs, custom)
     elif adafactor_relative_step:
         if warmup:
-            errors.append(ConfigError(
-                "lr_warmup_steps: AdaFactor with relative_step=True has its own schedule without warm-up; set lr_warmup_steps 0 (or optimizer_args warmup_init=True)",
-                "lr_warmup_steps",
-            ))
+            found.error("lr_warmup_steps", "AdaFactor with relative_step=True has its own schedule without warm-up; set "
+                        "lr_warmup_steps 0 (or optimizer_args warmup_init=True)")
     else:
-        base = name.split(":")[0]
-        if base == "adafactor":
-            errors.append(ConfigError(
-                "lr_scheduler: adafactor only works with optimizer_type AdaFactor (relative_step=True); pick another lr_scheduler such as constant or cosine",
-                "lr_scheduler",
-            ))
-        elif name in METRIC_SCHEDULERS:
-            errors.append(ConfigError(
-                f"lr_scheduler: {name} needs a validation metric, which this trainer does not compute; pick another, e.g. cosine",
-                "lr_scheduler",
-            ))
-        elif name not in TRANSFORMERS_SCHEDULERS and name not in DIFFUSERS_SCHEDULERS:
-            errors.append(ConfigError(f"lr_scheduler: unknown scheduler {config.lr_scheduler}; valid: {', '.join(scheduler_names())}", "lr_scheduler"))
-        else:
-            if name == "constant" and warmup:
-                errors.append(ConfigError("lr_warmup_steps: lr_scheduler constant has no warm-up; set lr_warmup_steps 0 or use lr_scheduler constant_with_warmup", "lr_warmup_steps"))
-            if name == "piecewise_constant":
-                if "step_rules" not in kwargs:
-                    errors.append(ConfigError('lr_scheduler_args: piecewise_constant needs step_rules, e.g. step_rules="1:100,0.5:200,0.1"', "lr_scheduler_args"))
-                else:
-                    attempt(_validate_step_rules, kwargs["step_rules"])
-                if warmup:
-                    warnings.append("lr_warmup_steps is ignored by lr_scheduler piecewise_constant (put a warm-up into step_rules)")
-            if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and not _min_lr_given(config, kwargs):
-                errors.append(ConfigError(
-                    f"lr_scheduler_args: {name} needs a minimum lr; add min_lr_rate=0.1 (a ratio of the lr) or min_lr=1e-6",
-                    "lr_scheduler_args",
-                ))
-            if name == "warmup_stable_decay" and not decay:
-                warnings.append("lr_scheduler warmup_stable_decay with lr_decay_steps 0 never decays; set lr_decay_steps (steps, a ratio or N%)")
+        _check_named_scheduler(config, name, kwargs, warmup, decay, found)
     found.raise_errors(one_as_is=True)
-    return warnings
+    return found.warnings
+
+
+def _attempt(found: Problems, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None with its ConfigError recorded in ``found``."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as e:
+        found.add(e)
+        return None
+
+
+def _check_named_scheduler(config: TrainConfig, name: str, kwargs: dict, warmup, decay, found: Problems) -> None:
+    """``lr_scheduler`` by name (transformers' and diffusers' schedulers) with its warm-up and arguments."""
+    base = name.split(":")[0]
+    if base == "adafactor":
+        found.error("lr_scheduler", "adafactor only works with optimizer_type AdaFactor (relative_step=True); pick "
+                    "another lr_scheduler such as constant or cosine")
+        return
+    if name in METRIC_SCHEDULERS:
+        found.error("lr_scheduler", f"{name} needs a validation metric, which this trainer does not compute; pick "
+                    "another, e.g. cosine")
+        return
+    if name not in TRANSFORMERS_SCHEDULERS and name not in DIFFUSERS_SCHEDULERS:
+        found.error("lr_scheduler", f"unknown scheduler {config.lr_scheduler}; valid: {', '.join(scheduler_names())}")
+        return
+    if name == "constant" and warmup:
+        found.error("lr_warmup_steps", "lr_scheduler constant has no warm-up; set lr_warmup_steps 0 or use "
+                    "lr_scheduler constant_with_warmup")
+    if name == "piecewise_constant":
+        if "step_rules" not in kwargs:
+            found.error("lr_scheduler_args", 'piecewise_constant needs step_rules, e.g. step_rules="1:100,0.5:200,0.1"')
+        else:
+            _attempt(found, _validate_step_rules, kwargs["step_rules"])
+        if warmup:
+            found.warn("lr_warmup_steps is ignored by lr_scheduler piecewise_constant (put a warm-up into step_rules)")
+    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and not _min_lr_given(config, kwargs):
+        found.error("lr_scheduler_args", f"{name} needs a minimum lr; add min_lr_rate=0.1 (a ratio of the lr) or "
+                    "min_lr=1e-6")
+    if name == "warmup_stable_decay" and not decay:
+        found.warn("lr_scheduler warmup_stable_decay with lr_decay_steps 0 never decays; set lr_decay_steps (steps, a "
+                   "ratio or N%)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -321,29 +321,25 @@ def check_resume_settings(config: TrainConfig, problems: Problems | None = None)
     """Preflight for ``resume``: the folder is a complete state and the network/optimizer settings match. Recorded
     in ``problems``, whose errors it returns."""
     problems = Problems() if problems is None else problems
-    problems.extend(_resume_problems(config))
+    if config.resume:
+        with problems.collecting():
+            _check_resume_state(config, Path(config.resume), problems)
     return problems.errors
 
 
-def _resume_problems(config: TrainConfig) -> list[UserError]:
-    if not config.resume:
-        return []
-    path = Path(config.resume)
+def _check_resume_state(config: TrainConfig, path: Path, problems: Problems) -> None:
     if not path.is_dir():
-        return [ConfigError(f"resume: state folder not found: {path}; give a folder saved with save_state", "resume")]
-    try:
-        info = _read_info(path)
-    except UserError as e:
-        return [e]
+        problems.error("resume", f"state folder not found: {path}; give a folder saved with save_state")
+        return
+    info = _read_info(path)
     saved = info.get("settings") or {}
     now = _settings_of(config)
     if config.dim_from_weights:
         saved = {k: v for k, v in saved.items() if k != "network_dim"}
     diffs = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in saved if k in now and saved[k] != now[k]]
     if diffs:
-        return [ConfigError(f"resume: the state was saved with {', '.join(diffs)}; resume with the network and "
-                            "optimizer settings of the run that saved it", "resume")]
-    return []
+        problems.error("resume", f"the state was saved with {', '.join(diffs)}; resume with the network and "
+                       "optimizer settings of the run that saved it")
 
 
 def load_train_state(path: str | os.PathLike, device: str | None = None) -> LoadedState:
