@@ -226,19 +226,7 @@ def scan_subset(subset: SubsetSpec, index: int, setting: str, problems: Problems
     except OSError as e:
         raise DatasetError(f"{setting}: cannot read folder '{folder}' ({e.strerror}); check its permissions", setting) from None
     images = [f for f in files if is_image_file(f)]
-    if dirs:
-        nested = []
-        for d in dirs:
-            try:
-                if any(is_image_file(n) for n in os.listdir(os.path.join(folder, d))):
-                    nested.append(d)
-            except OSError:
-                pass
-        if nested:
-            problems.warn(
-                f"{setting}: images in subfolders of '{folder}' are not used (found {listing(nested)}); "
-                f"make them <repeats>_<name> folders of their own"
-            )
+    _warn_nested_images(folder, dirs, setting, problems)
     if not images:
         problems.warn(
             f"{setting}: folder '{folder}' has no images ({' '.join(IMAGE_EXTENSIONS)}); it is skipped"
@@ -289,6 +277,22 @@ def scan_subset(subset: SubsetSpec, index: int, setting: str, problems: Problems
         elif not fallback:
             problems.warn(f"{setting}: images in '{folder}' have no captions and the folder name gives no class tokens; they train with an empty caption")
     return pending
+
+
+def _warn_nested_images(folder: str, dirs: list[str], setting: str, problems: Problems) -> None:
+    """Images in subfolders of a subset's folder are not read: say so."""
+    nested = []
+    for d in dirs:
+        try:
+            if any(is_image_file(n) for n in os.listdir(os.path.join(folder, d))):
+                nested.append(d)
+        except OSError:
+            pass
+    if nested:
+        problems.warn(
+            f"{setting}: images in subfolders of '{folder}' are not used (found {listing(nested)}); "
+            f"make them <repeats>_<name> folders of their own"
+        )
 
 
 def probe_all(paths: list[str], progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[int, int] | str]:
