@@ -49,7 +49,9 @@ class Range:
     brackets ("(leave it unset to turn it off)"). The rest keeps each message as it has always read: ``shows`` is how
     the value is written ("g": numbers as ``{:g}``, 1 and -1; "str": as Python prints it, -1.0 and abc; "repr":
     -1.0 and 'abc'), ``nan_words`` what a value that is not a finite number must be ("a number"; None: the range's
-    own wording), ``got`` what comes between the wording and the value.
+    own wording), ``got`` what comes between the wording and the value. ``checked=False`` makes it the wizard's bound
+    only: its question refuses other numbers, the command line, JSON files and the engine take any (as they always
+    have).
     """
 
     low: float | None = None
@@ -62,6 +64,7 @@ class Range:
     shows: str = "g"
     nan_words: str | None = "a number"
     got: str = ", got"
+    checked: bool = True
 
     def wording(self) -> str:
         if self.words:
@@ -90,7 +93,7 @@ class Range:
 
     def problem(self, value: Any) -> str | None:
         """None when ``value`` is allowed, else ``must be ..., got ...``."""
-        if self.contains(value):
+        if not self.checked or self.contains(value):
             return None
         if not is_number(value) and self.nan_words and not self.whole:
             return f"must be {self.nan_words}, got {value!r}"
@@ -211,7 +214,8 @@ class Setting:
         if value is None:
             if _without_none(self.engine_type) != self.engine_type:
                 return None
-            return f"must be {self.engine_range.wording()}, got nothing" if self.engine_range else None
+            checked = self.engine_range is not None and self.engine_range.checked
+            return f"must be {self.engine_range.wording()}, got nothing" if checked else None
         if self.engine_range is not None:
             problem = self.engine_range.problem(value)
             if problem:
