@@ -5,7 +5,8 @@
 
 Both our trainer and kohya's ``train_network.py`` draw a tqdm bar named "steps" and update it once per optimizer
 step, so the times of those updates are the step times of either, measured the same way. ``OUT.json`` gets
-``{"start": wall time when this process began running Python, "steps": [wall time of each step],
+``{"start": wall time when this process began running Python, "steps": [wall time of each step], "cpu": [this
+process's CPU seconds (user + system, all its threads) at each step],
 "rss_before_steps_mb": peak RSS when the first step ended (loading and caching), "peak_rss_mb": at exit}``.
 Only the standard library and tqdm are used, so it runs under any trainer's Python.
 """
@@ -29,7 +30,7 @@ def _peak_rss_mb() -> float:
 
 def main() -> None:
     out, rest = sys.argv[1], sys.argv[2:]
-    record: dict = {"start": START, "steps": [], "rss_before_steps_mb": None, "peak_rss_mb": None}
+    record: dict = {"start": START, "steps": [], "cpu": [], "rss_before_steps_mb": None, "peak_rss_mb": None}
 
     import tqdm.std
 
@@ -40,6 +41,7 @@ def main() -> None:
             if not record["steps"]:
                 record["rss_before_steps_mb"] = _peak_rss_mb()
             record["steps"].append(time.time())
+            record["cpu"].append(time.process_time())
         return original(self, n)
 
     tqdm.std.tqdm.update = update

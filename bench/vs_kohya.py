@@ -15,9 +15,10 @@ records when each optimizer step ends (both draw a tqdm bar named "steps").
 
 Per row and tool: median and min seconds per step over the steady steps (all trials' steps after the first
 ``--warmup`` of each run), time from launch to the first step, total wall time, peak RSS of the process (and
-the peak before the first step: loading and caching), and the ratios ours/kohya. The machine may be shared:
-interleaving spreads the noise over both tools, and the minimum is the figure least touched by it; say so with
-the numbers.
+the peak before the first step: loading and caching), the median CPU seconds per step (the process's user + system
+time between steps: on a shared machine the figure least changed by other processes' load, since waiting for a core
+costs wall time but no CPU time), and the ratios ours/kohya. The machine may be shared: interleaving spreads the
+noise over both tools, and the minimum is the wall figure least touched by it; say so with the numbers.
 
 kohya is not part of this project: make a checkout with its own environment (it needs torchvision, which must
 never enter ours). See ``README.md`` (Benchmarks) for the steps; without ``--kohya`` this script prints them.
@@ -79,6 +80,7 @@ class Run:
     wall: float
     first_step: float | None
     gaps: list[float] = field(default_factory=list)
+    cpu_gaps: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     rss_before_steps_mb: float | None = None
     log: str = ""
@@ -186,7 +188,9 @@ def run_one(tool: str, python: str, cwd: Path, args: list[str], log: Path, warmu
     record = json.loads(clock.read_text(encoding="utf-8"))
     steps = record["steps"]
     gaps = [b - a for a, b in zip(steps, steps[1:])][warmup:]
-    return Run(bool(steps), wall, (steps[0] - start) if steps else None, gaps, usage.ru_maxrss / 1024,
+    cpu = record.get("cpu") or []
+    cpu_gaps = [b - a for a, b in zip(cpu, cpu[1:])][warmup:]
+    return Run(bool(steps), wall, (steps[0] - start) if steps else None, gaps, cpu_gaps, usage.ru_maxrss / 1024,
                record.get("rss_before_steps_mb"), tail)
 
 
@@ -205,7 +209,8 @@ def compare_row(row: Row, assets: dict, opts, env: dict) -> dict:
                 args += shlex.split(opts.ours_args)
             run = run_one(tool, python, cwd, args, logs / f"{tool}_{row.key}_{trial}.log", opts.warmup, env)
             runs[tool].append(run)
-            status = f"{statistics.median(run.gaps):.3f} s/step" if run.gaps else "FAILED"
+            status = (f"{statistics.median(run.gaps):.3f} s/step, {statistics.median(run.cpu_gaps):.3f} CPU s/step"
+                      if run.gaps and run.cpu_gaps else "FAILED")
             print(f"  {row.title}: {tool} trial {trial + 1}: {status}, wall {run.wall:.1f} s", flush=True)
             if not run.ok:
                 print("    " + run.log.strip().splitlines()[-1] if run.log.strip() else "    (no output)", flush=True)
@@ -220,6 +225,7 @@ def _summary(runs: list[Run]) -> dict:
     return {
         "ok": True, "trials": len(good), "steps": len(gaps),
         "median_s": statistics.median(gaps), "min_s": min(gaps),
+        "cpu_median_s": statistics.median(g for r in good for g in r.cpu_gaps),
         "first_step_s": statistics.median(r.first_step for r in good),
         "wall_s": statistics.median(r.wall for r in good),
         "peak_rss_gb": max(r.peak_rss_mb for r in good) / 1024,
@@ -228,8 +234,8 @@ def _summary(runs: list[Run]) -> dict:
 
 
 def print_table(results: list[tuple[Row, dict]]) -> None:
-    head = (f"{'row':34s} {'tool':6s} {'median s/step':>13s} {'min':>7s} {'1st step s':>10s} {'wall s':>7s} "
-            f"{'RSS GB':>7s} {'(load+cache)':>12s}")
+    head = (f"{'row':34s} {'tool':6s} {'median s/step':>13s} {'min':>7s} {'CPU s/step':>10s} {'1st step s':>10s} "
+            f"{'wall s':>7s} {'RSS GB':>7s} {'(load+cache)':>12s}")
     print(head)
     print("-" * len(head))
     for row, res in results:
@@ -238,12 +244,13 @@ def print_table(results: list[tuple[Row, dict]]) -> None:
             if not s.get("ok"):
                 print(f"{row.title:34s} {tool:6s} failed")
                 continue
-            print(f"{row.title:34s} {tool:6s} {s['median_s']:13.3f} {s['min_s']:7.3f} {s['first_step_s']:10.1f} "
+            print(f"{row.title:34s} {tool:6s} {s['median_s']:13.3f} {s['min_s']:7.3f} {s['cpu_median_s']:10.3f} "
+                  f"{s['first_step_s']:10.1f} "
                   f"{s['wall_s']:7.1f} {s['peak_rss_gb']:7.2f} {s['rss_before_steps_gb']:12.2f}")
         o, k = res["ours"], res["kohya"]
         if o.get("ok") and k.get("ok"):
             print(f"{'':34s} {'ratio':6s} {o['median_s'] / k['median_s']:13.3f} {o['min_s'] / k['min_s']:7.3f} "
-                  f"{o['first_step_s'] / k['first_step_s']:10.2f} {o['wall_s'] / k['wall_s']:7.2f} "
+                  f"{o['cpu_median_s'] / k['cpu_median_s']:10.3f} {o['first_step_s'] / k['first_step_s']:10.2f} {o['wall_s'] / k['wall_s']:7.2f} "
                   f"{o['peak_rss_gb'] / k['peak_rss_gb']:7.2f}")
 
 
