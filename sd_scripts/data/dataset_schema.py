@@ -369,8 +369,8 @@ def dataset_spec(lookup: Lookup) -> DatasetSpec:
     resolution, res_where = _resolution(lookup, problems)
     batch_size, batch_where = lookup.get("batch_size")
     if batch_where is not None:  # from the settings, train_batch_size is checked by check_dataset_settings
-        with problems.collecting():
-            batch_size = check_range(lookup, "batch_size", 1)
+        with problems.collecting():  # a table's batch_size: train_batch_size's declared lower bound
+            batch_size = check_range(lookup, "batch_size", declared_in_engine("train_batch_size").engine_range.low)
     enable_bucket = bool(lookup.value("enable_bucket"))
     steps = _bucket_reso_steps(lookup, problems)
     no_upscale = bool(lookup.value("bucket_no_upscale"))
