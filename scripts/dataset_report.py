@@ -20,6 +20,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sd_scripts.core.config import TrainConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,11 +166,11 @@ def training_config(args, folder: str | None, temp_dir: str):
     return config, notes
 
 
-def _report_paths(args, folder: str | None, config, many: bool) -> tuple[str, str]:
+def _report_paths(args, folder: str | None, config: TrainConfig, many: bool) -> tuple[str, str]:
     """The picture and text files of one report (checked: never over an existing file without --overwrite)."""
     from sd_scripts.core.errors import ConfigError
 
-    source = folder or getattr(config, "train_data_dir", None) or getattr(config, "dataset_config", None) or "dataset"
+    source = folder or config.train_data_dir or config.dataset_config or "dataset"
     name = os.path.basename(os.path.normpath(os.path.abspath(source)))
     name = os.path.splitext(name)[0] if os.path.isfile(source) else name
     default = os.path.join(os.path.dirname(os.path.normpath(os.path.abspath(source))), f"{name}_report.png")
