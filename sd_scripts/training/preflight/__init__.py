@@ -67,7 +67,7 @@ def preflight(config, model_given: bool = False) -> Plan:
     check_sample_prompt_file(config, problems)
     with problems.collecting():
         plan.dataset = scan_dataset(config)
-        problems.warnings.extend(getattr(plan.dataset, "warnings", []) or [])
+        problems.extend(warnings=plan.dataset.warnings)
         plan.summary.extend(dataset_summary(plan.dataset))
     check_family_settings(config, plan.family, plan.dataset, plan.model_info, problems)
     memory_setting_problems(config, plan.family, plan.model_info, problems)

@@ -10,9 +10,10 @@ import shutil
 from functools import partial
 from typing import Any, Callable
 
-from sd_scripts.core.config import is_whole_number as _is_int
+from sd_scripts.core.config import TrainConfig, is_whole_number as _is_int
 from sd_scripts.core.errors import UserError
 from sd_scripts.core.problems import Problems
+from sd_scripts.data.dataset_plan import DatasetPlan
 
 from .paths import existing_ancestor
 from .plan import DiskNeed, Plan
@@ -144,8 +145,8 @@ def estimate_lora_bytes(config, family=None, model_info: dict | None = None) -> 
     return int(params * element) + 64 * 1024  # + header and metadata
 
 
-def steps_and_epochs(config, dataset) -> tuple[int, int]:
-    images = (getattr(dataset, "num_train_images", 0) or 0) + (getattr(dataset, "num_reg_images", 0) or 0)
+def steps_and_epochs(config: TrainConfig, dataset: DatasetPlan | None) -> tuple[int, int]:
+    images = dataset.num_train_images + dataset.num_reg_images if dataset is not None else 0
     batch = config.train_batch_size if _is_int(config.train_batch_size) and config.train_batch_size > 0 else 1
     accumulate = config.gradient_accumulation_steps if _is_int(config.gradient_accumulation_steps) and \
         config.gradient_accumulation_steps > 0 else 1
@@ -176,20 +177,19 @@ def _count_saves(config, steps: int, epochs: int) -> tuple[int, int]:
     return 1 + loras_epoch + loras_step, states
 
 
-def _latent_cache_bytes(config, dataset) -> int:
+def _latent_cache_bytes(config: TrainConfig, dataset: DatasetPlan) -> int:
     from sd_scripts.data.dataset_layout import parse_resolution
 
     try:
         width, height = parse_resolution(config.resolution)
     except UserError:
         width = height = 512
-    records = getattr(dataset, "images", []) or []
+    records = dataset.images
     images = len(records)
     per_image = _LATENT_CHANNELS * (width // 8) * (height // 8) * 4  # float32, bucket area ~ resolution area
     copies = 2 if config.flip_aug else 1
-    subsets = getattr(dataset, "subsets", []) or []
-    masked = sum(1 for r in records if getattr(r, "subset", None) is not None and r.subset < len(subsets)
-                 and getattr(subsets[r.subset], "alpha_mask", False))
+    subsets = dataset.subsets
+    masked = sum(1 for r in records if r.subset < len(subsets) and subsets[r.subset].alpha_mask)
     return images * (per_image * copies + 2048) + masked * width * height * 4  # alpha masks: float32 at image size
 
 
@@ -215,12 +215,12 @@ def _sample_bytes(config, steps: int, epochs: int) -> int:
     return int(events * pixels * _PNG_BYTES_PER_PIXEL)
 
 
-def _te_cache_bytes(config, family, dataset) -> int:
+def _te_cache_bytes(config: TrainConfig, family, dataset: DatasetPlan) -> int:
     """Text-encoder outputs on disk: float32 hidden states (and a pooled vector) per caption, one caption per image
     at most."""
     tokens = config.max_token_length + 2 if _is_int(config.max_token_length) else 77
     per_caption = tokens * getattr(family, "context_dim", 768) * 4 + 1280 * 4 + 1024
-    return len(getattr(dataset, "images", []) or []) * per_caption
+    return len(dataset.images) * per_caption
 
 
 def _folder_bytes(folder: str) -> int:

@@ -4,7 +4,10 @@ and the one-line summary of the scanned dataset."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sd_scripts.data.dataset_plan import DatasetPlan
 
 __all__ = ["Plan", "DiskNeed", "dataset_summary"]
 
@@ -21,7 +24,7 @@ class DiskNeed:
 
 @dataclass
 class Plan:
-    dataset: Any = None
+    dataset: DatasetPlan | None = None
     family: Any = None
     model_info: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -30,16 +33,16 @@ class Plan:
     steps: int | None = None  # optimizer steps the run will take, estimated from the image count (buckets aside)
 
 
-def dataset_summary(dataset) -> list[str]:
+def dataset_summary(dataset: DatasetPlan) -> list[str]:
     """One or two lines describing the scanned dataset, counting images without a caption file."""
-    images = list(getattr(dataset, "images", []) or [])
+    images = dataset.images
     if not images:
         return []
     train = [r for r in images if not r.is_reg]
     reg = [r for r in images if r.is_reg]
     folders = len({(r.dataset, r.subset) for r in train})
     line = (f"dataset: {len(train)} training image(s) in {folders} folder(s), "
-            f"{getattr(dataset, 'num_train_images', len(train))} with repeats")
+            f"{dataset.num_train_images} with repeats")
     if reg:
         line += f"; {len(reg)} regularization image(s)"
     no_caption = [r for r in train if r.caption_source not in ("file", "metadata")]
@@ -49,10 +52,10 @@ def dataset_summary(dataset) -> list[str]:
         line += f"; {len(no_caption)} without {kind}"
         if tokens:
             line += f" ({tokens} use their folder's class tokens)"
-    held_out = getattr(dataset, "validation_images", []) or []
+    held_out = dataset.validation_images
     if held_out:
         line += f"; {len(held_out)} held out for the validation loss"
-    skipped = getattr(dataset, "skipped", []) or []
+    skipped = dataset.skipped
     if skipped:
         line += f"; {len(skipped)} skipped"
     return [line]
