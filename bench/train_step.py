@@ -16,6 +16,9 @@ same UNet with the same LoRA doing forward, backward and an AdamW step on one ca
 nothing else. Both use random weights (nothing is downloaded), the same batch size, UNet-only
 LoRA (the text encoder is frozen), and run in this process one after the other, alternating,
 so machine noise hits both; the ratio ours/bare is the figure to watch (goal: <= 1.05 at batch >= 2).
+On CPU the step times are this process's CPU seconds (``time.process_time``): both loops run single-threaded in
+this process, and CPU time is barely moved by other processes on a shared machine, where wall time is not. On GPU
+they are wall seconds after a device synchronize.
 Peak memory is the process's peak RSS on CPU, or the CUDA allocator's peak on GPU.
 """
 
@@ -37,6 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SD15_FLOP_PER_IMAGE_512 = 1.73e12  # one SD1.5 training step at 512 px, per image (forward + backward)
 SDXL_FLOP_PER_IMAGE_1024 = 14.3e12  # one SDXL training step at 1024 px, per image
+CLOCK = {"cpu": time.process_time, "cuda": time.perf_counter}  # what a step's time is on each device
+
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
@@ -109,17 +114,20 @@ def peak_memory_mb(device) -> float:
 
 
 class StepTimer:
-    """Callbacks that record the wall time of every optimizer step."""
+    """Callbacks that record the clock (``CLOCK``: CPU time on CPU, wall time on CUDA) at every optimizer step."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.times: list[float] = []
 
     def on_progress(self, step, total, loss, lr, epoch):
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock())
 
 
 def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
               copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
+    import torch
+
     from sd_scripts.core.config import TrainConfig
     from sd_scripts.training.loop import train
 
@@ -134,7 +142,7 @@ def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mi
         seed=1, mixed_precision=mixed_precision, max_grad_norm=1.0, gradient_checkpointing=gradient_checkpointing,
         bucket_reso_steps=32 if sdxl else 64, cache_text_encoder_outputs=sdxl, no_half_vae=sdxl,
     )
-    timer = StepTimer()
+    timer = StepTimer(CLOCK["cuda" if torch.cuda.is_available() else "cpu"])  # the device the loop trains on
     train(config, timer, model=model)
     gaps = [b - a for a, b in zip(timer.times, timer.times[1:])][1:]  # drop the first (warm-up) step
     return statistics.median(gaps)
@@ -169,11 +177,12 @@ def time_bare(base, size: int, batch: int, steps: int, device, dtype, copy_unet:
         extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
                                       "time_ids": time_ids}
     times = []
+    clock = CLOCK[device.type]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         with autocast:
             pred = unet(latents, t, hidden, **extra).sample
         loss = F.mse_loss(pred.float(), latents.float())
@@ -182,7 +191,7 @@ def time_bare(base, size: int, batch: int, steps: int, device, dtype, copy_unet:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     network.remove()
     return statistics.median(times[1:])
 
@@ -200,7 +209,7 @@ def compare(kind: str, size: int, batch: int, steps: int, rounds: int) -> None:
             bare.append(time_bare(base, size, batch, steps, device, torch.float32, copy_unet=copy_unet))
             ours.append(time_ours(base, data, Path(tmp) / f"out{r}", size, batch, steps, copy_unet=copy_unet))
         o, b = min(ours), min(bare)
-        print(f"{kind:5s} {size:4d}px batch {batch}: ours {o:.3f} s/step, bare {b:.3f} s/step, "
+        print(f"{kind:5s} {size:4d}px batch {batch}: ours {o:.3f} CPU s/step, bare {b:.3f} CPU s/step, "
               f"ratio {o / b:.3f}, peak RSS {peak_memory_mb(device):.0f} MiB  (min of {rounds} rounds, median of {steps - 1} steps)")
 
 
