@@ -96,7 +96,9 @@ def ensure_assets(cache: Path, sizes: set[int], images: int) -> dict:
     tokenizers = cache / "tokenizers"
     if not ckpt.is_file():
         print(f"building {ckpt} (full-size SD1.5 shapes, random weights; once)", flush=True)
-        _write_checkpoint(ckpt)
+        # in a child process: a child forked from this one later would inherit its memory high-water mark
+        # (ru_maxrss), and every run's peak RSS would read as this build's
+        subprocess.run([sys.executable, __file__, "--build_checkpoint", str(ckpt)], check=True)
     tok = tokenizers / "openai_clip-vit-large-patch14"
     if not (tok / "merges.txt").is_file():
         from sd_scripts.testing.tiny_models import write_tiny_tokenizer
@@ -326,7 +328,12 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--ours_args", default="", help="extra arguments for our runs only (e.g. --torch_compile)")
     parser.add_argument("--tools", action="store_true", help="time the LoRA tools kohya also has (after a row)")
+    parser.add_argument("--build_checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.build_checkpoint:
+        sys.path.insert(0, str(ROOT))
+        _write_checkpoint(Path(opts.build_checkpoint))
+        return 0
     if not opts.kohya or not opts.kohya_python:
         print(HOW_TO_GET_KOHYA)
         return 2
