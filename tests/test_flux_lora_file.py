@@ -94,14 +94,15 @@ def _merge_by_hand(transformer_file, modules, out_path):
 
 
 @pytest.mark.parametrize("args", [(), ("split_qkv=True",),
-                                  ("in_dims=[4,2,2,2,4]", "train_double_block_indices=1", "train_single_block_indices=0")],
+                                  ("in_dims=[4,2,2,2,4]", "train_double_block_indices=1",
+                                   "train_single_block_indices=0")],
                          ids=["lora", "split_qkv", "in_dims_block_indices"])
 def test_diffusers_loads_every_key_and_matches_the_hand_merge(flux_setup, tmp_path, args):
     """With ``in_dims`` diffusers (0.42) takes every key but drops the input layers' modules without a word: its
     kohya converter names them ``x_embedder``, ``time_text_embed.*``, ``context_embedder`` without the
     ``transformer.`` prefix its loader keeps (kohya's own in_dims files fare the same). The test pins that: diffusers'
-    output is the hand merge of the block modules only, ours (and ComfyUI's and Forge's, tests/test_flux_client_rules.py)
-    the merge of all of them."""
+    output is the hand merge of the block modules only, ours (and ComfyUI's and Forge's,
+    tests/test_flux_client_rules.py) the merge of all of them."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import load_file
 

@@ -353,8 +353,8 @@ def _checked_module_dims(module_dims: Mapping[str, tuple[int, float]], candidate
 
 def _split_module_dims(module_dims: dict[str, tuple[int, float]], module_factory: Any) -> dict[str, tuple[int, float]]:
     """A file's ranks for a network whose ``module_factory`` trains fused projections split (kohya's ``split_qkv``:
-    its ``split_for(name)`` gives a module's parts): the fused file holds ``parts x rank`` rows and ``parts x alpha`` (see
-    :mod:`.lora_split`), so each part gets rank / parts and alpha / parts. ConfigError naming network_args when a
+    its ``split_for(name)`` gives a module's parts): the fused file holds ``parts x rank`` rows and ``parts x alpha``
+    (see :mod:`.lora_split`), so each part gets rank / parts and alpha / parts. ConfigError naming network_args when a
     rank does not divide (the file was not trained with split_qkv)."""
     split_for = getattr(module_factory, "split_for", None)
     if split_for is None:

@@ -60,9 +60,9 @@ class SplitLoRAModule(LoRAModule):
         self._check_shape(down, (parts * self.lora_dim, self.lora_downs[0].in_features), "lora_down", setting)
         self._check_shape(up, (sum(self.split_dims), parts * self.lora_dim), "lora_up", setting)
         if not self._is_block_diagonal(up):
-            raise ConfigError(f"{setting}: module {self.lora_name} has a lora_up that mixes q, k, v (not block-diagonal),"
-                              " so the file was not trained with split_qkv; turn split_qkv off in network_args to load "
-                              "it", setting=setting)
+            raise ConfigError(f"{setting}: module {self.lora_name} has a lora_up that mixes q, k, v (not "
+                              "block-diagonal), so the file was not trained with split_qkv; turn split_qkv off in "
+                              "network_args to load it", setting=setting)
         row = 0
         for j, size in enumerate(self.split_dims):
             cols = slice(j * self.lora_dim, (j + 1) * self.lora_dim)

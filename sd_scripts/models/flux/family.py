@@ -171,7 +171,8 @@ class FluxFamily(ModelFamily):
                 return [hidden] * 3 + [mlp]
             return None
 
-        return LoraTargets(unet_classes=TRAIN_BLOCKS["all" if from_weights else args.train_blocks], unet_conv_classes=(),
+        blocks = "all" if from_weights else args.train_blocks
+        return LoraTargets(unet_classes=TRAIN_BLOCKS[blocks], unet_conv_classes=(),
                            text_encoders=2 if args.train_t5xxl else 1, te_classes=(CLIP_TARGETS, T5_TARGETS),
                            dim_for=args.dim_for, split_for=split_for if args.split_qkv else None,
                            args=self.lora_network_args, unet_extra_paths=IN_LAYERS)

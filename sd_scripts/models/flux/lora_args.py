@@ -116,7 +116,8 @@ def _parse_in_dims(value: str) -> tuple[int, ...]:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     parts = [part.strip() for part in text.split(",")]
-    fix = "must be 5 whole numbers, 0 or more, for img, time, vector, guidance and txt; write it like in_dims=[4,0,0,0,4]"
+    fix = ("must be 5 whole numbers, 0 or more, for img, time, vector, guidance and txt; write it like "
+           "in_dims=[4,0,0,0,4]")
     try:
         dims = tuple(int(part) for part in parts)
     except ValueError:
@@ -159,7 +160,8 @@ def parse_flux_lora_args(network_args: Mapping[str, str], double_blocks: int | N
                         train_t5xxl=_truthy(network_args.get("train_t5xxl")))
 
 
-def flux_lora_arg_warnings(args: FluxLoraArgs, network_args: Mapping[str, str], guidance_embed: bool = True) -> list[str]:
+def flux_lora_arg_warnings(args: FluxLoraArgs, network_args: Mapping[str, str],
+                           guidance_embed: bool = True) -> list[str]:
     """Args that do nothing with the others: block indices of a kind ``train_blocks`` leaves out, a guidance rank
     in ``in_dims`` on a model without a guidance embedding (schnell)."""
     warnings = []
