@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sd_scripts.core.errors import ConfigError
+from sd_scripts.core.problems import Problems
 
 __all__ = ["FLUX_LORA_ARGS", "IN_LAYERS", "TYPE_DIMS", "TRAIN_BLOCKS", "FluxLoraArgs", "parse_block_selection",
            "flux_lora_arg_warnings",
@@ -164,12 +165,12 @@ def flux_lora_arg_warnings(args: FluxLoraArgs, network_args: Mapping[str, str],
                            guidance_embed: bool = True) -> list[str]:
     """Args that do nothing with the others: block indices of a kind ``train_blocks`` leaves out, a guidance rank
     in ``in_dims`` on a model without a guidance embedding (schnell)."""
-    warnings = []
+    found = Problems()
     for kind, key in INDEX_ARGS.items():
         if key in network_args and args.train_blocks not in ("all", kind):
-            warnings.append(f"{SETTING}: {key} does nothing with train_blocks={args.train_blocks} ({kind} blocks are "
-                            f"not trained); remove it or set train_blocks=all")
+            found.warn(f"{SETTING}: {key} does nothing with train_blocks={args.train_blocks} ({kind} blocks are not "
+                       f"trained); remove it or set train_blocks=all")
     if args.in_dims and args.in_dims[IN_LAYERS.index("guidance_in")] and not guidance_embed:
-        warnings.append(f"{SETTING}: in_dims gives guidance_in a rank, but this model has no guidance embedding "
-                        "(schnell); that rank is not used")
-    return warnings
+        found.warn(f"{SETTING}: in_dims gives guidance_in a rank, but this model has no guidance embedding "
+                   "(schnell); that rank is not used")
+    return found.warnings
