@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -99,7 +100,9 @@ def config_from_args(argv: list[str] | None = None, *, prog: str = "train_networ
             try:
                 number = float(text)
             except ValueError:
-                raise ConfigError(f"lr_warmup_steps: {text!r} is not a number of steps, a ratio below 1 or N%") from None
+                number = math.nan
+            if not math.isfinite(number):
+                raise ConfigError(f"lr_warmup_steps: {text!r} is not a number of steps, a ratio below 1 or N%")
             values["lr_warmup_steps"] = int(number) if number >= 1 else number
     for name, value in (fixed or {}).items():
         if values.get(name, value) != value:

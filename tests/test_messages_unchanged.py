@@ -141,3 +141,13 @@ def test_warnings_read_as_before(root, tiny_sd1_diffusers):
         if found != case["warnings"]:
             differ.append(f"{case['id']}\n  now: {found}\n  was: {case['warnings']}")
     assert not differ, "\n".join(differ)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_warmup_that_is_not_finite_is_one_line_too(root, value):
+    """At 123ef47 these crashed with a traceback (int(inf)); they get the line a text value gets."""
+    case = {"entry": "kohya", "argv": ["--pretrained_model_name_or_path", "{tmp}/sd1", "--train_data_dir",
+                                       "{tmp}/data", "--output_dir", "{tmp}/out", f"--lr_warmup_steps={value}"]}
+    rc, lines = run_case(root, case)
+    assert rc == 2
+    assert lines == [f"error: lr_warmup_steps: {value!r} is not a number of steps, a ratio below 1 or N%"]
