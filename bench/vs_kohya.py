@@ -270,6 +270,19 @@ TOOL_CASES = {
                                "--overwrite"],
                               ["networks/merge_lora.py", "--sd_model", "{ckpt}", "--models", "{lora}", "--ratios", "1",
                                "--save_to", "{out}/kohya_merged.safetensors", "--save_precision", "fp16"]),
+    "SVD merge 2x16->16": (["scripts/lora_merge.py", "--models", "{lora}", "{lora}", "--ratios", "0.6", "0.4",
+                            "--new_rank", "16", "--save_to", "{out}/ours_svd.safetensors", "--save_precision", "fp16",
+                            "--device", "cpu", "--overwrite"],
+                           ["networks/svd_merge_lora.py", "--models", "{lora}", "{lora}", "--ratios", "0.6", "0.4",
+                            "--new_rank", "16", "--save_to", "{out}/kohya_svd.safetensors", "--save_precision", "fp16",
+                            "--device", "cpu"]),
+    # both extract from the checkpoint our merge wrote (the row above), with kohya's default clamp quantile
+    "extract rank 16": (["scripts/locon_extract.py", "--base", "{ckpt}", "--tuned", "{out}/ours_merged.safetensors",
+                         "--linear_param", "16", "--clamp_quantile", "0.99", "--save_to", "{out}/ours_extracted.safetensors",
+                         "--save_precision", "fp16", "--device", "cpu", "--overwrite"],
+                        ["networks/extract_lora_from_models.py", "--model_org", "{ckpt}",
+                         "--model_tuned", "{out}/ours_merged.safetensors", "--dim", "16", "--clamp_quantile", "0.99",
+                         "--save_to", "{out}/kohya_extracted.safetensors", "--save_precision", "fp16", "--device", "cpu"]),
 }
 
 
@@ -280,7 +293,8 @@ def compare_tools(assets: dict, opts, env: dict) -> None:
         return
     out = Path(opts.cache) / "out" / "tools"
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{'tool':24s} {'ours wall s':>11s} {'kohya wall s':>12s} {'ratio':>6s} {'ours RSS GB':>11s} {'kohya RSS GB':>12s}")
+    print(f"{'tool':24s} {'ours wall s':>11s} {'kohya wall s':>12s} {'ratio':>6s} {'ours CPU s':>10s} "
+          f"{'kohya CPU s':>11s} {'ratio':>6s} {'ours RSS GB':>11s} {'kohya RSS GB':>12s}")
     for name, (ours, theirs) in TOOL_CASES.items():
         fill = {"lora": str(lora), "ckpt": str(assets["ckpt"]), "out": str(out)}
         result = {}
@@ -295,11 +309,13 @@ def compare_tools(assets: dict, opts, env: dict) -> None:
                 if os.waitstatus_to_exitcode(status) != 0:
                     print(f"  {name}: {tool} failed: {proc.stderr.read().decode(errors='replace').strip()[-300:]}")
                     continue
-                prev = result.get(tool, (float("inf"), 0))
-                result[tool] = (min(prev[0], wall), max(prev[1], usage.ru_maxrss / 2**20))
+                cpu = usage.ru_utime + usage.ru_stime
+                prev = result.get(tool, (float("inf"), float("inf"), 0))
+                result[tool] = (min(prev[0], wall), min(prev[1], cpu), max(prev[2], usage.ru_maxrss / 2**20))
         if "ours" in result and "kohya" in result:
-            (ow, orss), (kw, krss) = result["ours"], result["kohya"]
-            print(f"{name:24s} {ow:11.1f} {kw:12.1f} {ow / kw:6.2f} {orss:11.2f} {krss:12.2f}")
+            (ow, oc, orss), (kw, kc, krss) = result["ours"], result["kohya"]
+            print(f"{name:24s} {ow:11.1f} {kw:12.1f} {ow / kw:6.2f} {oc:10.1f} {kc:11.1f} {oc / kc:6.2f} "
+                  f"{orss:11.2f} {krss:12.2f}", flush=True)
 
 
 # -------------------------------------------------------------------------------------------------- main
