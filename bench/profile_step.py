@@ -47,6 +47,20 @@ class Profiled:
             self.prof.__exit__(None, None, None)
 
 
+def extra_settings(text: str) -> dict:
+    """``name=value,name=value`` -> settings (values as Python literals where they parse, else strings)."""
+    import ast
+
+    settings = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            settings[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[name] = value
+    return settings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["tiny", "sd15"], default="tiny")
@@ -54,6 +68,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="steps profiled (after 3 warm-up steps)")
     parser.add_argument("--python", action="store_true")
+    parser.add_argument("--train_te", action="store_true", help="train the text encoder's LoRA too (UNet + TE)")
+    parser.add_argument("--extra", default="", help="more TrainConfig settings, as name=value,name=value")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     from train_step import build_model, make_images
@@ -69,7 +85,8 @@ def main() -> int:
             pretrained_model_name_or_path=model.model_path, train_data_dir=str(data), output_dir=str(Path(tmp) / "out"),
             output_name="profile", resolution=str(args.size), min_bucket_reso=args.size, max_bucket_reso=args.size,
             train_batch_size=args.batch, max_train_steps=3 + args.steps + 1, network_dim=16, network_alpha=8,
-            network_train_unet_only=True, cache_latents=True, optimizer_type="AdamW", seed=1, max_grad_norm=1.0)
+            network_train_unet_only=not args.train_te, cache_latents=True, optimizer_type="AdamW", seed=1,
+            max_grad_norm=1.0, **extra_settings(args.extra))
         train(config, prof, model=model)
     events = prof.prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
