@@ -14,7 +14,8 @@
 text conditioning, loss, clipping, optimizer and scheduler, progress callbacks). "bare" is the
 same UNet with the same LoRA doing forward, backward and an AdamW step on one cached batch and
 nothing else. Both use random weights (nothing is downloaded), the same batch size, UNet-only
-LoRA (the text encoder is frozen), and run in this process one after the other, alternating,
+LoRA (the text encoder is frozen; ours caches its outputs, ``cache_text_encoder_outputs``, as the bare
+loop's conditioning is a fixed tensor), and run in this process one after the other, alternating,
 so machine noise hits both; the ratio ours/bare is the figure to watch (goal: <= 1.05 at batch >= 2).
 On CPU the step times are this process's CPU seconds (``time.process_time``): both loops run single-threaded in
 this process, and CPU time is barely moved by other processes on a shared machine, where wall time is not. On GPU
@@ -140,7 +141,7 @@ def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mi
         resolution=str(size), min_bucket_reso=size, max_bucket_reso=size, train_batch_size=batch, max_train_steps=steps,
         network_dim=16, network_alpha=8, network_train_unet_only=True, cache_latents=True, optimizer_type="AdamW",
         seed=1, mixed_precision=mixed_precision, max_grad_norm=1.0, gradient_checkpointing=gradient_checkpointing,
-        bucket_reso_steps=32 if sdxl else 64, cache_text_encoder_outputs=sdxl, no_half_vae=sdxl,
+        bucket_reso_steps=32 if sdxl else 64, cache_text_encoder_outputs=True, no_half_vae=sdxl,
     )
     timer = StepTimer(CLOCK["cuda" if torch.cuda.is_available() else "cpu"])  # the device the loop trains on
     train(config, timer, model=model)
