@@ -390,6 +390,7 @@ NEW_ENGINE_SETTINGS = {
     "skip_nonfinite_steps": ("skip_nonfinite_steps", True, False),
     "torch_compile": ("torch_compile", True, False),
     "channels_last": ("channels_last", True, False),
+    "cpu_conv_paths": ("cpu_conv_paths", False, True),
     "save_last_n_steps": ("save_last_n_steps", 5, 0),
     "save_last_n_steps_state": ("save_last_n_steps_state", 3, 0),
     "save_state_on_train_end": ("save_state_on_train_end", True, False),

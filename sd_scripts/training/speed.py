@@ -6,7 +6,8 @@
   CUDA, and on a CPU with native bf16 under ``mixed_precision bf16``; float32 otherwise.
 * :func:`optimizer_speed_kwargs`: torch's fused or multi-tensor (foreach) step for the optimizers that have one.
 * :class:`PhaseMemory`: the process's peak RSS (CPU) or CUDA peak at the end of each phase (load, cache, train).
-* :func:`apply_speed_options`: ``channels_last`` and ``torch_compile`` (``models/compile.py``) on the denoiser;
+* :func:`apply_speed_options`: ``channels_last`` and ``torch_compile`` (``models/compile.py``), and on a CPU
+  ``cpu_conv_paths`` (``models/conv_paths.py``), on the denoiser;
   :class:`CompileClock` reports the compile time apart from the steady steps.
 * :func:`release_vae`: the VAE leaves memory once every latent is cached (kept when samples need it).
 * :func:`cache_accelerate_package_checks` and :func:`clip_gradients`: the loop's own costs found by profiling a
@@ -149,11 +150,15 @@ class PhaseMemory:
 
 
 def apply_speed_options(config: TrainConfig, unet: Any) -> list[str]:
-    """``channels_last`` and ``torch_compile`` on the frozen denoiser (after the network is injected and the model
-    reached its device, dtype and training mode); returns the lines to report."""
+    """``channels_last``, ``torch_compile`` and ``cpu_conv_paths`` on the frozen denoiser (after the network is
+    injected and the model reached its device, dtype and training mode); returns the lines to report."""
     from sd_scripts.models.compile import compile_repeated_blocks, use_channels_last
+    from sd_scripts.models.conv_paths import use_cpu_conv_paths
 
     lines = []
+    on_cpu = next(unet.parameters()).device.type == "cpu"
+    if config.cpu_conv_paths and on_cpu and not config.channels_last and not config.torch_compile:
+        use_cpu_conv_paths(unet)  # the frozen float32 convolutions; silent: it changes no result beyond rounding
     if config.channels_last:
         count = use_channels_last(unet)
         lines.append(f"channels_last: {count} convolutions of the UNet in channels_last layout")
