@@ -7,6 +7,7 @@
 
 Options (each against ``base``: float32 weights, no autocast, eager):
 
+* ``cpu_conv_paths``: each frozen convolution on the path measured fastest for its shape (``models/conv_paths.py``).
 * ``channels_last``: the UNet's convolution weights and the input in NHWC.
 * ``compile``: regional ``torch.compile`` of the repeated blocks (``models/compile.py``), inductor backend; the
   compile time (first two steps minus two steady steps) is printed apart.
@@ -16,7 +17,8 @@ Options (each against ``base``: float32 weights, no autocast, eager):
 * ``foreach`` / ``fused``: AdamW's multi-tensor / fused step (base uses the single-tensor loop).
 
 Rounds alternate the options, so machine noise hits all; the figures are the min and median over rounds of each
-run's median step. The ratio is option/base (below 1 is faster).
+run's median step, in this process's CPU seconds (other jobs on a shared machine barely move them); the compile
+warm-up is in wall seconds (inductor compiles in worker processes). The ratio is option/base (below 1 is faster).
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-OPTIONS = ("base", "channels_last", "compile", "bf16_autocast", "bf16_weights", "foreach", "fused")
+OPTIONS = ("base", "cpu_conv_paths", "channels_last", "compile", "bf16_autocast", "bf16_weights", "foreach", "fused")
 
 
 def one_run(base_unet, option: str, size: int, batch: int, steps: int) -> tuple[float, float]:
-    """(median steady step seconds, warm-up seconds of the first two steps beyond two steady ones)."""
+    """(median steady step CPU seconds, warm-up wall seconds of the first two steps beyond two steady ones)."""
     import torch
     import torch.nn.functional as F
 
     from sd_scripts.models.compile import compile_repeated_blocks, use_channels_last
+    from sd_scripts.models.conv_paths import use_cpu_conv_paths
     from sd_scripts.networks.lora import create_network
 
     torch.manual_seed(0)
@@ -53,6 +56,8 @@ def one_run(base_unet, option: str, size: int, batch: int, steps: int) -> tuple[
     unet.to(dtype=weights)
     if option == "channels_last":
         use_channels_last(unet)
+    if option == "cpu_conv_paths":
+        use_cpu_conv_paths(unet)
     network = create_network(unet, None, network_dim=16, network_alpha=8, train_text_encoder=False)
     network.apply_to()
     if option == "compile":
@@ -68,19 +73,20 @@ def one_run(base_unet, option: str, size: int, batch: int, steps: int) -> tuple[
     hidden = torch.randn(batch, 77, unet.config.cross_attention_dim)
     t = torch.randint(0, 1000, (batch,))
     use_autocast = option in ("bf16_autocast", "bf16_weights")
-    times = []
+    times, walls = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, wall = time.process_time(), time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
             pred = unet(latents.to(weights), t, hidden.to(weights)).sample
         loss = F.mse_loss(pred.float(), latents.float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
+        walls.append(time.perf_counter() - wall)
     network.remove()
-    steady = statistics.median(times[2:])
-    return steady, max(0.0, times[0] + times[1] - 2 * steady)
+    steady, steady_wall = statistics.median(times[2:]), statistics.median(walls[2:])
+    return steady, max(0.0, walls[0] + walls[1] - 2 * steady_wall)
 
 
 def main() -> int:
@@ -115,7 +121,7 @@ def main() -> int:
             lo, med = min(results[option]), statistics.median(results[option])
             ratio = f", ratio {lo / base:.3f}" if base else ""
             extra = f", warm-up (compile) {statistics.median(warm[option]):.1f} s" if option == "compile" else ""
-            print(f"{kind} {size}px batch {batch} {option:14s} min {lo:.4f} s/step, median {med:.4f}{ratio}{extra}",
+            print(f"{kind} {size}px batch {batch} {option:14s} min {lo:.4f} CPU s/step, median {med:.4f}{ratio}{extra}",
                   flush=True)
     return 0
 
