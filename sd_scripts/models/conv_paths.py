@@ -12,8 +12,9 @@ forward + input gradient, ``bench/conv_paths.py``), that pick is far from the fa
   oneDNN's time in channels_last (2560->1280, batch 1: 20 ms against 6 ms). 3x3 ones would gain too, but only with
   their weights kept in channels_last, and reordering a 60 MB weight at each call costs more than it saves.
 
-A whole UNet forward + backward at batch 1 takes 0.78x the CPU time at 128 px and 0.73x at 256 px. The choice is a fixed rule of the shapes, so a run is repeatable and resumes exactly; the values differ
-from PyTorch's own pick only by float rounding. It applies to frozen float32 convolutions on CPU outside autocast;
+A whole UNet forward + backward at batch 1 takes 0.78x the CPU time at 128 px and 0.73x at 256 px (0.98x at batch 4).
+The choice is a fixed rule of the shapes, so a run is repeatable and resumes exactly; the values differ from
+PyTorch's own pick only by float rounding. It applies to frozen float32 convolutions on CPU outside autocast;
 anything else (trained convolutions such as LoCon's, GPUs, bf16, dilated or grouped convolutions) runs as before.
 """
 
@@ -50,6 +51,7 @@ def use_cpu_conv_paths(model: Any) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d) and _plain(module):
             module._conv_forward = MethodType(_conv_forward_by_shape, module)
+            module._conv_paths = {}  # input shape -> path, decided once per shape
             count += 1
     return count
 
@@ -57,6 +59,7 @@ def use_cpu_conv_paths(model: Any) -> int:
 def remove_cpu_conv_paths(model: Any) -> None:
     for module in model.modules():
         module.__dict__.pop("_conv_forward", None)
+        module.__dict__.pop("_conv_paths", None)
 
 
 def _plain(conv) -> bool:
@@ -65,8 +68,8 @@ def _plain(conv) -> bool:
     import torch
 
     weight = getattr(conv, "weight", None)
-    return (isinstance(weight, torch.Tensor) and conv.groups == 1 and tuple(conv.dilation) == (1, 1) and isinstance(conv.padding, tuple)
-            and conv.padding_mode == "zeros" and not weight.requires_grad)
+    return (isinstance(weight, torch.Tensor) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros" and not weight.requires_grad)
 
 
 def _conv_forward_by_shape(self, input, weight, bias):
@@ -76,9 +79,11 @@ def _conv_forward_by_shape(self, input, weight, bias):
     if (input.device.type != "cpu" or input.dim() != 4 or input.dtype != torch.float32 or weight.dtype != torch.float32
             or weight.requires_grad or torch.is_autocast_enabled("cpu")):
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-    out_h = (input.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-    out_w = (input.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-    path = conv_path(input.shape[0], tuple(weight.shape), out_h * out_w)
+    path = self._conv_paths.get(input.shape)
+    if path is None:
+        out_h = (input.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        out_w = (input.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        path = self._conv_paths[input.shape] = conv_path(input.shape[0], tuple(weight.shape), out_h * out_w)
     if path == "im2col":
         return torch._C._nn.thnn_conv2d(input, weight, self.kernel_size, bias, self.stride, self.padding)
     if path == "channels_last":  # 1x1 weights are channels_last already: only the (small) input is reordered
