@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from tests.helpers import make_dataset, tiny_config
+from tests.test_speed_options import _max_difference
+from tests.test_speed_options import _train as train_tiny
 
 
 def test_the_rule_follows_the_measured_shapes():
@@ -80,29 +80,8 @@ def test_trained_grouped_and_autocast_convolutions_keep_pytorch_s_path():
         assert frozen(x).dtype is torch.bfloat16  # autocast still decides the dtype
 
 
-class _Messages:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def on_message(self, text):
-        self.lines.append(text)
-
-
 def _train(model, tmp_path, name, **overrides):
-    from sd_scripts.training.loop import train
-
-    data = tmp_path / "data"
-    if not data.exists():
-        make_dataset(data, count=4)
-    values = dict(max_train_steps=3, cache_latents=True, network_train_unet_only=True, train_batch_size=1)
-    values.update(overrides)
-    return train(tiny_config(model, data, tmp_path / name, **values), _Messages())
-
-
-def _max_difference(a_path, b_path) -> float:
-    a, b = load_file(a_path), load_file(b_path)
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return train_tiny(model, tmp_path, name, **dict({"train_batch_size": 1}, **overrides))[0]
 
 
 def test_training_with_the_paths_gives_the_same_lora_and_an_exact_resume(tiny_sd1_diffusers, tmp_path, monkeypatch):
