@@ -72,6 +72,7 @@ def test_ctrl_c_saves_interrupted_lora_and_state_then_resumes(tiny_sd1_diffusers
     from sd_scripts.training.loop import TrainingInterrupted
 
     cb = _CtrlC(3)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a shell's background job
     with pytest.raises(TrainingInterrupted) as err:
         _train(tiny_sd1_diffusers, data, tmp_path, cb, save_state=True)
     assert isinstance(err.value, KeyboardInterrupt)
@@ -81,7 +82,7 @@ def test_ctrl_c_saves_interrupted_lora_and_state_then_resumes(tiny_sd1_diffusers
     assert lora.is_file() and state.is_dir() and (tmp_path / "tiny-loss.png").is_file()
     assert not (tmp_path / "tiny.safetensors").exists()
     assert any("interrupted at step 3" in m and "resume=" in m for m in cb.messages)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler must be put back"
+    assert signal.getsignal(signal.SIGINT) is before, "the handler must be put back"
     resumed = _train(tiny_sd1_diffusers, data, tmp_path / "resumed", resume=str(state))
     _same(reference, resumed.output_path)
 
@@ -100,11 +101,12 @@ def test_ctrl_c_without_save_state_saves_the_lora(tiny_sd1_diffusers, data, tmp_
 def test_second_ctrl_c_stops_at_once(tiny_sd1_diffusers, data, tmp_path):
     from sd_scripts.training.loop import TrainingInterrupted
 
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as err:
         _train(tiny_sd1_diffusers, data, tmp_path, _CtrlC(2, times=2), save_state=True)
     assert not isinstance(err.value, TrainingInterrupted)
     assert not (tmp_path / "tiny-interrupted.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_during_sampling_abandons_the_image(tiny_sd1_diffusers, data, tmp_path):
