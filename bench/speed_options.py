@@ -4,13 +4,15 @@
     python bench/speed_options.py                       tiny model (64 px, batch 4) and full-size SD1.5 shapes (128 px)
     python bench/speed_options.py --only sd15 --batch 2 --size 256
     python bench/speed_options.py --options base,channels_last,compile
+    python bench/speed_options.py --optimizer_step      AdamW's step alone: single-tensor, foreach, fused
 
 Options (each against ``base``: float32 weights, no autocast, eager):
 
 * ``cpu_conv_paths``: each frozen convolution on the path measured fastest for its shape (``models/conv_paths.py``).
 * ``channels_last``: the UNet's convolution weights and the input in NHWC.
-* ``compile``: regional ``torch.compile`` of the repeated blocks (``models/compile.py``), inductor backend; the
-  compile time (first two steps minus two steady steps) is printed apart.
+* ``compile``: regional ``torch.compile`` of the repeated blocks (``models/compile.py``), inductor backend, with
+  ``cpu_conv_paths`` as training applies it (compare with the ``cpu_conv_paths`` row: what training runs without
+  ``torch_compile``); the compile time (first two steps minus two steady steps) is printed apart.
 * ``bf16_autocast``: float32 weights under bf16 autocast (what accelerate's mixed precision does by itself).
 * ``bf16_weights``: frozen weights in bf16 under bf16 autocast, LoRA in float32 (what ``mixed_precision bf16`` does
   where the CPU computes bf16 natively).
@@ -56,7 +58,7 @@ def one_run(base_unet, option: str, size: int, batch: int, steps: int) -> tuple[
     unet.to(dtype=weights)
     if option == "channels_last":
         use_channels_last(unet)
-    if option == "cpu_conv_paths":
+    if option in ("cpu_conv_paths", "compile"):
         use_cpu_conv_paths(unet)
     network = create_network(unet, None, network_dim=16, network_alpha=8, train_text_encoder=False)
     network.apply_to()
@@ -89,6 +91,37 @@ def one_run(base_unet, option: str, size: int, batch: int, steps: int) -> tuple[
     return steady, max(0.0, walls[0] + walls[1] - 2 * steady_wall)
 
 
+def optimizer_step(kinds: list[str], rounds: int) -> None:
+    """AdamW's step alone on each model's LoRA (dim 16, UNet only), single-tensor / foreach / fused, alternated."""
+    import torch
+
+    from train_step import build_model
+
+    from sd_scripts.networks.lora import create_network
+
+    variants = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    for kind in kinds:
+        network = create_network(build_model(kind).unet, None, network_dim=16, network_alpha=8, train_text_encoder=False)
+        params = [p for p in network.parameters() if p.requires_grad]
+        repeat = 200 if kind == "tiny" else 20
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, kwargs in variants.items():
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt = torch.optim.AdamW(params, lr=1e-4, **kwargs)
+                opt.step()
+                start = time.process_time()
+                for _ in range(repeat):
+                    opt.step()
+                times[name].append((time.process_time() - start) / repeat)
+        single = statistics.median(times["single"])
+        for name in variants:
+            med = statistics.median(times[name])
+            print(f"{kind} AdamW step over {len(params)} LoRA tensors, {name:8s} median {med * 1000:.2f} CPU ms, "
+                  f"ratio {med / single:.3f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["tiny", "sd15"])
@@ -97,7 +130,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--optimizer_step", action="store_true", help="time AdamW's step alone")
     args = parser.parse_args()
+    if args.optimizer_step:
+        optimizer_step([args.only] if args.only else ["tiny", "sd15"], args.rounds)
+        return 0
     from train_step import build_model
 
     from sd_scripts.training.speed import cpu_bf16_support

@@ -48,7 +48,7 @@ def test_each_path_gives_pytorch_s_values_and_input_gradients():
         (torch.nn.Conv2d(1280, 1024, 3, padding=1), torch.randn(1, 1280, 4, 4), "im2col"),
         (torch.nn.Conv2d(1280, 1024, 3, stride=2, padding=1), torch.randn(1, 1280, 8, 8), "im2col"),
         (torch.nn.Conv2d(96, 64, 1), torch.randn(3, 96, 2, 2), "channels_last"),
-        (torch.nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 16, 16), "torch"),
+        (torch.nn.Conv2d(96, 64, 1), torch.randn(1, 96, 16, 16), "torch"),
     ]
     try:
         conv_paths.conv_path = conv_paths_rule
@@ -66,15 +66,18 @@ def test_each_path_gives_pytorch_s_values_and_input_gradients():
         conv_paths.conv_path = real
 
 
-def test_trained_grouped_and_autocast_convolutions_keep_pytorch_s_path():
+def test_trained_grouped_small_and_autocast_convolutions_keep_pytorch_s_path():
     from sd_scripts.models.conv_paths import use_cpu_conv_paths
 
     trained = torch.nn.Conv2d(1280, 1024, 3, padding=1)  # a LoCon's convolution trains: never patched
     grouped = torch.nn.Conv2d(64, 64, 1, groups=4).requires_grad_(False)
+    small = torch.nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)  # no input gives it another path
     frozen = torch.nn.Conv2d(1280, 1024, 3, padding=1).requires_grad_(False)
-    model = torch.nn.ModuleList([trained, grouped, frozen])
-    assert use_cpu_conv_paths(model) == 1
-    assert "_conv_forward" in vars(frozen) and "_conv_forward" not in vars(trained) | vars(grouped)
+    pointwise = torch.nn.Conv2d(64, 64, 1).requires_grad_(False)  # another path at outputs of 2x2 or fewer
+    model = torch.nn.ModuleList([trained, grouped, small, frozen, pointwise])
+    assert use_cpu_conv_paths(model) == 2
+    assert "_conv_forward" in vars(frozen) and "_conv_forward" in vars(pointwise)
+    assert "_conv_forward" not in vars(trained) | vars(grouped) | vars(small)
     x = torch.randn(1, 1280, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert frozen(x).dtype is torch.bfloat16  # autocast still decides the dtype

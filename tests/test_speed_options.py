@@ -73,14 +73,15 @@ def test_optimizer_steps_are_fused_or_foreach_where_torch_has_them():
     from sd_scripts.training.speed import optimizer_speed_kwargs
 
     assert optimizer_speed_kwargs(torch.optim.AdamW, "cuda", {}) == {"fused": True}
-    assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {}) == {"foreach": True}
+    assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {}) == {"fused": True}
+    assert optimizer_speed_kwargs(torch.optim.SGD, "cpu", {}) == {"fused": True}
     assert optimizer_speed_kwargs(torch.optim.RAdam, "cpu", {}) == {"foreach": True}
     assert optimizer_speed_kwargs(torch.optim.AdamW, "cpu", {"foreach": False}) == {}
     assert optimizer_speed_kwargs(type("Lion", (torch.optim.Optimizer,), {"__module__": "lion_pytorch"}), "cpu", {}) == {}
     params = [torch.nn.Parameter(torch.randn(4, 4))]
     built = build_optimizer(TrainConfig(optimizer_type="AdamW", learning_rate=1e-3), [{"params": params}])
-    assert built.optimizer.param_groups[0]["foreach"] is True
-    assert "foreach" not in built.ss_optimizer  # the metadata lists the user's optimizer_args only
+    assert built.optimizer.param_groups[0]["fused"] is True
+    assert "fused" not in built.ss_optimizer  # the metadata lists the user's optimizer_args only
     kept = build_optimizer(TrainConfig(optimizer_type="AdamW", learning_rate=1e-3, optimizer_args=["foreach=False"]),
                            [{"params": params}])
     assert kept.optimizer.param_groups[0]["foreach"] is False and not kept.optimizer.param_groups[0]["fused"]
@@ -102,6 +103,29 @@ def test_fused_and_foreach_adamw_steps_match_the_single_tensor_step():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("scale", [1e-3, 100.0])
+def test_gradient_clipping_gives_torch_s_norm_and_gradients_bit_for_bit(dtypes, scale):
+    """One device and dtype takes the short path (torch's operations without its grouping); mixed dtypes go through
+    torch's ``clip_grad_norm_``; both give what torch gives."""
+    from accelerate import Accelerator
+
+    from sd_scripts.training.speed import clip_gradients
+
+    torch.manual_seed(0)
+    shapes = [(17, 5), (3,), (4, 4, 3, 3), (2, 8)]
+    grads = [(torch.randn(shape) * scale).to(dtypes[i % len(dtypes)]) for i, shape in enumerate(shapes)]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    ours.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: left out, as torch does
+    norm = clip_gradients(Accelerator(cpu=True), ours, 1.0)
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=True))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert ours[-1].grad is None
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -160,6 +184,34 @@ def test_the_vae_leaves_after_caching_unless_samples_need_it_and_memory_is_repor
     seen.clear()
     result, _ = _train(tiny_sd1_diffusers, tmp_path, "sampled", max_train_steps=1, sample_prompts=str(prompts))
     assert seen[0].vae is not None and result.sample_files
+
+
+def test_inductor_keeps_pytorch_s_layout_on_a_cpu():
+    """On a CPU inductor's layout optimization would put the convolutions in channels_last, oneDNN's slow path for
+    the UNet's shapes: it is turned off there, and only there."""
+    from sd_scripts.models.compile import compile_repeated_blocks, inductor_options
+
+    assert inductor_options("inductor", "cpu") == {"layout_optimization": False}
+    assert inductor_options("inductor", "cuda") is None
+    assert inductor_options("aot_eager", "cpu") is None
+    assert inductor_options("inductor", "cpu", "max-autotune") is None  # torch takes a mode or options, not both
+
+    calls = []
+
+    class ResnetBlock2D(torch.nn.Module):  # a repeated block, by its class name
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def compile(self, **options):
+            calls.append(options)
+
+    denoiser = torch.nn.Sequential(ResnetBlock2D(), torch.nn.SiLU(), ResnetBlock2D())
+    assert compile_repeated_blocks(denoiser, "inductor") == 2
+    assert calls == [{"backend": "inductor", "options": {"layout_optimization": False}}] * 2
+    calls.clear()
+    compile_repeated_blocks(denoiser, "aot_eager")
+    assert calls == [{"backend": "aot_eager"}] * 2
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Any
 
 from sd_scripts.core.settings import declared_in_engine
 
-__all__ = ["REPEATED_BLOCKS", "repeated_blocks", "compile_repeated_blocks", "use_channels_last", "DYNAMO_BACKENDS"]
+__all__ = ["REPEATED_BLOCKS", "repeated_blocks", "compile_repeated_blocks", "inductor_options", "use_channels_last", "DYNAMO_BACKENDS"]
 
 # class names of the repeated blocks, for denoisers that do not list theirs in diffusers' ``_repeated_blocks``
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "DoubleStreamBlock", "SingleStreamBlock")
@@ -44,12 +44,24 @@ def repeated_blocks(denoiser: Any, names: tuple[str, ...] | None = None) -> list
     return found
 
 
+def inductor_options(backend: str, device_type: str, mode: str | None = None) -> dict | None:
+    """Inductor settings for the device, or None. On a CPU, no layout optimization: inductor would otherwise put a
+    model with convolutions in channels_last, which oneDNN runs slower than PyTorch's own pick for the UNet's
+    shapes (``models/conv_paths.py``). Measured with ``bench/speed_options.py --options base,compile`` (tiny UNet,
+    64 px, batch 1): compiled with it, 0.95x the eager step time; without it, 0.75x. A ``mode`` (torch refuses
+    both) keeps inductor's defaults."""
+    if backend != "inductor" or device_type != "cpu" or mode:
+        return None
+    return {"layout_optimization": False}
+
+
 def compile_repeated_blocks(denoiser: Any, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each repeated block of ``denoiser`` in place; returns how many. Call it after the network is
     injected (its modules are part of the traced code) and after the model reached its device and dtype."""
     import torch
 
     blocks = repeated_blocks(denoiser)
+    device_type = next(denoiser.parameters()).device.type
     # each block kind meets several shapes (levels of the UNet, sample batches): room for their variants
     dynamo_config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
@@ -57,6 +69,9 @@ def compile_repeated_blocks(denoiser: Any, backend: str = "inductor", mode: str 
     options = {"backend": backend}
     if mode:
         options["mode"] = mode
+    inductor = inductor_options(backend, device_type, mode)
+    if inductor:
+        options["options"] = inductor
     for block in blocks:
         block.compile(**options)
     return len(blocks)

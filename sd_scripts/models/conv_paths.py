@@ -23,7 +23,7 @@ from __future__ import annotations
 from types import MethodType
 from typing import Any
 
-__all__ = ["conv_path", "use_cpu_conv_paths", "remove_cpu_conv_paths"]
+__all__ = ["conv_path", "may_leave_torch", "use_cpu_conv_paths", "remove_cpu_conv_paths"]
 
 BIG_WEIGHT = 10_000_000  # weight elements from which im2col beats oneDNN NCHW at small outputs
 SMALL_OUTPUT = 16 * 16  # output positions up to which it does (measured up to 16x16)
@@ -33,23 +33,37 @@ TINY_OUTPUT = 2 * 2  # output positions up to which oneDNN channels_last beats b
 def conv_path(batch: int, weight_shape: tuple[int, ...], output_positions: int) -> str:
     """The path for one convolution call: ``"channels_last"`` (oneDNN NHWC), ``"im2col"`` (``thnn_conv2d``) or
     ``"torch"`` (PyTorch's own pick)."""
-    out_channels, in_channels, kernel_h, kernel_w = weight_shape
-    if output_positions <= TINY_OUTPUT and kernel_h * kernel_w == 1:
+    if output_positions <= TINY_OUTPUT and _pointwise(weight_shape):
         return "channels_last"
-    big = out_channels * in_channels * kernel_h * kernel_w >= BIG_WEIGHT
-    if batch == 1 and big and output_positions <= SMALL_OUTPUT:
+    if batch == 1 and _big(weight_shape) and output_positions <= SMALL_OUTPUT:
         return "im2col"
     return "torch"
 
 
+def may_leave_torch(weight_shape: tuple[int, ...]) -> bool:
+    """Whether :func:`conv_path` can give anything but ``"torch"`` for this weight at some input: a 1x1 weight or a
+    big one. The others are left unpatched, so the small convolutions pay no per-call check (a tiny UNet's step
+    is mostly such calls)."""
+    return _pointwise(weight_shape) or _big(weight_shape)
+
+
+def _pointwise(weight_shape: tuple[int, ...]) -> bool:
+    return weight_shape[2] * weight_shape[3] == 1
+
+
+def _big(weight_shape: tuple[int, ...]) -> bool:
+    out_channels, in_channels, kernel_h, kernel_w = weight_shape
+    return out_channels * in_channels * kernel_h * kernel_w >= BIG_WEIGHT
+
+
 def use_cpu_conv_paths(model: Any) -> int:
-    """Give every plain frozen ``Conv2d`` of ``model`` the per-shape path; returns how many. Undo with
-    :func:`remove_cpu_conv_paths`."""
+    """Give every plain frozen ``Conv2d`` of ``model`` that may leave PyTorch's pick the per-shape path; returns
+    how many. Undo with :func:`remove_cpu_conv_paths`."""
     import torch
 
     count = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d) and _plain(module):
+        if isinstance(module, torch.nn.Conv2d) and _plain(module) and may_leave_torch(tuple(module.weight.shape)):
             module._conv_forward = MethodType(_conv_forward_by_shape, module)
             module._conv_paths = {}  # input shape -> path, decided once per shape
             count += 1
