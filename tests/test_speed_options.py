@@ -128,6 +128,39 @@ def test_gradient_clipping_gives_torch_s_norm_and_gradients_bit_for_bit(dtypes, 
     assert ours[-1].grad is None
 
 
+def test_batches_read_from_memory_take_no_loader_process(tiny_sd1_diffusers, tmp_path, monkeypatch):
+    """Cached latents: the loader runs in the training process whatever max_data_loader_n_workers says (a worker
+    would only add the cost of sending each batch); images read from disk keep the workers, one per CPU at most.
+    The count never changes the LoRA: each batch draws from its own generator."""
+    import os
+
+    import torch.utils.data
+
+    from sd_scripts.training.data_loader import loader_workers
+
+    assert loader_workers(8, items_in_memory=True) == 0
+    assert loader_workers(8, items_in_memory=False) == min(8, os.cpu_count() or 1)
+    assert loader_workers(0, items_in_memory=False) == 0
+    built = []
+    real_init = torch.utils.data.DataLoader.__init__
+
+    def record(self, *args, **kwargs):
+        built.append(kwargs.get("num_workers"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", record)
+    options = dict(max_data_loader_n_workers=1, persistent_data_loader_workers=True, max_train_steps=2,
+                   caption_dropout_rate=0.5, shuffle_caption=True)
+    _train(tiny_sd1_diffusers, tmp_path, "cached", **options)
+    assert set(built) == {0}  # ours, and accelerate's copy of it
+    built.clear()
+    read, _ = _train(tiny_sd1_diffusers, tmp_path, "read", **dict(options, cache_latents=False))
+    assert set(built) == {1}
+    here, _ = _train(tiny_sd1_diffusers, tmp_path, "here",
+                     **dict(options, cache_latents=False, max_data_loader_n_workers=0))
+    assert _max_difference(read.output_path, here.output_path) == 0.0
+
+
 # --------------------------------------------------------------------------------------------- training
 
 

@@ -10,7 +10,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-__all__ = ["StepAwareDataset", "build_data_loader", "wants_token_warmup"]
+__all__ = ["StepAwareDataset", "build_data_loader", "loader_workers", "wants_token_warmup"]
 
 
 class StepAwareDataset:
@@ -68,6 +68,16 @@ def wants_token_warmup(dataset_plan) -> bool:
                for s in getattr(dataset_plan, "subsets", []))
 
 
+def loader_workers(max_workers: int, items_in_memory: bool) -> int:
+    """How many loader processes: none when every batch is read from memory (cached latents: a batch is a few
+    tensor lookups, less work than sending it from a worker process, and a worker would take a CPU core from
+    training); else ``max_workers``, at most one per CPU (kohya's cap). A batch's random choices come from its own
+    generator (``dataset.batch_rng``), so the count never changes what is trained."""
+    if items_in_memory:
+        return 0
+    return min(max_workers, os.cpu_count() or 1)
+
+
 def build_data_loader(config, dataset, dataset_plan, max_train_steps: int, seed: int):
     """``(view, loader)``: batches of the dataset in index order, one dataset item (a whole batch) at a time."""
     import torch
@@ -77,10 +87,10 @@ def build_data_loader(config, dataset, dataset_plan, max_train_steps: int, seed:
     if not token_warmup:
         dataset.set_step(0, max_train_steps)
     view = StepAwareDataset(dataset, ga, max_train_steps, token_warmup)
+    workers = loader_workers(config.max_data_loader_n_workers, getattr(dataset, "latents_cached", False))
     loader = torch.utils.data.DataLoader(
-        view, batch_size=1, shuffle=False, collate_fn=_first,
-        num_workers=min(config.max_data_loader_n_workers, os.cpu_count() or 1),  # kohya's cap
-        persistent_workers=config.persistent_data_loader_workers and config.max_data_loader_n_workers > 0,
+        view, batch_size=1, shuffle=False, collate_fn=_first, num_workers=workers,
+        persistent_workers=config.persistent_data_loader_workers and workers > 0,
         # its own generator: starting an epoch must not draw from torch's global one (exact resume)
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_ignore_sigint,
