@@ -313,7 +313,7 @@ class ArgStore(SettingsStore):
     save_last_n_epochs_state: int | None = setting(
         None, "keep only the last N per-epoch training states")
     num_workers: int = setting(
-        1, "data loader worker processes (0 loads in the training process)")
+        1, "data loader worker processes (0 loads in the training process; none start when latents are cached)")
     persistent_workers: bool = setting(
         True, "keep data loader workers alive between epochs")
     face_crop_aug_range: str | None = setting(

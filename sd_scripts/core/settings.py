@@ -446,7 +446,7 @@ SETTINGS: tuple[Setting, ...] = (
         Setting("save_last_n_epochs_state", int | None, None, "keep only the last N per-epoch training states",
             SAVING,
             gui_zero_unset=True, range=at_least(1), kohya_range=_SAVE_EVERY),
-        Setting("num_workers", int, 1, "data loader worker processes (0 loads in the training process)", PRECISION,
+        Setting("num_workers", int, 1, "data loader worker processes (0 loads in the training process; none start when latents are cached)", PRECISION,
             kohya="max_data_loader_n_workers", kohya_default=0, kohya_cli_default=8, required=True, range=at_least(0)),
         Setting("persistent_workers", bool, True, "keep data loader workers alive between epochs", PRECISION,
             kohya="persistent_data_loader_workers", kohya_default=False),

@@ -47,9 +47,9 @@ def repeated_blocks(denoiser: Any, names: tuple[str, ...] | None = None) -> list
 def inductor_options(backend: str, device_type: str, mode: str | None = None) -> dict | None:
     """Inductor settings for the device, or None. On a CPU, no layout optimization: inductor would otherwise put a
     model with convolutions in channels_last, which oneDNN runs slower than PyTorch's own pick for the UNet's
-    shapes (``models/conv_paths.py``). Measured with ``bench/speed_options.py --options base,compile`` (tiny UNet,
-    64 px, batch 1): compiled with it, 0.95x the eager step time; without it, 0.75x. A ``mode`` (torch refuses
-    both) keeps inductor's defaults."""
+    shapes (``models/conv_paths.py``). Measured on a 2-core CPU (tiny UNet + LoRA, 64 px, batch 1, two rounds
+    alternated in one process): compiled with it, 0.95x the eager step's CPU time; without it, 0.75x. A ``mode``
+    (torch refuses both) keeps inductor's defaults."""
     if backend != "inductor" or device_type != "cpu" or mode:
         return None
     return {"layout_optimization": False}
