@@ -174,6 +174,9 @@ def gpu_flux(steps: int, make_images, peak_memory_mb, bf16_peak: dict) -> None:
 
     from sd_scripts.models.flux.memory import store_flux_weights_fp8
 
+    if not torch.cuda.is_available():
+        print("--gpu --only flux: no CUDA device here")
+        return
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in bf16_peak.items() if k in name), None)
