@@ -15,10 +15,15 @@
 set -u
 cd "$(dirname "$0")/.."
 
-# wheels for any Python: pip builds them here when the index has only a source archive
-PURE=(diffusers==0.42.1 transformers==5.24.0 lycoris_lora==4.1.3 lion-pytorch==0.2.5 dadaptation==3.2
-      prodigyopt==1.1.2 toml==0.10.2 importlib_metadata==10.2.0)
-# compiled for CPython 3.12 on x86-64 Linux
+pin() {  # the version requirements.txt pins for a package
+    grep -i -m1 "^$1==" requirements.txt || { echo "requirements.txt pins no $1" >&2; exit 1; }
+}
+# wheels for any Python (pip builds them here when the index has only a source archive): the project's pins, and
+# diffusers' importlib_metadata, which the image lacks
+PURE=($(for name in diffusers transformers lycoris_lora lion-pytorch dadaptation prodigyopt toml; do pin "$name"; done)
+      importlib_metadata==10.2.0)
+[ "${#PURE[@]}" = 8 ] || exit 1
+# compiled for CPython 3.12 on x86-64 Linux: transformers needs a newer regex than the image's
 BINARY=(regex==2026.12.2)
 
 if [ "${1:-}" = "--prepare" ]; then
