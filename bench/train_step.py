@@ -15,8 +15,10 @@ text conditioning, loss, clipping, optimizer and scheduler, progress callbacks).
 same UNet with the same LoRA doing forward, backward and an AdamW step on one cached batch and
 nothing else. Both use random weights (nothing is downloaded), the same batch size, UNet-only
 LoRA (the text encoder is frozen; ours caches its outputs, ``cache_text_encoder_outputs``, as the bare
-loop's conditioning is a fixed tensor), and run in this process one after the other, alternating,
-so machine noise hits both; the ratio ours/bare is the figure to watch (goal: <= 1.05 at batch >= 2).
+loop's conditioning is a fixed tensor), and run in this process. On CPU they alternate step by step: a bare step
+runs inside our loop's progress callback after each of our steps and is left out of our step's time, so a busy
+moment of the shared machine hits both alike (SDXL, whose second UNet would not fit in RAM: bare first, then ours).
+The ratio ours/bare is the figure to watch (goal: <= 1.05).
 On CPU the step times are this process's CPU seconds (``time.process_time``): both loops run single-threaded in
 this process, and CPU time is barely moved by other processes on a shared machine, where wall time is not. On GPU
 they are wall seconds after a device synchronize.
@@ -125,32 +127,39 @@ class StepTimer:
         self.times.append(self.clock())
 
 
-def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
-              copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
-    import torch
-
+def _bench_config(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
+                  gradient_checkpointing: bool = False):
     from sd_scripts.core.config import TrainConfig
-    from sd_scripts.training.loop import train
 
-    model = copy.copy(base)
-    if copy_unet:
-        model.unet = copy.deepcopy(base.unet)
     sdxl = base.family.name == "sdxl"
-    config = TrainConfig(
+    return TrainConfig(
         pretrained_model_name_or_path=base.model_path, train_data_dir=str(data), output_dir=str(out), output_name="bench",
         resolution=str(size), min_bucket_reso=size, max_bucket_reso=size, train_batch_size=batch, max_train_steps=steps,
         network_dim=16, network_alpha=8, network_train_unet_only=True, cache_latents=True, optimizer_type="AdamW",
         seed=1, mixed_precision=mixed_precision, max_grad_norm=1.0, gradient_checkpointing=gradient_checkpointing,
         bucket_reso_steps=32 if sdxl else 64, cache_text_encoder_outputs=True, no_half_vae=sdxl,
     )
+
+
+def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
+              copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
+    import torch
+
+    from sd_scripts.training.loop import train
+
+    model = copy.copy(base)
+    if copy_unet:
+        model.unet = copy.deepcopy(base.unet)
+    config = _bench_config(base, data, out, size, batch, steps, mixed_precision, gradient_checkpointing)
     timer = StepTimer(CLOCK["cuda" if torch.cuda.is_available() else "cpu"])  # the device the loop trains on
     train(config, timer, model=model)
     gaps = [b - a for a, b in zip(timer.times, timer.times[1:])][1:]  # drop the first (warm-up) step
     return statistics.median(gaps)
 
 
-def time_bare(base, size: int, batch: int, steps: int, device, dtype, copy_unet: bool = True,
-              gradient_checkpointing: bool = False) -> float:
+def bare_step(base, size: int, batch: int, device, dtype, copy_unet: bool = True, gradient_checkpointing: bool = False):
+    """``(step, done)``: ``step()`` runs one bare training step (forward, backward, AdamW step), ``done()`` takes the
+    LoRA out of the UNet."""
     import torch
     import torch.nn.functional as F
 
@@ -179,43 +188,98 @@ def time_bare(base, size: int, batch: int, steps: int, device, dtype, copy_unet:
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)
         extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
                                       "time_ids": time_ids}
-    times = []
-    clock = CLOCK[device.type]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
+
+    def step() -> None:
         with autocast:
             pred = unet(latents, t, hidden, **extra).sample
         loss = F.mse_loss(pred.float(), latents.float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step, network.remove
+
+
+def time_bare(base, size: int, batch: int, steps: int, device, dtype, copy_unet: bool = True,
+              gradient_checkpointing: bool = False) -> float:
+    import torch
+
+    step, done = bare_step(base, size, batch, device, dtype, copy_unet, gradient_checkpointing)
+    times = []
+    clock = CLOCK[device.type]
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(clock() - start)
-    network.remove()
+    done()
     return statistics.median(times[1:])
 
 
+class InterleavedTimer:
+    """Callbacks for our loop that run one bare step after each of our steps, so that the two alternate step by
+    step and a busy moment of a shared machine hits both alike. Our step's time leaves the bare step out."""
+
+    def __init__(self, bare, clock=time.process_time):
+        self.bare, self.clock = bare, clock
+        self.ours: list[float] = []
+        self.bare_times: list[float] = []
+        self._resumed = None
+
+    def on_progress(self, step, total, loss, lr, epoch):
+        now = self.clock()
+        if self._resumed is not None:
+            self.ours.append(now - self._resumed)
+        start = self.clock()
+        self.bare()
+        end = self.clock()
+        self.bare_times.append(end - start)
+        self._resumed = end
+
+
+def time_interleaved(base, data: Path, out: Path, size: int, batch: int, steps: int) -> tuple[list, list]:
+    """Our loop and the bare step alternating step by step on CPU: (our step times, bare step times), warm-up left
+    out."""
+    import torch
+
+    from sd_scripts.training.loop import train
+
+    step, done = bare_step(base, size, batch, torch.device("cpu"), torch.float32)
+    timer = InterleavedTimer(step)
+    model = copy.copy(base)
+    model.unet = copy.deepcopy(base.unet)
+    train(_bench_config(base, data, out, size, batch, steps), timer, model=model)
+    done()
+    return timer.ours[1:], timer.bare_times[2:]
+
+
 def compare(kind: str, size: int, batch: int, steps: int, rounds: int) -> None:
+    """Ours against bare on CPU. Where two UNets fit in RAM the two alternate step by step inside one run of our
+    loop (:class:`InterleavedTimer`), ``rounds`` times; SDXL runs bare first, then ours on the same UNet."""
     import torch
 
     device = torch.device("cpu")
     base = build_model(kind)
-    copy_unet = kind != "sdxl"  # a second SDXL UNet would not fit in RAM: bare first, then ours on the same UNet
     with tempfile.TemporaryDirectory() as tmp:
         data = make_images(Path(tmp) / "data", size, count=max(4, batch * 2))
-        ours, bare = [], []
-        for r in range(rounds if copy_unet else 1):
-            bare.append(time_bare(base, size, batch, steps, device, torch.float32, copy_unet=copy_unet))
-            ours.append(time_ours(base, data, Path(tmp) / f"out{r}", size, batch, steps, copy_unet=copy_unet))
-        o, b = min(ours), min(bare)
+        if kind == "sdxl":  # a second SDXL UNet would not fit in RAM
+            bare = [time_bare(base, size, batch, steps, device, torch.float32, copy_unet=False)]
+            ours = [time_ours(base, data, Path(tmp) / "out", size, batch, steps, copy_unet=False)]
+        else:
+            ours, bare = [], []
+            for r in range(rounds):
+                o, b = time_interleaved(base, data, Path(tmp) / f"out{r}", size, batch, steps)
+                ours += o
+                bare += b
+        o, b = statistics.median(ours), statistics.median(bare)
         paired = statistics.median(x / y for x, y in zip(ours, bare))
-        print(f"{kind:5s} {size:4d}px batch {batch}: ours {o:.3f} CPU s/step, bare {b:.3f} CPU s/step, "
-              f"ratio {o / b:.3f} (median of the rounds' ratios {paired:.3f}), peak RSS {peak_memory_mb(device):.0f} MiB  "
-              f"(min of {len(ours)} rounds, median of {steps - 1} steps)")
+        print(f"{kind:5s} {size:4d}px batch {batch}: ours {o:.4f} CPU s/step, bare {b:.4f} CPU s/step, "
+              f"ratio {o / b:.3f} (median of the paired steps' ratios {paired:.3f}), "
+              f"peak RSS {peak_memory_mb(device):.0f} MiB  (medians of {len(ours)} steps of ours, {len(bare)} bare)")
 
 
 def gpu(batches: list[int], steps: int) -> None:
@@ -285,8 +349,8 @@ def main() -> int:
         compare_cpu("blocks", 256, 1, args.steps, args.rounds, make_images, peak_memory_mb)
         return 0
     if args.only in (None, "tiny"):
-        for batch in (1, 4):  # a tiny step moves by 20% from one run to the next here: more rounds
-            compare("tiny", 64, batch, max(args.steps, 24), max(args.rounds, 6))
+        for batch in (1, 4):  # a tiny step moves by 20% from one moment to the next here: many steps
+            compare("tiny", 64, batch, max(args.steps, 100), max(args.rounds, 2))
     if args.only in (None, "sd15"):
         compare("sd15", 128, 2, args.steps, args.rounds)
     if args.only == "sdxl":

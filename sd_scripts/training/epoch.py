@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from sd_scripts.training.results import (StopAtOnce, TrainingInterrupted, TrainingStopped, lora_file_name,
                                          state_name)
-from sd_scripts.training.trainer_base import TrainerBase
+from sd_scripts.training.grad_buffer import GradBuffer
 from sd_scripts.training.speed import clip_gradients
+from sd_scripts.training.trainer_base import TrainerBase
 from sd_scripts.training.validation import validation_due_at_epoch, validation_due_at_step
 
 __all__ = ["EpochLoop", "StopRequest"]
@@ -69,11 +70,14 @@ class EpochLoop(TrainerBase):
 
     def _train_until_done(self) -> None:
         """The loop with Ctrl+C caught; the loggers are closed whatever happens."""
+        self.grad_buffer = GradBuffer.for_run(self.accelerator, self.trainable_params)
         self._stop.install()
         try:
             self._loop()
         finally:
             self._stop.uninstall()
+            if self.grad_buffer is not None:
+                self.grad_buffer.release()
             if self._trackers_on:
                 try:
                     self.accelerator.end_training()
@@ -180,7 +184,10 @@ class EpochLoop(TrainerBase):
                                                                                 accelerator.device)
                 self._consistent = True
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.grad_buffer is not None and accelerator.sync_gradients:
+                self.grad_buffer.zero()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)  # accelerate keeps them while accumulating
 
     def _sync_and_clip_gradients(self, batch) -> bool:
         """Average the gradients over the processes and clip them (max_grad_norm); False when their norm is not
@@ -192,8 +199,13 @@ class EpochLoop(TrainerBase):
             for p in self.trainable_params:
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if self.grad_buffer is not None:
+            self.grad_buffer.settle()
         if self.config.max_grad_norm:
-            norm = clip_gradients(accelerator, self.trainable_params, self.config.max_grad_norm)
+            if self.grad_buffer is not None:
+                norm = self.grad_buffer.clip(self.config.max_grad_norm)
+            else:
+                norm = clip_gradients(accelerator, self.trainable_params, self.config.max_grad_norm)
             if accelerator.scaler is None and norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
                 self._nonfinite(f"the gradient norm became {float(norm)}", batch)
                 return False

@@ -71,6 +71,7 @@ class TrainerBase:
     progress: Any  # state.TrainProgress
     resumed_rng: Any
     # epoch.EpochLoop
+    grad_buffer: Any  # grad_buffer.GradBuffer on a one-process CPU run, or None
     _recent: Any  # deque of the last epoch's worth of finite losses
     _at_boundary: bool  # weights, optimizer and counters agree (between optimizer steps)
     _consistent: bool  # weights are not half-updated
