@@ -11,7 +11,8 @@
 #                                          to $OUT (the device tool's folder) or ./device_logs
 #
 # Each part has its own time limit (DEVICE_TEST_S, DEVICE_BENCH_S, DEVICE_FLUX_S seconds) so that the whole run
-# ends inside one call; a part that fails or runs out of time is reported and the next one still runs.
+# ends inside one call (60 + 150 + 200 + 150 s by default, under the device tool's 600 s per call with the
+# install); a part that fails or runs out of time is reported and the next one still runs.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -61,6 +62,6 @@ part() {  # part NAME SECONDS COMMAND...: run it with its log in $out/NAME.txt, 
 part machine 60 sh -c 'nvidia-smi; python3 -c "import sys, torch, diffusers, transformers, accelerate, lycoris
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))
 print(\"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__, \"accelerate\", accelerate.__version__)"'
-part gpu_tests "${DEVICE_TEST_S:-240}" python3 -m pytest -m gpu -q tests
+part gpu_tests "${DEVICE_TEST_S:-150}" python3 -m pytest -m gpu -q tests
 part train_step_gpu "${DEVICE_BENCH_S:-200}" python3 bench/train_step.py --gpu
 part flux_gpu "${DEVICE_FLUX_S:-150}" python3 bench/train_step.py --gpu --only flux
