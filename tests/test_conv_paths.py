@@ -25,6 +25,8 @@ def test_the_rule_follows_the_measured_shapes():
     assert conv_path(1, (1280, 2560, 1, 1), 2 * 2) == "channels_last"
     assert conv_path(4, (1280, 1280, 1, 1), 2 * 2) == "channels_last"
     assert conv_path(1, (1280, 1280, 1, 1), 4 * 4) == "torch"
+    assert conv_path(1, (320, 320, 1, 1), 2 * 2) == "channels_last"  # the narrowest of SD1.x/SD2.x/SDXL
+    assert conv_path(1, (64, 64, 1, 1), 2 * 2) == "torch"  # narrow (test-sized) 1x1 weights: slower there
 
 
 def _values_and_input_gradient(conv, x, patched: bool):
@@ -47,8 +49,8 @@ def test_each_path_gives_pytorch_s_values_and_input_gradients():
     cases = [
         (torch.nn.Conv2d(1280, 1024, 3, padding=1), torch.randn(1, 1280, 4, 4), "im2col"),
         (torch.nn.Conv2d(1280, 1024, 3, stride=2, padding=1), torch.randn(1, 1280, 8, 8), "im2col"),
-        (torch.nn.Conv2d(96, 64, 1), torch.randn(3, 96, 2, 2), "channels_last"),
-        (torch.nn.Conv2d(96, 64, 1), torch.randn(1, 96, 16, 16), "torch"),
+        (torch.nn.Conv2d(320, 256, 1), torch.randn(3, 320, 2, 2), "channels_last"),
+        (torch.nn.Conv2d(320, 256, 1), torch.randn(1, 320, 16, 16), "torch"),
     ]
     try:
         conv_paths.conv_path = conv_paths_rule
@@ -73,11 +75,12 @@ def test_trained_grouped_small_and_autocast_convolutions_keep_pytorch_s_path():
     grouped = torch.nn.Conv2d(64, 64, 1, groups=4).requires_grad_(False)
     small = torch.nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)  # no input gives it another path
     frozen = torch.nn.Conv2d(1280, 1024, 3, padding=1).requires_grad_(False)
-    pointwise = torch.nn.Conv2d(64, 64, 1).requires_grad_(False)  # another path at outputs of 2x2 or fewer
-    model = torch.nn.ModuleList([trained, grouped, small, frozen, pointwise])
+    pointwise = torch.nn.Conv2d(320, 320, 1).requires_grad_(False)  # another path at outputs of 2x2 or fewer
+    narrow = torch.nn.Conv2d(64, 64, 1).requires_grad_(False)  # a narrow 1x1 stays on PyTorch's pick
+    model = torch.nn.ModuleList([trained, grouped, small, frozen, pointwise, narrow])
     assert use_cpu_conv_paths(model) == 2
     assert "_conv_forward" in vars(frozen) and "_conv_forward" in vars(pointwise)
-    assert "_conv_forward" not in vars(trained) | vars(grouped) | vars(small)
+    assert "_conv_forward" not in vars(trained) | vars(grouped) | vars(small) | vars(narrow)
     x = torch.randn(1, 1280, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert frozen(x).dtype is torch.bfloat16  # autocast still decides the dtype
@@ -97,6 +100,7 @@ def test_training_with_the_paths_gives_the_same_lora_and_an_exact_resume(tiny_sd
     monkeypatch.setattr(conv_paths, "BIG_WEIGHT", 0)
     monkeypatch.setattr(conv_paths, "SMALL_OUTPUT", 10**9)
     monkeypatch.setattr(conv_paths, "TINY_OUTPUT", 10**9)
+    monkeypatch.setattr(conv_paths, "WIDE_POINTWISE", 0)
     monkeypatch.setattr(conv_paths, "conv_path", lambda *a: taken.append(real(*a)) or taken[-1])
     for optimizer, tolerance in (("SGD", 1e-6), ("AdamW", 1e-4)):
         taken.clear()

@@ -10,7 +10,10 @@ forward + input gradient, ``bench/conv_paths.py``), that pick is far from the fa
   faster (the im2col path runs sample by sample), so larger batches keep PyTorch's pick;
 * 1x1 convolutions with outputs of 2x2 or fewer (the 128 px UNet's deepest level): the im2col path takes 3-4x
   oneDNN's time in channels_last (2560->1280, batch 1: 20 ms against 6 ms). 3x3 ones would gain too, but only with
-  their weights kept in channels_last, and reordering a 60 MB weight at each call costs more than it saves.
+  their weights kept in channels_last, and reordering a 60 MB weight at each call costs more than it saves. Narrow
+  1x1 weights (64->64, 128->64: test-sized models) are 1.1x slower in channels_last at batch 1, forward + input
+  gradient at 2x2; from 320->320, the narrowest 1x1 convolution of SD1.x/SD2.x/SDXL, 2-6x faster. So only 1x1
+  weights of 256x256 elements or more take it.
 
 A whole UNet forward + backward at batch 1 takes 0.78x the CPU time at 128 px and 0.73x at 256 px (0.98x at batch 4).
 The choice is a fixed rule of the shapes, so a run is repeatable and resumes exactly; the values differ from
@@ -28,6 +31,7 @@ __all__ = ["conv_path", "may_leave_torch", "use_cpu_conv_paths", "remove_cpu_con
 BIG_WEIGHT = 10_000_000  # weight elements from which im2col beats oneDNN NCHW at small outputs
 SMALL_OUTPUT = 16 * 16  # output positions up to which it does (measured up to 16x16)
 TINY_OUTPUT = 2 * 2  # output positions up to which oneDNN channels_last beats both
+WIDE_POINTWISE = 256 * 256  # 1x1 weight elements from which it does
 
 
 def conv_path(batch: int, weight_shape: tuple[int, ...], output_positions: int) -> str:
@@ -41,14 +45,15 @@ def conv_path(batch: int, weight_shape: tuple[int, ...], output_positions: int) 
 
 
 def may_leave_torch(weight_shape: tuple[int, ...]) -> bool:
-    """Whether :func:`conv_path` can give anything but ``"torch"`` for this weight at some input: a 1x1 weight or a
-    big one. The others are left unpatched, so the small convolutions pay no per-call check (a tiny UNet's step
-    is mostly such calls)."""
+    """Whether :func:`conv_path` can give anything but ``"torch"`` for this weight at some input: a wide 1x1
+    weight or a big one. The others are left unpatched, so the small convolutions pay no per-call check (a tiny
+    UNet's step is all such calls)."""
     return _pointwise(weight_shape) or _big(weight_shape)
 
 
 def _pointwise(weight_shape: tuple[int, ...]) -> bool:
-    return weight_shape[2] * weight_shape[3] == 1
+    out_channels, in_channels, kernel_h, kernel_w = weight_shape
+    return kernel_h * kernel_w == 1 and out_channels * in_channels >= WIDE_POINTWISE
 
 
 def _big(weight_shape: tuple[int, ...]) -> bool:

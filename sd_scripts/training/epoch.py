@@ -223,7 +223,11 @@ class EpochLoop(TrainerBase):
             value = float("nan")
             self.result.skipped_steps.append(step)
         else:
-            value = float(torch.stack(parts.micro_losses).mean()) if parts.micro_losses else float("nan")
+            losses = parts.micro_losses
+            if len(losses) == 1:  # the usual case: no stack and mean over one value (the same number)
+                value = float(losses[0])
+            else:
+                value = float(torch.stack(losses).mean()) if losses else float("nan")
         parts.micro_losses, parts.skip_step = [], False
         self._at_boundary = True
         lrs = self._current_lrs()

@@ -87,7 +87,7 @@ class DDPMObjective:
         from sd_scripts.training.losses import loss_weights_for
         from sd_scripts.training.noise import snr_of
 
-        return loss_weights_for(self.config, snr_of(self.alphas_cumprod, noised.timesteps), self.v_param)
+        return loss_weights_for(self.config, lambda: snr_of(self.alphas_cumprod, noised.timesteps), self.v_param)
 
     def validation_timesteps(self, count: int, device) -> list[torch.Tensor]:
         """Fixed timesteps of a validation batch (kohya: 200, 400, 600, 800)."""
