@@ -141,18 +141,23 @@ def _bench_config(base, data: Path, out: Path, size: int, batch: int, steps: int
     )
 
 
-def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
-              copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
-    import torch
-
+def _train_ours(base, config, callbacks, copy_unet: bool = True) -> None:
+    """Our training loop on ``base`` (on a copy of its UNet unless ``copy_unet`` is off)."""
     from sd_scripts.training.loop import train
 
     model = copy.copy(base)
     if copy_unet:
         model.unet = copy.deepcopy(base.unet)
+    train(config, callbacks, model=model)
+
+
+def time_ours(base, data: Path, out: Path, size: int, batch: int, steps: int, mixed_precision: str = "no",
+              copy_unet: bool = True, gradient_checkpointing: bool = False) -> float:
+    import torch
+
     config = _bench_config(base, data, out, size, batch, steps, mixed_precision, gradient_checkpointing)
     timer = StepTimer(CLOCK["cuda" if torch.cuda.is_available() else "cpu"])  # the device the loop trains on
-    train(config, timer, model=model)
+    _train_ours(base, config, timer, copy_unet)
     gaps = [b - a for a, b in zip(timer.times, timer.times[1:])][1:]  # drop the first (warm-up) step
     return statistics.median(gaps)
 
@@ -246,13 +251,9 @@ def time_interleaved(base, data: Path, out: Path, size: int, batch: int, steps: 
     out."""
     import torch
 
-    from sd_scripts.training.loop import train
-
     step, done = bare_step(base, size, batch, torch.device("cpu"), torch.float32)
     timer = InterleavedTimer(step)
-    model = copy.copy(base)
-    model.unet = copy.deepcopy(base.unet)
-    train(_bench_config(base, data, out, size, batch, steps), timer, model=model)
+    _train_ours(base, _bench_config(base, data, out, size, batch, steps), timer)
     done()
     return timer.ours[1:], timer.bare_times[2:]
 

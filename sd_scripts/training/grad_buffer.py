@@ -3,7 +3,8 @@
 On a CPU, torch's multi-tensor ("foreach") operations run one kernel per tensor, so clipping the gradients of a
 LoRA's hundreds of tensors costs two calls per tensor (norm, scale), and ``zero_grad`` one more pass over them. With
 every gradient a view of one buffer, the norm, the scale and the zeroing are one call each: on the tiny UNet
-(96 tensors), 0.8 ms less per step of about 30 (``bench/train_step.py``).
+(96 tensors, batch 1), clipping took 0.46 ms per step instead of 1.4-1.8 and zeroing 0.1 ms instead of 0.4-0.5,
+in steps of about 45 ms.
 
 It keeps what ``zero_grad(set_to_none=True)`` means: a parameter that the backward pass did not reach (a module
 dropped by ``module_dropout``, a layer past ``clip_skip``) has no gradient at the optimizer step, so the optimizer
@@ -75,9 +76,11 @@ class GradBuffer:
         """The gradients' total norm (a 0-dim tensor), and the gradients scaled down to ``max_norm`` when above."""
         import torch
 
+        from sd_scripts.training.speed import clip_coefficient
+
         with torch.no_grad():
             total = torch.linalg.vector_norm(self.flat, 2.0)
-            self.flat.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+            self.flat.mul_(clip_coefficient(total, max_norm))
         return total
 
     def zero(self) -> None:

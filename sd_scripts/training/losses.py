@@ -17,6 +17,7 @@ Formulas follow kohya-ss/sd-scripts (``conditional_loss``, ``get_huber_threshold
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -157,12 +158,12 @@ def huber_c_for(config: TrainConfig, timesteps: torch.Tensor, alphas_cumprod: to
     return huber_threshold(timesteps, alphas_cumprod, config.huber_schedule, config.huber_c, config.huber_scale)
 
 
-def loss_weights_for(config: TrainConfig, snr, v_prediction: bool) -> torch.Tensor | None:
-    """:func:`snr_loss_weights` of a training step under ``config``. ``snr`` is the per-sample SNR or a function
-    giving it, called only when a weighting is on (a step without one then computes no SNR)."""
+def loss_weights_for(config: TrainConfig, snr: Callable[[], torch.Tensor], v_prediction: bool) -> torch.Tensor | None:
+    """:func:`snr_loss_weights` of a training step under ``config``; ``snr()`` gives the per-sample SNR and is called
+    only when a weighting is on (a step without one computes no SNR)."""
     settings = dict(min_snr_gamma=config.min_snr_gamma,
                     scale_v_pred_loss_like_noise_pred=config.scale_v_pred_loss_like_noise_pred,
                     v_pred_like_loss=config.v_pred_like_loss, debiased_estimation_loss=config.debiased_estimation_loss)
     if not any(settings.values()):
         return None
-    return snr_loss_weights(snr() if callable(snr) else snr, v_prediction, **settings)
+    return snr_loss_weights(snr(), v_prediction, **settings)

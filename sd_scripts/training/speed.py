@@ -26,7 +26,7 @@ from sd_scripts.core.config import TrainConfig
 
 __all__ = ["cpu_bf16_support", "frozen_weight_dtype", "bf16_cpu_note", "optimizer_speed_kwargs", "PhaseMemory",
            "peak_rss_mb", "apply_speed_options", "release_vae", "CompileClock", "cache_accelerate_package_checks",
-           "clip_gradients"]
+           "clip_gradients", "clip_coefficient"]
 
 _X86_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 
@@ -252,5 +252,13 @@ def _clip_same_kind(grads: list, max_norm: float):
 
     with torch.no_grad():
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        torch._foreach_mul_(grads, clip_coefficient(total, max_norm))
     return total
+
+
+def clip_coefficient(total_norm, max_norm: float):
+    """What gradients of total norm ``total_norm`` are multiplied by to clip them to ``max_norm``
+    (``clip_grad_norm_``'s formula): at most 1."""
+    import torch
+
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
